@@ -1,0 +1,116 @@
+"""The one place that decides which implementation computes each attention branch.
+
+``backend="auto"`` runs the Triton kernel for CUDA tensors and the PyTorch reference elsewhere;
+``"triton"`` and ``"reference"`` force one. Layers call these functions and never learn which
+implementation ran. A branch whose Triton kernel does not exist yet falls back to the reference
+under ``"auto"`` and raises under ``"triton"``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+
+from kernels.compression import reference as compression_ref
+from kernels.selected_attention import reference as selected_ref
+from kernels.selection import reference as selection_ref
+from kernels.sliding_window import reference as window_ref
+
+Backend = Literal["auto", "triton", "reference"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
+
+# Branch -> (module, function) of its Triton implementation, which has the reference's signature.
+# Modules are imported on first use; a module that does not exist yet means "no kernel yet".
+TRITON_KERNELS: dict[str, tuple[str, str]] = {
+    "sliding_window": ("kernels.sliding_window.triton_kernel", "sliding_window_attention"),
+    "compression": ("kernels.compression.triton_kernel", "compression_attention"),
+    "selection": ("kernels.selection.triton_kernel", "select_blocks"),
+    "selected_attention": ("kernels.selected_attention.triton_kernel", "selected_attention"),
+}
+_loaded: dict[str, Callable | None] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_kernel(branch: str) -> Callable | None:
+    """The Triton implementation of ``branch``, or None when it does not exist yet."""
+    if branch not in _loaded:
+        module_name, function = TRITON_KERNELS[branch]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            _loaded[branch] = None
+        else:
+            _loaded[branch] = getattr(module, function)
+    return _loaded[branch]
+
+
+def _pick(branch: str, backend: str, x: torch.Tensor) -> Callable | None:
+    """Return the Triton callable to use, or None for the reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return None
+    kernel = triton_kernel(branch)
+    if backend == "auto":
+        return kernel if (kernel is not None and x.is_cuda) else None
+    if kernel is None:
+        raise NotImplementedError(f"no Triton kernel for the {branch} branch yet (backend='triton')")
+    if not (x.is_cuda or _interpreting()):
+        raise RuntimeError(
+            f"backend='triton' for the {branch} branch needs CUDA tensors (or TRITON_INTERPRET=1)"
+        )
+    return kernel
+
+
+def causal_attention(q, k, v, scale: float, backend: Backend = "auto") -> torch.Tensor:
+    """Full causal attention. ``q (B, T, H, D)``, ``k, v (B, T, Hk, D)`` -> ``(B, T, H, D)``.
+
+    Always PyTorch's scaled_dot_product_attention (FlashAttention on CUDA).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
+    H, Hk = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // Hk, dim=2) if H != Hk else k
+    v = v.repeat_interleave(H // Hk, dim=2) if H != Hk else v
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def sliding_window_attention(q, k, v, window: int, scale: float, backend: Backend = "auto"):
+    """See :mod:`kernels.sliding_window.reference`."""
+    kernel = _pick("sliding_window", backend, q) or window_ref.sliding_window_attention
+    return kernel(q, k, v, window, scale)
+
+
+def compression_attention(q, k_cmp, v_cmp, block_len: int, stride: int, scale: float,
+                          backend: Backend = "auto"):
+    """See :mod:`kernels.compression.reference`; returns ``(o, lse)``."""
+    kernel = _pick("compression", backend, q) or compression_ref.compression_attention
+    return kernel(q, k_cmp, v_cmp, block_len, stride, scale)
+
+
+def select_blocks(q, k_cmp, lse, *, num_groups: int, block_len: int, stride: int,
+                  select_block: int, top_n: int, num_local: int, q_share: int, scale: float,
+                  backend: Backend = "auto"):
+    """See :mod:`kernels.selection.reference`; returns ``block_idx (B, T, G, top_n)``."""
+    kernel = _pick("selection", backend, q) or selection_ref.select_blocks
+    return kernel(q, k_cmp, lse, num_groups=num_groups, block_len=block_len, stride=stride,
+                  select_block=select_block, top_n=top_n, num_local=num_local, q_share=q_share,
+                  scale=scale)
+
+
+def selected_attention(q, k, v, block_idx, select_block: int, scale: float,
+                       backend: Backend = "auto"):
+    """See :mod:`kernels.selected_attention.reference`."""
+    kernel = _pick("selected_attention", backend, q) or selected_ref.selected_attention
+    return kernel(q, k, v, block_idx, select_block, scale)

@@ -1,0 +1,101 @@
+"""Block importance and top-n block selection, PyTorch reference.
+
+For query ``t`` and selection group ``g`` (a GQA key/value group, or a GLA latent group):
+
+1. ``p[t, h, i]`` is the compression-branch attention probability of head ``h`` on compressed
+   token ``i``, recovered from the compression scores and their log-sum-exp.
+2. Group sharing: ``p_g[t, i] = sum over the heads h of group g of p[t, h, i]``.
+3. Re-binning: selection block ``j`` covers raw tokens ``[j * select_block, (j + 1) *
+   select_block)``; its importance is ``sum_i p_g[t, i] * overlap(i, j) / stride`` where
+   ``overlap`` counts the raw tokens that compressed token ``i`` and block ``j`` share. For the NSA
+   defaults (l=32, d=16, l'=64) this gives the weights 1, 2, 2, 2, 1 of the NSA paper's formula.
+4. Query sharing: every aligned group of ``q_share`` queries ``[t0, t0 + q_share)`` uses the
+   importance and the forced blocks of its first query ``t0``. The later queries see everything
+   ``t0`` sees, so no future information reaches an earlier query. ``select_block % q_share == 0``
+   keeps the current block of every query inside the chosen set.
+5. Forced blocks: block 0 and the ``num_local`` blocks ending with the current block of ``t0``.
+   Blocks that start after ``t0`` are never chosen. The ``top_n`` highest-scoring visible blocks
+   are kept (forced ones first); fewer visible blocks leave ``-1`` padding.
+
+Output: ``block_idx (B, T, G, top_n)`` int64, valid indices ascending, ``-1`` padding last.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels.compression.reference import compression_mask
+
+
+def overlap_weights(
+    num_compressed: int, num_blocks: int, block_len: int, stride: int, select_block: int,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """``(num_compressed, num_blocks)`` matrix of ``overlap(i, j) / stride`` (float32)."""
+    start = torch.arange(num_compressed, device=device, dtype=torch.float32)[:, None] * stride
+    blk = torch.arange(num_blocks, device=device, dtype=torch.float32)[None, :] * select_block
+    lo = torch.maximum(start, blk)
+    hi = torch.minimum(start + block_len, blk + select_block)
+    return (hi - lo).clamp_min(0.0) / stride
+
+
+def block_importance(
+    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, num_groups: int,
+    block_len: int, stride: int, select_block: int, scale: float,
+) -> torch.Tensor:
+    """``q (B, T, H, Dqk)``, ``k_cmp (B, N, Hk, Dqk)``, ``lse (B, T, H)`` -> ``(B, T, G, Ns)``.
+
+    ``Ns = ceil(T / select_block)``; ``G = num_groups`` must divide ``H``.
+    """
+    B, T, H, _ = q.shape
+    N, Hk = k_cmp.shape[1], k_cmp.shape[2]
+    k = k_cmp.float().repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bthd,bnhd->bthn", q.float(), k) * scale
+    visible = compression_mask(T, N, block_len, stride, q.device)[None, :, None, :]
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - safe_lse[..., None]).masked_fill(~visible, 0.0)
+    group_probs = probs.view(B, T, num_groups, H // num_groups, N).sum(dim=3)
+    num_blocks = math.ceil(T / select_block)
+    weights = overlap_weights(N, num_blocks, block_len, stride, select_block, q.device)
+    return group_probs @ weights
+
+
+def top_n_blocks(
+    importance: torch.Tensor, *, select_block: int, top_n: int, num_local: int, q_share: int,
+) -> torch.Tensor:
+    """``importance (B, T, G, Ns)`` -> ``block_idx (B, T, G, top_n)`` (see module docstring)."""
+    B, T, G, Ns = importance.shape
+    device = importance.device
+    first = torch.arange(T, device=device) // q_share * q_share
+    score = importance[:, first]
+    current = (first // select_block)[:, None]
+    blocks = torch.arange(Ns, device=device)[None, :]
+    visible = blocks <= current
+    forced = (blocks == 0) | ((blocks <= current) & (blocks > current - num_local))
+    score = score.masked_fill(forced[None, :, None, :], float("inf"))
+    score = score.masked_fill(~visible[None, :, None, :], float("-inf"))
+    k = min(top_n, Ns)
+    top_score, idx = score.topk(k, dim=-1)
+    idx = torch.where(top_score == float("-inf"), torch.full_like(idx, Ns), idx)
+    idx = idx.sort(dim=-1).values
+    idx = torch.where(idx == Ns, torch.full_like(idx, -1), idx)
+    if k < top_n:
+        idx = torch.cat([idx, idx.new_full((B, T, G, top_n - k), -1)], dim=-1)
+    return idx
+
+
+def select_blocks(
+    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, num_groups: int, block_len: int,
+    stride: int, select_block: int, top_n: int, num_local: int, q_share: int, scale: float,
+) -> torch.Tensor:
+    """Block importance followed by top-n selection; returns ``(B, T, G, top_n)`` int64."""
+    with torch.no_grad():
+        importance = block_importance(
+            q, k_cmp, lse, num_groups=num_groups, block_len=block_len, stride=stride,
+            select_block=select_block, scale=scale,
+        )
+        return top_n_blocks(
+            importance, select_block=select_block, top_n=top_n, num_local=num_local,
+            q_share=q_share,
+        )
