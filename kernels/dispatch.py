@@ -109,8 +109,8 @@ def select_blocks(q, k_cmp, lse, *, num_groups: int, block_len: int, stride: int
                   scale=scale)
 
 
-def selected_attention(q, k, v, block_idx, select_block: int, scale: float,
+def selected_attention(q, k, v, block_idx, select_block: int, scale: float, q_share: int = 1,
                        backend: Backend = "auto"):
     """See :mod:`kernels.selected_attention.reference`."""
     kernel = _pick("selected_attention", backend, q) or selected_ref.selected_attention
-    return kernel(q, k, v, block_idx, select_block, scale)
+    return kernel(q, k, v, block_idx, select_block, scale, q_share=q_share)

@@ -27,9 +27,13 @@ def selection_mask(block_idx: torch.Tensor, select_block: int, T: int, num_heads
 
 def selected_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-    select_block: int, scale: float,
+    select_block: int, scale: float, q_share: int = 1,
 ) -> torch.Tensor:
     """``q (B, T, H, Dqk)``, ``k (B, T, Hk, Dqk)``, ``v (B, T, Hk, Dv)``,
-    ``block_idx (B, T, G, n)`` with ``H % G == 0`` -> ``o (B, T, H, Dv)``."""
+    ``block_idx (B, T, G, n)`` with ``H % G == 0`` -> ``o (B, T, H, Dv)``.
+
+    ``q_share`` promises that aligned groups of ``q_share`` queries carry identical block indices
+    (kernels may load each block once per group); the reference does not need it.
+    """
     mask = selection_mask(block_idx, select_block, q.shape[1], q.shape[2])
     return masked_attention(q, k, v, mask, scale)[0]
