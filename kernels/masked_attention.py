@@ -1,6 +1,7 @@
 """Dense masked softmax attention: the one primitive every PyTorch reference is written with.
 
-Written for clarity, not speed: it materialises the (T, S) score matrix in float32.
+Written for clarity, not speed: it materialises the (T, S) score matrix in float32 (float64
+for float64 inputs).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ def masked_attention(
     if H % Hk:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
     rep = H // Hk
-    k = k.float().repeat_interleave(rep, dim=2)
-    v = v.float().repeat_interleave(rep, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q.float(), k) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k = k.to(acc).repeat_interleave(rep, dim=2)
+    v = v.to(acc).repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.to(acc), k) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
@@ -34,5 +36,5 @@ def masked_attention(
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
     out = torch.einsum("bhts,bshd->bthd", probs, v)
-    lse = (row_max + denom.log()).squeeze(-1).transpose(1, 2).detach()
+    lse = (row_max + denom.log()).squeeze(-1).transpose(1, 2).detach().float()
     return out.to(q.dtype), lse

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
 """
 import os
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py
 
 
 def pytest_collection_modifyitems(config, items):

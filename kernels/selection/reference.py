@@ -50,15 +50,16 @@ def block_importance(
     """
     B, T, H, _ = q.shape
     N, Hk = k_cmp.shape[1], k_cmp.shape[2]
-    k = k_cmp.float().repeat_interleave(H // Hk, dim=2)
-    scores = torch.einsum("bthd,bnhd->bthn", q.float(), k) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    k = k_cmp.to(acc).repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bthd,bnhd->bthn", q.to(acc), k) * scale
     visible = compression_mask(T, N, block_len, stride, q.device)[None, :, None, :]
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe_lse[..., None]).masked_fill(~visible, 0.0)
     group_probs = probs.view(B, T, num_groups, H // num_groups, N).sum(dim=3)
     num_blocks = math.ceil(T / select_block)
     weights = overlap_weights(N, num_blocks, block_len, stride, select_block, q.device)
-    return group_probs @ weights
+    return group_probs @ weights.to(acc)
 
 
 def top_n_blocks(

@@ -1,0 +1,84 @@
+"""Key/value sources of an attention layer: grouped heads (GQA) or a shared latent (MLA/GLA)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nsa_lit.config import ModelConfig
+from nsa_lit.rope import Rotary
+
+
+class GroupedKV(nn.Module):
+    """GQA: ``n_kv_heads`` key/value heads of width ``head_dim``; RoPE on the whole key.
+
+    Cache per token: ``2 * n_kv_heads * head_dim``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_kv_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, T, d_model)`` -> rotated ``k`` and ``v``, each ``(B, T, n_kv_heads, head_dim)``."""
+        B, T, _ = x.shape
+        k = rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim))
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return k, v
+
+
+class LatentKV(nn.Module):
+    """MLA (``groups=1``) or GLA (``groups>1``) key/value latent.
+
+    Caches ``c = RMSNorm(W_dkv x)`` of width ``latent_dim``, split into ``groups`` latent heads
+    of width ``latent_dim / groups`` (each normalised on its own), plus one RoPE key ``k_R`` of
+    width ``rope_dim`` shared by all heads. Query head ``h`` belongs to group
+    ``h // (n_heads / groups)`` and has key ``[W_uk[h] c_g ; k_R]`` and value ``W_uv[h] c_g``.
+    Cache per token: ``latent_dim + rope_dim``.
+    """
+
+    def __init__(self, cfg: ModelConfig, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.group_dim = cfg.latent_dim // groups
+        self.rope_dim = cfg.rope_dim
+        self.norm_eps = cfg.norm_eps
+        self.w_dkv = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
+        self.latent_norm = nn.Parameter(torch.ones(groups, self.group_dim))
+        self.w_kr = nn.Linear(cfg.d_model, cfg.rope_dim, bias=False)
+        self.w_uk = nn.Parameter(torch.empty(cfg.n_heads, cfg.head_dim, self.group_dim))
+        self.w_uv = nn.Parameter(torch.empty(cfg.n_heads, cfg.head_dim, self.group_dim))
+        nn.init.normal_(self.w_uk, std=cfg.init_std)
+        nn.init.normal_(self.w_uv, std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, T, d_model)`` -> latent ``c (B, T, groups, group_dim)`` and rotated
+        ``k_r (B, T, 1, rope_dim)``."""
+        B, T, _ = x.shape
+        c = self.w_dkv(x).view(B, T, self.groups, self.group_dim)
+        c = c * torch.rsqrt(c.float().pow(2).mean(-1, keepdim=True) + self.norm_eps).to(c.dtype)
+        c = c * self.latent_norm.to(c.dtype)
+        k_r = rope(self.w_kr(x).view(B, T, 1, self.rope_dim))
+        return c, k_r
+
+    def per_head(self, c: torch.Tensor) -> torch.Tensor:
+        """Latent ``(B, S, groups, group_dim)`` -> each head's copy ``(B, S, n_heads, group_dim)``."""
+        return c.repeat_interleave(self.w_uk.shape[0] // self.groups, dim=2)
+
+    def up_keys(self, c: torch.Tensor) -> torch.Tensor:
+        """Per-head content keys ``W_uk[h] c_g``: ``(B, S, n_heads, head_dim)``."""
+        return torch.einsum("bshc,hdc->bshd", self.per_head(c), self.w_uk.to(c.dtype))
+
+    def up_values(self, c: torch.Tensor) -> torch.Tensor:
+        """Per-head values ``W_uv[h] c_g``: ``(B, S, n_heads, head_dim)``."""
+        return torch.einsum("bshc,hdc->bshd", self.per_head(c), self.w_uv.to(c.dtype))
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """``W_uk[h]^T q_h``: ``(B, T, n_heads, head_dim)`` -> ``(B, T, n_heads, group_dim)``,
+        so that ``absorb_query(q) . c_g == q . W_uk[h] c_g``."""
+        return torch.einsum("bthd,hdc->bthc", q_nope, self.w_uk.to(q_nope.dtype))
+
+    def expand_output(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """``W_uv[h] o_h``: attention output in latent space -> ``(B, T, n_heads, head_dim)``."""
+        return torch.einsum("bthc,hdc->bthd", o_latent, self.w_uv.to(o_latent.dtype))

@@ -1,0 +1,26 @@
+"""LightningCLI entry point: ``python main.py {fit,validate,test,predict} --config ...``."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from nsa_lit.data import TokenDataModule  # noqa: E402
+from nsa_lit.lit_module import LanguageModel  # noqa: E402
+
+
+class NSALightningCLI(LightningCLI):
+    """The model's context length is the data's sequence length: ``data.seq_len`` follows
+    ``model.arch.seq_len``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.arch.seq_len", "data.seq_len")
+
+
+def cli_main(args=None) -> NSALightningCLI:
+    return NSALightningCLI(
+        LanguageModel, TokenDataModule, seed_everything_default=1234,
+        save_config_kwargs={"overwrite": True}, args=args,
+    )

@@ -1,0 +1,176 @@
+"""LightningModule: next-token loss, AdamW, warm-up + cosine schedule, token budget, metrics.
+
+Logged to every logger: ``train/loss``, ``train/ppl``, ``train/lr``, ``train/grad_norm`` (before
+clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all processes), and
+``val/loss``, ``val/ppl`` (token-weighted over the whole validation set, through torchmetrics).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from nsa_lit.config import ModelConfig
+from nsa_lit.model import Transformer
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule. ``token_budget`` (training tokens, all processes) sets the number
+    of optimiser steps; leave it None to use ``trainer.max_steps`` / ``trainer.max_epochs``."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 1024
+    min_lr_ratio: float = 0.1
+    token_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"optim config field `{name}`: {why}")
+
+        need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+             f"must be two numbers in [0, 1), got {self.betas}")
+        need(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.token_budget is None or self.token_budget >= 1, "token_budget",
+             f"must be >= 1 or null, got {self.token_budget}")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at
+    ``total_steps`` (and ``min_ratio`` after it)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModel(L.LightningModule):
+    """Causal language model over token batches ``(B, seq_len + 1)``."""
+
+    def __init__(self, arch: ModelConfig | None = None, optim: OptimConfig | None = None):
+        super().__init__()
+        arch = ModelConfig(**arch) if isinstance(arch, dict) else (arch or ModelConfig())
+        optim = OptimConfig(**optim) if isinstance(optim, dict) else (optim or OptimConfig())
+        self.arch, self.optim = arch, optim
+        self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim)})
+        self.model = Transformer(arch)
+        self.val_loss = MeanMetric()
+        self.tokens_seen = 0
+        self._clock: tuple[float, int] | None = None
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.ndim != 2 or batch.shape[1] < 2:
+            raise ValueError(f"expected a token batch (B, seq_len + 1), got shape {tuple(batch.shape)}")
+        inputs, targets = batch[:, :-1], batch[:, 1:].long()
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    # -- run length --------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        data_vocab = getattr(trainer.datamodule, "vocab_size", None)
+        if data_vocab is not None and data_vocab > self.arch.vocab_size:
+            raise ValueError(
+                f"model.arch.vocab_size ({self.arch.vocab_size}) is smaller than the data's "
+                f"tokenizer vocabulary ({data_vocab})")
+        if stage != "fit" or self.optim.token_budget is None:
+            return
+        batch_size = getattr(trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("optim.token_budget needs a datamodule with a `batch_size` attribute")
+        tokens_per_step = (batch_size * self.arch.seq_len * trainer.accumulate_grad_batches
+                           * trainer.world_size)
+        steps = math.ceil(self.optim.token_budget / tokens_per_step)
+        if trainer.max_steps not in (-1, steps):
+            raise ValueError(
+                f"model.optim.token_budget={self.optim.token_budget} means {steps} steps of "
+                f"{tokens_per_step} tokens, but trainer.max_steps={trainer.max_steps}: set one")
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        trainer.fit_loop.max_epochs = -1
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); "
+                "lower model.optim.lr, check the data, or resume from an earlier checkpoint")
+        self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._clock is not None:
+            then, tokens_then = self._clock
+            if now > then:
+                self.log("train/tokens_per_sec", (self.tokens_seen - tokens_then) / (now - then),
+                         prog_bar=True)
+        self._clock = (now, self.tokens_seen)
+
+    def on_train_epoch_start(self) -> None:
+        self._clock = None
+
+    # -- validation --------------------------------------------------------------------------
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.val_loss.update(loss, weight=batch[:, 1:].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+
+    # -- optimiser ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
+            fused=self.device.type == "cuda",
+        )
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        warmup, min_ratio = self.optim.warmup_steps, self.optim.min_lr_ratio
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, warmup, total, min_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

@@ -1,0 +1,133 @@
+"""Whole-model behaviour of every attention variant: causality, gradients, equal forms, configs."""
+import math
+
+import pytest
+import torch
+
+from nsa_lit.config import ModelConfig
+from nsa_lit.model import Transformer
+from nsa_lit.model_stats import count_parameters, kv_elements_per_token, layer_kv_elements
+
+SMALL = dict(vocab_size=97, n_layers=2, d_model=32, n_heads=4, head_dim=8, n_kv_heads=2,
+             mlp_hidden=64, seq_len=64, latent_dim=16, rope_dim=4, window=12, compress_block=8,
+             compress_stride=4, select_block=8, top_n=3, num_local_blocks=1, q_share=4,
+             kernel_backend="reference")
+
+VARIANTS = {
+    "full": dict(layer_pattern="F"),
+    "nsa": dict(layer_pattern="N"),
+    "nsa_mean_pool": dict(layer_pattern="N", compress_method="mean"),
+    "nsa_no_window": dict(layer_pattern="N", nsa_branches=["compression", "selection"]),
+    "nsa_no_selection": dict(layer_pattern="N", nsa_branches=["compression", "window"]),
+    "nsa_window_only": dict(layer_pattern="N", nsa_branches=["window"]),
+    "asa": dict(layer_pattern="LG"),
+    "asa_expanded": dict(layer_pattern="LG", latent_form="expanded"),
+    "alternating_gqa": dict(layer_pattern="LG", local_kv="grouped", global_kv="grouped"),
+    "mla_local_only": dict(layer_pattern="LG", global_kv="grouped"),
+    "asa_global_mla": dict(layer_pattern="LG", global_latent_groups=1),
+    "asa_no_q_share": dict(layer_pattern="LG", q_share=1),
+    "asa_llg": dict(layer_pattern="LLG", n_layers=3),
+    "asa_gl": dict(layer_pattern="GL"),
+}
+
+
+def config(name, **extra):
+    return ModelConfig(**{**SMALL, **VARIANTS[name], **extra})
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal(name):
+    torch.manual_seed(1)
+    model = Transformer(config(name)).double().eval()
+    tokens = torch.randint(0, 97, (2, 64))
+    base = model(tokens)
+    # cut points at, inside and at the end of query-sharing groups and selection blocks
+    for t in (0, 4, 5, 14, 31, 40, 62):
+        changed = tokens.clone()
+        changed[:, t + 1:] = torch.randint(0, 97, changed[:, t + 1:].shape)
+        out = model(changed)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-10,
+                                   msg=f"{name}: a change after {t} moved an output at <= {t}")
+        if t < 60:
+            assert not torch.allclose(out[:, t + 2:], base[:, t + 2:]), "the change had no effect"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_parameter_gets_a_finite_gradient(name):
+    model = Transformer(config(name))
+    tokens = torch.randint(0, 97, (2, 64))
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} has no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        if "position" not in pname:  # zero-initialised intra-block position embeddings aside
+            assert p.grad.abs().sum() > 0, f"{name}: {pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_absorbed_and_expanded_forms_agree(groups):
+    absorbed = Transformer(config("asa", global_latent_groups=groups)).double()
+    expanded = Transformer(config("asa", global_latent_groups=groups, latent_form="expanded")).double()
+    expanded.load_state_dict(absorbed.state_dict())
+    tokens = torch.randint(0, 97, (2, 64))
+    torch.testing.assert_close(absorbed(tokens), expanded(tokens), rtol=1e-9, atol=1e-9)
+
+
+def test_query_sharing_changes_the_model_only_through_selection():
+    shared, unshared = Transformer(config("asa")), Transformer(config("asa", q_share=1))
+    unshared.load_state_dict(shared.state_dict())
+    tokens = torch.randint(0, 97, (1, 64))
+    a, b = shared(tokens), unshared(tokens)
+    # the first query of every group uses its own selection in both models
+    first = torch.arange(0, 64, 4)
+    assert not torch.allclose(a, b)
+    assert (a[:, : 8] - b[:, : 8]).abs().max() < 1e-6  # block 0 only: nothing to choose yet
+    assert first.numel() == 16
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_kv_heads", 3, "n_kv_heads"),
+    ("global_latent_groups", 3, "global_latent_groups"),
+    ("latent_dim", 17, "global_latent_groups"),
+    ("compress_block", 10, "compress_block"),
+    ("select_block", 10, "select_block"),
+    ("seq_len", 60, "seq_len"),
+    ("layer_pattern", "LXG", "layer_pattern"),
+    ("layer_pattern", "LLG", "layer_pattern"),
+    ("nsa_branches", ["selection", "window"], "nsa_branches"),
+    ("nsa_branches", ["cmp"], "nsa_branches"),
+    ("q_share", 3, "q_share"),
+    ("top_n", 1, "top_n"),
+    ("kernel_backend", "cuda", "kernel_backend"),
+    ("head_dim", 7, "head_dim"),
+    ("window", 0, "window"),
+])
+def test_bad_config_names_the_field(field, value, message):
+    kw = {**SMALL, "layer_pattern": "NLG" if field == "nsa_branches" else "LG", "n_layers": 2}
+    if field == "nsa_branches":
+        kw["n_layers"] = 3
+    kw[field] = value
+    with pytest.raises(ValueError, match=f"`{message}`"):
+        ModelConfig(**kw)
+
+
+def test_kv_elements_formula():
+    full = config("full")
+    assert kv_elements_per_token(full, 64) == 2 * 2 * 8 * 2  # 2 (K,V) * heads * dim * layers
+    asa = config("asa")
+    # local: last `window` latents; global: all latents + compressed latents; width 16 + 4
+    local = 12 * 20
+    global_ = (64 + (64 - 8) // 4 + 1) * 20
+    assert layer_kv_elements(asa, "L", 64) == local
+    assert layer_kv_elements(asa, "G", 64) == global_
+    assert kv_elements_per_token(asa, 64) == (local + global_) / 64
+
+
+def test_parameter_count_matches_the_built_model():
+    cfg = config("asa")
+    model = Transformer(cfg)
+    counts = count_parameters(cfg)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["total"] - counts["non_embedding"] == 2 * 97 * 32
