@@ -123,9 +123,6 @@ class ModelConfig:
             need(self.seq_len >= self.compress_block, "seq_len",
                  f"must be >= compress_block ({self.compress_block}), got {self.seq_len}")
         if self.uses_branch("selection"):
-            need("N" not in self.layer_pattern or "selection" not in self.nsa_branches
-                 or "compression" in self.nsa_branches, "nsa_branches",
-                 "selection needs the compression branch (block importance comes from it)")
             need(self.seq_len % self.select_block == 0, "seq_len",
                  f"must be a multiple of select_block ({self.select_block}), got {self.seq_len}")
             need(self.select_block % self.q_share == 0, "q_share",

@@ -61,14 +61,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 class LanguageModel(L.LightningModule):
     """Causal language model over token batches ``(B, seq_len + 1)``."""
 
-    def __init__(self, arch: ModelConfig | None = None, optim: OptimConfig | None = None):
+    def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig()):
         super().__init__()
-        arch = ModelConfig(**arch) if isinstance(arch, dict) else (arch or ModelConfig())
-        optim = OptimConfig(**optim) if isinstance(optim, dict) else (optim or OptimConfig())
+        # load_from_checkpoint passes the saved hyperparameters back as plain dicts
+        arch = ModelConfig(**arch) if isinstance(arch, dict) else arch
+        optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
         self.arch, self.optim = arch, optim
         self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim)})
         self.model = Transformer(arch)
-        self.val_loss = MeanMetric()
+        self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
         self.tokens_seen = 0
         self._clock: tuple[float, int] | None = None
 

@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("configs", nargs="+", help="LightningCLI YAML files")
     parser.add_argument("--context", type=int, nargs="+", default=[8192, 32768])
     args = parser.parse_args(argv)
-    header = f"{'config':32} {'pattern':8} {'params':>12} {'non-emb':>12}" + "".join(
+    width = max(len(str(p)) for p in args.configs)
+    header = f"{'config':{width}} {'pattern':8} {'params':>12} {'non-emb':>12}" + "".join(
         f" {'kv/tok@' + str(c):>12}" for c in args.context)
     print(header)
     for path in args.configs:
         cfg = load_model_config(path)
         params = count_parameters(cfg)
-        row = f"{str(path):32} {cfg.layer_pattern:8} {params['total']:>12,} {params['non_embedding']:>12,}"
+        row = f"{str(path):{width}} {cfg.layer_pattern:8} {params['total']:>12,} {params['non_embedding']:>12,}"
         row += "".join(f" {kv_elements_per_token(cfg, c):>12,.0f}" for c in args.context)
         print(row)
 

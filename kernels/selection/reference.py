@@ -77,7 +77,8 @@ def top_n_blocks(
     score = score.masked_fill(forced[None, :, None, :], float("inf"))
     score = score.masked_fill(~visible[None, :, None, :], float("-inf"))
     k = min(top_n, Ns)
-    top_score, idx = score.topk(k, dim=-1)
+    top_score, idx = score.sort(dim=-1, descending=True, stable=True)  # ties: lower index wins
+    top_score, idx = top_score[..., :k], idx[..., :k]
     idx = torch.where(top_score == float("-inf"), torch.full_like(idx, Ns), idx)
     idx = idx.sort(dim=-1).values
     idx = torch.where(idx == Ns, torch.full_like(idx, -1), idx)

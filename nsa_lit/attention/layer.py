@@ -10,6 +10,10 @@ Latent layers run in one of two equal forms (``latent_form``):
     against key ``[c_g ; k_R]`` and value ``c_g``; the output is up-projected by ``W_uv[h]``.
   * ``expanded``: rebuild per-head keys ``[W_uk[h] c_g ; k_R]`` and values ``W_uv[h] c_g``.
 Both use the softmax scale ``1 / sqrt(head_dim + rope_dim)``.
+
+Selection always computes the compression attention, since block importance comes from its
+probabilities; a layer without the compression *branch* (NSA ablation) just drops its output,
+so its compressors get no gradient (use ``compress_method="mean"`` there).
 """
 from __future__ import annotations
 

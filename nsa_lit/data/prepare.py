@@ -22,6 +22,7 @@ import datetime as _dt
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -194,17 +195,34 @@ def _write_shards(
             inputs.append((s, min(end, s + item_tokens)))
     if not inputs:
         return
-    optimize(
-        fn=functools.partial(_read_range, str(token_file), dtype.name),
-        inputs=inputs,
-        output_dir=str(out_dir),
-        chunk_bytes=chunk_bytes,
-        item_loader=TokensLoader(),
-        num_workers=max(1, num_workers),
-        keep_data_ordered=True,
-        reorder_files=False,
-        verbose=False,
-    )
+    # optimize() runs its workers as processes and calls multiprocessing.set_start_method(force=True),
+    # which would silently change how later DataLoader workers start: restore the previous method.
+    previous = multiprocessing.get_start_method(allow_none=True)
+    try:
+        optimize(
+            fn=functools.partial(_read_range, str(token_file), dtype.name),
+            inputs=inputs,
+            output_dir=str(out_dir),
+            chunk_bytes=chunk_bytes,
+            item_loader=TokensLoader(),
+            num_workers=max(1, num_workers),
+            keep_data_ordered=True,
+            reorder_files=False,
+            start_method=_optimize_start_method(),
+            verbose=False,
+        )
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
+def _optimize_start_method() -> str:
+    """``fork`` on Linux: the workers only slice a token file, and a ``spawn``ed worker spends seconds
+    re-importing torch and litdata. ``spawn`` elsewhere (macOS/Windows), or as set by
+    ``NSA_LIT_OPTIMIZE_START_METHOD``."""
+    forced = os.environ.get("NSA_LIT_OPTIMIZE_START_METHOD")
+    if forced:
+        return forced
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def read_split_tokens(split_dir: str | os.PathLike) -> np.ndarray:

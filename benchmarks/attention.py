@@ -1,0 +1,291 @@
+"""Attention benchmarks on one GPU: forward and forward+backward median ms and TFLOP/s.
+
+    python3 benchmarks/attention.py                                  # every case, every T
+    python3 benchmarks/attention.py --cases window,flex --T 8192,65536 --out h200-window
+
+Every call processes ``--tokens`` tokens (default 65,536): batch = tokens / T. A case is a named
+builder that makes its inputs for one T and reports its forward FLOPs, counted analytically from
+what the branch computes (2 * visible keys * (Dqk + Dv) per query and head); forward+backward
+counts the backward as 2.5 forward passes (FlashAttention's convention), so 3.5x in all.
+``--cases`` selects cases by name or by group. ``--out NAME`` writes
+``benchmarks/results/NAME.json`` (a value with a ``/`` or ending in ``.json`` is used as the path);
+the file is rewritten after every measurement, so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BWD_FLOP_FACTOR = 2.5
+DEFAULT_T = (8192, 16384, 32768, 65536)
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Bench:
+    """One built problem: ``fwd()`` returns the output; gradients flow to ``inputs``."""
+
+    fwd: Callable[[], torch.Tensor]
+    inputs: list[torch.Tensor]
+    flops_fwd: float
+    shape: dict = field(default_factory=dict)
+
+
+@dataclass
+class Case:
+    name: str
+    group: str
+    build: Callable[[int, int], Bench]
+    needs: Callable[[], str | None] = lambda: None
+
+
+def _randn(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+
+
+def visible_window(T: int, window: int) -> float:
+    """Mean number of keys a query sees under a causal sliding window."""
+    w = min(window, T)
+    return (w * (w + 1) / 2 + (T - w) * w) / T
+
+
+def visible_causal(T: int) -> float:
+    return (T + 1) / 2
+
+
+def visible_nsa(T: int, block: int, top_n: int) -> float:
+    """Mean compressed tokens (whole blocks ended) plus selected raw tokens per query."""
+    total = 0.0
+    for t in range(T):
+        total += (t + 1) // block + min(top_n, -(-(t + 1) // block)) * block
+    return total / T
+
+
+def attention_flops(tokens: int, heads: int, dqk: int, dv: int, visible: float) -> float:
+    return 2.0 * visible * (dqk + dv) * heads * tokens
+
+
+def window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
+    def build(T: int, B: int) -> Bench:
+        from kernels import dispatch
+
+        q, k, v = _randn(B, T, H, Dqk), _randn(B, T, Hk, Dqk), _randn(B, T, Hk, Dv)
+        scale = Dqk ** -0.5
+        return Bench(
+            fwd=lambda: dispatch.sliding_window_attention(q, k, v, window, scale),
+            inputs=[q, k, v],
+            flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, window)),
+            shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=window),
+        )
+
+    return build
+
+
+def flex_window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
+    def build(T: int, B: int) -> Bench:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        global _FLEX
+        if "_FLEX" not in globals():
+            _FLEX = torch.compile(flex_attention, dynamic=False)
+
+        def sliding(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        mask = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
+        q, k, v = _randn(B, H, T, Dqk), _randn(B, Hk, T, Dqk), _randn(B, Hk, T, Dv)
+        scale = Dqk ** -0.5
+        return Bench(
+            fwd=lambda: _FLEX(q, k, v, block_mask=mask, scale=scale, enable_gqa=Hk != H),
+            inputs=[q, k, v],
+            flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, window)),
+            shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=window),
+        )
+
+    return build
+
+
+def sdpa_causal_case(H: int, Hk: int, D: int):
+    def build(T: int, B: int) -> Bench:
+        import torch.nn.functional as F
+
+        q, k, v = _randn(B, H, T, D), _randn(B, H, T, D), _randn(B, H, T, D)
+        scale = D ** -0.5
+        return Bench(
+            fwd=lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
+            inputs=[q, k, v],
+            flops_fwd=attention_flops(B * T, H, D, D, visible_causal(T)),
+            shape=dict(H=H, Hk=Hk, Dqk=D, Dv=D, note="k, v expanded to H heads before timing"),
+        )
+
+    return build
+
+
+def fla_nsa_case(H: int, Hk: int, D: int, block: int = 64, top_n: int = 16):
+    def build(T: int, B: int) -> Bench:
+        from fla.ops.nsa import parallel_nsa
+
+        q, k, v = _randn(B, T, H, D), _randn(B, T, Hk, D), _randn(B, T, Hk, D)
+        g_cmp = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        g_slc = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        return Bench(
+            fwd=lambda: parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, block_counts=top_n,
+                                     block_size=block, window_size=0, scale=D ** -0.5),
+            inputs=[q, k, v, g_cmp, g_slc],
+            flops_fwd=attention_flops(B * T, H, D, D, visible_nsa(T, block, top_n)),
+            shape=dict(H=H, Hk=Hk, Dqk=D, Dv=D, block=block, top_n=top_n, window_size=0),
+        )
+
+    return build
+
+
+def _has_module(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec(name) else f"{name} is not installed"
+
+    return check
+
+
+CASES: list[Case] = [
+    Case("window-mla", "window", window_case(H=16, Hk=1, Dqk=96, Dv=64)),
+    Case("window-gqa", "window", window_case(H=32, Hk=2, Dqk=64, Dv=64)),
+    Case("flex-window-gqa", "flex", flex_window_case(H=32, Hk=2, Dqk=64, Dv=64)),
+    Case("flex-window-mla", "flex-mla", flex_window_case(H=16, Hk=1, Dqk=96, Dv=64)),
+    Case("sdpa-causal-gqa", "sdpa", sdpa_causal_case(H=32, Hk=2, D=64)),
+    Case("fla-nsa-gqa", "fla", fla_nsa_case(H=32, Hk=2, D=64), _has_module("fla")),
+]
+
+
+def select(cases: list[Case], spec: str | None) -> list[Case]:
+    if not spec:
+        return list(cases)
+    wanted = {s.strip() for s in spec.split(",") if s.strip()}
+    unknown = wanted - {c.name for c in cases} - {c.group for c in cases}
+    if unknown:
+        raise SystemExit(f"unknown case or group: {sorted(unknown)}; known: "
+                         f"{sorted({c.name for c in cases} | {c.group for c in cases})}")
+    return [c for c in cases if c.name in wanted or c.group in wanted]
+
+
+def measure(bench: Bench) -> tuple[float, float]:
+    import triton.testing
+
+    grad = None
+
+    def fwd_bwd():
+        nonlocal grad
+        out = bench.fwd()
+        if grad is None:
+            grad = torch.randn_like(out)
+        torch.autograd.grad(out, bench.inputs, grad)
+
+    fwd_ms = triton.testing.do_bench(bench.fwd, return_mode="median")
+    fwd_bwd_ms = triton.testing.do_bench(fwd_bwd, return_mode="median")
+    return fwd_ms, fwd_bwd_ms
+
+
+def environment() -> dict:
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def out_path(value: str) -> str:
+    if os.sep in value or value.endswith(".json"):
+        return value
+    return os.path.join(RESULTS_DIR, f"{value}.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", help="comma-separated case names or groups "
+                        f"(default: all of {[c.name for c in CASES]})")
+    parser.add_argument("--T", default=",".join(map(str, DEFAULT_T)),
+                        help="comma-separated sequence lengths")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per call")
+    parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention.py needs a CUDA device")
+    cases = select(CASES, args.cases)
+    lengths = [int(t) for t in args.T.split(",") if t.strip()]
+    for T in lengths:
+        if T <= 0 or args.tokens % T:
+            raise SystemExit(f"--tokens={args.tokens} must be a multiple of every T (T={T})")
+
+    record = {**environment(), "tokens": args.tokens, "bwd_flop_factor": BWD_FLOP_FACTOR,
+              "results": []}
+    path = out_path(args.out) if args.out else None
+
+    def save():
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+
+    header = f"{'case':<18} {'T':>6} {'B':>3} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} {'TFLOP/s':>8}"
+    print(f"# {record['device']}, torch {record['torch']}, triton {record['triton']}", flush=True)
+    print(header, flush=True)
+    lines = []
+    for case in cases:
+        reason = case.needs()
+        if reason:
+            print(f"{case.name:<18} skipped: {reason}", flush=True)
+            record["results"].append({"case": case.name, "group": case.group, "skipped": reason})
+            save()
+            continue
+        for T in lengths:
+            B = args.tokens // T
+            row = {"case": case.name, "group": case.group, "T": T, "B": B}
+            try:
+                bench = case.build(T, B)
+                fwd_ms, fb_ms = measure(bench)
+                flops_fb = bench.flops_fwd * (1 + BWD_FLOP_FACTOR)
+                row.update(shape=bench.shape, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
+                           flops_fwd=bench.flops_fwd, flops_fwd_bwd=flops_fb,
+                           fwd_tflops=bench.flops_fwd / fwd_ms * 1e-9,
+                           fwd_bwd_tflops=flops_fb / fb_ms * 1e-9)
+                line = (f"{case.name:<18} {T:>6} {B:>3} {fwd_ms:>9.3f} {row['fwd_tflops']:>8.1f} "
+                        f"{fb_ms:>9.3f} {row['fwd_bwd_tflops']:>8.1f}")
+            except Exception as err:  # one broken case must not lose the others
+                row["error"] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+                line = f"{case.name:<18} {T:>6} {B:>3} error: {row['error'][:60]}"
+            finally:
+                bench = None
+                torch.cuda.empty_cache()
+            print(line, flush=True)
+            lines.append(line)
+            record["results"].append(row)
+            save()
+
+    print("\n" + header)
+    print("\n".join(lines))
+    if path:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

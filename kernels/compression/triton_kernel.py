@@ -1,0 +1,592 @@
+"""Attention to compressed tokens, Triton kernels (forward and backward).
+
+Same function and signature as :func:`kernels.compression.reference.compression_attention`:
+``q (B, T, H, Dqk)``, ``k_cmp (B, N, Hk, Dqk)``, ``v_cmp (B, N, Hk, Dv)`` -> ``o (B, T, H, Dv)``
+(in ``q.dtype``) and ``lse (B, T, H)`` (float32, detached; ``-inf`` and ``o = 0`` for queries that
+see no compressed token). Query ``t`` sees compressed token ``i`` iff
+``i * stride + block_len - 1 <= t``.
+
+Design (FlashAttention-2 style, fp32 accumulation):
+
+* GQA/GLA packing: one program owns ``BLOCK_T`` consecutive queries of *all* ``REP = H // Hk``
+  heads that read one key/value head, so the MMA's M dimension is ``BLOCK_T * REP`` rows (row
+  ``m`` is query ``t0 + m // REP_PAD``, head ``m % REP_PAD``; the heads of one query are adjacent
+  in memory, so the tile load is contiguous).
+* Causality over the short key axis: a program visits only the key tiles its last query can see;
+  tiles that its first query sees entirely run without the mask. Programs are launched heaviest
+  first (reversed query-tile order).
+* Head dims that are not a power of two are split into two power-of-two parts
+  (160 = 128 + 32, 96 = 64 + 32, 24 = 16 + 16 masked), so QK^T does no padded work; the value dim
+  is padded to a power of two with masks.
+* Backward: ``delta = rowsum(dO * O)`` is computed inside the dq kernel (grid over query tiles,
+  the forward's loop); dk/dv come from a kernel whose programs own one key tile and one chunk of
+  the query axis (all heads of the group inside the tile, so no atomics across heads); when the
+  query axis is split into several chunks, each chunk writes an fp32 partial that one ``sum``
+  reduces (deterministic).
+* Offsets are 64-bit (``B * T * H * D`` may pass 2**31).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 256
+
+# Tile overrides for benchmarking sweeps: {"fwd": {...}, "dq": {...}, "dkdv": {...}}; keys
+# BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages.
+CONFIG_OVERRIDE: dict[str, dict[str, int]] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def split_dim(d: int) -> tuple[int, int]:
+    """Split a head dim into two power-of-two parts ``(DA, DB)`` (``DB = 0``: one part).
+
+    ``DA`` is the largest power of two <= d (at least 16), ``DB`` the remainder rounded up to a
+    power of two (at least 16); the padding is masked.
+    """
+    if d <= 16:
+        return 16, 0
+    a = 1 << (d.bit_length() - 1)
+    rem = d - a
+    if rem == 0:
+        return a, 0
+    return a, max(16, triton.next_power_of_2(rem))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+# --------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, row_off, row_mask, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """Load a (rows, DA) and a (rows, DB) tile of a row-major [*, D] operand (masked d >= D)."""
+    da = tl.arange(0, DA)
+    xa = tl.load(ptr + row_off[:, None] + da[None, :],
+                 mask=row_mask[:, None] & (da[None, :] < D), other=0.0)
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        xb = tl.load(ptr + row_off[:, None] + db[None, :],
+                     mask=row_mask[:, None] & (db[None, :] < D), other=0.0)
+    else:
+        xb = xa
+    return xa, xb
+
+
+@triton.jit
+def _qk(qa, qb, ka, kb, DB: tl.constexpr, IEEE: tl.constexpr):
+    """(M, D) x (N, D)^T -> (M, N) float32, the two head-dim parts summed."""
+    if IEEE:
+        s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
+        if DB > 0:
+            s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
+    else:
+        s = tl.dot(qa, tl.trans(ka))
+        if DB > 0:
+            s += tl.dot(qb, tl.trans(kb))
+    return s
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    sqb, sqt, sqh, skb, skn, skh, svb, svn, svh, sob, sot, soh, slb, slt,
+    T, N, HK, qk_scale,
+    BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+    REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_T * REP_PAD
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) query tiles first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    t0 = pid_t * BLOCK_T
+
+    m = tl.arange(0, M)
+    t = t0 + m // REP_PAD
+    hh = m % REP_PAD
+    row_ok = (t < T) & (hh < REP)
+    h = (hk * REP + hh).to(tl.int64)
+    t64 = t.to(tl.int64)
+
+    q_off = b * sqb + t64 * sqt + h * sqh
+    qa, qb = _load_rows(Q, q_off, row_ok, D, DA, DB)
+
+    k_base = K + b * skb + hk.to(tl.int64) * skh
+    v_base = V + b * svb + hk.to(tl.int64) * svh
+    nn = tl.arange(0, BLOCK_N)
+    dv = tl.arange(0, DVP)
+
+    m_i = tl.full([M], -1.0e30, tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, DVP], tl.float32)
+
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    n_hi = tl.minimum(tl.maximum(t_hi - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, N)
+    n_full = tl.minimum(tl.maximum(t0 - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, N)
+    n_full = (n_full // BLOCK_N) * BLOCK_N
+
+    for n0 in range(0, n_full, BLOCK_N):
+        n = n0 + nn
+        n64 = n.to(tl.int64)
+        ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
+        vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
+                     mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+        s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(vv.dtype), vv, acc * alpha[:, None], IEEE)
+        m_i = m_new
+
+    for n0 in range(n_full, n_hi, BLOCK_N):
+        n = n0 + nn
+        n64 = n.to(tl.int64)
+        ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
+        vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
+                     mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+        s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+        vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t[:, None]) & (n[None, :] < N)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(vv.dtype), vv, acc * alpha[:, None], IEEE)
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    o_off = b * sob + t64 * sot + h * soh
+    tl.store(O + o_off[:, None] + dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + b * slb + t64 * slt + h, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: dq (and delta)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n, k_base, v_base, skn, svn, N, qk_scale,
+             MASK: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+             D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+             DVP: tl.constexpr, IEEE: tl.constexpr):
+    n64 = n.to(tl.int64)
+    dv = tl.arange(0, DVP)
+    ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
+    vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
+                 mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+    s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASK:
+        vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t[:, None]) & (n[None, :] < N)
+        p = tl.where(vis, p, 0.0)
+    dp = _qk(do, do, vv, vv, 0, IEEE)
+    ds = (p * (dp - delta[:, None])).to(ka.dtype)
+    dqa = _mm(ds, ka, dqa, IEEE)
+    if DB > 0:
+        dqb = _mm(ds, kb, dqb, IEEE)
+    return dqa, dqb
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ,
+    sqb, sqt, sqh, skb, skn, skh, svb, svn, svh, sob, sot, soh, sdob, sdot, sdoh,
+    slb, slt, sdqb, sdqt, sdqh,
+    T, N, HK, qk_scale, scale,
+    BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+    REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_T * REP_PAD
+    pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    t0 = pid_t * BLOCK_T
+
+    m = tl.arange(0, M)
+    t = t0 + m // REP_PAD
+    hh = m % REP_PAD
+    row_ok = (t < T) & (hh < REP)
+    h = (hk * REP + hh).to(tl.int64)
+    t64 = t.to(tl.int64)
+    dv = tl.arange(0, DVP)
+    dv_ok = dv[None, :] < DV
+
+    qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+    o = tl.load(O + (b * sob + t64 * sot + h * soh)[:, None] + dv[None, :],
+                mask=row_ok[:, None] & dv_ok, other=0.0)
+    do = tl.load(DO + (b * sdob + t64 * sdot + h * sdoh)[:, None] + dv[None, :],
+                 mask=row_ok[:, None] & dv_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    l_off = b * slb + t64 * slt + h
+    tl.store(DELTA + l_off, delta, mask=row_ok)
+    lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+
+    k_base = K + b * skb + hk.to(tl.int64) * skh
+    v_base = V + b * svb + hk.to(tl.int64) * svh
+    nn = tl.arange(0, BLOCK_N)
+    dqa = tl.zeros([M, DA], tl.float32)
+    dqb = tl.zeros([M, DB if DB > 0 else 16], tl.float32)
+
+    t_hi = tl.minimum(t0 + BLOCK_T, T) - 1
+    n_hi = tl.minimum(tl.maximum(t_hi - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, N)
+    n_full = tl.minimum(tl.maximum(t0 - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, N)
+    n_full = (n_full // BLOCK_N) * BLOCK_N
+
+    for n0 in range(0, n_full, BLOCK_N):
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0 + nn, k_base, v_base, skn,
+                            svn, N, qk_scale, False, BLOCK_LEN, STRIDE, D, DA, DB, DV, DVP, IEEE)
+    for n0 in range(n_full, n_hi, BLOCK_N):
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0 + nn, k_base, v_base, skn,
+                            svn, N, qk_scale, True, BLOCK_LEN, STRIDE, D, DA, DB, DV, DVP, IEEE)
+
+    dq_off = b * sdqb + t64 * sdqt + h * sdqh
+    da = tl.arange(0, DA)
+    tl.store(DQ + dq_off[:, None] + da[None, :], (dqa * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (da[None, :] < D))
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        tl.store(DQ + dq_off[:, None] + db[None, :], (dqb * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (db[None, :] < D))
+
+
+# --------------------------------------------------------------------------------------------
+# backward: dk, dv
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dkdv_tile(dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, b,
+               sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, MASK: tl.constexpr,
+               BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, REP_PAD: tl.constexpr,
+               D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
+               DVP: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    dv = tl.arange(0, DVP)
+    t = tt + mr // REP_PAD
+    row_ok = (t < T) & hh_ok
+    t64 = t.to(tl.int64)
+    qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+    do = tl.load(DO + (b * sdob + t64 * sdot + h * sdoh)[:, None] + dv[None, :],
+                 mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    l_off = b * slb + t64 * slt + h
+    lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    st = _qk(ka, kb, qa, qb, DB, IEEE) * qk_scale  # (BLOCK_N, M)
+    pt = tl.exp2(st - lse2[None, :])
+    if MASK:
+        vis = nn[:, None] * STRIDE + (BLOCK_LEN - 1) <= t[None, :]
+        pt = tl.where(vis, pt, 0.0)
+    if DO_DV:
+        dvacc = _mm(pt.to(do.dtype), do, dvacc, IEEE)
+    if DO_DK:
+        dpt = _qk(vv, vv, do, do, 0, IEEE)
+        dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
+        dka = _mm(dst, qa, dka, IEEE)
+        if DB > 0:
+            dkb = _mm(dst, qb, dkb, IEEE)
+    return dka, dkb, dvacc
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    sqb, sqt, sqh, skb, skn, skh, svb, svn, svh, sdob, sdot, sdoh, slb, slt,
+    sdks, sdkb, sdkn, sdkh, sdvs, sdvb, sdvn, sdvh,
+    T, N, HK, CHUNK, qk_scale, scale,
+    BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+    REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+    IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_T * REP_PAD
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // HK).to(tl.int64)
+    hk = pid_bh % HK
+    n0 = pid_n * BLOCK_N
+
+    nn = n0 + tl.arange(0, BLOCK_N)
+    n_ok = nn < N
+    n64 = nn.to(tl.int64)
+    dv = tl.arange(0, DVP)
+    dv_ok = dv[None, :] < DV
+    ka, kb = _load_rows(K + b * skb + hk.to(tl.int64) * skh, n64 * skn, n_ok, D, DA, DB)
+    vv = tl.load(V + b * svb + hk.to(tl.int64) * svh + n64[:, None] * svn + dv[None, :],
+                 mask=n_ok[:, None] & dv_ok, other=0.0)
+
+    dka = tl.zeros([BLOCK_N, DA if DO_DK else 16], tl.float32)
+    dkb = tl.zeros([BLOCK_N, DB if (DB > 0 and DO_DK) else 16], tl.float32)
+    dvacc = tl.zeros([BLOCK_N, DVP if DO_DV else 16], tl.float32)
+
+    # queries of this chunk that see at least one key of the tile; those before t_all miss some
+    t_first = n0 * STRIDE + BLOCK_LEN - 1
+    t_all = (n0 + BLOCK_N - 1) * STRIDE + BLOCK_LEN - 1
+    c_lo = pid_s * CHUNK
+    c_hi = tl.minimum(c_lo + CHUNK, T)
+    lo = tl.maximum(c_lo, (t_first // BLOCK_T) * BLOCK_T)
+    mid = tl.minimum(tl.maximum(lo, ((t_all + BLOCK_T - 1) // BLOCK_T) * BLOCK_T), c_hi)
+
+    mr = tl.arange(0, M)
+    hh = mr % REP_PAD
+    h = (hk * REP + hh).to(tl.int64)
+    hh_ok = hh < REP
+    for tt in range(lo, mid, BLOCK_T):
+        dka, dkb, dvacc = _dkdv_tile(
+            dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, b,
+            sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, True,
+            BLOCK_LEN, STRIDE, REP_PAD, D, DA, DB, DV, DVP, IEEE, DO_DK, DO_DV)
+    for tt in range(mid, c_hi, BLOCK_T):
+        dka, dkb, dvacc = _dkdv_tile(
+            dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, b,
+            sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, False,
+            BLOCK_LEN, STRIDE, REP_PAD, D, DA, DB, DV, DVP, IEEE, DO_DK, DO_DV)
+
+    ps = pid_s.to(tl.int64)
+    if DO_DK:
+        dk_off = ps * sdks + b * sdkb + n64 * sdkn + hk.to(tl.int64) * sdkh
+        da = tl.arange(0, DA)
+        tl.store(DK + dk_off[:, None] + da[None, :], (dka * scale).to(DK.dtype.element_ty),
+                 mask=n_ok[:, None] & (da[None, :] < D))
+        if DB > 0:
+            db = DA + tl.arange(0, DB)
+            tl.store(DK + dk_off[:, None] + db[None, :], (dkb * scale).to(DK.dtype.element_ty),
+                     mask=n_ok[:, None] & (db[None, :] < D))
+    if DO_DV:
+        dv_off = ps * sdvs + b * sdvb + n64 * sdvn + hk.to(tl.int64) * sdvh
+        tl.store(DV_ + dv_off[:, None] + dv[None, :], dvacc.to(DV_.dtype.element_ty),
+                 mask=n_ok[:, None] & dv_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def check_inputs(q, k_cmp, v_cmp, block_len, stride, scale) -> None:
+    """Raise ValueError naming the first quantity these kernels cannot serve."""
+    for name, x in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if not (q.dtype == k_cmp.dtype == v_cmp.dtype):
+        raise ValueError(
+            f"q, k_cmp, v_cmp must share one dtype, got {q.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
+    if not (q.device == k_cmp.device == v_cmp.device):
+        raise ValueError("q, k_cmp, v_cmp must be on one device")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    B, T, H, D = q.shape
+    Bk, N, Hk, Dk = k_cmp.shape
+    Bv, Nv, Hv, Dv = v_cmp.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"batch size differs: q {B}, k_cmp {Bk}, v_cmp {Bv}")
+    if Nv != N:
+        raise ValueError(f"k_cmp has {N} compressed tokens but v_cmp has {Nv}")
+    if Hv != Hk:
+        raise ValueError(f"k_cmp has {Hk} heads but v_cmp has {Hv}")
+    if Dk != D:
+        raise ValueError(f"q head dim ({D}) differs from k_cmp head dim ({Dk})")
+    if Hk < 1 or H % Hk:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
+    if H // Hk > 128:
+        raise ValueError(f"query heads per key/value head ({H // Hk}) must be at most 128")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q/k head dim ({D}) must be in [1, {MAX_HEAD_DIM}]")
+    if not 1 <= Dv <= MAX_HEAD_DIM:
+        raise ValueError(f"v head dim ({Dv}) must be in [1, {MAX_HEAD_DIM}]")
+    if int(block_len) != block_len or block_len < 1:
+        raise ValueError(f"block_len must be a positive integer, got {block_len}")
+    if int(stride) != stride or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride}")
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
+
+
+def _config(kind: str, rep_pad: int, d: int, dv: int, device: torch.device) -> dict[str, int]:
+    if _interpreting() or device.type != "cuda":
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    elif kind == "fwd":
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    elif kind == "dq":
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    else:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    cfg.update(CONFIG_OVERRIDE.get(kind, {}))
+    block_m = max(cfg["BLOCK_M"], rep_pad, 16)
+    cfg["BLOCK_T"] = max(block_m // rep_pad, 1)
+    if cfg["BLOCK_T"] * rep_pad < 16:
+        cfg["BLOCK_T"] = triton.cdiv(16, rep_pad)
+    return cfg
+
+
+def _forward(q, k, v, block_len, stride, scale):
+    B, T, H, D = q.shape
+    N, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // Hk
+    rep_pad = triton.next_power_of_2(rep)
+    DA, DB = split_dim(D)
+    DVP = max(16, triton.next_power_of_2(Dv))
+    o = torch.empty(B, T, H, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    cfg = _config("fwd", rep_pad, D, Dv, q.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    if B * T * H > 0:
+        _fwd_kernel[grid](
+            q, k, v, o, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            lse.stride(0), lse.stride(1),
+            T, N, Hk, scale * LOG2E,
+            BLOCK_LEN=block_len, STRIDE=stride, REP=rep, REP_PAD=rep_pad,
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], D=D, DA=DA, DB=DB, DV=Dv, DVP=DVP,
+            IEEE=q.dtype == torch.float32,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, block_len, stride, scale):
+    B, T, H, D = q.shape
+    N, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    rep = H // Hk
+    rep_pad = triton.next_power_of_2(rep)
+    DA, DB = split_dim(D)
+    DVP = max(16, triton.next_power_of_2(Dv))
+    ieee = q.dtype == torch.float32
+    do = _row_major(do)
+    if B * T * H == 0 or N == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.empty_like(q)
+    delta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    common = dict(BLOCK_LEN=block_len, STRIDE=stride, REP=rep, REP_PAD=rep_pad, D=D, DA=DA,
+                  DB=DB, DV=Dv, DVP=DVP, IEEE=ieee)
+
+    cfg = _config("dq", rep_pad, D, Dv, q.device)
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    _bwd_dq_kernel[grid](
+        q, k, v, o, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        T, N, Hk, scale * LOG2E, scale,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], **common,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+    cfg = _config("dkdv", rep_pad, D, Dv, q.device)
+    block_t, block_n = cfg["BLOCK_T"], cfg["BLOCK_N"]
+    n_tiles = triton.cdiv(N, block_n)
+    base = max(n_tiles * B * Hk, 1)
+    # split the query axis when key tiles alone cannot fill the GPU (causal: ~half the chunks of
+    # the early key tiles are busy, so aim at ~8 programs per multiprocessor)
+    want = triton.cdiv(8 * num_sms(q.device), base)
+    splits = max(1, min(want, triton.cdiv(T, block_t), cfg.get("MAX_SPLITS", 64)))
+    chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    splits = triton.cdiv(T, chunk)
+    if splits == 1:
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dk_s, dv_s = dk.unsqueeze(0), dv.unsqueeze(0)
+    else:
+        dk_s = torch.empty(splits, *k.shape, dtype=torch.float32, device=q.device)
+        dv_s = torch.empty(splits, *v.shape, dtype=torch.float32, device=q.device)
+    grid = (n_tiles, B * Hk, splits)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk_s, dv_s,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        lse.stride(0), lse.stride(1),
+        dk_s.stride(0), dk_s.stride(1), dk_s.stride(2), dk_s.stride(3),
+        dv_s.stride(0), dv_s.stride(1), dv_s.stride(2), dv_s.stride(3),
+        T, N, Hk, chunk, scale * LOG2E, scale,
+        BLOCK_T=block_t, BLOCK_N=block_n, **common,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if splits > 1:
+        dk = dk_s.sum(0).to(k.dtype)
+        dv = dv_s.sum(0).to(v.dtype)
+    return dq, dk, dv
+
+
+class _CompressionAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_cmp, v_cmp, block_len, stride, scale):
+        q, k_cmp, v_cmp = _row_major(q), _row_major(k_cmp), _row_major(v_cmp)
+        o, lse = _forward(q, k_cmp, v_cmp, block_len, stride, scale)
+        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
+        ctx.args = (block_len, stride, scale)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        block_len, stride, scale = ctx.args
+        if do is None:
+            return None, None, None, None, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, block_len, stride, scale)
+        return dq, dk, dv, None, None, None
+
+
+def compression_attention(
+    q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_len: int, stride: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`kernels.compression.reference.compression_attention`."""
+    check_inputs(q, k_cmp, v_cmp, block_len, stride, scale)
+    return _CompressionAttention.apply(q, k_cmp, v_cmp, int(block_len), int(stride), float(scale))

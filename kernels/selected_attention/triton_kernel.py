@@ -1,0 +1,1057 @@
+"""Attention to the raw tokens of selected blocks (NSA's selection branch), Triton, fwd + bwd.
+
+Same semantics and signature as :func:`kernels.selected_attention.reference.selected_attention`:
+query ``t`` of head ``h`` reads key/value head ``h // (H // Hk)`` and attends the keys ``s <= t``
+whose block ``s // select_block`` is listed in ``block_idx[b, t, h // (H // G)]``.
+
+Design
+------
+*Rows.* A program owns a *chunk* of ``TOK`` consecutive queries times ``HP`` query heads that share
+one key/value head and one selection group (``HP`` divides ``gcd(H // Hk, H // G)``), i.e. a tile of
+``ROWS = TOK * HP`` query rows (padded to a power of two >= 16) that all read the same K/V tiles.
+
+* ``shared`` chunks (``HP * q_share >= 16``): ``TOK`` divides ``q_share``, so every row of the chunk
+  has the same block list (the ``q_share`` promise). GLA absorbed form: 4 queries x 8 heads = 32 rows.
+* ``union`` chunks (too few rows per query, e.g. GQA with 4 heads per KV head, or per-head K/V):
+  ``TOK`` spans several ``q_share`` groups; the program walks the *union* of their block lists (each
+  distinct block once) and masks every row by its own token's list. When neighbouring queries select
+  the same blocks (they do in practice: forced first/local blocks, similar importance) each K/V block
+  is loaded once for all of them; when they select disjoint blocks it costs what padding would.
+
+The per-chunk lists (ascending, deduplicated, -1 padded, entries outside ``[0, num_blocks)``
+dropped) are built once in PyTorch; the kernels loop over exactly the valid entries (no branches in
+the loop, so Triton can software-pipeline the K/V gathers).
+
+*Forward.* Online softmax over the listed blocks (``exp2``, fp32 accumulation), output in the input
+dtype, log-sum-exp (natural log, fp32, ``-inf`` for a row that sees nothing) saved for backward.
+
+*Backward.* (1) A query-major kernel recomputes ``P`` and writes ``dq`` (and ``delta = rowsum(dO*O)``).
+(2) ``dk, dv`` need the reverse map: the chunk lists are inverted into a CSR (stable sort of the
+(batch, group, key block) keys, so each key block's chunks come ascending), each key block's list
+is cut into segments of at most ``seg`` chunks (a hot block such as block 0, which every query
+selects, would otherwise serialise on one program), and a key-block-major kernel accumulates
+``dk, dv`` for its segment in registers and adds it once into fp32 buffers (one atomic add of a
+``BK x D`` tile per segment). Two alternatives stay selectable for measurement: ``atomic_kv`` (the
+dq kernel also adds its ``dk, dv`` tile contribution atomically, no CSR) and ``atomic_q`` (the
+key-major kernel also adds ``dq`` atomically, no dq kernel).
+
+Head dims that are not powers of two are split into two power-of-two pieces (160 = 128 + 32,
+96 = 64 + 32) instead of padding to the next power of two; ``Dv`` is padded with masks.
+All element offsets are 64-bit.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAX_DIM = 256
+_BWD_MODES = ("csr", "atomic_kv", "atomic_q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _sel_fwd_kernel(
+    Q, K, V, CL, BI, O, LSE,
+    T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
+    HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
+    NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr,
+):
+    c = NC - 1 - tl.program_id(0)  # late (long) chunks first
+    pid1 = tl.program_id(1)
+    b = (pid1 // NHS).to(tl.int64)
+    h0 = (pid1 % NHS) * HP
+    hk = h0 // REP_K
+    g = h0 // REP_G
+
+    r = tl.arange(0, ROWS)
+    tok = r // HP
+    t = c * TOK + tok
+    rvalid = (tok < TOK) & (t < T)
+    qrow = (b * T + t) * H + h0 + r % HP  # int64
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
+                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
+                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+    dv = tl.arange(0, DVP)
+
+    lbase = ((b * NC + c) * G + g) * L
+    lcol = tl.arange(0, LPAD)
+    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
+    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
+    if UNION:
+        bcol = tl.arange(0, NPAD)
+        brow = ((b * T + t) * G + g) * NSEL
+        bl = tl.load(BI + brow[:, None] + bcol[None, :],
+                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DVP], tl.float32)
+    kk = tl.arange(0, BK)
+    for it in range(nv * NSUB):
+        j = tl.load(CL + lbase + it // NSUB)
+        kpos = j * BS + (it % NSUB) * BK + kk
+        kvalid = kpos < T
+        krow = (b * T + kpos) * HK + hk
+        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
+                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if D2 > 0:
+            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
+                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+        vis = kpos[None, :] <= t[:, None]
+        if UNION:
+            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
+            vis = vis & sel[:, None]
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    l_ok = l_i > 0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(O + qrow[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
+             mask=rvalid[:, None] & (dv[None, :] < DV))
+    lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + qrow, lse, mask=rvalid)
+
+
+@triton.jit
+def _sel_fwd_t_kernel(
+    Q, K, V, CL, BI, O, LSE,
+    T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
+    HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
+    NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr,
+):
+    """Forward, keys-major orientation: S^T = K Q^T (BK x ROWS) and O^T += V^T P^T, so both
+    products have M >= 64 (wgmma on Hopper) even when a program has only 16 or 32 query rows."""
+    c = NC - 1 - tl.program_id(0)
+    pid1 = tl.program_id(1)
+    b = (pid1 // NHS).to(tl.int64)
+    h0 = (pid1 % NHS) * HP
+    hk = h0 // REP_K
+    g = h0 // REP_G
+
+    r = tl.arange(0, ROWS)
+    tok = r // HP
+    t = c * TOK + tok
+    rvalid = (tok < TOK) & (t < T)
+    qrow = (b * T + t) * H + h0 + r % HP
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
+                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
+                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+    dv = tl.arange(0, DVP)
+
+    lbase = ((b * NC + c) * G + g) * L
+    lcol = tl.arange(0, LPAD)
+    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
+    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
+    if UNION:
+        bcol = tl.arange(0, NPAD)
+        brow = ((b * T + t) * G + g) * NSEL
+        bl = tl.load(BI + brow[:, None] + bcol[None, :],
+                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+
+    m_i = tl.full([ROWS], -1.0e30, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([DVP, ROWS], tl.float32)
+    kk = tl.arange(0, BK)
+    for it in range(nv * NSUB):
+        j = tl.load(CL + lbase + it // NSUB)
+        kpos = j * BS + (it % NSUB) * BK + kk
+        kvalid = kpos < T
+        krow = (b * T + kpos) * HK + hk
+        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
+                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        s = tl.dot(k1, tl.trans(q1), input_precision=PREC)
+        if D2 > 0:
+            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
+                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
+            s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
+        vis = kpos[:, None] <= t[None, :]
+        if UNION:
+            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
+            vis = vis & sel[None, :]
+        s = tl.where(vis, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PREC)
+        m_i = m_new
+
+    l_ok = l_i > 0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    o = acc / l_safe[None, :]
+    tl.store(O + qrow[None, :] * DV + dv[:, None], o.to(O.dtype.element_ty),
+             mask=rvalid[None, :] & (dv[:, None] < DV))
+    lse = tl.where(l_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + qrow, lse, mask=rvalid)
+
+
+@triton.jit
+def _sel_bwd_dq_kernel(
+    Q, K, V, O, DO, LSE, CL, BI, DQ, DELTA, DK32, DV32,
+    T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
+    HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
+    NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr, ATOMIC_KV: tl.constexpr,
+):
+    c = NC - 1 - tl.program_id(0)
+    pid1 = tl.program_id(1)
+    b = (pid1 // NHS).to(tl.int64)
+    h0 = (pid1 % NHS) * HP
+    hk = h0 // REP_K
+    g = h0 // REP_G
+
+    r = tl.arange(0, ROWS)
+    tok = r // HP
+    t = c * TOK + tok
+    rvalid = (tok < TOK) & (t < T)
+    qrow = (b * T + t) * H + h0 + r % HP
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
+                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
+                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+    dv = tl.arange(0, DVP)
+    omask = rvalid[:, None] & (dv[None, :] < DV)
+    do = tl.load(DO + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + qrow, delta, mask=rvalid)
+    lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    lbase = ((b * NC + c) * G + g) * L
+    lcol = tl.arange(0, LPAD)
+    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
+    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
+    if UNION:
+        bcol = tl.arange(0, NPAD)
+        brow = ((b * T + t) * G + g) * NSEL
+        bl = tl.load(BI + brow[:, None] + bcol[None, :],
+                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+
+    dq1 = tl.zeros([ROWS, D1], tl.float32)
+    if D2 > 0:
+        dq2 = tl.zeros([ROWS, D2], tl.float32)
+    kk = tl.arange(0, BK)
+    for it in range(nv * NSUB):
+        j = tl.load(CL + lbase + it // NSUB)
+        kpos = j * BS + (it % NSUB) * BK + kk
+        kvalid = kpos < T
+        krow = (b * T + kpos) * HK + hk
+        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
+                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if D2 > 0:
+            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
+                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
+        vis = kpos[None, :] <= t[:, None]
+        if UNION:
+            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
+            vis = vis & sel[:, None]
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dsc = ds.to(k1.dtype)
+        dq1 += tl.dot(dsc, k1, input_precision=PREC)
+        if D2 > 0:
+            dq2 += tl.dot(dsc, k2, input_precision=PREC)
+        if ATOMIC_KV:
+            dvb = tl.dot(tl.trans(p.to(v.dtype)), do, input_precision=PREC)
+            tl.atomic_add(DV32 + krow[:, None] * DV + dv[None, :], dvb,
+                          mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
+            dk1b = tl.dot(tl.trans(dsc), q1, input_precision=PREC) * sm_scale
+            tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1b,
+                          mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
+            if D2 > 0:
+                dk2b = tl.dot(tl.trans(dsc), q2, input_precision=PREC) * sm_scale
+                tl.atomic_add(DK32 + krow[:, None] * D + d2[None, :], dk2b,
+                              mask=kvalid[:, None] & (d2[None, :] < D), sem="relaxed")
+
+    qmask1 = rvalid[:, None] & (d1[None, :] < D)
+    tl.store(DQ + qrow[:, None] * D + d1[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty),
+             mask=qmask1)
+    if D2 > 0:
+        tl.store(DQ + qrow[:, None] * D + d2[None, :], (dq2 * sm_scale).to(DQ.dtype.element_ty),
+                 mask=rvalid[:, None] & (d2[None, :] < D))
+
+
+@triton.jit
+def _sel_bwd_dq_t_kernel(
+    Q, K, V, O, DO, LSE, CL, BI, DQ, DELTA,
+    T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
+    HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
+    NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, keys-major orientation: S^T = K Q^T, dP^T = V dO^T, dQ^T += K^T dS^T."""
+    c = NC - 1 - tl.program_id(0)
+    pid1 = tl.program_id(1)
+    b = (pid1 // NHS).to(tl.int64)
+    h0 = (pid1 % NHS) * HP
+    hk = h0 // REP_K
+    g = h0 // REP_G
+
+    r = tl.arange(0, ROWS)
+    tok = r // HP
+    t = c * TOK + tok
+    rvalid = (tok < TOK) & (t < T)
+    qrow = (b * T + t) * H + h0 + r % HP
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
+                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
+                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+    dv = tl.arange(0, DVP)
+    omask = rvalid[:, None] & (dv[None, :] < DV)
+    do = tl.load(DO + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + qrow, delta, mask=rvalid)
+    lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    lbase = ((b * NC + c) * G + g) * L
+    lcol = tl.arange(0, LPAD)
+    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
+    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
+    if UNION:
+        bcol = tl.arange(0, NPAD)
+        brow = ((b * T + t) * G + g) * NSEL
+        bl = tl.load(BI + brow[:, None] + bcol[None, :],
+                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+
+    dq1 = tl.zeros([D1, ROWS], tl.float32)
+    if D2 > 0:
+        dq2 = tl.zeros([D2, ROWS], tl.float32)
+    kk = tl.arange(0, BK)
+    for it in range(nv * NSUB):
+        j = tl.load(CL + lbase + it // NSUB)
+        kpos = j * BS + (it % NSUB) * BK + kk
+        kvalid = kpos < T
+        krow = (b * T + kpos) * HK + hk
+        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
+                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        s = tl.dot(k1, tl.trans(q1), input_precision=PREC)
+        if D2 > 0:
+            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
+                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
+            s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
+        vis = kpos[:, None] <= t[None, :]
+        if UNION:
+            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
+            vis = vis & sel[None, :]
+        p = tl.where(vis, tl.exp2(s * qk_scale - lse2[None, :]), 0.0)
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        dp = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsc = (p * (dp - delta[None, :])).to(k1.dtype)
+        dq1 += tl.dot(tl.trans(k1), dsc, input_precision=PREC)
+        if D2 > 0:
+            dq2 += tl.dot(tl.trans(k2), dsc, input_precision=PREC)
+
+    tl.store(DQ + qrow[None, :] * D + d1[:, None], (dq1 * sm_scale).to(DQ.dtype.element_ty),
+             mask=rvalid[None, :] & (d1[:, None] < D))
+    if D2 > 0:
+        tl.store(DQ + qrow[None, :] * D + d2[:, None], (dq2 * sm_scale).to(DQ.dtype.element_ty),
+                 mask=rvalid[None, :] & (d2[:, None] < D))
+
+
+@triton.jit
+def _sel_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, BI, SEG_KEY, SEG_LO, SEG_HI, ECHUNK, DK32, DV32, DQ32,
+    T, H, HK, G, NSEL, NB, REP_K, REP_G, HSG, qk_scale, sm_scale,
+    D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
+    HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, NPAD: tl.constexpr,
+    UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC_Q: tl.constexpr,
+):
+    sid = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    lo = tl.load(SEG_LO + sid)
+    hi = tl.load(SEG_HI + sid)
+    key = tl.load(SEG_KEY + sid)
+    live = hi > lo
+    j = key % NB
+    bg = key // NB
+    g = bg % G
+    b = (bg // G).to(tl.int64)
+    sub = pid1 // HSG
+    h0 = g * REP_G + (pid1 % HSG) * HP
+    hk = h0 // REP_K
+
+    kk = tl.arange(0, BK)
+    kpos = j * BS + sub * BK + kk
+    kvalid = (kpos < T) & live
+    krow = (b * T + kpos) * HK + hk
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+    k1 = tl.load(K + krow[:, None] * D + d1[None, :],
+                 mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        k2 = tl.load(K + krow[:, None] * D + d2[None, :],
+                     mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
+        dk2 = tl.zeros([BK, D2], tl.float32)
+    v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    dk1 = tl.zeros([BK, D1], tl.float32)
+    dvacc = tl.zeros([BK, DVP], tl.float32)
+
+    r = tl.arange(0, ROWS)
+    tok = r // HP
+    hoff = h0 + r % HP
+    if UNION:
+        bcol = tl.arange(0, NPAD)
+    for e in range(lo, hi):
+        c = tl.load(ECHUNK + e)
+        t = c * TOK + tok
+        rvalid = (tok < TOK) & (t < T)
+        qrow = (b * T + t) * H + hoff
+        q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
+                     mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
+        sT = tl.dot(k1, tl.trans(q1), input_precision=PREC)
+        if D2 > 0:
+            q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
+                         mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+            sT += tl.dot(k2, tl.trans(q2), input_precision=PREC)
+        do = tl.load(DO + qrow[:, None] * DV + dv[None, :],
+                     mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + qrow, mask=rvalid, other=0.0)
+        vis = (kpos[:, None] <= t[None, :]) & rvalid[None, :]
+        if UNION:
+            brow = ((b * T + t) * G + g) * NSEL
+            bl = tl.load(BI + brow[:, None] + bcol[None, :],
+                         mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
+            vis = vis & sel[None, :]
+        pT = tl.where(vis, tl.exp2(sT * qk_scale - lse2[None, :]), 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dvacc += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dsc = dsT.to(q1.dtype)
+        dk1 += tl.dot(dsc, q1, input_precision=PREC)
+        if D2 > 0:
+            dk2 += tl.dot(dsc, q2, input_precision=PREC)
+        if ATOMIC_Q:
+            dq1 = tl.dot(tl.trans(dsc), k1, input_precision=PREC) * sm_scale
+            tl.atomic_add(DQ32 + qrow[:, None] * D + d1[None, :], dq1,
+                          mask=rvalid[:, None] & (d1[None, :] < D), sem="relaxed")
+            if D2 > 0:
+                dq2 = tl.dot(tl.trans(dsc), k2, input_precision=PREC) * sm_scale
+                tl.atomic_add(DQ32 + qrow[:, None] * D + d2[None, :], dq2,
+                              mask=rvalid[:, None] & (d2[None, :] < D), sem="relaxed")
+
+    tl.atomic_add(DV32 + krow[:, None] * DV + dv[None, :], dvacc,
+                  mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
+    tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1 * sm_scale,
+                  mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
+    if D2 > 0:
+        tl.atomic_add(DK32 + krow[:, None] * D + d2[None, :], dk2 * sm_scale,
+                      mask=kvalid[:, None] & (d2[None, :] < D), sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: shapes -> tiling
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """Tuning knobs (``None`` = heuristic). Only :func:`selected_attention`'s defaults are public."""
+
+    tok: int | None = None          # queries per program (chunk)
+    max_rows: int = 64              # cap on TOK * HP in shared mode
+    bk: int | None = None           # key tile (divides select_block)
+    fwd_order: str = "rows"         # "rows": S = Q K^T; "keys": S^T = K Q^T (wgmma with few rows)
+    dq_order: str = "rows"          # same choice for the dq kernel (csr mode)
+    bwd: str = "csr"                # "csr" | "atomic_kv" | "atomic_q"
+    seg: int = 64                   # chunks per key-block segment in the dk/dv kernel
+    fwd_warps: int | None = None
+    fwd_stages: int = 2
+    dq_warps: int | None = None
+    dq_stages: int = 2
+    dkdv_warps: int | None = None
+    dkdv_stages: int = 2
+
+
+DEFAULT_CONFIG = Config()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    B: int
+    T: int
+    H: int
+    HK: int
+    G: int
+    NSEL: int
+    D: int
+    DV: int
+    D1: int
+    D2: int
+    DVP: int
+    HP: int
+    TOK: int
+    QS: int
+    ROWS: int
+    UNION: bool
+    NC: int
+    L: int
+    LPAD: int
+    NPAD: int
+    BS: int
+    BK: int
+    NSUB: int
+    NB: int
+    NHS: int
+    HSG: int
+    REP_K: int
+    REP_G: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _split_dim(d: int) -> tuple[int, int]:
+    """``d`` -> two power-of-two pieces ``(d1, d2)``, each >= 16 (``d2 == 0`` when one suffices)."""
+    if d <= 16:
+        return 16, 0
+    d1 = 1 << (d.bit_length() - 1)
+    if d1 == d:
+        return d1, 0
+    return d1, max(16, _next_pow2(d - d1))
+
+
+def _key_tile(select_block: int, bk: int | None) -> int:
+    if bk is None:
+        if select_block % 64 == 0:
+            bk = 64
+        elif select_block in (16, 32):
+            bk = select_block
+        else:
+            raise ValueError(
+                f"select_block ({select_block}) must be 16, 32 or a multiple of 64 for the Triton "
+                "kernel (it is tiled in key tiles of 16, 32 or 64)")
+    if bk not in (16, 32, 64, 128) or select_block % bk:
+        raise ValueError(f"select_block ({select_block}) must be a multiple of the key tile ({bk})")
+    return bk
+
+
+def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, v, block_idx)):
+        raise TypeError("q, k, v and block_idx must be tensors")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (B, T, heads, dim); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch size of k ({k.shape[0]}) and v ({v.shape[0]}) must equal q's ({B})")
+    if k.shape[1] != T or v.shape[1] != T:
+        raise ValueError(
+            f"sequence length of k ({k.shape[1]}) and v ({v.shape[1]}) must equal q's ({T})")
+    HK = k.shape[2]
+    if v.shape[2] != HK:
+        raise ValueError(f"key heads ({HK}) and value heads ({v.shape[2]}) must be equal")
+    if k.shape[3] != D:
+        raise ValueError(f"Dqk of k ({k.shape[3]}) must equal q's ({D})")
+    DV = v.shape[3]
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"dtype {q.dtype} not supported (bfloat16, float16 or float32)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == block_idx.device):
+        raise ValueError("q, k, v and block_idx must be on one device")
+    if min(B, T, H, HK, D, DV) < 1:
+        raise ValueError(f"empty dimension in q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if H % HK:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({HK})")
+    if D > _MAX_DIM or DV > _MAX_DIM:
+        raise ValueError(f"Dqk ({D}) and Dv ({DV}) must be at most {_MAX_DIM} for this kernel")
+    if block_idx.dim() != 4 or block_idx.shape[0] != B or block_idx.shape[1] != T:
+        raise ValueError(f"block_idx must have shape (B={B}, T={T}, G, n); got "
+                         f"{tuple(block_idx.shape)}")
+    if block_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"block_idx must be int64 or int32, got {block_idx.dtype}")
+    G, NSEL = block_idx.shape[2], block_idx.shape[3]
+    if G < 1 or H % G:
+        raise ValueError(f"query heads ({H}) must be a multiple of selection groups G ({G})")
+    if NSEL < 1:
+        raise ValueError("block_idx must list at least one block per query (n >= 1)")
+    if not isinstance(select_block, int) or select_block < 1:
+        raise ValueError(f"select_block must be a positive int, got {select_block!r}")
+    if not isinstance(q_share, int) or q_share < 1:
+        raise ValueError(f"q_share must be a positive int, got {q_share!r}")
+    if select_block % q_share:
+        raise ValueError(f"q_share ({q_share}) must divide select_block ({select_block})")
+    if cfg.bwd not in _BWD_MODES:
+        raise ValueError(f"bwd mode must be one of {_BWD_MODES}, got {cfg.bwd!r}")
+    if cfg.fwd_order not in ("rows", "keys") or cfg.dq_order not in ("rows", "keys"):
+        raise ValueError(f"fwd_order / dq_order must be 'rows' or 'keys', got {cfg.fwd_order!r}, "
+                         f"{cfg.dq_order!r}")
+    BK = _key_tile(select_block, cfg.bk)
+
+    REP_K, REP_G = H // HK, H // G
+    hp = math.gcd(REP_K, REP_G)
+    HP = max(d for d in range(1, min(hp, 64) + 1) if hp % d == 0)
+
+    if cfg.tok is not None:
+        TOK = int(cfg.tok)
+        if TOK < 1:
+            raise ValueError(f"tok must be >= 1, got {TOK}")
+        union = q_share % TOK != 0
+    elif HP * q_share >= 16:
+        TOK = max(d for d in range(1, q_share + 1)
+                  if q_share % d == 0 and (HP * d <= cfg.max_rows or d == 1))
+        union = False
+    else:
+        TOK = q_share * -(-16 // (HP * q_share))
+        union = TOK != q_share
+    QS = q_share if (union and TOK % q_share == 0) else (TOK if not union else 1)
+    ROWS = max(16, _next_pow2(TOK * HP))
+    NC = -(-T // TOK)
+    L = (TOK // QS) * NSEL if union else NSEL
+    D1, D2 = _split_dim(D)
+    DVP = max(16, _next_pow2(DV))
+    NB = -(-T // select_block)
+    if B * T * max(H * max(D, DV), G * NSEL) >= 2**62:
+        raise ValueError("tensor too large for 64-bit offsets")
+    return _Plan(B=B, T=T, H=H, HK=HK, G=G, NSEL=NSEL, D=D, DV=DV, D1=D1, D2=D2, DVP=DVP,
+                 HP=HP, TOK=TOK, QS=QS, ROWS=ROWS, UNION=union, NC=NC, L=L,
+                 LPAD=_next_pow2(L), NPAD=_next_pow2(NSEL), BS=select_block, BK=BK,
+                 NSUB=select_block // BK, NB=NB, NHS=H // HP, HSG=REP_G // HP,
+                 REP_K=REP_K, REP_G=REP_G)
+
+
+def _chunk_lists(block_idx: torch.Tensor, p: _Plan) -> torch.Tensor:
+    """Per (batch, chunk, group): the blocks the chunk reads, ascending, unique, -1 padded.
+
+    ``(B, NC, G, L)`` int32. Shared chunks take their first query's row; union chunks merge the
+    rows of the first query of each ``q_share`` group they span. Entries outside
+    ``[0, num_blocks)`` are dropped.
+    """
+    B, T, G, n = block_idx.shape
+    if p.UNION:
+        x = block_idx[:, ::p.QS]
+        ng = p.TOK // p.QS
+        pad = p.NC * ng - x.shape[1]
+        if pad:
+            x = torch.cat([x, x.new_full((B, pad, G, n), -1)], dim=1)
+        x = x.reshape(B, p.NC, ng, G, n).permute(0, 1, 3, 2, 4).reshape(B, p.NC, G, ng * n)
+    else:
+        x = block_idx[:, ::p.TOK]
+    big = p.NB
+    x = torch.where((x >= 0) & (x < p.NB), x, torch.full_like(x, big)).to(torch.int32)
+    x = x.sort(dim=-1).values
+    if x.shape[-1] > 1:
+        dup = torch.zeros_like(x, dtype=torch.bool)
+        dup[..., 1:] = x[..., 1:] == x[..., :-1]
+        x = torch.where(dup, torch.full_like(x, big), x).sort(dim=-1).values
+    x = torch.where(x == big, torch.full_like(x, -1), x)
+    return x.contiguous()
+
+
+def _segments(clist: torch.Tensor, p: _Plan, seg: int):
+    """Invert the chunk lists: for each (batch, group, key block), the chunks that read it.
+
+    Returns ``seg_key, seg_lo, seg_hi`` (one row per segment of at most ``seg`` chunks, padded to a
+    static upper bound with empty segments) and ``ent_chunk`` (chunk of each sorted entry). No host
+    synchronisation.
+    """
+    B, NC, G, L = clist.shape
+    dev = clist.device
+    NK = B * G * p.NB
+    E = clist.numel()
+    if E >= 2**31 or NK >= 2**31:
+        raise ValueError(f"too many (query chunk, block) pairs ({E}) for the dk/dv index")
+    bb = torch.arange(B, device=dev, dtype=torch.int64).view(B, 1, 1, 1)
+    gg = torch.arange(G, device=dev, dtype=torch.int64).view(1, 1, G, 1)
+    j = clist.to(torch.int64)
+    key = torch.where(j >= 0, (bb * G + gg) * p.NB + j, torch.full_like(j, NK)).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    ent_chunk = ((order // (G * L)) % NC).to(torch.int32)
+    cnt = torch.bincount(key, minlength=NK + 1)[:NK]
+    end = torch.cumsum(cnt, 0)
+    start = end - cnt
+    nseg = (cnt + seg - 1) // seg
+    seg_end = torch.cumsum(nseg, 0)
+    smax = E // seg + min(E, NK) + 1
+    sid = torch.arange(smax, device=dev, dtype=torch.int64)
+    kid = torch.searchsorted(seg_end, sid, right=True)
+    valid = kid < NK
+    kid = kid.clamp(max=NK - 1)
+    within = sid - (seg_end[kid] - nseg[kid])
+    lo = start[kid] + within * seg
+    hi = torch.minimum(lo + seg, end[kid])
+    lo = torch.where(valid, lo, torch.zeros_like(lo))
+    hi = torch.where(valid, hi, torch.zeros_like(hi))
+    return (kid.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), ent_chunk, smax)
+
+
+def _warps(explicit, rows_x_cols: int) -> int:
+    if explicit is not None:
+        return explicit
+    return 8 if rows_x_cols > 64 * 192 else 4
+
+
+def _prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
+    o = torch.empty(p.B, p.T, p.H, p.DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(p.B, p.T, p.H, device=q.device, dtype=torch.float32)
+    grid = (p.NC, p.B * p.NHS)
+    kernel = _sel_fwd_t_kernel if cfg.fwd_order == "keys" else _sel_fwd_kernel
+    kernel[grid](
+        q, k, v, clist, bi32, o, lse,
+        p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
+        D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
+        LPAD=p.LPAD, NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, NSUB=p.NSUB,
+        PREC=_prec(q.dtype),
+        num_warps=_warps(cfg.fwd_warps, p.ROWS * (p.D1 + p.D2 + p.DVP)),
+        num_stages=cfg.fwd_stages,
+    )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config):
+    dev = q.device
+    prec = _prec(q.dtype)
+    common = dict(D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
+                  NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, PREC=prec)
+    dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=dev, dtype=torch.float32)
+    dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=dev, dtype=torch.float32)
+    delta = torch.empty(p.B, p.T, p.H, device=dev, dtype=torch.float32)
+    if cfg.bwd == "csr" and cfg.dq_order == "keys":
+        dq = torch.empty_like(q)
+        dq32 = dq
+        _sel_bwd_dq_t_kernel[(p.NC, p.B * p.NHS)](
+            q, k, v, o, do, lse, clist, bi32, dq, delta,
+            p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
+            scale, LPAD=p.LPAD, NSUB=p.NSUB, **common,
+            num_warps=_warps(cfg.dq_warps, p.ROWS * (2 * (p.D1 + p.D2) + p.DVP)),
+            num_stages=cfg.dq_stages,
+        )
+    elif cfg.bwd in ("csr", "atomic_kv"):
+        dq = torch.empty_like(q)
+        _sel_bwd_dq_kernel[(p.NC, p.B * p.NHS)](
+            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32,
+            p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
+            scale, LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", **common,
+            num_warps=_warps(cfg.dq_warps, p.ROWS * (2 * (p.D1 + p.D2) + p.DVP)),
+            num_stages=cfg.dq_stages,
+        )
+        dq32 = dq  # unused by the dk/dv kernel unless atomic_q
+    else:
+        delta = (do.float() * o.float()).sum(-1).contiguous()
+        dq32 = torch.zeros(p.B, p.T, p.H, p.D, device=dev, dtype=torch.float32)
+        dq = None
+    if cfg.bwd in ("csr", "atomic_q"):
+        seg_key, seg_lo, seg_hi, ent_chunk, smax = _segments(clist, p, cfg.seg)
+        _sel_bwd_dkdv_kernel[(smax, p.NSUB * p.HSG)](
+            q, k, v, do, lse, delta, bi32, seg_key, seg_lo, seg_hi, ent_chunk, dk32, dv32, dq32,
+            p.T, p.H, p.HK, p.G, p.NSEL, p.NB, p.REP_K, p.REP_G, p.HSG, scale * LOG2E, scale,
+            ATOMIC_Q=cfg.bwd == "atomic_q", **common,
+            num_warps=_warps(cfg.dkdv_warps, p.BK * (p.D1 + p.D2 + p.DVP)),
+            num_stages=cfg.dkdv_stages,
+        )
+    if dq is None:
+        dq = dq32.to(q.dtype)
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+class _SelectedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg):
+        p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        clist = _chunk_lists(block_idx, p)
+        bi32 = block_idx.to(torch.int32).contiguous() if p.UNION else clist
+        o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
+        ctx.save_for_backward(q, k, v, o, lse, bi32, clist)
+        ctx.plan, ctx.scale, ctx.cfg = p, float(scale), cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, bi32, clist = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), bi32, clist, ctx.plan, ctx.scale,
+                               ctx.cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise RuntimeError("the Triton selected_attention kernel needs CUDA tensors "
+                           "(or TRITON_INTERPRET=1)")
+
+
+def selected_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+    select_block: int, scale: float, q_share: int = 1, *, config: Config | None = None,
+) -> torch.Tensor:
+    """``q (B, T, H, Dqk)``, ``k (B, T, Hk, Dqk)``, ``v (B, T, Hk, Dv)``,
+    ``block_idx (B, T, G, n)`` -> ``o (B, T, H, Dv)`` in ``q.dtype``; differentiable in q, k, v.
+
+    ``q_share`` promises that aligned groups of ``q_share`` queries carry identical block indices
+    (the kernel then reads the first query's row for the whole group). Raises ``ValueError`` for
+    shapes it cannot serve (``select_block`` not 16, 32 or a multiple of 64; ``q_share`` not
+    dividing ``select_block``; head counts that do not divide; dims above 256; dtypes other than
+    bf16 / fp16 / fp32).
+    """
+    cfg = config or DEFAULT_CONFIG
+    _plan(q, k, v, block_idx, select_block, q_share, cfg)  # validate before anything runs
+    _check_device(q)
+    return _SelectedAttention.apply(q, k, v, block_idx, select_block, scale, q_share, cfg)
+
+
+def selected_attention_with_lse(q, k, v, block_idx, select_block, scale, q_share=1, *,
+                                config: Config | None = None):
+    """Forward only (no autograd): ``(o, lse)`` with ``lse (B, T, H)`` float32, natural log."""
+    cfg = config or DEFAULT_CONFIG
+    p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
+    _check_device(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    clist = _chunk_lists(block_idx, p)
+    bi32 = block_idx.to(torch.int32).contiguous() if p.UNION else clist
+    return _forward(q, k, v, bi32, clist, p, float(scale), cfg)
+
+
+__all__ = ["selected_attention", "selected_attention_with_lse", "Config", "DEFAULT_CONFIG"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python -m kernels.selected_attention.triton_kernel --out FILE.json
+# ---------------------------------------------------------------------------------------------
+BENCH_LAYOUTS = {
+    # name: (H, Hk, G, Dqk, Dv, q_share)
+    "gla_absorbed": (16, 2, 2, 160, 128, 4),
+    "gla_upprojected": (16, 16, 2, 96, 64, 4),
+    "nsa_gqa": (16, 4, 4, 64, 64, 1),
+}
+
+
+def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_local=2, seed=0):
+    from kernels.selection.reference import top_n_blocks
+
+    H, HK, G, D, DV, qs = BENCH_LAYOUTS[layout]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, T, HK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16, generator=gen)
+    nb = -(-T // select_block)
+    imp = torch.rand(B, T, G, nb, device="cuda", generator=gen)
+    bi = top_n_blocks(imp, select_block=select_block, top_n=top_n, num_local=num_local, q_share=qs)
+    del imp
+    return q, k, v, bi, qs
+
+
+def _visible_keys(bi: torch.Tensor, select_block: int, heads_per_group: int) -> int:
+    T = bi.shape[1]
+    t = torch.arange(T, device=bi.device).view(1, T, 1, 1)
+    vis = (t - bi * select_block + 1).clamp(0, select_block)
+    return int(torch.where(bi >= 0, vis, torch.zeros_like(vis)).sum().item()) * heads_per_group
+
+
+def _bench_variants(layout: str):
+    """(name, Config, what) tuples measured in a benchmark run: what in {'fwd', 'fwdbwd'}."""
+    v = [("default", DEFAULT_CONFIG, "fwd"), ("default", DEFAULT_CONFIG, "fwdbwd")]
+    for order in ("rows", "keys"):
+        for w in (4, 8):
+            v.append((f"fwd_{order}_w{w}", Config(fwd_order=order, fwd_warps=w), "fwd"))
+    v.append(("fwd_rows_s3", Config(fwd_stages=3), "fwd"))
+    v.append(("bwd_csr_dqkeys", Config(dq_order="keys"), "fwdbwd"))
+    v.append(("bwd_csr_dkdv_w4", Config(dkdv_warps=4), "fwdbwd"))
+    v.append(("bwd_csr_dkdv_w8", Config(dkdv_warps=8), "fwdbwd"))
+    v.append(("bwd_csr_seg256", Config(seg=256), "fwdbwd"))
+    v.append(("bwd_atomic_kv", Config(bwd="atomic_kv"), "fwdbwd"))
+    v.append(("bwd_atomic_q", Config(bwd="atomic_q"), "fwdbwd"))
+    H, HK, G, D, DV, qs = BENCH_LAYOUTS[layout]
+    if layout != "gla_absorbed":
+        v.append((f"tok{qs}_padded", Config(tok=qs), "fwd"))
+        v.append((f"tok{qs}_padded", Config(tok=qs), "fwdbwd"))
+    return v
+
+
+def _run_once(layout: str, name: str, T: int = 8192):
+    """Compile-and-run one variant once (used to warm the Triton cache in parallel)."""
+    q, k, v, bi, qs = _bench_inputs(layout, T, 1)
+    H, HK, G, D, DV, _ = BENCH_LAYOUTS[layout]
+    for vname, cfg, what in _bench_variants(layout):
+        if vname != name:
+            continue
+        q.requires_grad_(what == "fwdbwd")
+        k.requires_grad_(what == "fwdbwd")
+        v.requires_grad_(what == "fwdbwd")
+        o = selected_attention(q, k, v, bi, 64, D ** -0.5, qs, config=cfg)
+        if what == "fwdbwd":
+            o.backward(torch.randn_like(o))
+    torch.cuda.synchronize()
+
+
+def _bench_main(argv=None):
+    import argparse
+    import datetime
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from triton.testing import do_bench
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--warm", nargs=2, metavar=("LAYOUT", "VARIANT"))
+    ap.add_argument("--parallel-warmup", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--sweep", action="store_true", help="time every variant, not only defaults")
+    ap.add_argument("--seqlens", default="8192,65536")
+    args = ap.parse_args(argv)
+    if args.warm:
+        _run_once(*args.warm)
+        return
+    t_start = time.time()
+    layouts = list(BENCH_LAYOUTS)
+    if args.parallel_warmup:
+        jobs = sorted({(lay, n) for lay in layouts for n, _, _ in _bench_variants(lay)
+                       if args.sweep or n == "default"})
+        procs, logs = [], []
+        for lay, n in jobs:
+            while sum(p.poll() is None for p in procs) >= args.parallel_warmup:
+                time.sleep(0.2)
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "kernels.selected_attention.triton_kernel", "--warm", lay, n],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            logs.append((lay, n))
+        for p, (lay, n) in zip(procs, logs):
+            out = p.communicate()[0].decode(errors="replace")
+            if p.returncode:
+                print(f"warm-up {lay}/{n} FAILED rc={p.returncode}\n{out[-3000:]}", flush=True)
+        print(f"parallel warm-up of {len(jobs)} variants: {time.time() - t_start:.1f}s", flush=True)
+
+    results = []
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "command": " ".join(["python3 -m kernels.selected_attention.triton_kernel"]
+                            + (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.date.today().isoformat(),
+        "tokens_per_call": 65536, "select_block": 64, "top_n": 16, "num_local": 2,
+        "block_idx": "top_n_blocks on uniform random importance (forced block 0 + 2 local blocks)",
+        "flops": "fwd = 2*(Dqk+Dv)*visible keys per query row; fwd+bwd = 3.5x fwd",
+        "timing": "triton.testing.do_bench median ms (includes index building)",
+    }
+
+    def dump():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+
+    for T in [int(x) for x in args.seqlens.split(",")]:
+        B = 65536 // T
+        for lay in layouts:
+            H, HK, G, D, DV, qs = BENCH_LAYOUTS[lay]
+            q, k, v, bi, qs = _bench_inputs(lay, T, B)
+            vis = _visible_keys(bi, 64, H // G)
+            flops = 2.0 * (D + DV) * vis
+            do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
+            for name, cfg, what in _bench_variants(lay):
+                if name != "default" and not (args.sweep and T == 65536):
+                    continue
+                if time.time() - t_start > args.budget_s:
+                    print("budget exhausted; skipping", lay, T, name, what, flush=True)
+                    continue
+                rec = {"layout": lay, "T": T, "B": B, "H": H, "Hk": HK, "G": G, "Dqk": D, "Dv": DV,
+                       "q_share": qs, "variant": name, "what": what, "config": cfg.__dict__,
+                       "visible_keys_per_row": vis / (B * T * H)}
+                try:
+                    if what == "fwd":
+                        with torch.no_grad():
+                            fn = lambda: selected_attention(q, k, v, bi, 64, D ** -0.5, qs, config=cfg)
+                            ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+                        rec.update(ms=ms, tflops=flops / ms * 1e-9)
+                    else:
+                        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                        def fn():
+                            o = selected_attention(qg, kg, vg, bi, 64, D ** -0.5, qs, config=cfg)
+                            o.backward(do)
+                        ms = do_bench(fn, warmup=10, rep=100, return_mode="median",
+                                      grad_to_none=[qg, kg, vg])
+                        rec.update(ms=ms, tflops=3.5 * flops / ms * 1e-9)
+                except Exception as err:  # keep measuring the rest
+                    rec.update(error=f"{type(err).__name__}: {err}"[:500])
+                results.append(rec)
+                print(f"{lay:16s} T={T:6d} {name:18s} {what:7s} "
+                      + (f"{rec['ms']:8.3f} ms {rec['tflops']:6.1f} TFLOP/s" if "ms" in rec
+                         else rec["error"]), flush=True)
+                dump()
+            del q, k, v, bi, do
+            torch.cuda.empty_cache()
+    meta["wall_s"] = time.time() - t_start
+    dump()
+    print("\nsummary (median ms)")
+    print(f"{'layout':16s} {'T':>6s} {'fwd':>8s} {'fwd+bwd':>8s} {'fwd TF/s':>9s} {'f+b TF/s':>9s}")
+    for T in [int(x) for x in args.seqlens.split(",")]:
+        for lay in layouts:
+            rs = {r["what"]: r for r in results if r["layout"] == lay and r["T"] == T
+                  and r["variant"] == "default" and "ms" in r}
+            if rs:
+                f, fb = rs.get("fwd", {}), rs.get("fwdbwd", {})
+                print(f"{lay:16s} {T:6d} {f.get('ms', float('nan')):8.3f} "
+                      f"{fb.get('ms', float('nan')):8.3f} {f.get('tflops', float('nan')):9.1f} "
+                      f"{fb.get('tflops', float('nan')):9.1f}")
+
+
+if __name__ == "__main__":
+    _bench_main()

@@ -1,0 +1,395 @@
+"""Block importance and top-n block selection, Triton kernel.
+
+Same function and signature as :func:`kernels.selection.reference.select_blocks`; returns
+``block_idx (B, T, G, top_n)`` int64 (valid indices ascending, ``-1`` padding last), no gradient.
+
+One fused kernel; grid ``(ceil(Tq / BLOCK_R), B * G)`` with ``Tq = ceil(T / q_share)``: a program
+owns ``BLOCK_R`` *first* queries ``t0 = r * q_share`` (query sharing: only those rows are ever
+computed) of one selection group ``g``.
+
+Phase 1, importance. Heads are packed as in the compression kernel: a "unit" is a set of
+``SUB = H / lcm(G, Hk)`` heads that share both the selection group and the key/value head, so one
+MMA of ``BLOCK_R * SUB`` rows covers them; a group has ``U = lcm(G, Hk) / G`` units (1 for GQA and
+absorbed GLA, ``H / G`` for the up-projected form). For each visible key tile the probabilities
+``exp(q.k * scale - lse)`` are recomputed (never stored), summed over the heads of the group, and
+re-binned to selection blocks with one small fp32 product against the overlap-weight matrix of
+``kernels.selection.reference.overlap_weights``. Key tiles are aligned so that a tile starts on a
+selection-block boundary (``BLOCK_N * stride % select_block == 0``); the tile's weights are then the
+same for every tile: ``JB = BLOCK_N * stride / select_block`` blocks are complete after the tile,
+and the ``JC`` blocks its last tokens spill into are carried in registers to the next tile. The
+complete block scores go to a small fp32 scratch row ``(B, G, Tq, Ns)`` (L2-resident; the ``(T, N)``
+probability matrix never exists).
+
+Phase 2, top-n, in the same program after a barrier: each row's ``Ns`` scores are loaded into
+registers (``RB`` rows at a time), forced blocks (block 0 and the ``num_local`` blocks ending with
+the current block of ``t0``) set to +inf, blocks after the current one to -inf, and ``top_n``
+rounds of (row max, lowest index holding it, knock it out) pick the blocks. **Tie-break: among
+equal scores the lower block index wins** (the reference uses a stable descending sort, which
+agrees). The picks are sorted ascending in registers (``tl.sort``), ``-inf`` picks become ``-1``,
+and the row is written to all ``q_share`` queries of its group.
+
+Rows longer than ``MAX_NS_IN_REGISTERS`` selection blocks fall back to ``torch`` top-k on the
+kernel's importance tensor (same tie-break).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.compression.triton_kernel import _load_rows, _qk, num_sms, split_dim
+
+LOG2E = 1.4426950408889634
+MAX_NS_IN_REGISTERS = 16384
+MAX_HEAD_DIM = 256
+_BIG = 1 << 30
+
+CONFIG_OVERRIDE: dict[str, int] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _rebin(pg, w_main, w_carry, carry):
+    """``(pg @ w_main + carry, pg @ w_carry)`` at ~fp32 accuracy on the tensor cores: ``pg`` is
+    split into a tf32-exact high part and the remainder (two tf32 MMAs); the weights are exact
+    small integers. (An fp32 FMA dot would hold whole K-slices of both operands per thread.)"""
+    hi = (pg.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    lo = pg - hi
+    score = tl.dot(hi, w_main, carry, input_precision="tf32")
+    score = tl.dot(lo, w_main, score, input_precision="tf32")
+    nxt = tl.dot(hi, w_carry, input_precision="tf32")
+    nxt = tl.dot(lo, w_carry, nxt, input_precision="tf32")
+    return score, nxt
+
+
+@triton.jit
+def _select_kernel(
+    Q, K, LSE, IMP, OUT,
+    sqb, sqt, sqh, skb, skn, skh, slb, slt, slh,
+    T, N, Tq, Ns, G, n_units, qk_scale,
+    SUB: tl.constexpr, SUB_PAD: tl.constexpr, U: tl.constexpr, REP_KV: tl.constexpr,
+    Q_SHARE: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+    SEL: tl.constexpr, TOP_N: tl.constexpr, TOPN_PAD: tl.constexpr, NUM_LOCAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, JB: tl.constexpr, JC: tl.constexpr,
+    JB_PAD: tl.constexpr, NS_PAD: tl.constexpr, RB: tl.constexpr,
+    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, IEEE: tl.constexpr,
+    DO_TOPN: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_R * SUB_PAD
+    pid_r = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) rows first
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    r0 = pid_r * BLOCK_R
+
+    # ---------------- phase 1: importance of the selection blocks -------------------------
+    m = tl.arange(0, M)
+    r = r0 + m // SUB_PAD
+    hh = m % SUB_PAD
+    t0 = r * Q_SHARE
+    row_ok = (r < Tq) & (hh < SUB)
+    t64 = t0.to(tl.int64)
+
+    # overlap counts of one aligned key tile (reference.overlap_weights times stride; exact
+    # small integers, so exact in tf32; the division by stride happens at the store)
+    ii = tl.arange(0, BLOCK_N)[:, None]
+    cc = tl.arange(0, JB_PAD)[None, :]
+    tok_lo = ii * STRIDE
+    tok_hi = tok_lo + BLOCK_LEN
+    ov_m = tl.minimum(tok_hi, (cc + 1) * SEL) - tl.maximum(tok_lo, cc * SEL)
+    w_main = tl.where(cc < JB, tl.maximum(ov_m, 0).to(tl.float32), 0.0)
+    ov_c = tl.minimum(tok_hi, (cc + JB + 1) * SEL) - tl.maximum(tok_lo, (cc + JB) * SEL)
+    w_carry = tl.where(cc < JC, tl.maximum(ov_c, 0).to(tl.float32), 0.0)
+
+    r_last = tl.minimum(r0 + BLOCK_R, Tq) - 1
+    n_hi = tl.minimum(tl.maximum(r_last * Q_SHARE - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, N)
+    n_tiles = tl.cdiv(n_hi, BLOCK_N)
+    n_full = tl.minimum(tl.maximum(r0 * Q_SHARE - BLOCK_LEN + 1 + STRIDE, 0) // STRIDE, N)
+    full_tiles = n_full // BLOCK_N
+
+    rr = r0 + tl.arange(0, BLOCK_R)
+    cj = tl.arange(0, JB_PAD)
+    imp_row = IMP + (pid_bg.to(tl.int64) * Tq + rr.to(tl.int64)) * Ns
+    r_ok = rr < Tq
+    nn = tl.arange(0, BLOCK_N)
+    carry = tl.zeros([BLOCK_R, JB_PAD], tl.float32)
+
+    if U == 1:
+        h = (g * SUB + hh).to(tl.int64)
+        qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+        lse = tl.load(LSE + b * slb + t64 * slt + h * slh, mask=row_ok, other=0.0)
+        lse2 = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lse * 1.4426950408889634, 0.0)
+        lse2 = tl.where(hh < SUB, lse2, float("inf"))  # padded heads add nothing
+        k_base = K + b * skb + ((g * SUB) // REP_KV).to(tl.int64) * skh
+        for kt in range(0, n_tiles):
+            n = kt * BLOCK_N + nn
+            ka, kb = _load_rows(k_base, n.to(tl.int64) * skn, n < N, D, DA, DB)
+            s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+            p = tl.exp2(s - lse2[:, None])
+            if kt >= full_tiles:
+                vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t0[:, None]) & (n[None, :] < N)
+                p = tl.where(vis, p, 0.0)
+            if SUB_PAD > 1:
+                pg = tl.sum(tl.reshape(p, (BLOCK_R, SUB_PAD, BLOCK_N)), 1)
+            else:
+                pg = p
+            score, carry = _rebin(pg, w_main, w_carry, carry)
+            j = kt * JB + cj
+            tl.store(imp_row[:, None] + j[None, :], score / STRIDE,
+                     mask=r_ok[:, None] & (cj[None, :] < JB) & (j[None, :] < Ns))
+    else:
+        for kt in range(0, n_tiles):
+            n = kt * BLOCK_N + nn
+            pg = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+            for u in range(0, n_units):
+                unit = g * U + u
+                h = (unit * SUB + hh).to(tl.int64)
+                qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+                lse = tl.load(LSE + b * slb + t64 * slt + h * slh, mask=row_ok, other=0.0)
+                lse2 = tl.where((lse == lse) & (tl.abs(lse) < float("inf")),
+                                lse * 1.4426950408889634, 0.0)
+                lse2 = tl.where(hh < SUB, lse2, float("inf"))
+                k_base = K + b * skb + ((unit * SUB) // REP_KV).to(tl.int64) * skh
+                ka, kb = _load_rows(k_base, n.to(tl.int64) * skn, n < N, D, DA, DB)
+                s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+                p = tl.exp2(s - lse2[:, None])
+                if kt >= full_tiles:
+                    vis = ((n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t0[:, None])
+                           & (n[None, :] < N))
+                    p = tl.where(vis, p, 0.0)
+                if SUB_PAD > 1:
+                    pg += tl.sum(tl.reshape(p, (BLOCK_R, SUB_PAD, BLOCK_N)), 1)
+                else:
+                    pg += p
+            score, carry = _rebin(pg, w_main, w_carry, carry)
+            j = kt * JB + cj
+            tl.store(imp_row[:, None] + j[None, :], score / STRIDE,
+                     mask=r_ok[:, None] & (cj[None, :] < JB) & (j[None, :] < Ns))
+    # blocks the last tile spills into
+    j = n_tiles * JB + cj
+    tl.store(imp_row[:, None] + j[None, :], carry / STRIDE,
+             mask=r_ok[:, None] & (cj[None, :] < JC) & (j[None, :] < Ns))
+    written = tl.minimum(n_tiles * JB + JC, Ns)  # blocks past this saw no visible token: 0
+
+    if DO_TOPN:
+        tl.debug_barrier()
+        # ---------------- phase 2: forced blocks, causality, top-n, ascending order -----------
+        js = tl.arange(0, NS_PAD)[None, :]
+        kk = tl.arange(0, TOPN_PAD)[None, :]
+        for c0 in range(0, BLOCK_R, RB):
+            r2 = r0 + c0 + tl.arange(0, RB)
+            ok2 = r2 < Tq
+            t02 = r2 * Q_SHARE
+            cur = (t02 // SEL)[:, None]
+            row2 = IMP + (pid_bg.to(tl.int64) * Tq + r2.to(tl.int64)) * Ns
+            sc = tl.load(row2[:, None] + js, mask=ok2[:, None] & (js < written) & (js <= cur),
+                         other=0.0)
+            forced = (js == 0) | ((js <= cur) & (js > cur - NUM_LOCAL))
+            sc = tl.where(forced, float("inf"), sc)
+            sc = tl.where(js <= cur, sc, float("-inf"))
+            picks = tl.full([RB, TOPN_PAD], 1 << 30, tl.int32)
+            for k in range(TOP_N):
+                mx = tl.max(sc, 1)
+                idx = tl.min(tl.where(sc == mx[:, None], js, NS_PAD), 1)
+                pick = tl.where(mx > float("-inf"), idx, 1 << 30)
+                picks = tl.where(kk == k, pick[:, None], picks)
+                sc = tl.where(js == idx[:, None], float("-inf"), sc)
+            picks = tl.sort(picks, 1)
+            res = tl.where(picks >= (1 << 30), -1, picks).to(tl.int64)
+            for qq in tl.static_range(Q_SHARE):
+                t = t02 + qq
+                off = ((b * T + t.to(tl.int64)) * G + g) * TOP_N
+                tl.store(OUT + off[:, None] + kk, res,
+                         mask=(ok2 & (t < T))[:, None] & (kk < TOP_N))
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n, num_local,
+           q_share, scale) -> None:
+    for name, x in (("q", q), ("k_cmp", k_cmp)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {x.dtype}")
+    if q.dtype != k_cmp.dtype:
+        raise ValueError(f"q and k_cmp must share one dtype, got {q.dtype} and {k_cmp.dtype}")
+    B, T, H, D = q.shape
+    if k_cmp.shape[0] != B:
+        raise ValueError(f"batch size differs: q {B}, k_cmp {k_cmp.shape[0]}")
+    if k_cmp.shape[3] != D:
+        raise ValueError(f"q head dim ({D}) differs from k_cmp head dim ({k_cmp.shape[3]})")
+    Hk = k_cmp.shape[2]
+    if Hk < 1 or H % Hk:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != (B, T, H):
+        raise ValueError(f"lse must have shape (B, T, H) = {(B, T, H)}, got "
+                         f"{tuple(getattr(lse, 'shape', ()))}")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32, got {lse.dtype}")
+    if not (q.device == k_cmp.device == lse.device):
+        raise ValueError("q, k_cmp and lse must be on one device")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    for name, v, lo in (("num_groups", num_groups, 1), ("block_len", block_len, 1),
+                        ("stride", stride, 1), ("select_block", select_block, 1),
+                        ("top_n", top_n, 1), ("num_local", num_local, 0), ("q_share", q_share, 1)):
+        if int(v) != v or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v}")
+    if H % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the query heads ({H})")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q/k head dim ({D}) must be in [1, {MAX_HEAD_DIM}]")
+    if top_n > 128:
+        raise ValueError(f"top_n ({top_n}) must be at most 128")
+    if q_share > 64:
+        raise ValueError(f"q_share ({q_share}) must be at most 64")
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
+
+
+def _tile_plan(block_len: int, stride: int, select_block: int, min_block_n: int):
+    """Key tile ``BLOCK_N`` aligned to selection blocks, with ``JB`` complete and ``JC`` carried
+    blocks per tile (``JC <= JB``)."""
+    need = select_block // math.gcd(stride, select_block)
+    if not _is_pow2(need):
+        raise ValueError(
+            f"select_block / gcd(stride, select_block) = {need} must be a power of two "
+            f"(stride={stride}, select_block={select_block})")
+    block_n = max(min_block_n, need, 16)
+    while True:
+        jb = block_n * stride // select_block
+        last = (block_n - 1) * stride + block_len - 1  # last raw token of the tile, tile-relative
+        jc = max(0, last // select_block + 1 - jb)
+        if jc <= jb:
+            return block_n, jb, jc
+        if block_n >= 1024:
+            raise ValueError(
+                f"block_len ({block_len}) is too long for select_block ({select_block}) and "
+                f"stride ({stride}): a compressed token spans more selection blocks than supported")
+        block_n *= 2
+
+
+def _launch(q, k, lse, num_groups, block_len, stride, select_block, top_n, num_local, q_share,
+            scale, do_topn, imp=None):
+    B, T, H, D = q.shape
+    N, Hk = k.shape[1], k.shape[2]
+    G = num_groups
+    Tq = triton.cdiv(T, q_share)
+    Ns = triton.cdiv(T, select_block)
+    lcm = G * Hk // math.gcd(G, Hk)
+    sub = H // lcm
+    units = lcm // G
+    sub_pad = triton.next_power_of_2(sub)
+    DA, DB = split_dim(D)
+    if _interpreting() or q.device.type != "cuda":
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "RB_ELEMS": 2048}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "RB_ELEMS": 4096}
+    cfg.update(CONFIG_OVERRIDE)
+    block_n, jb, jc = _tile_plan(block_len, stride, select_block, cfg["BLOCK_N"])
+    block_r = max(cfg["BLOCK_M"] // sub_pad, 16)
+    ns_pad = triton.next_power_of_2(max(Ns, 1))
+    rb = min(block_r, max(1, cfg["RB_ELEMS"] // ns_pad))
+    out = torch.empty(B, T, G, top_n, dtype=torch.int64, device=q.device)
+    if imp is None:
+        imp = torch.empty(B, G, Tq, Ns, dtype=torch.float32, device=q.device)
+    if B * T == 0:
+        return out, imp
+    grid = (triton.cdiv(Tq, block_r), B * G)
+    _select_kernel[grid](
+        q, k, lse, imp, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        T, N, Tq, Ns, G, units, float(scale) * LOG2E,
+        SUB=sub, SUB_PAD=sub_pad, U=units, REP_KV=H // Hk, Q_SHARE=q_share,
+        BLOCK_LEN=block_len, STRIDE=stride, SEL=select_block, TOP_N=top_n,
+        TOPN_PAD=triton.next_power_of_2(top_n), NUM_LOCAL=num_local,
+        BLOCK_R=block_r, BLOCK_N=block_n, JB=jb, JC=jc, JB_PAD=max(16, triton.next_power_of_2(jb)),
+        NS_PAD=ns_pad, RB=rb, D=D, DA=DA, DB=DB, IEEE=q.dtype == torch.float32,
+        DO_TOPN=do_topn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, imp
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def block_importance_first(
+    q, k_cmp, lse, *, num_groups: int, block_len: int, stride: int, select_block: int,
+    q_share: int, scale: float,
+) -> torch.Tensor:
+    """The kernel's importance for the first query of each query-sharing group:
+    ``(B, ceil(T / q_share), G, Ns)`` float32, equal to
+    ``reference.block_importance(...)[:, ::q_share]`` (for tests and analysis)."""
+    _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, 1, 0, q_share, scale)
+    q, k_cmp, lse = _row_major(q.detach()), _row_major(k_cmp.detach()), lse.detach()
+    B, T, H, _ = q.shape
+    imp = torch.zeros(B, num_groups, triton.cdiv(T, q_share), triton.cdiv(T, select_block),
+                      dtype=torch.float32, device=q.device)
+    _launch(q, k_cmp, lse, num_groups, int(block_len), int(stride), int(select_block), 1, 0,
+            int(q_share), scale, False, imp=imp)
+    return imp.permute(0, 2, 1, 3)
+
+
+def _topn_torch(imp, T, *, select_block, top_n, num_local, q_share):
+    """Fallback top-n on the importance of first queries ``(B, G, Tq, Ns)`` (very long rows)."""
+    B, G, Tq, Ns = imp.shape
+    dev = imp.device
+    first = torch.arange(Tq, device=dev) * q_share
+    cur = (first // select_block)[:, None]
+    blocks = torch.arange(Ns, device=dev)[None, :]
+    visible = blocks <= cur
+    forced = (blocks == 0) | (visible & (blocks > cur - num_local))
+    score = imp.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
+    k = min(top_n, Ns)
+    top, idx = score.sort(dim=-1, descending=True, stable=True)
+    top, idx = top[..., :k], idx[..., :k]
+    idx = torch.where(top == float("-inf"), torch.full_like(idx, Ns), idx).sort(dim=-1).values
+    idx = torch.where(idx == Ns, torch.full_like(idx, -1), idx)
+    if k < top_n:
+        idx = torch.cat([idx, idx.new_full((B, G, Tq, top_n - k), -1)], dim=-1)
+    idx = idx.permute(0, 2, 1, 3).repeat_interleave(q_share, dim=1)[:, :T]
+    return idx.contiguous()
+
+
+def select_blocks(
+    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, num_groups: int, block_len: int,
+    stride: int, select_block: int, top_n: int, num_local: int, q_share: int, scale: float,
+) -> torch.Tensor:
+    """See :func:`kernels.selection.reference.select_blocks`."""
+    _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n, num_local,
+           q_share, scale)
+    args = dict(block_len=int(block_len), stride=int(stride), select_block=int(select_block),
+                top_n=int(top_n), num_local=int(num_local), q_share=int(q_share))
+    with torch.no_grad():
+        q, k_cmp, lse = _row_major(q.detach()), _row_major(k_cmp.detach()), lse.detach()
+        T = q.shape[1]
+        Ns = triton.cdiv(T, args["select_block"])
+        if Ns > MAX_NS_IN_REGISTERS:
+            imp = block_importance_first(
+                q, k_cmp, lse, num_groups=num_groups, block_len=args["block_len"],
+                stride=args["stride"], select_block=args["select_block"],
+                q_share=args["q_share"], scale=scale).permute(0, 2, 1, 3)
+            return _topn_torch(imp, T, select_block=args["select_block"], top_n=args["top_n"],
+                               num_local=args["num_local"], q_share=args["q_share"])
+        out, _ = _launch(q, k_cmp, lse, int(num_groups), args["block_len"], args["stride"],
+                         args["select_block"], args["top_n"], args["num_local"], args["q_share"],
+                         scale, True)
+        return out

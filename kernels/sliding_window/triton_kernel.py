@@ -1,0 +1,656 @@
+"""Sliding-window causal attention in Triton: forward and backward, FlashAttention-2 style.
+
+Same function and semantics as :mod:`kernels.sliding_window.reference`: query ``t`` attends key
+``s`` iff ``t - window < s <= t``; ``q (B, T, H, Dqk)``, ``k (B, T, Hk, Dqk)``,
+``v (B, T, Hk, Dv)`` with ``H % Hk == 0`` (query head ``h`` reads key/value head
+``h // (H // Hk)``) -> ``o (B, T, H, Dv)`` in ``q.dtype``.
+
+Design
+------
+* **Rows = (token, head) pairs of one KV group.** A program's query tile has ``BLOCK_M`` rows:
+  ``BLOCK_M // GP`` consecutive tokens times ``GP`` consecutive query heads that share one KV
+  head (``GP`` divides ``H // Hk``). Every key/value tile loaded serves ``GP`` heads, and a tile
+  spans only ``BLOCK_M // GP`` tokens, so the band of keys it visits (``window + tokens``) wastes
+  less on masked scores. ``GP = 1`` is the plain one-head-per-program layout.
+* **Only the band is visited.** A query tile visits the key blocks that intersect
+  ``[t0 - window + 1, t_last]``: cost O(T * window). The visited range is split in three loops:
+  masked blocks at the window's far edge, unmasked blocks in the middle, masked blocks on the
+  diagonal; the middle loop does no mask arithmetic.
+* **Split head dim.** ``Dqk`` that is not a power of two is split into two power-of-two parts
+  (96 = 64 + 32, the MLA nope + RoPE widths) summed by two chained dots instead of padding to
+  128; other widths are padded with masked loads. ``Dv`` is padded to a power of two.
+* **Forward** keeps the running max / sum in base 2 and saves ``lse`` (base 2, float32,
+  ``(B, T, H)``). **Backward**: kernel 1 (per query tile) computes ``delta = rowsum(dO * O)``,
+  stores it, and accumulates ``dq`` over the band; kernel 2 (per key block and KV head) loops
+  over the group's query heads and the band's query tiles and accumulates ``dk`` and ``dv`` for
+  the whole group, so GQA needs no reduction pass and no atomics.
+* fp32 accumulation; bf16/fp16 operands go to the tensor cores, float32 uses IEEE dots.
+  Offsets that can pass 2**31 (batch, token and head bases) are 64-bit.
+* On a GPU each kernel is autotuned over a small set of tile shapes (key: head dims, group
+  size, window); under ``TRITON_INTERPRET=1`` a fixed small configuration runs.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load2d(ptrs, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr):
+    if USE_R:
+        if USE_C:
+            x = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
+    else:
+        if USE_C:
+            x = tl.load(ptrs, mask=cmask[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, tok, T, window,
+              qk_scale,
+              DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+              DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+    start64 = start.to(tl.int64)
+    kb = k_base + start64 * skt
+    vb = v_base + start64 * svt
+    k_off = offs_n * skt
+    v_off = offs_n * svt
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        kmask = cols < T
+        k1 = _load2d(kb + k_off[:, None] + d1[None, :], kmask, d1 < DQK, MASK, PAD1)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if D2 > 0:
+            k2 = _load2d(kb + k_off[:, None] + d2[None, :], kmask, d2 < DQK, MASK, PAD2)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
+        s = s * qk_scale
+        if MASK:
+            diff = tok[:, None] - cols[None, :]
+            s = tl.where((diff >= 0) & (diff < window), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load2d(vb + v_off[:, None] + dv[None, :], kmask, dv < DV, MASK, PADV)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        m_i = m_new
+        kb += BLOCK_N * skt
+        vb += BLOCK_N * svt
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sw_fwd_kernel(Q, K, V, O, LSE,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                   T, H, G, window, qk_scale,
+                   DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                   DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
+                   PADV: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    BT: tl.constexpr = BLOCK_M // GP
+    n_t = tl.cdiv(T, BT)
+    pid = tl.program_id(0)
+    pid_t = pid % n_t
+    pid_bh = pid // n_t
+    NP = H // GP
+    b = (pid_bh // NP).to(tl.int64)
+    h0 = (pid_bh % NP) * GP
+    hk = h0 // G
+    t0 = pid_t * BT
+
+    r = tl.arange(0, BLOCK_M)
+    r_tok = r // GP
+    r_head = r % GP
+    tok = t0 + r_tok
+    row_ok = tok < T
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+
+    q_rows = Q + b * sqb + t0.to(tl.int64) * sqt + h0.to(tl.int64) * sqh \
+        + (r_tok.to(tl.int64) * sqt + r_head * sqh)
+    q1 = _load2d(q_rows[:, None] + d1[None, :], row_ok, d1 < DQK, True, PAD1)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = _load2d(q_rows[:, None] + d2[None, :], row_ok, d2 < DQK, True, PAD2)
+    else:
+        q2 = q1
+    k_base = K + b * skb + hk.to(tl.int64) * skh
+    v_base = V + b * svb + hk.to(tl.int64) * svh
+
+    # Key blocks: masked [lo, fs), full [fs, fe), masked [fe, hi).
+    hi = tl.cdiv(tl.minimum(t0 + BT, T), BLOCK_N) * BLOCK_N
+    lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+    fs = tl.cdiv(tl.maximum(t0 + BT - window, 0), BLOCK_N) * BLOCK_N
+    fs = tl.minimum(tl.maximum(fs, lo), hi)
+    fe = ((t0 + 1) // BLOCK_N) * BLOCK_N
+    fe = tl.maximum(tl.minimum(fe, hi), fs)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
+    if SPLIT:
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, fs, tok, T,
+                                  window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
+                                  BLOCK_N, True, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fs, fe, tok, T,
+                                  window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
+                                  BLOCK_N, False, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fe, hi, tok, T,
+                                  window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
+                                  BLOCK_N, True, PREC)
+    else:
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, hi, tok,
+                                  T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
+                                  BLOCK_N, True, PREC)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_rows = O + b * sob + t0.to(tl.int64) * sot + h0.to(tl.int64) * soh \
+        + (r_tok.to(tl.int64) * sot + r_head * soh)
+    tl.store(o_rows[:, None] + dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv < DV)[None, :])
+    lse_ptrs = LSE + b * T * H + tok.to(tl.int64) * H + h0 + r_head
+    tl.store(lse_ptrs, m_i + tl.math.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, end, tok, T,
+             window, qk_scale,
+             DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+             DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+    start64 = start.to(tl.int64)
+    kb = k_base + start64 * skt
+    vb = v_base + start64 * svt
+    k_off = offs_n * skt
+    v_off = offs_n * svt
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + offs_n
+        kmask = cols < T
+        k1 = _load2d(kb + k_off[:, None] + d1[None, :], kmask, d1 < DQK, MASK, PAD1)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
+        if D2 > 0:
+            k2 = _load2d(kb + k_off[:, None] + d2[None, :], kmask, d2 < DQK, MASK, PAD2)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASK:
+            diff = tok[:, None] - cols[None, :]
+            p = tl.where((diff >= 0) & (diff < window), p, 0.0)
+        v = _load2d(vb + v_off[:, None] + dv[None, :], kmask, dv < DV, MASK, PADV)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = (p * (dp - delta[:, None])).to(k1.dtype)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
+        if D2 > 0:
+            dq2 = tl.dot(ds, k2, dq2, input_precision=PREC)
+        kb += BLOCK_N * skt
+        vb += BLOCK_N * svt
+    return dq1, dq2
+
+
+@triton.jit
+def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
+                      sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                      sdob, sdot, sdoh, sdqb, sdqt, sdqh,
+                      T, H, G, window, qk_scale, scale,
+                      DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                      DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
+                      PADV: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    BT: tl.constexpr = BLOCK_M // GP
+    n_t = tl.cdiv(T, BT)
+    pid = tl.program_id(0)
+    pid_t = pid % n_t
+    pid_bh = pid // n_t
+    NP = H // GP
+    b = (pid_bh // NP).to(tl.int64)
+    h0 = (pid_bh % NP) * GP
+    hk = h0 // G
+    t0 = pid_t * BT
+
+    r = tl.arange(0, BLOCK_M)
+    r_tok = r // GP
+    r_head = r % GP
+    tok = t0 + r_tok
+    row_ok = tok < T
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+    t064 = t0.to(tl.int64)
+    h064 = h0.to(tl.int64)
+    r_tok64 = r_tok.to(tl.int64)
+
+    q_rows = Q + b * sqb + t064 * sqt + h064 * sqh + (r_tok64 * sqt + r_head * sqh)
+    q1 = _load2d(q_rows[:, None] + d1[None, :], row_ok, d1 < DQK, True, PAD1)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        q2 = _load2d(q_rows[:, None] + d2[None, :], row_ok, d2 < DQK, True, PAD2)
+    else:
+        q2 = q1
+    o_rows = O + b * sob + t064 * sot + h064 * soh + (r_tok64 * sot + r_head * soh)
+    do_rows = DO + b * sdob + t064 * sdot + h064 * sdoh + (r_tok64 * sdot + r_head * sdoh)
+    o = _load2d(o_rows[:, None] + dv[None, :], row_ok, dv < DV, True, PADV)
+    do = _load2d(do_rows[:, None] + dv[None, :], row_ok, dv < DV, True, PADV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_off = b * T * H + tok.to(tl.int64) * H + h0 + r_head
+    tl.store(DELTA + row_off, delta, mask=row_ok)
+    lse = tl.load(LSE + row_off, mask=row_ok, other=0.0)
+
+    k_base = K + b * skb + hk.to(tl.int64) * skh
+    v_base = V + b * svb + hk.to(tl.int64) * svh
+    hi = tl.cdiv(tl.minimum(t0 + BT, T), BLOCK_N) * BLOCK_N
+    lo = (tl.maximum(t0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+    fs = tl.cdiv(tl.maximum(t0 + BT - window, 0), BLOCK_N) * BLOCK_N
+    fs = tl.minimum(tl.maximum(fs, lo), hi)
+    fe = ((t0 + 1) // BLOCK_N) * BLOCK_N
+    fe = tl.maximum(tl.minimum(fe, hi), fs)
+
+    dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    if D2 > 0:
+        dq2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    else:
+        dq2 = tl.zeros([16, 16], dtype=tl.float32)
+    if SPLIT:
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, fs, tok,
+                            T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N,
+                            True, PREC)
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fs, fe, tok,
+                            T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N,
+                            False, PREC)
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fe, hi, tok,
+                            T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N,
+                            True, PREC)
+    else:
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, hi,
+                            tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
+                            BLOCK_N, True, PREC)
+
+    dq_rows = DQ + b * sdqb + t064 * sdqt + h064 * sdqh + (r_tok64 * sdqt + r_head * sdqh)
+    tl.store(dq_rows[:, None] + d1[None, :], (dq1 * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (d1 < DQK)[None, :])
+    if D2 > 0:
+        tl.store(dq_rows[:, None] + d2[None, :], (dq2 * scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & (d2 < DQK)[None, :])
+
+
+@triton.jit
+def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_base,
+               sqt, sqh, sdot, sdoh, H, start, end, keys, T, window, qk_scale,
+               DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+               DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
+               BLOCK_M: tl.constexpr, GP: tl.constexpr, MASK: tl.constexpr,
+               PREC: tl.constexpr):
+    BT: tl.constexpr = BLOCK_M // GP
+    r = tl.arange(0, BLOCK_M)
+    r_tok = r // GP
+    r_head = r % GP
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+    start64 = start.to(tl.int64)
+    qb = q_base + start64 * sqt
+    dob = do_base + start64 * sdot
+    lb = lse_base + start64 * H
+    dlb = delta_base + start64 * H
+    q_off = r_tok * sqt + r_head * sqh
+    do_off = r_tok * sdot + r_head * sdoh
+    row_off = r_tok * H + r_head
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+    for t0 in range(start, end, BT):
+        tok = t0 + r_tok
+        rmask = tok < T
+        q1 = _load2d(qb + q_off[:, None] + d1[None, :], rmask, d1 < DQK, MASK, PAD1)
+        sT = tl.dot(k1, tl.trans(q1), input_precision=PREC)
+        if D2 > 0:
+            q2 = _load2d(qb + q_off[:, None] + d2[None, :], rmask, d2 < DQK, MASK, PAD2)
+            sT = tl.dot(k2, tl.trans(q2), sT, input_precision=PREC)
+        if MASK:
+            lse = tl.load(lb + row_off, mask=rmask, other=0.0)
+        else:
+            lse = tl.load(lb + row_off)
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :])
+        if MASK:
+            diff = tok[None, :] - keys[:, None]
+            pT = tl.where((diff >= 0) & (diff < window), pT, 0.0)
+        do = _load2d(dob + do_off[:, None] + dv[None, :], rmask, dv < DV, MASK, PADV)
+        dv_acc = tl.dot(pT.to(do.dtype), do, dv_acc, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if MASK:
+            delta = tl.load(dlb + row_off, mask=rmask, other=0.0)
+        else:
+            delta = tl.load(dlb + row_off)
+        dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)
+        dk1 = tl.dot(dsT, q1, dk1, input_precision=PREC)
+        if D2 > 0:
+            dk2 = tl.dot(dsT, q2, dk2, input_precision=PREC)
+        qb += BT * sqt
+        dob += BT * sdot
+        lb += BT * H
+        dlb += BT * H
+    return dk1, dk2, dv_acc
+
+
+@triton.jit
+def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
+                        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
+                        sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                        T, H, G, window, qk_scale, scale,
+                        DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr,
+                        D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
+                        PAD2: tl.constexpr, PADV: tl.constexpr, PREC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    BT: tl.constexpr = BLOCK_M // GP
+    n_n = tl.cdiv(T, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_n
+    pid_bk = pid // n_n
+    Hk = H // G
+    b = (pid_bk // Hk).to(tl.int64)
+    hk = (pid_bk % Hk).to(tl.int64)
+    s0 = pid_n * BLOCK_N
+
+    offs_n = tl.arange(0, BLOCK_N)
+    keys = s0 + offs_n
+    kmask = keys < T
+    d1 = tl.arange(0, D1)
+    dv = tl.arange(0, DVP)
+    s064 = s0.to(tl.int64)
+    k_rows = K + b * skb + s064 * skt + hk * skh + offs_n * skt
+    v_rows = V + b * svb + s064 * svt + hk * svh + offs_n * svt
+    k1 = _load2d(k_rows[:, None] + d1[None, :], kmask, d1 < DQK, True, PAD1)
+    if D2 > 0:
+        d2 = D1 + tl.arange(0, D2)
+        k2 = _load2d(k_rows[:, None] + d2[None, :], kmask, d2 < DQK, True, PAD2)
+        dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
+    else:
+        k2 = k1
+        dk2 = tl.zeros([16, 16], dtype=tl.float32)
+    v = _load2d(v_rows[:, None] + dv[None, :], kmask, dv < DV, True, PADV)
+    dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DVP], dtype=tl.float32)
+
+    # Query tiles [lo, hi): every tile that sees one of these keys. One masked loop: a split
+    # into masked and unmasked loops (as in the forward) costs more registers than it saves.
+    lo = (s0 // BT) * BT
+    hi = tl.cdiv(tl.minimum(s0 + BLOCK_N - 1 + window, T), BT) * BT
+    for g in range(0, G // GP):
+        h0 = (hk * G + g * GP).to(tl.int64)
+        q_base = Q + b * sqb + h0 * sqh
+        do_base = DO + b * sdob + h0 * sdoh
+        lse_base = LSE + b * T * H + h0
+        delta_base = DELTA + b * T * H + h0
+        dk1, dk2, dv_acc = _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base,
+                                      delta_base, sqt, sqh, sdot, sdoh, H, lo, hi, keys, T,
+                                      window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
+                                      BLOCK_M, GP, True, PREC)
+
+    dk_rows = DK + b * sdkb + s064 * sdkt + hk * sdkh + offs_n * sdkt
+    dv_rows = DVG + b * sdvb + s064 * sdvt + hk * sdvh + offs_n * sdvt
+    tl.store(dk_rows[:, None] + d1[None, :], (dk1 * scale).to(DK.dtype.element_ty),
+             mask=kmask[:, None] & (d1 < DQK)[None, :])
+    if D2 > 0:
+        tl.store(dk_rows[:, None] + d2[None, :], (dk2 * scale).to(DK.dtype.element_ty),
+                 mask=kmask[:, None] & (d2 < DQK)[None, :])
+    tl.store(dv_rows[:, None] + dv[None, :], dv_acc.to(DVG.dtype.element_ty),
+             mask=kmask[:, None] & (dv < DV)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, GP, SPLIT, num_warps, num_stages). BLOCK_M counts rows = tokens x packed
+# heads; GP is an upper bound, lowered at launch to the largest power of two dividing H // Hk;
+# SPLIT: separate unmasked loop for the blocks inside the band (forward and dq only). Chosen
+# from register / spill counts of sm_90 builds: the dk/dv kernel runs one masked loop because
+# three loops spilled.
+_FWD_CONFIGS = [
+    (128, 64, 16, True, 8, 3),
+    (128, 64, 16, False, 8, 3),
+    (128, 128, 16, True, 8, 3),
+    (64, 64, 16, True, 4, 3),
+    (128, 64, 1, True, 8, 3),
+]
+_DQ_CONFIGS = [
+    (128, 64, 16, True, 8, 3),
+    (128, 64, 16, False, 8, 3),
+    (64, 64, 16, True, 4, 3),
+    (128, 64, 1, True, 8, 3),
+]
+_DKDV_CONFIGS = [
+    (64, 128, 16, False, 8, 3),
+    (32, 128, 16, False, 8, 3),
+    (64, 64, 16, False, 4, 3),
+    (64, 128, 1, False, 8, 3),
+]
+# Fixed configuration for the CPU interpreter (no autotuning there).
+_INTERPRETER_CONFIG = (16, 16, 2, True, 4, 1)
+
+
+def _triton_configs(table):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "GP": gp, "SPLIT": sp}, num_warps=w,
+                          num_stages=s) for m, n, gp, sp, w, s in table]
+
+
+def _max_pack(G: int) -> int:
+    """Largest power of two dividing the group size ``G = H // Hk``."""
+    return G & -G
+
+
+def _fit(cfg: tuple, G: int) -> tuple:
+    m, n, gp, sp, w, s = cfg
+    return (m, n, max(1, min(gp, _max_pack(G), m)), bool(sp), w, s)
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    G = int(args["G"])
+    out, seen = [], set()
+    for c in configs:
+        kw = c.kwargs
+        fitted = _fit((kw["BLOCK_M"], kw["BLOCK_N"], kw["GP"], kw["SPLIT"], c.num_warps,
+                       c.num_stages), G)
+        if fitted not in seen:
+            seen.add(fitted)
+            out.extend(_triton_configs([fitted]))
+    return out
+
+
+_TUNE_KEY = ["DQK", "DV", "G", "window", "PREC"]
+_fwd_tuned = triton.autotune(_triton_configs(_FWD_CONFIGS), key=_TUNE_KEY,
+                             prune_configs_by={"early_config_prune": _prune})(_sw_fwd_kernel)
+_dq_tuned = triton.autotune(_triton_configs(_DQ_CONFIGS), key=_TUNE_KEY,
+                            prune_configs_by={"early_config_prune": _prune})(_sw_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune})(_sw_bwd_dkdv_kernel)
+
+
+def _launch(kernel, tuned, grid_fn, cfg, G, args, consts):
+    """Run ``kernel`` with ``cfg`` (a 6-tuple), the fixed interpreter config, or autotuned."""
+    if cfg is None and not _interpreting():
+        tuned[lambda meta: (grid_fn(meta["BLOCK_M"], meta["BLOCK_N"], meta["GP"]),)](*args, **consts)
+        return
+    m, n, gp, sp, w, s = _fit(cfg if cfg is not None else _INTERPRETER_CONFIG, G)
+    kernel[(grid_fn(m, n, gp),)](*args, **consts, BLOCK_M=m, BLOCK_N=n, GP=gp, SPLIT=sp,
+                                 num_warps=w, num_stages=s)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _split_dim(d: int) -> tuple[int, int]:
+    """Split width ``d`` into power-of-two tiles ``(D1, D2)`` (``D2 = 0``: one padded tile)."""
+    full = max(16, triton.next_power_of_2(d))
+    d1 = 1 << (d.bit_length() - 1)
+    if d1 < 16 or d1 == d:
+        return full, 0
+    d2 = max(16, triton.next_power_of_2(d - d1))
+    return (d1, d2) if d1 + d2 < full else (full, 0)
+
+
+def _check(q, k, v, window, scale) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, T, heads, dim), "
+                             f"got shape {tuple(getattr(x, 'shape', ()))}")
+    B, T, H, Dqk = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
+    if tuple(k.shape) != (B, T, Hk, Dqk):
+        raise ValueError(f"k must have shape (B={B}, T={T}, Hk, Dqk={Dqk}), got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, T, Hk):
+        raise ValueError(f"v must have shape (B={B}, T={T}, Hk={Hk}, Dv), got {tuple(v.shape)}")
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hk={Hk}")
+    for name, d in (("Dqk", Dqk), ("Dv", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"head dim {name}={d} is not supported (1..{MAX_HEAD_DIM})")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v dtypes must match, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _consts(q, k, v, window):
+    Dqk, Dv = q.shape[3], v.shape[3]
+    D1, D2 = _split_dim(Dqk)
+    DVP = max(16, triton.next_power_of_2(Dv))
+    return dict(
+        DQK=Dqk, DV=Dv, D1=D1, D2=D2, DVP=DVP,
+        PAD1=D1 > Dqk, PAD2=D2 > 0 and D1 + D2 > Dqk, PADV=DVP > Dv,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _forward(q, k, v, window, scale, cfg):
+    B, T, H, _ = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
+    G = H // Hk
+    o = torch.empty((B, T, H, Dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, T, H), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    consts = _consts(q, k, v, window)
+    args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            T, H, G, window, scale * LOG2E)
+
+    def grid(m, n, gp):
+        return triton.cdiv(T, m // gp) * B * (H // gp)
+
+    _launch(_sw_fwd_kernel, _fwd_tuned, grid, cfg.get("fwd") if cfg else None, G, args, consts)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, window, scale, cfg):
+    B, T, H, Dqk = q.shape
+    Hk, Dv = k.shape[2], v.shape[3]
+    G = H // Hk
+    dq = torch.empty((B, T, H, Dqk), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, T, Hk, Dqk), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, T, Hk, Dv), device=q.device, dtype=v.dtype)
+    if dq.numel() == 0 or dv.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty((B, T, H), device=q.device, dtype=torch.float32)
+    consts = _consts(q, k, v, window)
+
+    def grid_q(m, n, gp):
+        return triton.cdiv(T, m // gp) * B * (H // gp)
+
+    def grid_k(m, n, gp):
+        return triton.cdiv(T, n) * B * Hk
+
+    args = (q, k, v, o, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], T, H, G, window,
+            scale * LOG2E, scale)
+    _launch(_sw_bwd_dq_kernel, _dq_tuned, grid_q, cfg.get("dq") if cfg else None, G, args, consts)
+    args = (q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], T, H, G, window,
+            scale * LOG2E, scale)
+    _launch(_sw_bwd_dkdv_kernel, _dkdv_tuned, grid_k, cfg.get("dkdv") if cfg else None, G, args,
+            consts)
+    return dq, dk, dv
+
+
+class _SlidingWindowAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, cfg):
+        o, lse = _forward(q, k, v, window, scale, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.window, ctx.scale, ctx.cfg = window, scale, cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(_unit_last(do), q, k, v, o, lse, ctx.window, ctx.scale, ctx.cfg)
+        return dq, dk, dv, None, None, None
+
+
+def _sliding_window_attention(q, k, v, window, scale, cfg=None):
+    """:func:`sliding_window_attention` with an optional fixed launch configuration.
+
+    ``cfg`` maps ``"fwd"``, ``"dq"``, ``"dkdv"`` to ``(BLOCK_M, BLOCK_N, GP, SPLIT, num_warps,
+    num_stages)`` tuples (tests use it to cover several tilings); ``None`` autotunes on a GPU.
+    """
+    _check(q, k, v, window, scale)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    window = min(int(window), max(q.shape[1], 1))
+    return _SlidingWindowAttention.apply(q, k, v, window, float(scale), cfg)
+
+
+def sliding_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float
+) -> torch.Tensor:
+    """``q (B, T, H, Dqk)``, ``k (B, T, Hk, Dqk)``, ``v (B, T, Hk, Dv)`` -> ``o (B, T, H, Dv)``.
+
+    Query ``t`` attends key ``s`` iff ``t - window < s <= t``. Differentiable in q, k, v.
+    Raises ValueError for inputs it cannot serve (shapes, head counts, head dims, dtypes).
+    """
+    return _sliding_window_attention(q, k, v, window, scale)

@@ -1,0 +1,251 @@
+"""Triton selected-block attention vs the PyTorch reference.
+
+CPU: the Triton interpreter (TRITON_INTERPRET=1, set by conftest), float32 only, small shapes.
+GPU (``-m gpu``): bf16 at T=4096 for the three layouts that matter, against a float32 reference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels.compression.reference import compression_attention, num_compressed
+from kernels.selected_attention import reference as ref
+from kernels.selected_attention import triton_kernel as tk
+from kernels.selection.reference import select_blocks, top_n_blocks
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def random_block_idx(B, T, G, n, select_block, q_share, *, gen=None, drop_current=False):
+    """Random valid index sets: ascending, -1 padded, the current block always included (unless
+    ``drop_current``), a random number of earlier blocks, identical inside each q_share group."""
+    nb = math.ceil(T / select_block)
+    first = torch.arange(T) // q_share * q_share
+    cur = first // select_block  # (T,)
+    score = torch.rand(B, T, G, nb, generator=gen)
+    score = score[:, first]  # share within q_share groups
+    blocks = torch.arange(nb)
+    visible = blocks[None, :] < cur[:, None]
+    count = torch.randint(0, n, (B, T, G), generator=gen)[:, first]  # earlier blocks per row
+    score = score.masked_fill(~visible[None, :, None, :], -1.0)
+    rank = score.argsort(dim=-1, descending=True).argsort(dim=-1)
+    keep = (rank < count[..., None]) & visible[None, :, None, :]
+    if not drop_current:
+        keep |= (blocks[None, :] == cur[:, None])[None, :, None, :]
+    idx = torch.where(keep, blocks.expand_as(keep), torch.full_like(rank, nb))
+    idx = idx.sort(dim=-1).values[..., :n]
+    idx = torch.where(idx == nb, torch.full_like(idx, -1), idx)
+    if idx.shape[-1] < n:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], n - idx.shape[-1]), -1)], dim=-1)
+    return idx
+
+
+def make_qkv(B, T, H, HK, D, DV, dtype=torch.float32, device=DEV, gen=None):
+    q = torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(B, T, HK, D, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(B, T, HK, DV, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def compare(q, k, v, block_idx, select_block, q_share, *, config=None, ref_dtype=torch.float64,
+            tol=1e-5):
+    scale = q.shape[-1] ** -0.5
+    qt, kt, vt = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = tk.selected_attention(qt, kt, vt, block_idx, select_block, scale, q_share,
+                                config=config)
+    do = torch.randn_like(out)
+    out.backward(do)
+    qr, kr, vr = (x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v))
+    expect = ref.selected_attention(qr, kr, vr, block_idx, select_block, scale, q_share)
+    expect.backward(do.to(ref_dtype))
+    assert out.dtype == q.dtype and out.shape == expect.shape
+    for name, got, want in (("out", out, expect), ("dq", qt.grad, qr.grad),
+                            ("dk", kt.grad, kr.grad), ("dv", vt.grad, vr.grad)):
+        assert torch.isfinite(got).all(), f"{name} has NaN/inf"
+        err = rel(got, want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+# layouts: (H, Hk, G, Dqk, Dv, q_share)
+LAYOUTS = {
+    "gqa": (4, 2, 2, 24, 16, 1),           # NSA GQA, 2 heads per KV head: union chunks
+    "latent": (8, 2, 2, 24, 16, 4),        # GLA absorbed: 4 queries x 4 heads = 16 shared rows
+    "upproj": (4, 4, 2, 24, 16, 4),        # per-head K/V, shared selection: union chunks
+}
+
+
+# ------------------------------------------------------------------------- interpreter (CPU)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_select_blocks_indices(layout):
+    """block_idx produced by the selection reference on random inputs."""
+    H, HK, G, D, DV, qs = LAYOUTS[layout]
+    B, T, sb, n, blen, stride = 1, 64, 16, 3, 8, 4
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = make_qkv(B, T, H, HK, D, DV, gen=gen)
+    N = num_compressed(T, blen, stride)
+    k_cmp = torch.randn(B, N, HK, D, generator=gen)
+    v_cmp = torch.randn(B, N, HK, DV, generator=gen)
+    scale = D ** -0.5
+    _, lse = compression_attention(q, k_cmp, v_cmp, blen, stride, scale)
+    block_idx = select_blocks(q, k_cmp, lse, num_groups=G, block_len=blen, stride=stride,
+                              select_block=sb, top_n=n, num_local=1, q_share=qs, scale=scale)
+    compare(q, k, v, block_idx, sb, qs)
+
+
+@pytest.mark.parametrize("layout,T", [("gqa", 70), ("latent", 64), ("upproj", 61)])
+def test_random_index_sets(layout, T):
+    """Random valid index sets with a random number of blocks; T not a multiple of the tiles."""
+    H, HK, G, D, DV, qs = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = make_qkv(1, T, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, T, G, 3, 16, qs, gen=gen)
+    compare(q, k, v, block_idx, 16, qs)
+
+
+@pytest.mark.parametrize("H,HK,G,qs", [(4, 1, 2, 2), (4, 2, 1, 2), (2, 2, 2, 1)])
+def test_other_head_groupings(H, HK, G, qs):
+    """G > Hk (one KV head, two groups), G < Hk, and one head per group."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(2, 48, H, HK, 16, 24, gen=gen)
+    block_idx = random_block_idx(2, 48, G, 3, 16, qs, gen=gen)
+    compare(q, k, v, block_idx, 16, qs)
+
+
+@pytest.mark.parametrize("config", [
+    tk.Config(bwd="atomic_kv"),
+    tk.Config(bwd="atomic_q", seg=2),
+    tk.Config(seg=1),
+    tk.Config(fwd_order="keys", dq_order="keys"),
+    tk.Config(tok=4),        # padded shared chunks instead of union chunks
+], ids=["atomic_kv", "atomic_q", "seg1", "keys_order", "tok4"])
+def test_variants(config):
+    H, HK, G, D, DV, qs = LAYOUTS["upproj"]
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_qkv(1, 48, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, 48, G, 3, 16, qs, gen=gen)
+    compare(q, k, v, block_idx, 16, qs, config=config)
+
+
+def test_key_subtiles_and_batch():
+    """select_block 32 tiled by 16-key tiles; batch 2; latent layout."""
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(2, 72, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(2, 72, G, 2, 32, qs, gen=gen)
+    compare(q, k, v, block_idx, 32, qs, config=tk.Config(bk=16, fwd_order="keys"))
+
+
+def test_messy_rows_and_empty_rows():
+    """Unsorted rows, duplicates, out-of-range entries, and rows that see nothing."""
+    gen = torch.Generator().manual_seed(6)
+    H, HK, G, D, DV = 4, 2, 2, 16, 16
+    T = 40
+    q, k, v = make_qkv(1, T, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, T, G, 3, 16, 1, gen=gen, drop_current=True)
+    block_idx[0, 5:9] = -1  # rows with no visible key at all -> o = 0, lse = -inf
+    block_idx = block_idx.flip(-1)  # -1 first, descending: the kernel must not rely on order
+    block_idx[0, 20, 0] = torch.tensor([1, 1, 0])  # duplicates
+    compare(q, k, v, block_idx, 16, 1)
+    o, lse = tk.selected_attention_with_lse(q, k, v, block_idx, 16, D ** -0.5, 1)
+    assert torch.equal(o[0, 5:9], torch.zeros_like(o[0, 5:9]))
+    assert torch.isneginf(lse[0, 5:9]).all()
+
+
+def test_lse_matches_reference():
+    from kernels.masked_attention import masked_attention
+
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_qkv(1, 32, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, 32, G, 2, 16, qs, gen=gen)
+    o, lse = tk.selected_attention_with_lse(q, k, v, block_idx, 16, D ** -0.5, qs)
+    mask = ref.selection_mask(block_idx, 16, 32, H)
+    o_ref, lse_ref = masked_attention(q.double(), k.double(), v.double(), mask, D ** -0.5)
+    assert rel(o, o_ref) < 1e-5 and rel(lse, lse_ref) < 1e-5
+
+
+def test_dispatch_finds_kernel():
+    from kernels import dispatch
+
+    assert dispatch.triton_kernel("selected_attention") is tk.selected_attention
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    q, k, v = make_qkv(1, 32, H, HK, D, DV)
+    block_idx = random_block_idx(1, 32, G, 2, 16, qs)
+    if not CUDA:
+        out = dispatch.selected_attention(q, k, v, block_idx, 16, 0.25, q_share=qs,
+                                          backend="triton")
+        expect = ref.selected_attention(q.double(), k.double(), v.double(), block_idx, 16, 0.25)
+        assert rel(out, expect) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(select_block=48), r"select_block \(48\)"),
+    (dict(select_block=64, q_share=3), r"q_share \(3\) must divide select_block \(64\)"),
+    (dict(q_share=0), r"q_share"),
+    (dict(G=3), r"selection groups G \(3\)"),
+    (dict(HK=3), r"key/value heads \(3\)"),
+    (dict(dtype=torch.float64), r"dtype"),
+    (dict(D=320), r"Dqk \(320\)"),
+    (dict(bi_shape=(1, 8, 2)), r"block_idx must have shape"),
+    (dict(bi_dtype=torch.float32), r"block_idx must be int64 or int32"),
+    (dict(kv_T=16), r"sequence length"),
+])
+def test_clear_errors(kwargs, match):
+    H, HK, G, D, DV, T = 4, kwargs.get("HK", 2), kwargs.get("G", 2), kwargs.get("D", 16), 16, 32
+    dtype = kwargs.get("dtype", torch.float32)
+    q = torch.randn(1, T, H, D, dtype=dtype)
+    k = torch.randn(1, kwargs.get("kv_T", T), HK, D, dtype=dtype)
+    v = torch.randn(1, kwargs.get("kv_T", T), HK, DV, dtype=dtype)
+    bi = torch.zeros(kwargs.get("bi_shape", (1, T, G, 2)), dtype=kwargs.get("bi_dtype", torch.int64))
+    with pytest.raises(ValueError, match=match):
+        tk.selected_attention(q, k, v, bi, kwargs.get("select_block", 16), 0.25,
+                              kwargs.get("q_share", 1))
+
+
+# ------------------------------------------------------------------------- GPU (bf16)
+GPU_LAYOUTS = {
+    # the three layouts of the ASA / NSA 340M configs
+    "gla_absorbed": (16, 2, 2, 160, 128, 4),
+    "gla_upprojected": (16, 16, 2, 96, 64, 4),
+    "nsa_gqa": (16, 4, 4, 64, 64, 1),
+}
+
+
+def _gpu_compare(H, HK, G, D, DV, qs, T, dtype, *, config=None, tol=1e-2, sb=64, n=16):
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(1, T, H, D, device="cuda", generator=gen).to(dtype)
+    k = torch.randn(1, T, HK, D, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(1, T, HK, DV, device="cuda", generator=gen).to(dtype)
+    imp = torch.rand(1, T, G, math.ceil(T / sb), device="cuda", generator=gen)
+    block_idx = top_n_blocks(imp, select_block=sb, top_n=n, num_local=2, q_share=qs)
+    compare(q, k, v, block_idx, sb, qs, config=config, ref_dtype=torch.float32, tol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", list(GPU_LAYOUTS))
+def test_gpu_bf16_t4096(layout):
+    _gpu_compare(*GPU_LAYOUTS[layout], T=4096, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [
+    tk.Config(fwd_order="keys", dq_order="keys"), tk.Config(bwd="atomic_kv"),
+    tk.Config(bwd="atomic_q"), tk.Config(seg=256, dkdv_warps=4),
+], ids=["keys_order", "atomic_kv", "atomic_q", "seg256"])
+@pytest.mark.parametrize("layout", list(GPU_LAYOUTS))
+def test_gpu_bf16_variants(layout, config):
+    _gpu_compare(*GPU_LAYOUTS[layout], T=1024, dtype=torch.bfloat16, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)])
+def test_gpu_other_dtypes(dtype, tol):
+    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=512, dtype=dtype, tol=tol)

@@ -1,0 +1,100 @@
+"""LightningModule: schedule, token budget, logging, NaN loss, vocabulary check, checkpoint reload."""
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from nsa_lit.config import ModelConfig
+from nsa_lit.lit_module import LanguageModel, OptimConfig, lr_factor
+
+ARCH = dict(vocab_size=64, n_layers=2, d_model=32, n_heads=4, head_dim=8, n_kv_heads=2,
+            mlp_hidden=64, seq_len=32, latent_dim=16, rope_dim=4, window=8, compress_block=8,
+            compress_stride=4, select_block=8, top_n=3, num_local_blocks=1, q_share=4,
+            kernel_backend="reference")
+
+
+class RandomTokens(L.LightningDataModule):
+    def __init__(self, batch_size=4, seq_len=32, vocab_size=64, n=64):
+        super().__init__()
+        self.batch_size, self.vocab_size = batch_size, vocab_size
+        self.data = torch.randint(0, vocab_size, (n, seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.data[:8], batch_size=self.batch_size)
+
+
+def trainer(tmp_path, **kw):
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, max_epochs=-1,
+                    default_root_dir=tmp_path)
+    return L.Trainer(**{**defaults, **kw})
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, 10, 110, 0.1) for s in range(130)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:111], f[10:111]))
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)
+
+
+def test_token_budget_sets_the_steps_and_every_metric_is_logged(tmp_path):
+    model = LanguageModel(ModelConfig(**ARCH), OptimConfig(lr=3e-3, warmup_steps=2, token_budget=4 * 32 * 12))
+    t = trainer(tmp_path, limit_val_batches=0)
+    t.fit(model, datamodule=RandomTokens())
+    assert t.global_step == 12
+    assert model.tokens_seen == 12 * 4 * 32
+    logged = t.logged_metrics
+    for key in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_seen",
+                "train/tokens_per_sec"):
+        assert key in logged, key
+    assert logged["train/ppl"] == pytest.approx(math.exp(logged["train/loss"]), rel=1e-4)
+
+
+def test_token_budget_conflicting_with_max_steps_is_refused(tmp_path):
+    model = LanguageModel(ModelConfig(**ARCH), OptimConfig(token_budget=4 * 32 * 12))
+    with pytest.raises(ValueError, match="token_budget.*max_steps"):
+        trainer(tmp_path, max_steps=5).fit(model, datamodule=RandomTokens())
+
+
+def test_validation_perplexity_is_token_weighted(tmp_path):
+    model = LanguageModel(ModelConfig(**ARCH))
+    dm = RandomTokens()
+    out = trainer(tmp_path).validate(model, datamodule=dm, verbose=False)[0]
+    with torch.no_grad():
+        losses = [model._loss(dm.data[i:i + 4]) for i in (0, 4)]
+    expect = torch.stack(losses).mean()
+    assert out["val/loss"] == pytest.approx(expect.item(), rel=1e-5)
+    assert out["val/ppl"] == pytest.approx(math.exp(expect.item()), rel=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    model = LanguageModel(ModelConfig(**ARCH), OptimConfig(warmup_steps=1))
+    with torch.no_grad():
+        model.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 0"):
+        trainer(tmp_path, max_steps=2).fit(model, datamodule=RandomTokens())
+
+
+def test_data_vocabulary_larger_than_the_model_is_refused(tmp_path):
+    model = LanguageModel(ModelConfig(**ARCH))
+    with pytest.raises(ValueError, match="model.arch.vocab_size"):
+        trainer(tmp_path, max_steps=1).fit(model, datamodule=RandomTokens(vocab_size=65))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = LanguageModel(ModelConfig(**ARCH), OptimConfig(lr=1e-3))
+    t = trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    t.fit(model, datamodule=RandomTokens())
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    loaded = LanguageModel.load_from_checkpoint(path)
+    assert loaded.arch == model.arch and loaded.optim == model.optim
+    assert loaded.tokens_seen == model.tokens_seen
+    tokens = torch.randint(0, 64, (1, 32))
+    torch.testing.assert_close(loaded(tokens), model(tokens))
