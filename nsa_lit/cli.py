@@ -19,8 +19,9 @@ class NSALightningCLI(LightningCLI):
         parser.link_arguments("model.arch.seq_len", "data.seq_len")
 
 
-def cli_main(args=None) -> NSALightningCLI:
+def cli_main(args=None, run: bool = True) -> NSALightningCLI:
+    """``args`` as on the command line (default: ``sys.argv``); ``run=False`` only builds."""
     return NSALightningCLI(
         LanguageModel, TokenDataModule, seed_everything_default=1234,
-        save_config_kwargs={"overwrite": True}, args=args,
+        save_config_kwargs={"overwrite": True}, args=args, run=run,
     )

@@ -57,6 +57,15 @@ def test_print_config_shows_every_field():
     assert "seq_len" not in doc["data"]  # linked: data.seq_len follows model.arch.seq_len
 
 
+def test_data_sequence_length_follows_the_model(monkeypatch):
+    from nsa_lit.cli import cli_main
+
+    monkeypatch.chdir(ROOT)
+    cli = cli_main(["--config", "configs/tiny.yaml", "--model.arch.seq_len", "128",
+                    "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
+    assert cli.model.arch.seq_len == 128 and cli.datamodule.seq_len == 128
+
+
 def test_cli_rejects_a_bad_field_by_name():
     out = run_cli("fit", "--config", "configs/tiny.yaml", "--model.arch.n_kv_heads", "3")
     assert out.returncode != 0

@@ -953,6 +953,7 @@ def _bench_main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--warm", nargs=2, metavar=("LAYOUT", "VARIANT"))
     ap.add_argument("--parallel-warmup", type=int, default=0)
+    ap.add_argument("--warm-only", action="store_true")
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--sweep", action="store_true", help="time every variant, not only defaults")
     ap.add_argument("--seqlens", default="8192,65536")
@@ -978,6 +979,8 @@ def _bench_main(argv=None):
             if p.returncode:
                 print(f"warm-up {lay}/{n} FAILED rc={p.returncode}\n{out[-3000:]}", flush=True)
         print(f"parallel warm-up of {len(jobs)} variants: {time.time() - t_start:.1f}s", flush=True)
+    if args.warm_only:
+        return
 
     results = []
     meta = {
@@ -1054,4 +1057,8 @@ def _bench_main(argv=None):
 
 
 if __name__ == "__main__":
-    _bench_main()
+    # run through the package module so that the kernels (and Triton's cache keys) are the same
+    # ones the tests and the layers use
+    from kernels.selected_attention.triton_kernel import _bench_main as _main
+
+    _main()
