@@ -97,9 +97,9 @@ def _load_rows(ptr, row_off, row_mask, D: tl.constexpr, DA: tl.constexpr, DB: tl
 def _qk(qa, qb, ka, kb, DB: tl.constexpr, IEEE: tl.constexpr):
     """(M, D) x (N, D)^T -> (M, N) float32, the two head-dim parts summed."""
     if IEEE:
-        s = tl.dot(qa, tl.trans(ka), input_precision="tf32x3")
+        s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
         if DB > 0:
-            s += tl.dot(qb, tl.trans(kb), input_precision="tf32x3")
+            s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
     else:
         s = tl.dot(qa, tl.trans(ka))
         if DB > 0:
@@ -110,7 +110,7 @@ def _qk(qa, qb, ka, kb, DB: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _mm(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="tf32x3")
+        return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
 

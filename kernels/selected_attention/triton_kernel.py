@@ -501,20 +501,20 @@ def _sel_bwd_dkdv_kernel(
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    """Tuning knobs (``None`` = heuristic). Only :func:`selected_attention`'s defaults are public."""
+    """Tuning knobs (``None`` = heuristic). Defaults chosen on an H200 (see module docstring)."""
 
     tok: int | None = None          # queries per program (chunk)
     max_rows: int = 64              # cap on TOK * HP in shared mode
     bk: int | None = None           # key tile (divides select_block)
-    fwd_order: str = "rows"         # "rows": S = Q K^T; "keys": S^T = K Q^T (wgmma with few rows)
-    dq_order: str = "rows"          # same choice for the dq kernel (csr mode)
+    fwd_order: str | None = None    # "rows": S = Q K^T; "keys": S^T = K Q^T; None: keys if ROWS>=32
+    dq_order: str = "keys"          # same choice for the dq kernel (csr mode)
     bwd: str = "csr"                # "csr" | "atomic_kv" | "atomic_q"
     seg: int = 64                   # chunks per key-block segment in the dk/dv kernel
-    fwd_warps: int | None = None
+    fwd_warps: int = 4
     fwd_stages: int = 2
-    dq_warps: int | None = None
+    dq_warps: int = 4
     dq_stages: int = 2
-    dkdv_warps: int | None = None
+    dkdv_warps: int = 4
     dkdv_stages: int = 2
 
 
@@ -632,7 +632,7 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
         raise ValueError(f"q_share ({q_share}) must divide select_block ({select_block})")
     if cfg.bwd not in _BWD_MODES:
         raise ValueError(f"bwd mode must be one of {_BWD_MODES}, got {cfg.bwd!r}")
-    if cfg.fwd_order not in ("rows", "keys") or cfg.dq_order not in ("rows", "keys"):
+    if cfg.fwd_order not in (None, "rows", "keys") or cfg.dq_order not in ("rows", "keys"):
         raise ValueError(f"fwd_order / dq_order must be 'rows' or 'keys', got {cfg.fwd_order!r}, "
                          f"{cfg.dq_order!r}")
     BK = _key_tile(select_block, cfg.bk)
@@ -734,12 +734,6 @@ def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     return (kid.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), ent_chunk, smax)
 
 
-def _warps(explicit, rows_x_cols: int) -> int:
-    if explicit is not None:
-        return explicit
-    return 8 if rows_x_cols > 64 * 192 else 4
-
-
 def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -751,60 +745,71 @@ def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
     o = torch.empty(p.B, p.T, p.H, p.DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.T, p.H, device=q.device, dtype=torch.float32)
     grid = (p.NC, p.B * p.NHS)
-    kernel = _sel_fwd_t_kernel if cfg.fwd_order == "keys" else _sel_fwd_kernel
+    order = cfg.fwd_order or ("keys" if p.ROWS >= 32 else "rows")
+    kernel = _sel_fwd_t_kernel if order == "keys" else _sel_fwd_kernel
     kernel[grid](
         q, k, v, clist, bi32, o, lse,
         p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
         D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
         LPAD=p.LPAD, NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, NSUB=p.NSUB,
         PREC=_prec(q.dtype),
-        num_warps=_warps(cfg.fwd_warps, p.ROWS * (p.D1 + p.D2 + p.DVP)),
+        num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages,
     )
     return o, lse
 
 
+def _common(p: _Plan, dtype) -> dict:
+    return dict(D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
+                NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, PREC=_prec(dtype))
+
+
+def _bwd_dq(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config, dk32, dv32):
+    """Query-major backward kernel: ``dq`` (and ``delta``; ``dk, dv`` too in atomic_kv mode)."""
+    dq = torch.empty_like(q)
+    delta = torch.empty(p.B, p.T, p.H, device=q.device, dtype=torch.float32)
+    args = (p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E, scale)
+    if cfg.bwd == "csr" and cfg.dq_order == "keys":
+        _sel_bwd_dq_t_kernel[(p.NC, p.B * p.NHS)](
+            q, k, v, o, do, lse, clist, bi32, dq, delta, *args,
+            LPAD=p.LPAD, NSUB=p.NSUB, **_common(p, q.dtype),
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        )
+    else:
+        _sel_bwd_dq_kernel[(p.NC, p.B * p.NHS)](
+            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32, *args,
+            LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", **_common(p, q.dtype),
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+        )
+    return dq, delta
+
+
+def _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p: _Plan, scale: float, cfg: Config,
+              dk32, dv32, dq32):
+    """Key-block-major backward kernel over the CSR segments: adds into ``dk32, dv32``."""
+    seg_key, seg_lo, seg_hi, ent_chunk, smax = segs
+    _sel_bwd_dkdv_kernel[(smax, p.NSUB * p.HSG)](
+        q, k, v, do, lse, delta, bi32, seg_key, seg_lo, seg_hi, ent_chunk, dk32, dv32, dq32,
+        p.T, p.H, p.HK, p.G, p.NSEL, p.NB, p.REP_K, p.REP_G, p.HSG, scale * LOG2E, scale,
+        ATOMIC_Q=cfg.bwd == "atomic_q", **_common(p, q.dtype),
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+    )
+
+
 def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config):
     dev = q.device
-    prec = _prec(q.dtype)
-    common = dict(D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
-                  NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, PREC=prec)
     dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=dev, dtype=torch.float32)
     dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=dev, dtype=torch.float32)
-    delta = torch.empty(p.B, p.T, p.H, device=dev, dtype=torch.float32)
-    if cfg.bwd == "csr" and cfg.dq_order == "keys":
-        dq = torch.empty_like(q)
-        dq32 = dq
-        _sel_bwd_dq_t_kernel[(p.NC, p.B * p.NHS)](
-            q, k, v, o, do, lse, clist, bi32, dq, delta,
-            p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
-            scale, LPAD=p.LPAD, NSUB=p.NSUB, **common,
-            num_warps=_warps(cfg.dq_warps, p.ROWS * (2 * (p.D1 + p.D2) + p.DVP)),
-            num_stages=cfg.dq_stages,
-        )
-    elif cfg.bwd in ("csr", "atomic_kv"):
-        dq = torch.empty_like(q)
-        _sel_bwd_dq_kernel[(p.NC, p.B * p.NHS)](
-            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32,
-            p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
-            scale, LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", **common,
-            num_warps=_warps(cfg.dq_warps, p.ROWS * (2 * (p.D1 + p.D2) + p.DVP)),
-            num_stages=cfg.dq_stages,
-        )
-        dq32 = dq  # unused by the dk/dv kernel unless atomic_q
+    if cfg.bwd in ("csr", "atomic_kv"):
+        dq, delta = _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32)
+        dq32 = dq  # not written by the dk/dv kernel outside atomic_q mode
     else:
         delta = (do.float() * o.float()).sum(-1).contiguous()
         dq32 = torch.zeros(p.B, p.T, p.H, p.D, device=dev, dtype=torch.float32)
         dq = None
     if cfg.bwd in ("csr", "atomic_q"):
-        seg_key, seg_lo, seg_hi, ent_chunk, smax = _segments(clist, p, cfg.seg)
-        _sel_bwd_dkdv_kernel[(smax, p.NSUB * p.HSG)](
-            q, k, v, do, lse, delta, bi32, seg_key, seg_lo, seg_hi, ent_chunk, dk32, dv32, dq32,
-            p.T, p.H, p.HK, p.G, p.NSEL, p.NB, p.REP_K, p.REP_G, p.HSG, scale * LOG2E, scale,
-            ATOMIC_Q=cfg.bwd == "atomic_q", **common,
-            num_warps=_warps(cfg.dkdv_warps, p.BK * (p.D1 + p.D2 + p.DVP)),
-            num_stages=cfg.dkdv_stages,
-        )
+        segs = _segments(clist, p, cfg.seg)
+        _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p, scale, cfg, dk32, dv32, dq32)
     if dq is None:
         dq = dq32.to(q.dtype)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)

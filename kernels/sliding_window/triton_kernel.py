@@ -116,7 +116,7 @@ def _sw_fwd_kernel(Q, K, V, O, LSE,
                    PADV: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
                    SPLIT: tl.constexpr):
-    BT: tl.constexpr = BLOCK_M // GP
+    BT = BLOCK_M // GP
     n_t = tl.cdiv(T, BT)
     pid = tl.program_id(0)
     pid_t = pid % n_t
@@ -231,7 +231,7 @@ def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
                       PADV: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
                    SPLIT: tl.constexpr):
-    BT: tl.constexpr = BLOCK_M // GP
+    BT = BLOCK_M // GP
     n_t = tl.cdiv(T, BT)
     pid = tl.program_id(0)
     pid_t = pid % n_t
@@ -313,7 +313,7 @@ def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_bas
                DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
                BLOCK_M: tl.constexpr, GP: tl.constexpr, MASK: tl.constexpr,
                PREC: tl.constexpr):
-    BT: tl.constexpr = BLOCK_M // GP
+    BT = BLOCK_M // GP
     r = tl.arange(0, BLOCK_M)
     r_tok = r // GP
     r_head = r % GP
@@ -373,7 +373,7 @@ def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
                         PAD2: tl.constexpr, PADV: tl.constexpr, PREC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
                    SPLIT: tl.constexpr):
-    BT: tl.constexpr = BLOCK_M // GP
+    BT = BLOCK_M // GP
     n_n = tl.cdiv(T, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_n
@@ -457,8 +457,10 @@ _DKDV_CONFIGS = [
     (64, 64, 16, False, 4, 3),
     (64, 128, 1, False, 8, 3),
 ]
-# Fixed configuration for the CPU interpreter (no autotuning there).
+# Fixed configurations: the CPU interpreter (no autotuning there), and float32 on a GPU (IEEE
+# dots run on the FMA units; a correctness path, small tiles keep it free of spills).
 _INTERPRETER_CONFIG = (16, 16, 2, True, 4, 1)
+_FP32_CONFIG = (32, 32, 2, False, 8, 2)
 
 
 def _triton_configs(table):
@@ -500,11 +502,13 @@ _dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
 
 
 def _launch(kernel, tuned, grid_fn, cfg, G, args, consts):
-    """Run ``kernel`` with ``cfg`` (a 6-tuple), the fixed interpreter config, or autotuned."""
-    if cfg is None and not _interpreting():
+    """Run ``kernel`` with ``cfg`` (a 6-tuple), a fixed config, or autotuned."""
+    if cfg is None and not _interpreting() and consts["PREC"] != "ieee":
         tuned[lambda meta: (grid_fn(meta["BLOCK_M"], meta["BLOCK_N"], meta["GP"]),)](*args, **consts)
         return
-    m, n, gp, sp, w, s = _fit(cfg if cfg is not None else _INTERPRETER_CONFIG, G)
+    if cfg is None:
+        cfg = _FP32_CONFIG if consts["PREC"] == "ieee" and not _interpreting() else _INTERPRETER_CONFIG
+    m, n, gp, sp, w, s = _fit(cfg, G)
     kernel[(grid_fn(m, n, gp),)](*args, **consts, BLOCK_M=m, BLOCK_N=n, GP=gp, SPLIT=sp,
                                  num_warps=w, num_stages=s)
 

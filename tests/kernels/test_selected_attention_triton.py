@@ -249,3 +249,65 @@ def test_gpu_bf16_variants(layout, config):
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.float32, 1e-4)])
 def test_gpu_other_dtypes(dtype, tol):
     _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=512, dtype=dtype, tol=tol)
+
+
+@pytest.mark.gpu
+def test_gpu_stage3_and_tok8():
+    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
+                 config=tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=3))
+    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
+                 config=tk.Config(tok=8, fwd_order="rows", dq_order="rows"))
+    _gpu_compare(*GPU_LAYOUTS["nsa_gqa"], T=1024, dtype=torch.bfloat16,
+                 config=tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=3))
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets():
+    """q, o and dq hold more than 2**31 elements (T = 2**20, 16 heads x 160); the last query
+    group is checked against a float32 reference built from its own selected keys."""
+    H, HK, G, D, DV, qs = GPU_LAYOUTS["gla_absorbed"]
+    T, sb, n = 1 << 20, 64, 16
+    assert T * H * D > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(1, T, HK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(1, T, HK, DV, device="cuda", dtype=torch.bfloat16, generator=gen)
+    cur = (torch.arange(T, device="cuda") // qs * qs // sb).view(1, T, 1, 1)
+    step = torch.tensor([7, 5], device="cuda").view(1, 1, G, 1)
+    cand = cur - 1 - step * torch.arange(n - 2, device="cuda").view(1, 1, 1, n - 2)
+    cand = torch.cat([torch.zeros_like(cur).expand(1, T, G, 1), cand.expand(1, T, G, n - 2),
+                      cur.expand(1, T, G, 1)], dim=-1)
+    big = T
+    cand = torch.where(cand >= 1, cand, torch.full_like(cand, big))
+    cand[..., 0] = 0
+    cand[..., -1] = cur[..., 0]
+    block_idx = cand.sort(dim=-1).values
+    block_idx = torch.where(block_idx == big, torch.full_like(block_idx, -1), block_idx)
+    scale = D ** -0.5
+    qg, kg, vg = (x.requires_grad_() for x in (q, k, v))
+    out = tk.selected_attention(qg, kg, vg, block_idx, sb, scale, qs)
+    rows = slice(T - qs, T)
+    do = torch.zeros_like(out)
+    do[0, rows] = torch.randn(qs, H, DV, device="cuda", generator=gen).to(do.dtype)
+    out.backward(do)
+    assert torch.isfinite(out[0, rows]).all()
+    # float32 mini-reference over the selected keys of the last query group
+    sel = block_idx[0, T - qs]  # (G, n), identical for the group
+    for g in range(G):
+        blocks = sel[g][sel[g] >= 0]
+        keys = (blocks[:, None] * sb + torch.arange(sb, device="cuda")).reshape(-1)
+        keys = keys[keys < T]
+        heads = slice(g * (H // G), (g + 1) * (H // G))
+        qr = q[0, rows, heads].detach().float().requires_grad_()
+        kr = k[0, keys, g].detach().float().requires_grad_()
+        vr = v[0, keys, g].detach().float().requires_grad_()
+        t = torch.arange(T - qs, T, device="cuda")
+        mask = keys[None, :] <= t[:, None]
+        s = torch.einsum("thd,sd->ths", qr, kr) * scale
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+        o_ref = torch.einsum("ths,sd->thd", s.softmax(-1), vr)
+        o_ref.backward(do[0, rows, heads].float())
+        assert rel(out[0, rows, heads], o_ref) < 1e-2
+        assert rel(qg.grad[0, rows, heads], qr.grad) < 1e-2
+        assert rel(kg.grad[0, keys, g], kr.grad) < 1e-2
+        assert rel(vg.grad[0, keys, g], vr.grad) < 1e-2
