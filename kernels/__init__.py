@@ -2,17 +2,27 @@
 from kernels.dispatch import (
     BACKENDS,
     causal_attention,
+    causal_decode,
     compression_attention,
+    compression_decode,
     select_blocks,
+    select_blocks_decode,
     selected_attention,
+    selected_decode,
     sliding_window_attention,
+    window_decode,
 )
 
 __all__ = [
     "BACKENDS",
     "causal_attention",
+    "causal_decode",
     "compression_attention",
+    "compression_decode",
     "select_blocks",
+    "select_blocks_decode",
     "selected_attention",
+    "selected_decode",
     "sliding_window_attention",
+    "window_decode",
 ]

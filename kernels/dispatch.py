@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.compression import reference as compression_ref
+from kernels.decode import reference as decode_ref
 from kernels.selected_attention import reference as selected_ref
 from kernels.selection import reference as selection_ref
 from kernels.sliding_window import reference as window_ref
@@ -29,6 +30,12 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "compression": ("kernels.compression.triton_kernel", "compression_attention"),
     "selection": ("kernels.selection.triton_kernel", "select_blocks"),
     "selected_attention": ("kernels.selected_attention.triton_kernel", "selected_attention"),
+    # decoding: one query per sequence against a cache (kernels.decode.reference)
+    "causal_decode": ("kernels.decode.triton_kernel", "causal_decode"),
+    "window_decode": ("kernels.decode.triton_kernel", "window_decode"),
+    "compression_decode": ("kernels.decode.triton_kernel", "compression_decode"),
+    "select_blocks_decode": ("kernels.decode.triton_kernel", "select_blocks_decode"),
+    "selected_decode": ("kernels.decode.triton_kernel", "selected_decode"),
 }
 _loaded: dict[str, Callable | None] = {}
 
@@ -114,3 +121,37 @@ def selected_attention(q, k, v, block_idx, select_block: int, scale: float, q_sh
     """See :mod:`kernels.selected_attention.reference`."""
     kernel = _pick("selected_attention", backend, q) or selected_ref.selected_attention
     return kernel(q, k, v, block_idx, select_block, scale, q_share=q_share)
+
+
+# -- decoding: one query per sequence, see kernels.decode.reference ---------------------------
+def causal_decode(q, k, v, positions, scale: float, k_rope=None, backend: Backend = "auto"):
+    kernel = _pick("causal_decode", backend, q) or decode_ref.causal_decode
+    return kernel(q, k, v, positions, scale, k_rope=k_rope)
+
+
+def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None,
+                  backend: Backend = "auto"):
+    kernel = _pick("window_decode", backend, q) or decode_ref.window_decode
+    return kernel(q, k, v, positions, window, scale, k_rope=k_rope)
+
+
+def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, scale: float,
+                       k_rope_cmp=None, backend: Backend = "auto"):
+    kernel = _pick("compression_decode", backend, q) or decode_ref.compression_decode
+    return kernel(q, k_cmp, v_cmp, positions, block_len, stride, scale, k_rope_cmp=k_rope_cmp)
+
+
+def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len: int,
+                         stride: int, select_block: int, num_blocks: int, top_n: int,
+                         num_local: int, scale: float, k_rope_cmp=None,
+                         backend: Backend = "auto"):
+    kernel = _pick("select_blocks_decode", backend, q) or decode_ref.select_blocks_decode
+    return kernel(q, k_cmp, lse, positions, num_groups=num_groups, block_len=block_len,
+                  stride=stride, select_block=select_block, num_blocks=num_blocks, top_n=top_n,
+                  num_local=num_local, scale=scale, k_rope_cmp=k_rope_cmp)
+
+
+def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: float, k_rope=None,
+                    backend: Backend = "auto"):
+    kernel = _pick("selected_decode", backend, q) or decode_ref.selected_decode
+    return kernel(q, k, v, block_idx, positions, select_block, scale, k_rope=k_rope)

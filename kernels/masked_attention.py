@@ -24,6 +24,10 @@ def masked_attention(
     H, Hk = q.shape[2], k.shape[2]
     if H % Hk:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hk})")
+    if k.shape[1] == 0:  # no key at all (e.g. no compression block has ended yet)
+        B, T = q.shape[:2]
+        return (q.new_zeros(B, T, H, v.shape[-1]),
+                torch.full((B, T, H), float("-inf"), device=q.device))
     rep = H // Hk
     acc = torch.promote_types(q.dtype, torch.float32)
     k = k.to(acc).repeat_interleave(rep, dim=2)

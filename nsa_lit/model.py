@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa_lit.attention import Attention
+from nsa_lit.cache import TokenCache
 from nsa_lit.config import ModelConfig
 
 
@@ -47,13 +48,24 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: TokenCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, lengths)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x: torch.Tensor, cache: TokenCache) -> torch.Tensor:
+        """One token per sequence, ``x (B, 1, d_model)``; see :meth:`Attention.decode`."""
+        x = x + self.attn.decode(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    """``forward(tokens (B, T) int) -> logits (B, T, vocab_size)``; ``T <= seq_len``."""
+    """``forward(tokens (B, T) int) -> logits (B, T, vocab_size)``; ``T <= seq_len``.
+
+    Decoding (see :mod:`nsa_lit.generate`): ``forward(prompts, caches, lengths)`` is the prefill,
+    then ``decode(tokens (B,), caches) -> logits (B, vocab_size)`` once per new token; the caches
+    come from :func:`nsa_lit.cache.new_caches`.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,10 +89,21 @@ class Transformer(nn.Module):
             for weight in (block.attn.wo.weight, block.mlp.w_down.weight):
                 nn.init.normal_(weight, std=std / math.sqrt(2 * self.cfg.n_layers))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list[TokenCache] | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """With ``caches`` (one per layer): prefill, writing sequence ``b``'s first ``lengths[b]``
+        tokens (default all; ``tokens`` right-padded) to them."""
         if tokens.shape[1] > self.cfg.seq_len:
             raise ValueError(f"input length {tokens.shape[1]} exceeds model seq_len {self.cfg.seq_len}")
         x = self.embed(tokens.long())
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if caches is None else block(x, caches[i], lengths)
         return self.lm_head(self.norm(x))
+
+    def decode(self, tokens: torch.Tensor, caches: list[TokenCache]) -> torch.Tensor:
+        """Next token of each sequence, ``tokens (B,)`` at positions ``caches[i].lengths`` ->
+        logits ``(B, vocab_size)``; appends the token to every cache."""
+        x = self.embed(tokens.long()[:, None])
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cache)
+        return self.lm_head(self.norm(x))[:, 0]

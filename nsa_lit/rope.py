@@ -17,7 +17,8 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Rotate ``x (B, T, heads, dim)``; positions default to ``0..T-1``."""
+        """Rotate ``x (B, T, heads, dim)``; ``positions`` ``(T,)`` or per sequence ``(B, T)``,
+        default ``0..T-1``."""
         T = x.shape[1]
         if positions is None:
             if T > self.cos.shape[0]:
@@ -25,7 +26,7 @@ class Rotary(nn.Module):
             cos, sin = self.cos[:T], self.sin[:T]
         else:
             cos, sin = self.cos[positions], self.sin[positions]
-        cos = cos[:, None, :].to(x.dtype)
-        sin = sin[:, None, :].to(x.dtype)
+        cos = cos[..., None, :].to(x.dtype)
+        sin = sin[..., None, :].to(x.dtype)
         x1, x2 = x[..., : self.dim // 2], x[..., self.dim // 2:]
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

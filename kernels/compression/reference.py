@@ -16,13 +16,20 @@ def num_compressed(T: int, block_len: int, stride: int) -> int:
     return 0 if T < block_len else (T - block_len) // stride + 1
 
 
+def compressed_visible(
+    positions: torch.Tensor, num_blocks: int, block_len: int, stride: int
+) -> torch.Tensor:
+    """Boolean ``(*positions.shape, num_blocks)``: the query at each position may read compressed
+    token ``i`` (its block has ended)."""
+    end = torch.arange(num_blocks, device=positions.device) * stride + block_len - 1
+    return end <= positions[..., None]
+
+
 def compression_mask(
     T: int, num_blocks: int, block_len: int, stride: int, device: torch.device | None = None
 ) -> torch.Tensor:
     """Boolean ``(T, num_blocks)`` mask: query ``t`` may read compressed token ``i``."""
-    t = torch.arange(T, device=device)[:, None]
-    end = torch.arange(num_blocks, device=device)[None, :] * stride + block_len - 1
-    return end <= t
+    return compressed_visible(torch.arange(T, device=device), num_blocks, block_len, stride)
 
 
 def compression_attention(

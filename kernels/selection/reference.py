@@ -48,34 +48,54 @@ def block_importance(
 
     ``Ns = ceil(T / select_block)``; ``G = num_groups`` must divide ``H``.
     """
-    B, T, H, _ = q.shape
-    N, Hk = k_cmp.shape[1], k_cmp.shape[2]
+    T, N, Hk = q.shape[1], k_cmp.shape[1], k_cmp.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
-    k = k_cmp.to(acc).repeat_interleave(H // Hk, dim=2)
+    k = k_cmp.to(acc).repeat_interleave(q.shape[2] // Hk, dim=2)
     scores = torch.einsum("bthd,bnhd->bthn", q.to(acc), k) * scale
     visible = compression_mask(T, N, block_len, stride, q.device)[None, :, None, :]
+    return group_importance(scores, lse, visible, num_groups=num_groups, block_len=block_len,
+                            stride=stride, select_block=select_block,
+                            num_blocks=math.ceil(T / select_block))
+
+
+def group_importance(
+    scores: torch.Tensor, lse: torch.Tensor, visible: torch.Tensor, *, num_groups: int,
+    block_len: int, stride: int, select_block: int, num_blocks: int,
+) -> torch.Tensor:
+    """Steps 1-3: scaled compression scores ``(..., H, N)``, their log-sum-exp ``(..., H)`` and
+    the visible compressed tokens (broadcast to ``(..., H, N)``) -> importance ``(..., G, Ns)``
+    of ``Ns = num_blocks`` selection blocks."""
+    H, N = scores.shape[-2:]
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe_lse[..., None]).masked_fill(~visible, 0.0)
-    group_probs = probs.view(B, T, num_groups, H // num_groups, N).sum(dim=3)
-    num_blocks = math.ceil(T / select_block)
-    weights = overlap_weights(N, num_blocks, block_len, stride, select_block, q.device)
-    return group_probs @ weights.to(acc)
+    group_probs = probs.unflatten(-2, (num_groups, H // num_groups)).sum(dim=-2)
+    weights = overlap_weights(N, num_blocks, block_len, stride, select_block, scores.device)
+    return group_probs @ weights.to(scores.dtype)
 
 
 def top_n_blocks(
     importance: torch.Tensor, *, select_block: int, top_n: int, num_local: int, q_share: int,
 ) -> torch.Tensor:
     """``importance (B, T, G, Ns)`` -> ``block_idx (B, T, G, top_n)`` (see module docstring)."""
-    B, T, G, Ns = importance.shape
-    device = importance.device
-    first = torch.arange(T, device=device) // q_share * q_share
-    score = importance[:, first]
-    current = (first // select_block)[:, None]
-    blocks = torch.arange(Ns, device=device)[None, :]
+    T = importance.shape[1]
+    first = torch.arange(T, device=importance.device) // q_share * q_share
+    current = (first // select_block)[None, :, None]
+    return pick_blocks(importance[:, first], current, top_n=top_n, num_local=num_local)
+
+
+def pick_blocks(
+    score: torch.Tensor, current: torch.Tensor, *, top_n: int, num_local: int
+) -> torch.Tensor:
+    """Step 5: importance ``(..., Ns)`` and the current block of the choosing query (broadcast to
+    ``score.shape[:-1]``) -> ``top_n`` block indices ``(..., top_n)``: visible blocks
+    (``<= current``) only, the forced ones always, ascending, ``-1`` padding last."""
+    Ns = score.shape[-1]
+    blocks = torch.arange(Ns, device=score.device)
+    current = current[..., None]
     visible = blocks <= current
     forced = (blocks == 0) | ((blocks <= current) & (blocks > current - num_local))
-    score = score.masked_fill(forced[None, :, None, :], float("inf"))
-    score = score.masked_fill(~visible[None, :, None, :], float("-inf"))
+    score = score.masked_fill(forced, float("inf"))
+    score = score.masked_fill(~visible, float("-inf"))
     k = min(top_n, Ns)
     top_score, idx = score.sort(dim=-1, descending=True, stable=True)  # ties: lower index wins
     top_score, idx = top_score[..., :k], idx[..., :k]
@@ -83,7 +103,7 @@ def top_n_blocks(
     idx = idx.sort(dim=-1).values
     idx = torch.where(idx == Ns, torch.full_like(idx, -1), idx)
     if k < top_n:
-        idx = torch.cat([idx, idx.new_full((B, T, G, top_n - k), -1)], dim=-1)
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_n - k), -1)], dim=-1)
     return idx
 
 

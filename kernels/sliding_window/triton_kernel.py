@@ -67,11 +67,12 @@ def _load2d(ptrs, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr):
 
 
 @triton.jit
-def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, tok, T, window,
-              qk_scale,
+def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, fs, fe, tok, T,
+              window, qk_scale,
               DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
               DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, EDGE: tl.constexpr,
+              PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     d1 = tl.arange(0, D1)
     dv = tl.arange(0, DVP)
@@ -92,8 +93,13 @@ def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, tok, 
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
         s = s * qk_scale
         if MASK:
-            diff = tok[:, None] - cols[None, :]
-            s = tl.where((diff >= 0) & (diff < window), s, float("-inf"))
+            if EDGE:
+                if (n0 < fs) | (n0 >= fe):
+                    diff = tok[:, None] - cols[None, :]
+                    s = tl.where((diff >= 0) & (diff < window), s, float("-inf"))
+            else:
+                diff = tok[:, None] - cols[None, :]
+                s = tl.where((diff >= 0) & (diff < window), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -157,20 +163,20 @@ def _sw_fwd_kernel(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
-    if SPLIT:
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, fs, tok, T,
-                                  window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
-                                  BLOCK_N, True, PREC)
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fs, fe, tok, T,
-                                  window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
-                                  BLOCK_N, False, PREC)
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fe, hi, tok, T,
-                                  window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
-                                  BLOCK_N, True, PREC)
+    if SPLIT == 1:
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, fs, fs, fe,
+                                  tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                                  PADV, BLOCK_N, True, False, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fs, fe, fs, fe,
+                                  tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                                  PADV, BLOCK_N, False, False, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fe, hi, fs, fe,
+                                  tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                                  PADV, BLOCK_N, True, False, PREC)
     else:
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, hi, tok,
-                                  T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
-                                  BLOCK_N, True, PREC)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, hi, fs, fe,
+                                  tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                                  PADV, BLOCK_N, True, SPLIT == 2, PREC)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -183,11 +189,12 @@ def _sw_fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, end, tok, T,
-             window, qk_scale,
+def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, end, fs, fe,
+             tok, T, window, qk_scale,
              DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
              DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
-             BLOCK_N: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+             BLOCK_N: tl.constexpr, MASK: tl.constexpr, EDGE: tl.constexpr,
+              PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     d1 = tl.arange(0, D1)
     dv = tl.arange(0, DVP)
@@ -208,8 +215,13 @@ def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, 
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:
-            diff = tok[:, None] - cols[None, :]
-            p = tl.where((diff >= 0) & (diff < window), p, 0.0)
+            if EDGE:
+                if (n0 < fs) | (n0 >= fe):
+                    diff = tok[:, None] - cols[None, :]
+                    p = tl.where((diff >= 0) & (diff < window), p, 0.0)
+            else:
+                diff = tok[:, None] - cols[None, :]
+                p = tl.where((diff >= 0) & (diff < window), p, 0.0)
         v = _load2d(vb + v_off[:, None] + dv[None, :], kmask, dv < DV, MASK, PADV)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
@@ -283,20 +295,20 @@ def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
         dq2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     else:
         dq2 = tl.zeros([16, 16], dtype=tl.float32)
-    if SPLIT:
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, fs, tok,
-                            T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N,
-                            True, PREC)
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fs, fe, tok,
-                            T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N,
-                            False, PREC)
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fe, hi, tok,
-                            T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N,
-                            True, PREC)
+    if SPLIT == 1:
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, fs,
+                            fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                            PADV, BLOCK_N, True, False, PREC)
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fs, fe,
+                            fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                            PADV, BLOCK_N, False, False, PREC)
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fe, hi,
+                            fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                            PADV, BLOCK_N, True, False, PREC)
     else:
         dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, hi,
-                            tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
-                            BLOCK_N, True, PREC)
+                            fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                            PADV, BLOCK_N, True, SPLIT == 2, PREC)
 
     dq_rows = DQ + b * sdqb + t064 * sdqt + h064 * sdqh + (r_tok64 * sdqt + r_head * sdqh)
     tl.store(dq_rows[:, None] + d1[None, :], (dq1 * scale).to(DQ.dtype.element_ty),
@@ -308,11 +320,11 @@ def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
 
 @triton.jit
 def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_base,
-               sqt, sqh, sdot, sdoh, H, start, end, keys, T, window, qk_scale,
+               sqt, sqh, sdot, sdoh, H, start, end, fs, fe, keys, T, window, qk_scale,
                DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
                BLOCK_M: tl.constexpr, GP: tl.constexpr, MASK: tl.constexpr,
-               PREC: tl.constexpr):
+               EDGE: tl.constexpr, PREC: tl.constexpr):
     BT = BLOCK_M // GP
     r = tl.arange(0, BLOCK_M)
     r_tok = r // GP
@@ -343,8 +355,13 @@ def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_bas
             lse = tl.load(lb + row_off)
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])
         if MASK:
-            diff = tok[None, :] - keys[:, None]
-            pT = tl.where((diff >= 0) & (diff < window), pT, 0.0)
+            if EDGE:
+                if (t0 < fs) | (t0 >= fe):
+                    diff = tok[None, :] - keys[:, None]
+                    pT = tl.where((diff >= 0) & (diff < window), pT, 0.0)
+            else:
+                diff = tok[None, :] - keys[:, None]
+                pT = tl.where((diff >= 0) & (diff < window), pT, 0.0)
         do = _load2d(dob + do_off[:, None] + dv[None, :], rmask, dv < DV, MASK, PADV)
         dv_acc = tl.dot(pT.to(do.dtype), do, dv_acc, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -403,10 +420,15 @@ def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
     dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DVP], dtype=tl.float32)
 
-    # Query tiles [lo, hi): every tile that sees one of these keys. One masked loop: a split
-    # into masked and unmasked loops (as in the forward) costs more registers than it saves.
+    # Query tiles [lo, hi): every tile that sees one of these keys; tiles in [fs, fe) see all of
+    # them (SPLIT == 2 skips their mask). One loop: separate masked and unmasked loops (as in the
+    # forward) cost more registers than they save here.
     lo = (s0 // BT) * BT
     hi = tl.cdiv(tl.minimum(s0 + BLOCK_N - 1 + window, T), BT) * BT
+    fs = tl.cdiv(s0 + BLOCK_N - 1, BT) * BT
+    fs = tl.minimum(tl.maximum(fs, lo), hi)
+    fe = (tl.minimum(s0 + window, T) // BT) * BT
+    fe = tl.maximum(tl.minimum(fe, hi), fs)
     for g in range(0, G // GP):
         h0 = (hk * G + g * GP).to(tl.int64)
         q_base = Q + b * sqb + h0 * sqh
@@ -414,9 +436,9 @@ def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
         lse_base = LSE + b * T * H + h0
         delta_base = DELTA + b * T * H + h0
         dk1, dk2, dv_acc = _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base,
-                                      delta_base, sqt, sqh, sdot, sdoh, H, lo, hi, keys, T,
-                                      window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2, PADV,
-                                      BLOCK_M, GP, True, PREC)
+                                      delta_base, sqt, sqh, sdot, sdoh, H, lo, hi, fs, fe, keys,
+                                      T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
+                                      PADV, BLOCK_M, GP, True, SPLIT == 2, PREC)
 
     dk_rows = DK + b * sdkb + s064 * sdkt + hk * sdkh + offs_n * sdkt
     dv_rows = DVG + b * sdvb + s064 * sdvt + hk * sdvh + offs_n * sdvt
@@ -434,33 +456,38 @@ def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
 # --------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, GP, SPLIT, num_warps, num_stages). BLOCK_M counts rows = tokens x packed
-# heads; GP is an upper bound, lowered at launch to the largest power of two dividing H // Hk;
-# SPLIT: separate unmasked loop for the blocks inside the band (forward and dq only). Chosen
-# from register / spill counts of sm_90 builds: the dk/dv kernel runs one masked loop because
-# three loops spilled.
+# heads; GP is an upper bound, lowered at launch to the largest power of two dividing H // Hk.
+# SPLIT: 0 = one loop, every block masked; 1 = separate loops for the masked edge blocks and the
+# unmasked inside of the band (forward and dq only); 2 = one loop that masks edge blocks only.
+# Chosen on an H200 (bf16, MLA 16/1 heads 96/64 and GQA 32/2 heads 64/64, window 512) from every
+# config's time, plus register / spill counts of sm_90 builds for head dims up to 128.
 _FWD_CONFIGS = [
-    (128, 64, 16, True, 8, 3),
-    (128, 64, 16, False, 8, 3),
-    (128, 128, 16, True, 8, 3),
-    (64, 64, 16, True, 4, 3),
-    (128, 64, 1, True, 8, 3),
+    (128, 64, 16, 0, 8, 3),
+    (128, 64, 16, 2, 8, 3),
+    (128, 64, 16, 0, 4, 3),
+    (128, 64, 16, 2, 4, 3),
+    (64, 64, 16, 1, 4, 3),
+    (64, 64, 16, 2, 4, 3),
 ]
 _DQ_CONFIGS = [
-    (128, 64, 16, True, 8, 3),
-    (128, 64, 16, False, 8, 3),
-    (64, 64, 16, True, 4, 3),
-    (128, 64, 1, True, 8, 3),
+    (64, 64, 16, 0, 4, 3),
+    (64, 64, 16, 2, 4, 3),
+    (128, 32, 16, 1, 8, 3),
+    (128, 32, 16, 2, 8, 3),
+    (128, 64, 16, 0, 8, 3),
 ]
 _DKDV_CONFIGS = [
-    (64, 128, 16, False, 8, 3),
-    (32, 128, 16, False, 8, 3),
-    (64, 64, 16, False, 4, 3),
-    (64, 128, 1, False, 8, 3),
+    (64, 64, 16, 0, 4, 3),
+    (64, 64, 16, 2, 4, 3),
+    (64, 64, 16, 0, 8, 3),
+    (64, 64, 16, 2, 8, 3),
+    (32, 64, 16, 2, 4, 3),
+    (32, 128, 16, 0, 8, 3),
 ]
 # Fixed configurations: the CPU interpreter (no autotuning there), and float32 on a GPU (IEEE
 # dots run on the FMA units; a correctness path, small tiles keep it free of spills).
-_INTERPRETER_CONFIG = (16, 16, 2, True, 4, 1)
-_FP32_CONFIG = (32, 32, 2, False, 8, 2)
+_INTERPRETER_CONFIG = (16, 16, 2, 2, 4, 1)
+_FP32_CONFIG = (32, 32, 2, 0, 8, 2)
 
 
 def _triton_configs(table):
@@ -475,7 +502,7 @@ def _max_pack(G: int) -> int:
 
 def _fit(cfg: tuple, G: int) -> tuple:
     m, n, gp, sp, w, s = cfg
-    return (m, n, max(1, min(gp, _max_pack(G), m)), bool(sp), w, s)
+    return (m, n, max(1, min(gp, _max_pack(G), m)), int(sp), w, s)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -503,11 +530,14 @@ _dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
 
 def _launch(kernel, tuned, grid_fn, cfg, G, args, consts):
     """Run ``kernel`` with ``cfg`` (a 6-tuple), a fixed config, or autotuned."""
-    if cfg is None and not _interpreting() and consts["PREC"] != "ieee":
-        tuned[lambda meta: (grid_fn(meta["BLOCK_M"], meta["BLOCK_N"], meta["GP"]),)](*args, **consts)
+    if cfg is None and _interpreting():
+        cfg = _INTERPRETER_CONFIG
+    elif cfg is None and consts["PREC"] == "ieee":
+        cfg = _FP32_CONFIG
+    elif cfg is None:
+        tuned[lambda meta: (grid_fn(meta["BLOCK_M"], meta["BLOCK_N"], meta["GP"]),)](*args,
+                                                                                   **consts)
         return
-    if cfg is None:
-        cfg = _FP32_CONFIG if consts["PREC"] == "ieee" and not _interpreting() else _INTERPRETER_CONFIG
     m, n, gp, sp, w, s = _fit(cfg, G)
     kernel[(grid_fn(m, n, gp),)](*args, **consts, BLOCK_M=m, BLOCK_N=n, GP=gp, SPLIT=sp,
                                  num_warps=w, num_stages=s)

@@ -14,10 +14,17 @@ Both use the softmax scale ``1 / sqrt(head_dim + rope_dim)``.
 Selection always computes the compression attention, since block importance comes from its
 probabilities; a layer without the compression *branch* (NSA ablation) just drops its output,
 so its compressors get no gradient (use ``compress_method="mean"`` there).
+
+Decoding (:meth:`Attention.decode`, one token per sequence against an :mod:`nsa_lit.cache` cache)
+always runs latent layers in the absorbed form, reading the latent cache directly. ``forward``
+with a cache (prefill) also writes the prompt's keys/values, compressed tokens and kept
+selection into it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -25,6 +32,7 @@ from torch import nn
 import kernels
 from nsa_lit.attention.compressor import BlockCompressor
 from nsa_lit.attention.kv import GroupedKV, LatentKV
+from nsa_lit.cache import TokenCache
 from nsa_lit.config import ModelConfig
 from nsa_lit.rope import Rotary
 
@@ -83,45 +91,62 @@ class Attention(nn.Module):
         self.wo = nn.Linear(H * dh, cfg.d_model, bias=False)
 
     # -- projections -------------------------------------------------------------------------
-    def _grouped_inputs(self, x: torch.Tensor, compressed: bool) -> BranchInputs:
-        B, T, _ = x.shape
-        q = self.rope(self.wq(x).view(B, T, self.cfg.n_heads, self.cfg.head_dim))
-        k, v = self.kv(x, self.rope)
-        k_cmp = self.k_compressor(k) if compressed else None
-        v_cmp = self.v_compressor(v) if compressed else None
-        return BranchInputs(q, k, v, k_cmp, v_cmp, groups=self.cfg.n_kv_heads)
-
-    def _latent_inputs(self, x: torch.Tensor, compressed: bool) -> BranchInputs:
+    def _project(self, x: torch.Tensor, positions: torch.Tensor | None = None):
+        """Per-token projections of ``x (B, T, d_model)``, rotated at ``positions`` (``(B, T)``;
+        default ``0..T-1``). Grouped: ``q (B,T,H,dh)``, ``k``, ``v (B,T,Hk,dh)``; latent:
+        ``q (B,T,H,dh+dR)`` (RoPE part rotated), ``c (B,T,g,dc)``, ``k_r (B,T,1,dR)``."""
         B, T, _ = x.shape
         H, dh = self.cfg.n_heads, self.cfg.head_dim
-        q = self.wq(x).view(B, T, H, dh + self.cfg.rope_dim)
-        q_nope, q_rope = q[..., :dh], self.rope(q[..., dh:])
-        c, k_r = self.kv(x, self.rope)
-        c_cmp = self.latent_compressor(c) if compressed else None
-        kr_cmp = self.rope_compressor(k_r) if compressed else None
+        rope = self.rope if positions is None else partial(self.rope, positions=positions)
+        if self.source == "grouped":
+            q = rope(self.wq(x).view(B, T, H, dh))
+        else:
+            q = self.wq(x).view(B, T, H, dh + self.cfg.rope_dim)
+            q = torch.cat([q[..., :dh], rope(q[..., dh:])], dim=-1)
+        return (q, *self.kv(x, rope))
+
+    def _compress(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress the two cached tensors (``k, v`` or ``c, k_r``) ``(B, T, G, D)`` -> ``(B, N, G, D)``."""
+        if self.source == "grouped":
+            return self.k_compressor(a), self.v_compressor(b)
+        return self.latent_compressor(a), self.rope_compressor(b)
+
+    def _absorbed_query(self, q: torch.Tensor) -> torch.Tensor:
+        """Latent query ``[q_nope ; q_R]`` -> ``[W_uk[h]^T q_nope ; q_R]`` ``(B, T, H, dc + dR)``."""
+        dh = self.cfg.head_dim
+        return torch.cat([self.kv.absorb_query(q[..., :dh]), q[..., dh:]], dim=-1)
+
+    def _grouped_inputs(self, q, k, v, cmp) -> BranchInputs:
+        k_cmp, v_cmp = cmp if cmp is not None else (None, None)
+        return BranchInputs(q, k, v, k_cmp, v_cmp, groups=self.cfg.n_kv_heads)
+
+    def _latent_inputs(self, q, c, k_r, cmp) -> BranchInputs:
+        H, dh = self.cfg.n_heads, self.cfg.head_dim
+        c_cmp, kr_cmp = cmp if cmp is not None else (None, None)
         groups = self.kv.groups
         if self.cfg.latent_form == "absorbed":
             def keys(lat, rot):
                 return torch.cat([lat, rot.expand(-1, -1, groups, -1)], dim=-1)
 
-            q = torch.cat([self.kv.absorb_query(q_nope), q_rope], dim=-1)
+            q = self._absorbed_query(q)
             k, v = keys(c, k_r), c
-            k_cmp = keys(c_cmp, kr_cmp) if compressed else None
+            k_cmp = keys(c_cmp, kr_cmp) if cmp is not None else None
             v_cmp = c_cmp
         else:
             def keys(lat, rot):
                 return torch.cat([self.kv.up_keys(lat), rot.expand(-1, -1, H, -1)], dim=-1)
 
-            q = torch.cat([q_nope, q_rope], dim=-1)
             k, v = keys(c, k_r), self.kv.up_values(c)
-            k_cmp = keys(c_cmp, kr_cmp) if compressed else None
-            v_cmp = self.kv.up_values(c_cmp) if compressed else None
+            k_cmp = keys(c_cmp, kr_cmp) if cmp is not None else None
+            v_cmp = self.kv.up_values(c_cmp) if cmp is not None else None
         return BranchInputs(q, k, v, k_cmp, v_cmp, groups=groups)
 
     # -- branches ----------------------------------------------------------------------------
-    def _run_branches(self, inp: BranchInputs) -> list[torch.Tensor]:
+    def _run_branches(self, inp: BranchInputs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Branch outputs in ``self.branches`` order, and the selected blocks (or None)."""
         cfg, backend = self.cfg, self.cfg.kernel_backend
         outputs: dict[str, torch.Tensor] = {}
+        block_idx = None
         if "full" in self.branches:
             outputs["full"] = kernels.causal_attention(inp.q, inp.k, inp.v, self.scale, backend)
         if "window" in self.branches:
@@ -143,21 +168,85 @@ class Attention(nn.Module):
                 outputs["selection"] = kernels.selected_attention(
                     inp.q, inp.k, inp.v, block_idx, cfg.select_block, self.scale,
                     q_share=self.q_share, backend=backend)
+        return [outputs[b] for b in self.branches], block_idx
+
+    def _decode_branches(self, q: torch.Tensor, cache: TokenCache,
+                         positions: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_run_branches` for one query per sequence, ``q (B, H, Dq)``, against ``cache``
+        (absorbed form for latent caches); outputs ``(B, H, Dv)``."""
+        cfg, backend, scale = self.cfg, self.cfg.kernel_backend, self.scale
+        k, v, k_rope = cache.attention_inputs()
+        outputs: dict[str, torch.Tensor] = {}
+        if "full" in self.branches:
+            outputs["full"] = kernels.causal_decode(q, k, v, positions, scale, k_rope,
+                                                    backend=backend)
+        if "window" in self.branches:
+            outputs["window"] = kernels.window_decode(q, k, v, positions, cfg.window, scale,
+                                                      k_rope, backend=backend)
+        if cache.compressed is not None:
+            k_cmp, v_cmp, kr_cmp = cache.compressed_inputs()
+            o_cmp, lse = kernels.compression_decode(
+                q, k_cmp, v_cmp, positions, cfg.compress_block, cfg.compress_stride, scale,
+                kr_cmp, backend=backend)
+            if "compression" in self.branches:
+                outputs["compression"] = o_cmp
+            if "selection" in self.branches:
+                fresh = kernels.select_blocks_decode(
+                    q, k_cmp, lse, positions, num_groups=cache.block_idx.shape[1],
+                    block_len=cfg.compress_block, stride=cfg.compress_stride,
+                    select_block=cfg.select_block,
+                    num_blocks=math.ceil(cache.slots / cfg.select_block), top_n=cfg.top_n,
+                    num_local=cfg.num_local_blocks, scale=scale, k_rope_cmp=kr_cmp,
+                    backend=backend)
+                block_idx = cache.share_selection(fresh, positions)
+                outputs["selection"] = kernels.selected_decode(
+                    q, k, v, block_idx, positions, cfg.select_block, scale, k_rope,
+                    backend=backend)
         return [outputs[b] for b in self.branches]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _output(self, x: torch.Tensor, outs: list[torch.Tensor], latent: bool) -> torch.Tensor:
+        """Gate the branch outputs ``(B, T, H, D)``, up-project them by ``W_uv`` when ``latent``
+        (absorbed form), and project to ``(B, T, d_model)``."""
         B, T, _ = x.shape
-        compressed = "compression" in self.branches or "selection" in self.branches
-        if self.source == "grouped":
-            inp = self._grouped_inputs(x, compressed)
-        else:
-            inp = self._latent_inputs(x, compressed)
-        outs = self._run_branches(inp)
         if self.gate is None:
             o = outs[0]
         else:
             gates = torch.sigmoid(self.gate(x)).view(B, T, self.cfg.n_heads, len(outs), 1)
             o = sum(gates[:, :, :, i] * out for i, out in enumerate(outs))
-        if self.source == "latent" and self.cfg.latent_form == "absorbed":
+        if latent:
             o = self.kv.expand_output(o)
         return self.wo(o.reshape(B, T, -1))
+
+    # -- entry points ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, cache: TokenCache | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (B, T, d_model)`` -> ``(B, T, d_model)``. With ``cache`` (prefill), also write
+        sequence ``b``'s first ``lengths[b]`` tokens (default ``T``; ``x`` right-padded) to it."""
+        q, a, b = self._project(x)
+        compressed = "compression" in self.branches or "selection" in self.branches
+        cmp = self._compress(a, b) if compressed else None
+        if self.source == "grouped":
+            inp = self._grouped_inputs(q, a, b, cmp)
+        else:
+            inp = self._latent_inputs(q, a, b, cmp)
+        outs, block_idx = self._run_branches(inp)
+        if cache is not None:
+            if lengths is None:
+                lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
+            cache.write_prompt((a, b), cmp, lengths)
+            if block_idx is not None:
+                cache.keep_selection(block_idx)
+        absorbed = self.source == "latent" and self.cfg.latent_form == "absorbed"
+        return self._output(x, outs, latent=absorbed)
+
+    def decode(self, x: torch.Tensor, cache: TokenCache) -> torch.Tensor:
+        """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
+        -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
+        ``cache``. Latent layers attend in the absorbed form, to the latent cache itself."""
+        positions = cache.lengths
+        q, a, b = self._project(x, positions[:, None])
+        if self.source == "latent":
+            q = self._absorbed_query(q)
+        cache.append(a[:, 0], b[:, 0], self._compress if cache.compressed is not None else None)
+        outs = self._decode_branches(q[:, 0], cache, positions)
+        return self._output(x, [o[:, None] for o in outs], latent=self.source == "latent")

@@ -123,9 +123,9 @@ def test_other_head_groupings(H, HK, G, qs):
     tk.Config(bwd="atomic_kv"),
     tk.Config(bwd="atomic_q", seg=2),
     tk.Config(seg=2),
-    tk.Config(fwd_order="keys", dq_order="keys"),
+    tk.Config(fwd_order="keys", dq_order="rows"),
     tk.Config(tok=4),        # padded shared chunks instead of union chunks
-], ids=["atomic_kv", "atomic_q", "seg2", "keys_order", "tok4"])
+], ids=["atomic_kv", "atomic_q", "seg2", "keys_rows_order", "tok4"])
 def test_variants(config):
     H, HK, G, D, DV, qs = LAYOUTS["upproj"]
     gen = torch.Generator().manual_seed(4)
@@ -204,7 +204,8 @@ def test_clear_errors(kwargs, match):
     q = torch.randn(1, T, H, D, dtype=dtype)
     k = torch.randn(1, kwargs.get("kv_T", T), HK, D, dtype=dtype)
     v = torch.randn(1, kwargs.get("kv_T", T), HK, DV, dtype=dtype)
-    bi = torch.zeros(kwargs.get("bi_shape", (1, T, G, 2)), dtype=kwargs.get("bi_dtype", torch.int64))
+    bi = torch.zeros(kwargs.get("bi_shape", (1, T, G, 2)),
+                     dtype=kwargs.get("bi_dtype", torch.int64))
     with pytest.raises(ValueError, match=match):
         tk.selected_attention(q, k, v, bi, kwargs.get("select_block", 16), 0.25,
                               kwargs.get("q_share", 1))
@@ -237,9 +238,9 @@ def test_gpu_bf16_t4096(layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [
-    tk.Config(fwd_order="keys", dq_order="keys"), tk.Config(bwd="atomic_kv"),
-    tk.Config(bwd="atomic_q"), tk.Config(seg=256, dkdv_warps=4),
-], ids=["keys_order", "atomic_kv", "atomic_q", "seg256"])
+    tk.Config(fwd_order="keys", dq_order="keys"), tk.Config(fwd_order="rows", dq_order="rows"),
+    tk.Config(bwd="atomic_kv"), tk.Config(bwd="atomic_q"), tk.Config(seg=256, dkdv_warps=8),
+], ids=["keys_order", "rows_order", "atomic_kv", "atomic_q", "seg256_w8"])
 @pytest.mark.parametrize("layout", list(GPU_LAYOUTS))
 def test_gpu_bf16_variants(layout, config):
     _gpu_compare(*GPU_LAYOUTS[layout], T=1024, dtype=torch.bfloat16, config=config)

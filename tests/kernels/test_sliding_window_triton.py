@@ -42,7 +42,8 @@ def _compare_cpu(B, T, H, Hk, Dqk, Dv, window, cfg=None):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
 
 
-# B, T, H, Hk, Dqk, Dv, window, launch config (None: the interpreter default, 16x16 tiles)
+# B, T, H, Hk, Dqk, Dv, window, launch config (None: the interpreter default, 16x16 tiles,
+# two heads per tile, edge-only masking); configs are (BLOCK_M, BLOCK_N, GP, SPLIT, warps, stages)
 CPU_CASES = [
     # window larger than a tile, smaller than T; GQA 4:2
     (2, 64, 4, 2, 32, 32, 20, None),
@@ -51,11 +52,16 @@ CPU_CASES = [
     # window larger than T, MHA, split 48 = 32 + 16 and padded Dv 24
     (1, 50, 2, 2, 48, 24, 200, None),
     # MLA shape 96 = 64 + 32 / 64, four heads packed per tile, unequal tiles
-    (1, 96, 4, 1, 96, 64, 33, {"fwd": (32, 16, 4, True, 4, 1), "dq": (32, 16, 1, False, 4, 1),
-                               "dkdv": (32, 16, 4, False, 4, 1)}),
+    (1, 96, 4, 1, 96, 64, 33, {"fwd": (32, 16, 4, 1, 4, 1), "dq": (32, 16, 1, 0, 4, 1),
+                               "dkdv": (32, 16, 4, 0, 4, 1)}),
     # one head per tile everywhere, key tiles wider than query tiles, window = tile
-    (1, 128, 4, 2, 16, 16, 16, {"fwd": (16, 32, 1, False, 4, 1), "dq": (16, 32, 1, True, 4, 1),
-                                "dkdv": (16, 32, 1, False, 4, 1)}),
+    (1, 128, 4, 2, 16, 16, 16, {"fwd": (16, 32, 1, 0, 4, 1), "dq": (16, 32, 1, 1, 4, 1),
+                                "dkdv": (16, 32, 1, 2, 4, 1)}),
+    # 40 = 32 + 16 (second part padded), GQA 8:2 with 4 heads per tile, edge-only masking
+    (2, 77, 8, 2, 40, 24, 30, {"fwd": (32, 16, 4, 2, 4, 1), "dq": (32, 16, 4, 2, 4, 1),
+                               "dkdv": (32, 32, 4, 2, 4, 1)}),
+    # window = T
+    (1, 64, 2, 1, 16, 16, 64, None),
 ]
 
 
@@ -97,7 +103,7 @@ def test_split_dim():
 
 
 @pytest.mark.parametrize("shapes,window,match", [
-    (((1, 8, 3, 16), (1, 8, 2, 16), (1, 8, 2, 16)), 4, "H=3 must be a multiple of key/value heads Hk=2"),
+    (((1, 8, 3, 16), (1, 8, 2, 16), (1, 8, 2, 16)), 4, "H=3 must be a multiple of .* Hk=2"),
     (((1, 8, 2, 300), (1, 8, 1, 300), (1, 8, 1, 16)), 4, "Dqk=300"),
     (((1, 8, 2, 16), (1, 8, 1, 16), (1, 8, 1, 512)), 4, "Dv=512"),
     (((1, 8, 2, 16), (1, 9, 1, 16), (1, 9, 1, 16)), 4, "k must have shape"),
@@ -148,15 +154,15 @@ def test_gpu_bf16_gqa_shape():
 
 @pytest.mark.gpu
 def test_gpu_bf16_head_dim_128_odd_length():
-    cfg = {"fwd": (128, 64, 4, True, 8, 3), "dq": (128, 64, 4, False, 8, 3),
-           "dkdv": (32, 128, 4, False, 8, 3)}
+    cfg = {"fwd": (128, 64, 4, 0, 8, 3), "dq": (128, 64, 4, 0, 8, 3),
+           "dkdv": (32, 128, 4, 0, 8, 3)}
     _compare_gpu(2, 1000, 8, 2, 128, 128, 300, cfg=cfg)
 
 
 @pytest.mark.gpu
 def test_gpu_fp16():
-    cfg = {"fwd": (128, 64, 2, False, 8, 3), "dq": (128, 64, 2, False, 8, 3),
-           "dkdv": (32, 128, 2, False, 8, 3)}
+    cfg = {"fwd": (128, 64, 2, 2, 8, 3), "dq": (128, 64, 2, 2, 8, 3),
+           "dkdv": (32, 128, 2, 2, 8, 3)}
     _compare_gpu(2, 700, 4, 2, 96, 64, 200, dtype=torch.float16, cfg=cfg)
 
 

@@ -1,0 +1,225 @@
+"""Decode caches: what each attention layer keeps of the tokens already seen, one type per kind.
+
+| layer | cache | raw tokens kept | compressed |
+|---|---|---|---|
+| full attention ``F`` | :class:`GroupedKVCache` | all | - |
+| NSA ``N`` (with selection), grouped global ``G`` | :class:`GroupedKVCache` | all | yes |
+| NSA without selection, grouped local ``L`` | :class:`GroupedKVCache` | ring: ``max(window, compress_block)`` | if compressing |
+| ASA local ``L`` (MLA) | :class:`LatentWindowCache` | ring: ``window`` | - |
+| ASA global ``G`` (GLA) | :class:`LatentKVCache` | all | yes |
+
+Grouped caches hold rotated keys and values ``(n_kv_heads, head_dim)`` per token; latent caches hold
+the latent ``c (groups, latent_dim / groups)`` and the rotated RoPE key ``k_r (1, rope_dim)``.
+Compressed tokens are the layer's own compressors applied to the cached raw tokens, appended as
+blocks complete. Every sequence of the batch has its own length, hence its own positions, block
+boundaries and ring offset. Sizes match :func:`nsa_lit.model_stats.layer_kv_elements`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kernels.compression.reference import compressed_visible, num_compressed
+from nsa_lit.config import ModelConfig
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class TokenCache:
+    """Two per-token tensors of ``batch`` sequences, each sequence with its own length.
+
+    * ``raw``: two tensors ``(B, slots, *shape)``; token ``p`` of a sequence lives in slot
+      ``p % slots``: every token when ``slots == max_len``, else a ring of the last ``slots``.
+    * ``compressed`` (``compress=(block_len, stride)``): two tensors
+      ``(B, num_compressed(max_len), *shape)``, compressed token ``i`` in slot ``i``.
+    * ``block_idx`` (``select=(groups, top_n, q_share)``): ``(B, groups, top_n)`` int64, the blocks
+      chosen by the first query of each sequence's current query-sharing group.
+    * ``lengths``: ``(B,)`` int64, tokens written per sequence (= position of the next one).
+    """
+
+    latent = False  # latent layout: raw = (c, k_r), the latent is key and value
+
+    def __init__(self, batch: int, max_len: int, shapes: tuple[tuple[int, ...], ...], *,
+                 slots: int, compress: tuple[int, int] | None = None,
+                 select: tuple[int, int, int] | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        if not 1 <= slots <= max_len:
+            raise ValueError(f"cache slots must be in [1, max_len={max_len}], got {slots}")
+        self.max_len, self.slots = max_len, slots
+
+        def zeros(n, shape):
+            return torch.zeros(batch, n, *shape, dtype=dtype, device=device)
+
+        self.raw: Pair = tuple(zeros(slots, s) for s in shapes)
+        self.compress = compress
+        self.compressed: Pair | None = None
+        if compress is not None:
+            block_len, stride = compress
+            n = num_compressed(max_len, block_len, stride)
+            if n and slots < block_len:
+                raise ValueError(f"a compressing cache needs >= compress_block ({block_len}) "
+                                 f"slots, got {slots}")
+            self.compressed = tuple(zeros(n, s) for s in shapes)
+        self.q_share = select[2] if select is not None else None
+        self.block_idx = (None if select is None else
+                          torch.full((batch, select[0], select[1]), -1, dtype=torch.long,
+                                     device=device))
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.longest = 0  # max(lengths), kept on the host: no device sync per step
+
+    # -- what attention reads ----------------------------------------------------------------
+    def attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(k, v, k_rope)`` of the raw tokens, as :mod:`kernels.decode.reference` takes them."""
+        a, b = self.raw
+        return (a, a, b) if self.latent else (a, b, None)
+
+    def compressed_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(k_cmp, v_cmp, k_rope_cmp)`` of the compressed tokens."""
+        a, b = self.compressed
+        return (a, a, b) if self.latent else (a, b, None)
+
+    def bytes_allocated(self) -> int:
+        """Bytes of the cached token tensors (raw and compressed), from the tensors themselves;
+        the bookkeeping (``lengths``, ``block_idx``: a few int64 per sequence) is not counted."""
+        tensors = list(self.raw) + list(self.compressed or ())
+        return sum(t.nbytes for t in tensors)
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_prompt(self, raw: Pair, compressed: Pair | None, lengths: torch.Tensor) -> None:
+        """Prefill: from a forward over right-padded prompts (``raw`` tensors ``(B, T, *shape)``,
+        ``compressed`` ``(B, N, *shape)``), keep sequence ``b``'s first ``lengths[b]`` tokens."""
+        T = raw[0].shape[1]
+        longest = int(lengths.max())
+        if int(lengths.min()) < 1 or longest > T:
+            raise ValueError(f"prompt lengths must be in [1, {T}] (the padded length), "
+                             f"got {lengths.tolist()}")
+        self._check_room(longest)
+        p = torch.arange(T, device=lengths.device)
+        keep = (p < lengths[:, None]) & (p >= lengths[:, None] - self.slots)
+        b, t = keep.nonzero(as_tuple=True)
+        for buf, new in zip(self.raw, raw):
+            buf[b, t % self.slots] = new[b, t].to(buf.dtype)
+        if self.compressed is not None:
+            block_len, stride = self.compress
+            done = compressed_visible(lengths - 1, compressed[0].shape[1], block_len, stride)
+            b, i = done.nonzero(as_tuple=True)
+            for buf, new in zip(self.compressed, compressed):
+                buf[b, i] = new[b, i].to(buf.dtype)
+        self.lengths = lengths.to(self.lengths)
+        self.longest = longest
+
+    def keep_selection(self, block_idx: torch.Tensor) -> None:
+        """Prefill: keep the blocks of each sequence's last prompt token from ``block_idx
+        (B, T, G, top_n)``, which query sharing gave the first query of its group."""
+        self.block_idx = block_idx[torch.arange(len(block_idx)), self.lengths - 1].clone()
+
+    def append(self, a: torch.Tensor, b: torch.Tensor,
+               compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None) -> None:
+        """Write one token per sequence (``a``, ``b``: ``(B, *shape)``) at position ``lengths``.
+        A compressing cache then calls ``compress`` on the last ``block_len`` raw tokens
+        (``(B, block_len, *shape)`` each, returning ``(B, 1, *shape)`` each) and keeps the result
+        for the sequences whose block has just ended."""
+        self._check_room(self.longest + 1)
+        positions = self.lengths
+        rows = torch.arange(len(positions), device=positions.device)
+        for buf, new in zip(self.raw, (a, b)):
+            buf[rows, positions % self.slots] = new.to(buf.dtype)
+        self.lengths = positions + 1
+        self.longest += 1
+        if self.compressed is None or self.compressed[0].shape[1] == 0:
+            return
+        block_len, stride = self.compress
+        start = positions - block_len + 1  # first token of the block ending here
+        slots = (start[:, None] + torch.arange(block_len, device=start.device)) % self.slots
+        new = compress(*(buf[rows[:, None], slots] for buf in self.raw))
+        done = (start >= 0) & (start % stride == 0)
+        i = (start // stride).clamp(0, self.compressed[0].shape[1] - 1)
+        for buf, c in zip(self.compressed, new):
+            keep = done.view(-1, *[1] * (c.dim() - 2))
+            buf[rows, i] = torch.where(keep, c[:, 0].to(buf.dtype), buf[rows, i])
+
+    def share_selection(self, fresh: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Query sharing: the blocks ``(B, G, top_n)`` the query at ``positions`` uses, ``fresh``
+        (its own choice) when it opens a group of ``q_share`` queries, else the kept ones."""
+        opens = (positions % self.q_share == 0)[:, None, None]
+        self.block_idx = torch.where(opens, fresh, self.block_idx)
+        return self.block_idx
+
+    def _check_room(self, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(f"decode cache full: a sequence would reach {length} tokens, more "
+                             f"than the cache's max_len={self.max_len}")
+
+
+class GroupedKVCache(TokenCache):
+    """GQA layers (full attention, NSA, grouped local/global layers): rotated keys ``k`` and values
+    ``v``, ``(B, slots, n_kv_heads, head_dim)`` each, plus compressed ``k_cmp``, ``v_cmp``
+    ``(B, num_compressed(max_len), n_kv_heads, head_dim)`` when the layer compresses.
+    ``slots = max_len`` (every token) unless the layer only needs recent ones (window-only or
+    window + compression layers: a ring buffer)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, *,
+                 slots: int | None = None, compress=None, select=None,
+                 dtype=torch.float32, device=None):
+        shape = (n_kv_heads, head_dim)
+        super().__init__(batch, max_len, (shape, shape), slots=slots or max_len,
+                         compress=compress, select=select, dtype=dtype, device=device)
+
+
+class LatentWindowCache(TokenCache):
+    """ASA local layers (MLA, sliding window): latent ``c (B, slots, groups, group_dim)`` and
+    rotated RoPE key ``k_r (B, slots, 1, rope_dim)`` in a ring buffer of
+    ``slots = min(window, max_len)``: never more than the window."""
+
+    latent = True
+
+    def __init__(self, batch: int, max_len: int, window: int, groups: int, group_dim: int,
+                 rope_dim: int, *, dtype=torch.float32, device=None):
+        super().__init__(batch, max_len, ((groups, group_dim), (1, rope_dim)),
+                         slots=min(window, max_len), dtype=dtype, device=device)
+
+
+class LatentKVCache(TokenCache):
+    """ASA global layers (GLA): latent ``c (B, max_len, groups, group_dim)`` and rotated RoPE key
+    ``k_r (B, max_len, 1, rope_dim)`` of every token, plus compressed ``c_cmp``, ``kr_cmp``
+    ``(B, num_compressed(max_len), ...)`` and the kept selection for query sharing."""
+
+    latent = True
+
+    def __init__(self, batch: int, max_len: int, groups: int, group_dim: int, rope_dim: int, *,
+                 compress: tuple[int, int], select=None, dtype=torch.float32, device=None):
+        super().__init__(batch, max_len, ((groups, group_dim), (1, rope_dim)), slots=max_len,
+                         compress=compress, select=select, dtype=dtype, device=device)
+
+
+def layer_cache(cfg: ModelConfig, kind: str, batch: int, max_len: int,
+                dtype: torch.dtype = torch.float32, device=None) -> TokenCache:
+    """The cache a layer of ``kind`` needs to decode ``batch`` sequences of up to ``max_len``."""
+    if max_len > cfg.seq_len:
+        raise ValueError(f"cache max_len ({max_len}) exceeds the model's seq_len ({cfg.seq_len})")
+    branches = cfg.branches(kind)
+    compressed = "compression" in branches or "selection" in branches
+    compress = (cfg.compress_block, cfg.compress_stride) if compressed else None
+    groups = (cfg.n_kv_heads if cfg.kv_source(kind) == "grouped" else cfg.latent_groups(kind))
+    select = ((groups, cfg.top_n, cfg.layer_q_share(kind)) if "selection" in branches else None)
+    if "full" in branches or "selection" in branches:
+        slots = max_len
+    else:  # recent tokens only: the window, and one compression block to compress
+        slots = min(max_len, max(cfg.window if "window" in branches else 0,
+                                 cfg.compress_block if compressed else 0))
+    kw = dict(dtype=dtype, device=device)
+    if cfg.kv_source(kind) == "grouped":
+        return GroupedKVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, slots=slots,
+                              compress=compress, select=select, **kw)
+    group_dim = cfg.latent_dim // groups
+    if not compressed:
+        return LatentWindowCache(batch, max_len, slots, groups, group_dim, cfg.rope_dim, **kw)
+    return LatentKVCache(batch, max_len, groups, group_dim, cfg.rope_dim, compress=compress,
+                         select=select, **kw)
+
+
+def new_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+               device=None) -> list[TokenCache]:
+    """One cache per layer of the model (``cfg.layer_kinds``); ``max_len <= cfg.seq_len``."""
+    return [layer_cache(cfg, kind, batch, max_len, dtype, device) for kind in cfg.layer_kinds]
