@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(path, "w") as f:
                 json.dump(record, f, indent=1)
 
-    header = f"{'case':<18} {'T':>6} {'B':>3} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} {'TFLOP/s':>8}"
+    header = (f"{'case':<18} {'T':>6} {'B':>3} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} "
+              f"{'TFLOP/s':>8}")
     print(f"# {record['device']}, torch {record['torch']}, triton {record['triton']}", flush=True)
     print(header, flush=True)
     lines = []

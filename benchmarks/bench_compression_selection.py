@@ -32,10 +32,10 @@ from kernels.selection import reference as sref  # noqa: E402
 from kernels.selection import triton_kernel as stk  # noqa: E402
 
 SHAPES = {
-    # name: H, Hk (= G), Dqk, Dv
-    "asa_global_absorbed_gla": (16, 2, 160, 128),
-    "nsa_gqa": (16, 4, 64, 64),
-    "asa_global_upprojected": (16, 16, 96, 64),
+    # name: H, Hk, G (selection groups), Dqk, Dv
+    "asa_global_absorbed_gla": (16, 2, 2, 160, 128),
+    "nsa_gqa": (16, 4, 4, 64, 64),
+    "asa_global_upprojected": (16, 16, 2, 96, 64),
 }
 BLOCK_LEN, STRIDE, SELECT_BLOCK, TOP_N, NUM_LOCAL = 32, 16, 64, 16, 2
 
@@ -68,7 +68,7 @@ class Budget:
 
 
 def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
-    H, Hk, D, Dv = SHAPES[name]
+    H, Hk, G, D, Dv = SHAPES[name]
     B = TOKENS // T
     N = cref.num_compressed(T, BLOCK_LEN, STRIDE)
     scale = D ** -0.5
@@ -80,7 +80,6 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
     do = torch.randn(B, T, H, Dv, device=dev, dtype=dt)
     pairs = B * H * visible_pairs(T)
     fl_fwd = 2 * pairs * (D + Dv)
-    G = Hk
     sel_pairs = B * H * visible_pairs(T, q_share)
     fl_sel = 2 * sel_pairs * D
     row = {"shape": name, "T": T, "B": B, "H": H, "Hk": Hk, "G": G, "Dqk": D, "Dv": Dv, "N": N,

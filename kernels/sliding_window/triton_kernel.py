@@ -13,9 +13,10 @@ Design
   spans only ``BLOCK_M // GP`` tokens, so the band of keys it visits (``window + tokens``) wastes
   less on masked scores. ``GP = 1`` is the plain one-head-per-program layout.
 * **Only the band is visited.** A query tile visits the key blocks that intersect
-  ``[t0 - window + 1, t_last]``: cost O(T * window). The visited range is split in three loops:
-  masked blocks at the window's far edge, unmasked blocks in the middle, masked blocks on the
-  diagonal; the middle loop does no mask arithmetic.
+  ``[t0 - window + 1, t_last]``: cost O(T * window). Only the blocks at the window's far edge
+  and on the diagonal need the mask; the autotuned ``SPLIT`` picks how: one loop masking every
+  block, one loop masking the edge blocks only (a runtime branch; fastest on an H200), or three
+  loops (masked, unmasked, masked).
 * **Split head dim.** ``Dqk`` that is not a power of two is split into two power-of-two parts
   (96 = 64 + 32, the MLA nope + RoPE widths) summed by two chained dots instead of padding to
   128; other widths are padded with masked loads. ``Dv`` is padded to a power of two.
@@ -459,28 +460,28 @@ def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
 # heads; GP is an upper bound, lowered at launch to the largest power of two dividing H // Hk.
 # SPLIT: 0 = one loop, every block masked; 1 = separate loops for the masked edge blocks and the
 # unmasked inside of the band (forward and dq only); 2 = one loop that masks edge blocks only.
-# Chosen on an H200 (bf16, MLA 16/1 heads 96/64 and GQA 32/2 heads 64/64, window 512) from every
-# config's time, plus register / spill counts of sm_90 builds for head dims up to 128.
+# Chosen on an H200 (2026-11-30, bf16, window 512, MLA 16/1 heads 96/64 and GQA 32/2 heads
+# 64/64) from every candidate's time, and from register / spill counts of sm_90 builds for head
+# dims up to 128 (each list keeps one spill-free config for 128/128). Winners then: fwd
+# (128, 64, 16, 2, 8|4, 3); dq (128, 32, 16, 2|1, 8, 3); dk/dv (64, 64, 16, 0|2, 4, 3). One head
+# per tile (GP = 1) lost by 20-60%; three loops (SPLIT 1) lost to one loop with edge masking.
 _FWD_CONFIGS = [
-    (128, 64, 16, 0, 8, 3),
     (128, 64, 16, 2, 8, 3),
-    (128, 64, 16, 0, 4, 3),
     (128, 64, 16, 2, 4, 3),
-    (64, 64, 16, 1, 4, 3),
+    (128, 64, 16, 0, 8, 3),
+    (128, 64, 16, 0, 4, 3),
     (64, 64, 16, 2, 4, 3),
 ]
 _DQ_CONFIGS = [
+    (128, 32, 16, 2, 8, 3),
+    (128, 32, 16, 1, 8, 3),
     (64, 64, 16, 0, 4, 3),
     (64, 64, 16, 2, 4, 3),
-    (128, 32, 16, 1, 8, 3),
-    (128, 32, 16, 2, 8, 3),
     (128, 64, 16, 0, 8, 3),
 ]
 _DKDV_CONFIGS = [
     (64, 64, 16, 0, 4, 3),
     (64, 64, 16, 2, 4, 3),
-    (64, 64, 16, 0, 8, 3),
-    (64, 64, 16, 2, 8, 3),
     (32, 64, 16, 2, 4, 3),
     (32, 128, 16, 0, 8, 3),
 ]

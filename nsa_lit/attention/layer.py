@@ -121,7 +121,7 @@ class Attention(nn.Module):
         return BranchInputs(q, k, v, k_cmp, v_cmp, groups=self.cfg.n_kv_heads)
 
     def _latent_inputs(self, q, c, k_r, cmp) -> BranchInputs:
-        H, dh = self.cfg.n_heads, self.cfg.head_dim
+        H = self.cfg.n_heads
         c_cmp, kr_cmp = cmp if cmp is not None else (None, None)
         groups = self.kv.groups
         if self.cfg.latent_form == "absorbed":

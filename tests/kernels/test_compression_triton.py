@@ -97,11 +97,13 @@ def test_strided_inputs_and_dispatch():
 
 
 def test_no_visible_token():
-    """T < block_len: no compressed token at all (the reference cannot run this case)."""
+    """T < block_len: no compressed token at all; zero output, -inf lse, zero gradients."""
     q = torch.randn(1, 6, 4, 16, requires_grad=True)
     k = torch.randn(1, 0, 2, 16, requires_grad=True)
     v = torch.randn(1, 0, 2, 16, requires_grad=True)
     o, lse = tk.compression_attention(q, k, v, 8, 4, 0.25)
+    o_ref, lse_ref = ref.compression_attention(q, k, v, 8, 4, 0.25)
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
     assert (o == 0).all() and (lse == -INF).all()
     (dq,) = torch.autograd.grad(o.sum(), (q,))
     assert (dq == 0).all()
@@ -167,3 +169,25 @@ def test_gpu_other_dtypes(dtype):
 def test_gpu_large_head_dims():
     q, k, v = make(1, 512, 4, 1, 256, 256, 32, 16, dtype=torch.bfloat16, device="cuda")
     check_against_reference(q, k, v, 32, 16, tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets():
+    """B * T * H * D past 2**31 elements: the last sequence must be as right as the first."""
+    B, T, H, Hk, D, Dv, l, s = 512, 2048, 16, 2, 160, 128, 32, 16
+    assert B * T * H * D > 2**31
+    q, k, v = make(B, T, H, Hk, D, Dv, l, s, dtype=torch.bfloat16, device="cuda")
+    q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True)
+    scale = D ** -0.5
+    o, lse = tk.compression_attention(q, k, v, l, s, scale)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    for b in (0, B - 1):
+        qr, kr, vr = (x[b:b + 1].detach().float().requires_grad_(True) for x in (q, k, v))
+        o_ref, lse_ref = ref.compression_attention(qr, kr, vr, l, s, scale)
+        g_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do[b:b + 1].float())
+        assert rel(o[b:b + 1], o_ref) < 1e-2
+        seen = torch.isfinite(lse_ref)
+        assert (lse[b:b + 1][seen] - lse_ref[seen]).abs().max().item() < 1e-2
+        for g, gr in zip(grads, g_ref):
+            assert rel(g[b:b + 1], gr) < 1e-2

@@ -285,3 +285,28 @@ def test_gpu_check_catches_a_wrong_kernel():
         wrong[0, t, 0, :len(row)] = torch.tensor(row, device="cuda")
     with pytest.raises(AssertionError):
         check_within_rounding(wrong, expected, score, rtol=1e-4, max_row_fraction=0.01)
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets():
+    """B * T * H * D past 2**31 elements: the last sequence must be as right as the first."""
+    B, T, H, Hk, G, D, l, s, sb, n, nl, qs = 512, 2048, 16, 2, 2, 160, 32, 16, 64, 16, 2, 4
+    assert B * T * H * D > 2**31
+    N = cref.num_compressed(T, l, s)
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, N, Hk, D, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(B, T, H, device="cuda")
+    for b in (0, B - 1):  # lse only where it is checked; elsewhere any finite value will do
+        lse[b:b + 1] = cref.compression_attention(q[b:b + 1].float(), k[b:b + 1].float(),
+                                                  k[b:b + 1, ..., :16].float(), l, s, D ** -0.5)[1]
+    lse[1:B - 1] = 0.0
+    kw = dict(num_groups=G, block_len=l, stride=s, select_block=sb, top_n=n, num_local=nl,
+              q_share=qs, scale=D ** -0.5)
+    out = tk.select_blocks(q, k, lse, **kw)
+    for b in (0, B - 1):
+        qf, kf = q[b:b + 1].float(), k[b:b + 1].float()
+        expected = ref.select_blocks(qf, kf, lse[b:b + 1], **kw)
+        score = masked_reference_scores(qf, kf, lse[b:b + 1], num_groups=G, block_len=l,
+                                        stride=s, select_block=sb, num_local=nl, q_share=qs,
+                                        scale=kw["scale"])
+        check_within_rounding(out[b:b + 1], expected, score, rtol=1e-4, max_row_fraction=0.01)
