@@ -151,6 +151,79 @@ def fla_nsa_case(H: int, Hk: int, D: int, block: int = 64, top_n: int = 16):
     return build
 
 
+def visible_compressed(T: int, block_len: int, stride: int) -> float:
+    """Mean number of compressed tokens a query sees (blocks that have ended)."""
+    return sum(max(0, (t - block_len + 1) // stride + 1) for t in range(T)) / T
+
+
+def visible_selected(T: int, select_block: int, top_n: int) -> float:
+    """Mean raw tokens a query reads in its selected blocks (the current block up to itself)."""
+    return sum((min(top_n, t // select_block + 1) - 1) * select_block + t % select_block + 1
+               for t in range(T)) / T
+
+
+def sparse_case(H: int, G: int, Dqk: int, Dv: int, block_len: int, stride: int,
+                select_block: int, top_n: int, num_local: int, q_share: int):
+    """Compression + block selection + selected attention over G key/value groups, the branch
+    computation of a global layer (ASA in the absorbed GLA form, or NSA over GQA heads)."""
+    def build(T: int, B: int) -> Bench:
+        from kernels import dispatch
+        from kernels.compression.reference import num_compressed
+
+        N = num_compressed(T, block_len, stride)
+        q, k, v = _randn(B, T, H, Dqk), _randn(B, T, G, Dqk), _randn(B, T, G, Dv)
+        k_cmp, v_cmp = _randn(B, N, G, Dqk), _randn(B, N, G, Dv)
+        scale = 1 / math.sqrt(Dqk)
+
+        def fwd():
+            o_cmp, lse = dispatch.compression_attention(q, k_cmp, v_cmp, block_len, stride, scale)
+            idx = dispatch.select_blocks(
+                q.detach(), k_cmp.detach(), lse, num_groups=G, block_len=block_len, stride=stride,
+                select_block=select_block, top_n=top_n, num_local=num_local, q_share=q_share,
+                scale=scale)
+            return o_cmp + dispatch.selected_attention(q, k, v, idx, select_block, scale,
+                                                       q_share=q_share)
+
+        n_cmp = visible_compressed(T, block_len, stride)
+        flops = (attention_flops(B * T, H, Dqk, Dv, n_cmp)
+                 + attention_flops(B * T // q_share, H, Dqk, 0, n_cmp)  # importance scores
+                 + attention_flops(B * T, H, Dqk, Dv, visible_selected(T, select_block, top_n)))
+        return Bench(fwd=fwd, inputs=[q, k, v, k_cmp, v_cmp], flops_fwd=flops,
+                     shape=dict(H=H, G=G, Dqk=Dqk, Dv=Dv, block_len=block_len, stride=stride,
+                                select_block=select_block, top_n=top_n, num_local=num_local,
+                                q_share=q_share))
+
+    return build
+
+
+def layer_case(kind: str, **overrides):
+    """A whole attention layer of the 340M config (projections, compressors, gate included);
+    FLOPs: 2 per weight per token plus the branches' attention FLOPs (an estimate)."""
+    def build(T: int, B: int) -> Bench:
+        from nsa_lit.attention import Attention
+        from nsa_lit.config import ModelConfig
+
+        cfg = ModelConfig(**{"seq_len": T, **overrides})
+        layer = Attention(cfg, kind).cuda().to(torch.bfloat16)
+        x = _randn(B, T, cfg.d_model)
+        weights = sum(p.numel() for p in layer.parameters())
+        if cfg.kv_source(kind) == "latent":
+            dqk, dv = (cfg.latent_dim // cfg.latent_groups(kind) + cfg.rope_dim,
+                       cfg.latent_dim // cfg.latent_groups(kind))
+        else:
+            dqk = dv = cfg.head_dim
+        visible = {"full": visible_causal(T), "window": visible_window(T, cfg.window),
+                   "compression": visible_compressed(T, cfg.compress_block, cfg.compress_stride),
+                   "selection": visible_selected(T, cfg.select_block, cfg.top_n)}
+        flops = 2.0 * weights * B * T + sum(
+            attention_flops(B * T, cfg.n_heads, dqk, dv, visible[b]) for b in cfg.branches(kind))
+        return Bench(fwd=lambda: layer(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
+                     shape=dict(kind=kind, branches=list(cfg.branches(kind)),
+                                kv=cfg.kv_source(kind), **overrides))
+
+    return build
+
+
 def _has_module(name: str) -> Callable[[], str | None]:
     def check() -> str | None:
         import importlib.util
@@ -167,6 +240,17 @@ CASES: list[Case] = [
     Case("flex-window-mla", "flex-mla", flex_window_case(H=16, Hk=1, Dqk=96, Dv=64)),
     Case("sdpa-causal-gqa", "sdpa", sdpa_causal_case(H=32, Hk=2, D=64)),
     Case("fla-nsa-gqa", "fla", fla_nsa_case(H=32, Hk=2, D=64), _has_module("fla")),
+    # ASA global-layer branches at the 340M defaults, absorbed GLA form: 2 latent groups,
+    # q.k over 128 latent + 32 RoPE dims, values 128, l=32, d=16, l'=64, top-16, q_share 4
+    Case("asa-global", "sparse", sparse_case(H=16, G=2, Dqk=160, Dv=128, block_len=32, stride=16,
+                                             select_block=64, top_n=16, num_local=2, q_share=4)),
+    # our NSA branches at fla's anchor configuration (32 heads, 2 KV heads, blocks of 64, top-16)
+    Case("nsa-gqa", "sparse", sparse_case(H=32, G=2, Dqk=64, Dv=64, block_len=64, stride=64,
+                                          select_block=64, top_n=16, num_local=1, q_share=1)),
+    Case("layer-full", "layer", layer_case("F", layer_pattern="F")),
+    Case("layer-asa-local", "layer", layer_case("L")),
+    Case("layer-asa-global", "layer", layer_case("G")),
+    Case("layer-nsa", "layer", layer_case("N", layer_pattern="N")),
 ]
 
 
