@@ -16,7 +16,7 @@ TOKENS_PER_STEP = 8 * 256
 def fit(cwd: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs/tiny.yaml"),
            "--model.optim.token_budget", str(steps * TOKENS_PER_STEP),
-           "--model.optim.warmup_steps", "5", "--trainer.val_check_interval", "15", *extra]
+           "--model.optim.warmup_steps", "5", "--trainer.val_check_interval", "10", *extra]
     out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
@@ -32,7 +32,7 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.mark.slow
 def test_tiny_demo_trains_logs_checkpoints_and_resumes(tmp_path):
-    fit(tmp_path, 45)
+    fit(tmp_path, 30)
     assert (tmp_path / "data/python-docs/meta.json").exists()
     ckpt = tmp_path / "checkpoints/tiny/asa/last.ckpt"
     assert ckpt.exists()
@@ -41,10 +41,11 @@ def test_tiny_demo_trains_logs_checkpoints_and_resumes(tmp_path):
                 "train/tokens_per_sec", "val/loss", "val/ppl"):
         assert logs.get(tag), f"TensorBoard has no {tag}"
     val = [v for _, v in logs["val/loss"]]
-    assert len(val) == 3 and val[-1] < val[0] - 0.5, f"validation loss did not fall: {val}"
+    # ln(4096) = 8.3 untrained: validation after 10 steps is far below, and keeps falling
+    assert len(val) == 3 and val[0] < 7.3 and val[-1] < val[0] - 0.1, f"validation loss: {val}"
 
-    # resume from last.ckpt with a larger budget: continues at step 45, reuses the prepared data
-    out = fit(tmp_path, 60, "--ckpt_path", "last")
+    # resume from last.ckpt with a larger budget: continues at step 30, reuses the prepared data
+    out = fit(tmp_path, 40, "--ckpt_path", "last")
     assert "Restored all states from the checkpoint" in out.stderr + out.stdout
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert state["global_step"] == 60 and state["tokens_seen"] == 60 * TOKENS_PER_STEP
+    assert state["global_step"] == 40 and state["tokens_seen"] == 40 * TOKENS_PER_STEP

@@ -458,15 +458,16 @@ def check_inputs(q, k_cmp, v_cmp, block_len, stride, scale) -> None:
 
 def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.device) -> dict[str, int]:
     """Tile sizes. ``width`` = padded Dqk + padded Dv. Chosen from ptxas reports for sm_90
-    (no spills at the 340M shapes; shared memory under the 227 KB per-block limit)."""
+    (no or few spills at the 340M shapes; shared memory under the 227 KB per-block limit) and
+    a sweep on an H200 (benchmarks/results/compression_selection_*.json)."""
     if _interpreting() or device.type != "cuda":
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif fp32:  # exact fp32 dots run on FMA units: small tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     elif width <= 320:
-        cfg = {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+        cfg = {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
                "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-               "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}}[kind]
+               "dkdv": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}}[kind]
     else:
         cfg = {"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},

@@ -3,7 +3,7 @@
 Same function and signature as :func:`kernels.selection.reference.select_blocks`; returns
 ``block_idx (B, T, G, top_n)`` int64 (valid indices ascending, ``-1`` padding last), no gradient.
 
-One fused kernel; grid ``(ceil(Tq / BLOCK_R), B * G)`` with ``Tq = ceil(T / q_share)``: a program
+Importance kernel, grid ``(ceil(Tq / BLOCK_R), B * G)`` with ``Tq = ceil(T / q_share)``: a program
 owns ``BLOCK_R`` *first* queries ``t0 = r * q_share`` (query sharing: only those rows are ever
 computed) of one selection group ``g``.
 
@@ -12,21 +12,27 @@ Phase 1, importance. Heads are packed as in the compression kernel: a "unit" is 
 MMA of ``BLOCK_R * SUB`` rows covers them; a group has ``U = lcm(G, Hk) / G`` units (1 for GQA and
 absorbed GLA, ``H / G`` for the up-projected form). For each visible key tile the probabilities
 ``exp(q.k * scale - lse)`` are recomputed (never stored), summed over the heads of the group, and
-re-binned to selection blocks with one small fp32 product against the overlap-weight matrix of
-``kernels.selection.reference.overlap_weights``. Key tiles are aligned so that a tile starts on a
+re-binned to selection blocks with a small product against the overlap counts of
+``kernels.selection.reference.overlap_weights`` (exact integers; the probabilities split into a
+tf32-exact high part and the rest, so two tf32 MMAs give fp32 accuracy). Key tiles are aligned so that a tile starts on a
 selection-block boundary (``BLOCK_N * stride % select_block == 0``); the tile's weights are then the
 same for every tile: ``JB = BLOCK_N * stride / select_block`` blocks are complete after the tile,
 and the ``JC`` blocks its last tokens spill into are carried in registers to the next tile. The
 complete block scores go to a small fp32 scratch row ``(B, G, Tq, Ns)`` (L2-resident; the ``(T, N)``
 probability matrix never exists).
 
-Phase 2, top-n, in the same program after a barrier: each row's ``Ns`` scores are loaded into
-registers (``RB`` rows at a time), forced blocks (block 0 and the ``num_local`` blocks ending with
-the current block of ``t0``) set to +inf, blocks after the current one to -inf, and ``top_n``
-rounds of (row max, lowest index holding it, knock it out) pick the blocks. **Tie-break: among
-equal scores the lower block index wins** (the reference uses a stable descending sort, which
-agrees). The picks are sorted ascending in registers (``tl.sort``), ``-inf`` picks become ``-1``,
-and the row is written to all ``q_share`` queries of its group.
+Phase 2, top-n (``_topn_rows``): each row's ``Ns`` scores are loaded into registers, forced
+blocks (block 0 and the ``num_local`` blocks ending with the current block of ``t0``) set to
++inf, and each block gets one int64 key (score bits above, ``NS_PAD - 1 - j`` below; blocks
+after the current one get -1), so ``top_n`` rounds of one row max-reduction pick the best block
+and, **among equal scores, the lower block index** (the reference uses a stable descending sort,
+which agrees). The picks are sorted ascending in registers (``tl.sort``), empty picks become
+``-1``, and the row is written to all ``q_share`` queries of its group. By default phase 2 is a
+second, light launch over the L2-resident scratch ("split": few registers, so many programs per
+SM hide the reductions' latency); ``CONFIG_OVERRIDE["TOPN"] = "fused"`` runs it at the end of the
+importance program instead (after a barrier). On an H200 (T = 65536, ASA shapes) split took
+1.30 ms in all, fused 1.41 ms; ``torch.topk`` alone on the importance tensor took 1.07 ms, more
+than the whole Triton top-n phase (0.42 ms).
 
 Rows longer than ``MAX_NS_IN_REGISTERS`` selection blocks fall back to ``torch`` top-k on the
 kernel's importance tensor (same tie-break).
@@ -69,6 +75,45 @@ def _rebin(pg, w_main, w_carry, carry):
 
 
 @triton.jit
+def _topn_rows(IMP, OUT, r2, pid_bg, b, g, T, Tq, Ns, G,
+               Q_SHARE: tl.constexpr, SEL: tl.constexpr, TOP_N: tl.constexpr,
+               TOPN_PAD: tl.constexpr, NUM_LOCAL: tl.constexpr, RB: tl.constexpr,
+               NS_PAD: tl.constexpr):
+    """Phase 2 for rows ``r2`` (first queries ``r2 * Q_SHARE``) of group ``g``: forced blocks,
+    causality, top-n (ties: lower index), ascending order, written to all ``Q_SHARE`` queries."""
+    js = tl.arange(0, NS_PAD)[None, :]
+    kk = tl.arange(0, TOPN_PAD)[None, :]
+    ok2 = r2 < Tq
+    t02 = r2 * Q_SHARE
+    cur = (t02 // SEL)[:, None]
+    row2 = IMP + (pid_bg.to(tl.int64) * Tq + r2.to(tl.int64)) * Ns
+    sc = tl.load(row2[:, None] + js, mask=ok2[:, None] & (js <= cur), other=0.0)
+    forced = (js == 0) | ((js <= cur) & (js > cur - NUM_LOCAL))
+    sc = tl.where(forced, float("inf"), sc)
+    # one int64 key per block: the float bits above, NS_PAD-1-j below, so a single
+    # max-reduction gives the best score and, among equal scores, the lowest index. Scores are
+    # >= 0 (sums of probabilities) or +inf, so every key is >= 0; blocks after the current one,
+    # and picked ones, get the key -1.
+    bits = sc.to(tl.int32, bitcast=True)
+    key = (bits.to(tl.int64) << 32) | (NS_PAD - 1 - js).to(tl.int64)
+    key_min = tl.full([RB, NS_PAD], -1, tl.int64)
+    key = tl.where(js <= cur, key, key_min)
+    picks = tl.full([RB, TOPN_PAD], 1 << 30, tl.int32)
+    for k in range(TOP_N):
+        best = tl.max(key, 1)
+        idx = (NS_PAD - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+        pick = tl.where(best >= 0, idx, 1 << 30)
+        picks = tl.where(kk == k, pick[:, None], picks)
+        key = tl.where(key == best[:, None], key_min, key)
+    picks = tl.sort(picks, 1)
+    res = tl.where(picks >= (1 << 30), -1, picks).to(tl.int64)
+    for qq in tl.static_range(Q_SHARE):
+        t = t02 + qq
+        off = ((b * T + t.to(tl.int64)) * G + g) * TOP_N
+        tl.store(OUT + off[:, None] + kk, res, mask=(ok2 & (t < T))[:, None] & (kk < TOP_N))
+
+
+@triton.jit
 def _select_kernel(
     Q, K, LSE, IMP, OUT,
     sqb, sqt, sqh, skb, skn, skh, slb, slt, slh,
@@ -77,7 +122,7 @@ def _select_kernel(
     Q_SHARE: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
     SEL: tl.constexpr, TOP_N: tl.constexpr, TOPN_PAD: tl.constexpr, NUM_LOCAL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, JB: tl.constexpr, JC: tl.constexpr,
-    JB_PAD: tl.constexpr, NS_PAD: tl.constexpr, RB: tl.constexpr,
+    TAIL: tl.constexpr, JB_PAD: tl.constexpr, NS_PAD: tl.constexpr, RB: tl.constexpr,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, IEEE: tl.constexpr,
     DO_TOPN: tl.constexpr,
 ):
@@ -171,42 +216,38 @@ def _select_kernel(
             j = kt * JB + cj
             tl.store(imp_row[:, None] + j[None, :], score / STRIDE,
                      mask=r_ok[:, None] & (cj[None, :] < JB) & (j[None, :] < Ns))
-    # blocks the last tile spills into
+    # blocks the last tile spills into, and any later block up to the current block of the last
+    # row (no visible token reaches those: zero), so that every visible block is written
     j = n_tiles * JB + cj
     tl.store(imp_row[:, None] + j[None, :], carry / STRIDE,
-             mask=r_ok[:, None] & (cj[None, :] < JC) & (j[None, :] < Ns))
-    written = tl.minimum(n_tiles * JB + JC, Ns)  # blocks past this saw no visible token: 0
+             mask=r_ok[:, None] & (cj[None, :] < TAIL) & (j[None, :] < Ns))
+    # (only when k_cmp holds fewer tokens than the rows could see: zeros up to the last row's
+    # current block)
+    cur_last = (r_last * Q_SHARE) // SEL
+    zero = tl.zeros([BLOCK_R, JB_PAD], tl.float32)
+    for j0 in range(n_tiles * JB + TAIL, cur_last + 1, JB_PAD):
+        j = j0 + cj
+        tl.store(imp_row[:, None] + j[None, :], zero,
+                 mask=r_ok[:, None] & (j[None, :] <= cur_last) & (j[None, :] < Ns))
 
     if DO_TOPN:
-        tl.debug_barrier()
-        # ---------------- phase 2: forced blocks, causality, top-n, ascending order -----------
-        js = tl.arange(0, NS_PAD)[None, :]
-        kk = tl.arange(0, TOPN_PAD)[None, :]
+        tl.debug_barrier()  # the program's own importance rows, written above, are read below
         for c0 in range(0, BLOCK_R, RB):
-            r2 = r0 + c0 + tl.arange(0, RB)
-            ok2 = r2 < Tq
-            t02 = r2 * Q_SHARE
-            cur = (t02 // SEL)[:, None]
-            row2 = IMP + (pid_bg.to(tl.int64) * Tq + r2.to(tl.int64)) * Ns
-            sc = tl.load(row2[:, None] + js, mask=ok2[:, None] & (js < written) & (js <= cur),
-                         other=0.0)
-            forced = (js == 0) | ((js <= cur) & (js > cur - NUM_LOCAL))
-            sc = tl.where(forced, float("inf"), sc)
-            sc = tl.where(js <= cur, sc, float("-inf"))
-            picks = tl.full([RB, TOPN_PAD], 1 << 30, tl.int32)
-            for k in range(TOP_N):
-                mx = tl.max(sc, 1)
-                idx = tl.min(tl.where(sc == mx[:, None], js, NS_PAD), 1)
-                pick = tl.where(mx > float("-inf"), idx, 1 << 30)
-                picks = tl.where(kk == k, pick[:, None], picks)
-                sc = tl.where(js == idx[:, None], float("-inf"), sc)
-            picks = tl.sort(picks, 1)
-            res = tl.where(picks >= (1 << 30), -1, picks).to(tl.int64)
-            for qq in tl.static_range(Q_SHARE):
-                t = t02 + qq
-                off = ((b * T + t.to(tl.int64)) * G + g) * TOP_N
-                tl.store(OUT + off[:, None] + kk, res,
-                         mask=(ok2 & (t < T))[:, None] & (kk < TOP_N))
+            _topn_rows(IMP, OUT, r0 + c0 + tl.arange(0, RB), pid_bg, b, g, T, Tq, Ns, G,
+                       Q_SHARE, SEL, TOP_N, TOPN_PAD, NUM_LOCAL, RB, NS_PAD)
+
+
+@triton.jit
+def _topn_kernel(IMP, OUT, T, Tq, Ns, G,
+                 Q_SHARE: tl.constexpr, SEL: tl.constexpr, TOP_N: tl.constexpr,
+                 TOPN_PAD: tl.constexpr, NUM_LOCAL: tl.constexpr, RB: tl.constexpr,
+                 NS_PAD: tl.constexpr):
+    """Phase 2 as its own launch (few registers, so many programs per SM hide the latency of
+    the row reductions)."""
+    pid_bg = tl.program_id(1)
+    _topn_rows(IMP, OUT, tl.program_id(0) * RB + tl.arange(0, RB), pid_bg,
+               (pid_bg // G).to(tl.int64), pid_bg % G, T, Tq, Ns, G,
+               Q_SHARE, SEL, TOP_N, TOPN_PAD, NUM_LOCAL, RB, NS_PAD)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +305,9 @@ def _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n, nu
 
 
 def _tile_plan(block_len: int, stride: int, select_block: int, min_block_n: int):
-    """Key tile ``BLOCK_N`` aligned to selection blocks, with ``JB`` complete and ``JC`` carried
-    blocks per tile (``JC <= JB``)."""
+    """Key tile ``BLOCK_N`` aligned to selection blocks: ``JB`` blocks are complete after a tile,
+    ``JC <= JB`` more receive its last tokens (carried to the next tile), and the last tile's
+    ``TAIL >= JC`` blocks cover every block up to the current one of the program's last row."""
     need = select_block // math.gcd(stride, select_block)
     if not _is_pow2(need):
         raise ValueError(
@@ -276,13 +318,31 @@ def _tile_plan(block_len: int, stride: int, select_block: int, min_block_n: int)
         jb = block_n * stride // select_block
         last = (block_n - 1) * stride + block_len - 1  # last raw token of the tile, tile-relative
         jc = max(0, last // select_block + 1 - jb)
-        if jc <= jb:
-            return block_n, jb, jc
+        tail = max(jc, (block_len - 1) // select_block + 1)
+        jb_pad = max(16, triton.next_power_of_2(jb))
+        if jc <= jb and tail <= jb_pad:
+            return block_n, jb, jc, tail, jb_pad
         if block_n >= 1024:
             raise ValueError(
                 f"block_len ({block_len}) is too long for select_block ({select_block}) and "
                 f"stride ({stride}): a compressed token spans more selection blocks than supported")
         block_n *= 2
+
+
+def _config(q: torch.Tensor, units: int) -> dict:
+    if _interpreting() or q.device.type != "cuda":
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    elif q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small key tiles
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
+    else:  # from ptxas reports for sm_90 (no spills at the 340M shapes) and H200 timings
+        cfg = {"BLOCK_M": 128 if units == 1 else 64, "BLOCK_N": 64, "num_warps": 4,
+               "num_stages": 2}
+    # top-n: in the importance kernel ("fused") or a launch of its own ("split"), over rows
+    # of RB_ELEMS elements per chunk, TOPN_WARPS warps for the split launch
+    cfg.update({"TOPN": "split", "RB_ELEMS": 512 * cfg["num_warps"], "TOPN_WARPS": None,
+                "TOPN_ELEMS": 2048})
+    cfg.update(CONFIG_OVERRIDE)
+    return cfg
 
 
 def _launch(q, k, lse, num_groups, block_len, stride, select_block, top_n, num_local, q_share,
@@ -297,36 +357,35 @@ def _launch(q, k, lse, num_groups, block_len, stride, select_block, top_n, num_l
     units = lcm // G
     sub_pad = triton.next_power_of_2(sub)
     DA, DB = split_dim(D)
-    if _interpreting() or q.device.type != "cuda":
-        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "RB_ELEMS": 2048}
-    elif q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small key tiles
-        cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "RB_ELEMS": 4096}
-    else:  # from ptxas reports for sm_90: no spills at the 340M shapes
-        cfg = {"BLOCK_M": 128 if units == 1 else 64, "BLOCK_N": 64, "num_warps": 8,
-               "num_stages": 2, "RB_ELEMS": 4096}
-    cfg.update(CONFIG_OVERRIDE)
-    block_n, jb, jc = _tile_plan(block_len, stride, select_block, cfg["BLOCK_N"])
+    cfg = _config(q, units)
+    block_n, jb, jc, tail, jb_pad = _tile_plan(block_len, stride, select_block, cfg["BLOCK_N"])
     block_r = max(cfg["BLOCK_M"] // sub_pad, 16)
     ns_pad = triton.next_power_of_2(max(Ns, 1))
     rb = min(block_r, max(1, cfg["RB_ELEMS"] // ns_pad))
+    fused = do_topn and cfg["TOPN"] == "fused"
     out = torch.empty(B, T, G, top_n, dtype=torch.int64, device=q.device)
     if imp is None:
         imp = torch.empty(B, G, Tq, Ns, dtype=torch.float32, device=q.device)
     if B * T == 0:
         return out, imp
+    topn_args = dict(Q_SHARE=q_share, SEL=select_block, TOP_N=top_n,
+                     TOPN_PAD=triton.next_power_of_2(top_n), NUM_LOCAL=num_local, NS_PAD=ns_pad)
     grid = (triton.cdiv(Tq, block_r), B * G)
     _select_kernel[grid](
         q, k, lse, imp, out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         T, N, Tq, Ns, G, units, float(scale) * LOG2E,
-        SUB=sub, SUB_PAD=sub_pad, U=units, REP_KV=H // Hk, Q_SHARE=q_share,
-        BLOCK_LEN=block_len, STRIDE=stride, SEL=select_block, TOP_N=top_n,
-        TOPN_PAD=triton.next_power_of_2(top_n), NUM_LOCAL=num_local,
-        BLOCK_R=block_r, BLOCK_N=block_n, JB=jb, JC=jc, JB_PAD=max(16, triton.next_power_of_2(jb)),
-        NS_PAD=ns_pad, RB=rb, D=D, DA=DA, DB=DB, IEEE=q.dtype == torch.float32,
-        DO_TOPN=do_topn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SUB=sub, SUB_PAD=sub_pad, U=units, REP_KV=H // Hk, BLOCK_LEN=block_len, STRIDE=stride,
+        BLOCK_R=block_r, BLOCK_N=block_n, JB=jb, JC=jc, TAIL=tail, JB_PAD=jb_pad, RB=rb,
+        D=D, DA=DA, DB=DB, IEEE=q.dtype == torch.float32, DO_TOPN=fused, **topn_args,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if do_topn and not fused:
+        rb2 = max(1, cfg["TOPN_ELEMS"] // ns_pad)
+        warps = cfg["TOPN_WARPS"] or min(16, max(4, ns_pad // 512))
+        _topn_kernel[(triton.cdiv(Tq, rb2), B * G)](
+            imp, out, T, Tq, Ns, G, RB=rb2, **topn_args, num_warps=warps)
     return out, imp
 
 

@@ -38,6 +38,7 @@ CASES = [
     (1, 128, 8, 8, 2, 24, 16, 8, 16, 4, 1, 2),    # block_len = select_block
     (1, 90, 6, 3, 3, 24, 8, 4, 16, 4, 1, 3),      # odd q_share, 2 heads per group
     (1, 128, 4, 2, 2, 24, 8, 8, 32, 2, 0, 1),     # no local blocks, top_n 2
+    (1, 128, 4, 2, 2, 24, 40, 8, 16, 4, 1, 1),    # block_len > 2 * select_block
 ]
 
 
@@ -48,8 +49,11 @@ def kwargs(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_matches_reference_fp32(case):
+def test_matches_reference_fp32(case, monkeypatch):
     B, T, H, Hk, G, D, l, s, sb, n, nl, qs = case
+    # top-n inside the importance kernel for odd-numbered cases, in its own launch otherwise
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE",
+                        {"TOPN": "fused" if CASES.index(case) % 2 else "split"})
     q, k, lse = make(B, T, H, Hk, D, l, s)
     kw = kwargs(case)
     out = tk.select_blocks(q, k, lse, **kw)
@@ -102,6 +106,18 @@ def test_query_sharing_and_causality():
     out2 = tk.select_blocks(q2, k2, lse2, **kw)
     assert torch.equal(out2[:, :t1 + 4], out[:, :t1 + 4])
     assert not torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_fewer_compressed_tokens(mode, monkeypatch):
+    """k_cmp shorter than the sequence could fill: the later visible blocks score 0."""
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"TOPN": mode})
+    B, T, H, Hk, G, D, l, s, sb = 1, 128, 4, 2, 2, 16, 8, 4, 16
+    q, k, lse = make(B, T, H, Hk, D, l, s)
+    k = k[:, :9]
+    kw = dict(num_groups=G, block_len=l, stride=s, select_block=sb, top_n=4, num_local=1,
+              q_share=2, scale=D ** -0.5)
+    assert torch.equal(tk.select_blocks(q, k, lse, **kw), ref.select_blocks(q, k, lse, **kw))
 
 
 def test_long_rows_fallback(monkeypatch):
