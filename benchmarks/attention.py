@@ -196,6 +196,46 @@ def sparse_case(H: int, G: int, Dqk: int, Dv: int, block_len: int, stride: int,
     return build
 
 
+def asa_global_auto_case(H: int = 16, G: int = 2, head_dim: int = 64, rope_dim: int = 32,
+                         latent: int = 256, block_len: int = 32, stride: int = 16,
+                         select_block: int = 64, top_n: int = 16, num_local: int = 2,
+                         q_share: int = 4):
+    """The global layer's branches as ``latent_form="auto"`` runs them: compression and block
+    scoring in the expanded form (per-head keys head_dim + rope_dim, values head_dim), selected
+    attention in the absorbed form (G latent heads: keys latent/G + rope_dim, values latent/G)."""
+    def build(T: int, B: int) -> Bench:
+        from kernels import dispatch
+        from kernels.compression.reference import num_compressed
+
+        N = num_compressed(T, block_len, stride)
+        dqk, dv, lqk, lv = head_dim + rope_dim, head_dim, latent // G + rope_dim, latent // G
+        q_exp, k_cmp, v_cmp = _randn(B, T, H, dqk), _randn(B, N, H, dqk), _randn(B, N, H, dv)
+        q_abs, k_abs, v_abs = _randn(B, T, H, lqk), _randn(B, T, G, lqk), _randn(B, T, G, lv)
+        scale = 1 / math.sqrt(dqk)
+
+        def fwd():
+            o_cmp, lse = dispatch.compression_attention(q_exp, k_cmp, v_cmp, block_len, stride,
+                                                        scale)
+            idx = dispatch.select_blocks(
+                q_exp.detach(), k_cmp.detach(), lse, num_groups=G, block_len=block_len,
+                stride=stride, select_block=select_block, top_n=top_n, num_local=num_local,
+                q_share=q_share, scale=scale)
+            o_sel = dispatch.selected_attention(q_abs, k_abs, v_abs, idx, select_block, scale,
+                                                q_share=q_share)
+            return o_cmp.sum() + o_sel.sum()  # the two live in different spaces before W_uv
+
+        n_cmp = visible_compressed(T, block_len, stride)
+        flops = (attention_flops(B * T, H, dqk, dv, n_cmp)
+                 + attention_flops(B * T // q_share, H, dqk, 0, n_cmp)
+                 + attention_flops(B * T, H, lqk, lv, visible_selected(T, select_block, top_n)))
+        return Bench(fwd=fwd, inputs=[q_exp, k_cmp, v_cmp, q_abs, k_abs, v_abs], flops_fwd=flops,
+                     shape=dict(H=H, G=G, expanded=(dqk, dv), absorbed=(lqk, lv),
+                                block_len=block_len, stride=stride, select_block=select_block,
+                                top_n=top_n, num_local=num_local, q_share=q_share))
+
+    return build
+
+
 def layer_case(kind: str, **overrides):
     """A whole attention layer of the 340M config (projections, compressors, gate included);
     FLOPs: 2 per weight per token plus the branches' attention FLOPs (an estimate)."""
@@ -244,6 +284,7 @@ CASES: list[Case] = [
     # q.k over 128 latent + 32 RoPE dims, values 128, l=32, d=16, l'=64, top-16, q_share 4
     Case("asa-global", "sparse", sparse_case(H=16, G=2, Dqk=160, Dv=128, block_len=32, stride=16,
                                              select_block=64, top_n=16, num_local=2, q_share=4)),
+    Case("asa-global-auto", "sparse", asa_global_auto_case()),
     # our NSA branches at fla's anchor configuration (32 heads, 2 KV heads, blocks of 64, top-16)
     Case("nsa-gqa", "sparse", sparse_case(H=32, G=2, Dqk=64, Dv=64, block_len=64, stride=64,
                                           select_block=64, top_n=16, num_local=1, q_share=1)),

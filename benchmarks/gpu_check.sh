@@ -2,15 +2,16 @@
 # One GPU session in one command (what benchmarks/README.md's results log records):
 # the GPU tests of the training path, the attention benchmark of the sparse branches and whole
 # layers beside SDPA / FlexAttention / fla, and the CPU demo config trained on the GPU in bf16.
-#   bash benchmarks/gpu_check.sh OUTDIR [T_LIST]
+#   bash benchmarks/gpu_check.sh OUTDIR [T_LIST] [CASES]
 set -uo pipefail
 out=${1:-/tmp/gpu_check}; lengths=${2:-8192,65536}
+cases=${3:-asa-global,asa-global-auto,nsa-gqa,sdpa,fla,window-mla,flex-mla,layer}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cd "$repo"
 python3 -m pytest -q -m gpu tests/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
-python3 benchmarks/attention.py --cases asa-global,nsa-gqa,sdpa,fla,window-mla,flex-mla,layer \
+python3 benchmarks/attention.py --cases "$cases" \
   --T "$lengths" --out "$out/h200-asa.json" 2>&1 | tee "$out/bench.log" | tail -40
 demo=$(mktemp -d)
 (cd "$demo" && timeout 150 python3 "$repo/main.py" fit --config "$repo/configs/tiny.yaml" \

@@ -56,7 +56,7 @@ class ModelConfig:
     rope_dim: int = 32
     local_latent_groups: int = 1
     global_latent_groups: int = 2
-    latent_form: Literal["absorbed", "expanded"] = "absorbed"
+    latent_form: Literal["auto", "absorbed", "expanded"] = "auto"
 
     # Sparse attention branches
     window: int = 512
@@ -99,8 +99,8 @@ class ModelConfig:
              "lists a branch twice")
         need(self.local_kv in ("latent", "grouped"), "local_kv", "must be 'latent' or 'grouped'")
         need(self.global_kv in ("latent", "grouped"), "global_kv", "must be 'latent' or 'grouped'")
-        need(self.latent_form in ("absorbed", "expanded"), "latent_form",
-             "must be 'absorbed' or 'expanded'")
+        need(self.latent_form in ("auto", "absorbed", "expanded"), "latent_form",
+             "must be 'auto', 'absorbed' or 'expanded'")
         need(self.compress_method in ("mlp", "mean"), "compress_method", "must be 'mlp' or 'mean'")
         need(self.kernel_backend in BACKENDS, "kernel_backend", f"must be one of {BACKENDS}")
 
@@ -149,6 +149,15 @@ class ModelConfig:
 
     def latent_groups(self, kind: str) -> int:
         return self.local_latent_groups if kind == "L" else self.global_latent_groups
+
+    def branch_form(self, branch: str) -> str:
+        """Form in which a latent layer trains ``branch``: ``latent_form``, or under ``"auto"``
+        the faster one measured on an H200 (benchmarks/README.md): absorbed for selection (all
+        heads of a latent group read one latent block), expanded for the window and compression
+        (narrower per-head keys: 96/64 instead of 288/256 or 160/128)."""
+        if self.latent_form != "auto":
+            return self.latent_form
+        return "absorbed" if branch == "selection" else "expanded"
 
     def layer_q_share(self, kind: str) -> int:
         """Query sharing applies to the selection of global layers only."""

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
+from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -159,7 +160,9 @@ class LanguageModel(L.LightningModule):
             [{"params": decay, "weight_decay": self.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
-            fused=self.device.type == "cuda",
+            # Lightning refuses to clip the gradients of a fused optimiser under mixed precision
+            fused=self.device.type == "cuda" and not isinstance(self.trainer.precision_plugin,
+                                                                MixedPrecision),
         )
         total = self.trainer.max_steps
         if total is None or total < 0:

@@ -24,6 +24,7 @@ VARIANTS = {
     "nsa_window_only": dict(layer_pattern="N", nsa_branches=["window"]),
     "asa": dict(layer_pattern="LG"),
     "asa_expanded": dict(layer_pattern="LG", latent_form="expanded"),
+    "asa_absorbed": dict(layer_pattern="LG", latent_form="absorbed"),
     "alternating_gqa": dict(layer_pattern="LG", local_kv="grouped", global_kv="grouped"),
     "mla_local_only": dict(layer_pattern="LG", global_kv="grouped"),
     "asa_global_mla": dict(layer_pattern="LG", global_latent_groups=1),
@@ -69,12 +70,17 @@ def test_every_parameter_gets_a_finite_gradient(name):
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_absorbed_and_expanded_forms_agree(groups):
-    absorbed = Transformer(config("asa", global_latent_groups=groups)).double()
-    expanded = Transformer(config("asa", global_latent_groups=groups, latent_form="expanded")).double()
-    expanded.load_state_dict(absorbed.state_dict())
+def test_absorbed_expanded_and_auto_forms_agree(groups):
+    # auto: window and compression expanded, selection absorbed (a mix inside the global layer)
+    kw = dict(global_latent_groups=groups)
+    models = {form: Transformer(config("asa", latent_form=form, **kw)).double()
+              for form in ("absorbed", "expanded", "auto")}
+    for model in models.values():
+        model.load_state_dict(models["absorbed"].state_dict())
     tokens = torch.randint(0, 97, (2, 64))
-    torch.testing.assert_close(absorbed(tokens), expanded(tokens), rtol=1e-9, atol=1e-9)
+    out = {form: model(tokens) for form, model in models.items()}
+    torch.testing.assert_close(out["absorbed"], out["expanded"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out["auto"], out["expanded"], rtol=1e-9, atol=1e-9)
 
 
 def test_query_sharing_reuses_the_first_querys_blocks():

@@ -5,11 +5,13 @@ full attention, NSA (compression + selection + window over GQA heads), ASA local
 (window over an MLA latent) and ASA global layers (compression + selection over GLA latents).
 Branch computations go through :mod:`kernels.dispatch`; the layer never learns which kernel ran.
 
-Latent layers run in one of two equal forms (``latent_form``):
+Latent layers train each branch in one of two equal forms (``latent_form``; ``"auto"`` picks per
+branch, see ``ModelConfig.branch_form``):
   * ``absorbed``: attend to the latent itself, MQA-style: query ``[W_uk[h]^T q_h ; q_R]``
     against key ``[c_g ; k_R]`` and value ``c_g``; the output is up-projected by ``W_uv[h]``.
   * ``expanded``: rebuild per-head keys ``[W_uk[h] c_g ; k_R]`` and values ``W_uv[h] c_g``.
-Both use the softmax scale ``1 / sqrt(head_dim + rope_dim)``.
+Both use the softmax scale ``1 / sqrt(head_dim + rope_dim)``. Branch outputs are gated in head
+space.
 
 Selection always computes the compression attention, since block importance comes from its
 probabilities; a layer without the compression *branch* (NSA ablation) just drops its output,
@@ -120,44 +122,59 @@ class Attention(nn.Module):
         k_cmp, v_cmp = cmp if cmp is not None else (None, None)
         return BranchInputs(q, k, v, k_cmp, v_cmp, groups=self.cfg.n_kv_heads)
 
-    def _latent_inputs(self, q, c, k_r, cmp) -> BranchInputs:
-        H = self.cfg.n_heads
+    def _latent_inputs(self, form: str, q, c, k_r, cmp, tokens: bool) -> BranchInputs:
+        """Branch inputs of a latent layer in ``form``; the per-token keys/values only when
+        ``tokens`` (a branch reads them in this form), the compressed ones only when ``cmp``."""
+        H, groups = self.cfg.n_heads, self.kv.groups
         c_cmp, kr_cmp = cmp if cmp is not None else (None, None)
-        groups = self.kv.groups
-        if self.cfg.latent_form == "absorbed":
+        if form == "absorbed":
             def keys(lat, rot):
                 return torch.cat([lat, rot.expand(-1, -1, groups, -1)], dim=-1)
 
+            def values(lat):
+                return lat
+
             q = self._absorbed_query(q)
-            k, v = keys(c, k_r), c
-            k_cmp = keys(c_cmp, kr_cmp) if cmp is not None else None
-            v_cmp = c_cmp
         else:
             def keys(lat, rot):
                 return torch.cat([self.kv.up_keys(lat), rot.expand(-1, -1, H, -1)], dim=-1)
 
-            k, v = keys(c, k_r), self.kv.up_values(c)
-            k_cmp = keys(c_cmp, kr_cmp) if cmp is not None else None
-            v_cmp = self.kv.up_values(c_cmp) if cmp is not None else None
+            values = self.kv.up_values
+        k, v = (keys(c, k_r), values(c)) if tokens else (None, None)
+        k_cmp, v_cmp = (keys(c_cmp, kr_cmp), values(c_cmp)) if cmp is not None else (None, None)
         return BranchInputs(q, k, v, k_cmp, v_cmp, groups=groups)
 
+    def _form(self, branch: str) -> str:
+        """``"grouped"``, or the form (absorbed / expanded) a latent layer trains ``branch`` in."""
+        return "grouped" if self.source == "grouped" else self.cfg.branch_form(branch)
+
+    def _to_heads(self, out: torch.Tensor, form: str) -> torch.Tensor:
+        """Branch output ``(B, T, H, D)`` in head space: absorbed outputs are up-projected."""
+        return self.kv.expand_output(out) if form == "absorbed" else out
+
     # -- branches ----------------------------------------------------------------------------
-    def _run_branches(self, inp: BranchInputs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Branch outputs in ``self.branches`` order, and the selected blocks (or None)."""
-        cfg, backend = self.cfg, self.cfg.kernel_backend
+    def _run_branches(self, inputs: dict[str, BranchInputs]
+                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Branch outputs in head space, ``(B, T, H, head_dim)`` in ``self.branches`` order, and
+        the selected blocks (or None). ``inputs`` maps each form a branch uses to its inputs;
+        block selection scores blocks in the compression branch's form."""
+        cfg, backend, form = self.cfg, self.cfg.kernel_backend, self._form
         outputs: dict[str, torch.Tensor] = {}
         block_idx = None
         if "full" in self.branches:
+            inp = inputs[form("full")]
             outputs["full"] = kernels.causal_attention(inp.q, inp.k, inp.v, self.scale, backend)
         if "window" in self.branches:
-            outputs["window"] = kernels.sliding_window_attention(
-                inp.q, inp.k, inp.v, cfg.window, self.scale, backend)
-        if inp.k_cmp is not None:
+            inp = inputs[form("window")]
+            outputs["window"] = self._to_heads(kernels.sliding_window_attention(
+                inp.q, inp.k, inp.v, cfg.window, self.scale, backend), form("window"))
+        if "compression" in self.branches or "selection" in self.branches:
+            inp = inputs[form("compression")]
             o_cmp, lse = kernels.compression_attention(
                 inp.q, inp.k_cmp, inp.v_cmp, cfg.compress_block, cfg.compress_stride, self.scale,
                 backend)
             if "compression" in self.branches:
-                outputs["compression"] = o_cmp
+                outputs["compression"] = self._to_heads(o_cmp, form("compression"))
             if "selection" in self.branches:
                 block_idx = kernels.select_blocks(
                     inp.q.detach(), inp.k_cmp.detach(), lse, num_groups=inp.groups,
@@ -165,9 +182,10 @@ class Attention(nn.Module):
                     select_block=cfg.select_block, top_n=cfg.top_n,
                     num_local=cfg.num_local_blocks, q_share=self.q_share, scale=self.scale,
                     backend=backend)
-                outputs["selection"] = kernels.selected_attention(
-                    inp.q, inp.k, inp.v, block_idx, cfg.select_block, self.scale,
-                    q_share=self.q_share, backend=backend)
+                sel = inputs[form("selection")]
+                outputs["selection"] = self._to_heads(kernels.selected_attention(
+                    sel.q, sel.k, sel.v, block_idx, cfg.select_block, self.scale,
+                    q_share=self.q_share, backend=backend), form("selection"))
         return [outputs[b] for b in self.branches], block_idx
 
     def _decode_branches(self, q: torch.Tensor, cache: TokenCache,
@@ -226,18 +244,21 @@ class Attention(nn.Module):
         compressed = "compression" in self.branches or "selection" in self.branches
         cmp = self._compress(a, b) if compressed else None
         if self.source == "grouped":
-            inp = self._grouped_inputs(q, a, b, cmp)
+            inputs = {"grouped": self._grouped_inputs(q, a, b, cmp)}
         else:
-            inp = self._latent_inputs(q, a, b, cmp)
-        outs, block_idx = self._run_branches(inp)
+            cmp_form = self._form("compression") if compressed else None
+            token_forms = {self._form(br) for br in self.branches if br != "compression"}
+            inputs = {f: self._latent_inputs(f, q, a, b, cmp if f == cmp_form else None,
+                                             tokens=f in token_forms)
+                      for f in token_forms | ({cmp_form} if compressed else set())}
+        outs, block_idx = self._run_branches(inputs)
         if cache is not None:
             if lengths is None:
                 lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
             cache.write_prompt((a, b), cmp, lengths)
             if block_idx is not None:
                 cache.keep_selection(block_idx)
-        absorbed = self.source == "latent" and self.cfg.latent_form == "absorbed"
-        return self._output(x, outs, latent=absorbed)
+        return self._output(x, outs, latent=False)
 
     def decode(self, x: torch.Tensor, cache: TokenCache) -> torch.Tensor:
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
