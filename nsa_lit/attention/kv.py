@@ -62,17 +62,21 @@ class LatentKV(nn.Module):
         k_r = rope(self.w_kr(x).view(B, T, 1, self.rope_dim))
         return c, k_r
 
-    def per_head(self, c: torch.Tensor) -> torch.Tensor:
-        """Latent ``(B, S, groups, group_dim)`` -> each head's copy ``(B, S, n_heads, group_dim)``."""
-        return c.repeat_interleave(self.w_uk.shape[0] // self.groups, dim=2)
+    def _up(self, c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``weight[h] c_{g(h)}`` for every head, without copying the latent per head:
+        ``(B, S, groups, group_dim)`` -> ``(B, S, n_heads, head_dim)``."""
+        B, S = c.shape[:2]
+        H, dh, dc = weight.shape
+        w = weight.to(c.dtype).view(self.groups, H // self.groups, dh, dc)
+        return torch.einsum("bsgc,ghdc->bsghd", c, w).reshape(B, S, H, dh)
 
     def up_keys(self, c: torch.Tensor) -> torch.Tensor:
         """Per-head content keys ``W_uk[h] c_g``: ``(B, S, n_heads, head_dim)``."""
-        return torch.einsum("bshc,hdc->bshd", self.per_head(c), self.w_uk.to(c.dtype))
+        return self._up(c, self.w_uk)
 
     def up_values(self, c: torch.Tensor) -> torch.Tensor:
         """Per-head values ``W_uv[h] c_g``: ``(B, S, n_heads, head_dim)``."""
-        return torch.einsum("bshc,hdc->bshd", self.per_head(c), self.w_uv.to(c.dtype))
+        return self._up(c, self.w_uv)
 
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         """``W_uk[h]^T q_h``: ``(B, T, n_heads, head_dim)`` -> ``(B, T, n_heads, group_dim)``,
