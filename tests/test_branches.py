@@ -1,5 +1,4 @@
 """Each branch's PyTorch reference equals the loop oracle built from its definition."""
-import math
 
 import pytest
 import torch

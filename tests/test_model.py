@@ -1,5 +1,4 @@
 """Whole-model behaviour of every attention variant: causality, gradients, equal forms, configs."""
-import math
 
 import pytest
 import torch

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.compression.triton_kernel import _load_rows, _qk, num_sms, split_dim
+from kernels.compression.triton_kernel import _load_rows, _qk, split_dim
 
 LOG2E = 1.4426950408889634
 MAX_NS_IN_REGISTERS = 16384

@@ -8,7 +8,6 @@ inputs; a differing block is accepted only where its score is within rounding of
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -1,0 +1,278 @@
+"""Selected-block attention kernel alone: sweeps of its tile configurations and a per-stage
+breakdown (index lists, forward, dq, CSR, dk/dv) on one GPU.
+
+    python3 benchmarks/bench_selected_attention.py --sweep --out results/selected_attention.json
+"""
+import os
+import sys
+from dataclasses import replace
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.selected_attention.triton_kernel import (  # noqa: E402
+    Config,
+    DEFAULT_CONFIG,
+    _bwd_dkdv,
+    _bwd_dq,
+    _chunk_lists,
+    _forward,
+    _plan,
+    _segments,
+    selected_attention,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python3 benchmarks/bench_selected_attention.py --out FILE.json
+# ---------------------------------------------------------------------------------------------
+BENCH_LAYOUTS = {
+    # name: (H, Hk, G, Dqk, Dv, q_share)
+    "gla_absorbed": (16, 2, 2, 160, 128, 4),
+    "gla_upprojected": (16, 16, 2, 96, 64, 4),
+    "nsa_gqa": (16, 4, 4, 64, 64, 1),
+}
+
+
+def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_local=2, seed=0):
+    from kernels.selection.reference import top_n_blocks
+
+    H, HK, G, D, DV, qs = BENCH_LAYOUTS[layout]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, T, HK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16, generator=gen)
+    nb = -(-T // select_block)
+    imp = torch.rand(B, T, G, nb, device="cuda", generator=gen)
+    bi = top_n_blocks(imp, select_block=select_block, top_n=top_n, num_local=num_local, q_share=qs)
+    del imp
+    return q, k, v, bi, qs
+
+
+def _visible_keys(bi: torch.Tensor, select_block: int, heads_per_group: int) -> int:
+    T = bi.shape[1]
+    t = torch.arange(T, device=bi.device).view(1, T, 1, 1)
+    vis = (t - bi * select_block + 1).clamp(0, select_block)
+    return int(torch.where(bi >= 0, vis, torch.zeros_like(vis)).sum().item()) * heads_per_group
+
+
+def _bench_variants(layout: str):
+    """(name, Config, what) tuples measured in a benchmark run: what in {'fwd', 'fwdbwd'}."""
+    H, HK, G, D, DV, qs = BENCH_LAYOUTS[layout]
+    d = DEFAULT_CONFIG
+    v = [("default", d, "fwd"), ("default", d, "fwdbwd")]
+    flip = "rows" if layout == "gla_absorbed" else "keys"
+    v.append((f"fwd_{flip}", replace(d, fwd_order=flip), "fwd"))
+    v.append(("fwd_s3", replace(d, fwd_stages=3), "fwd"))
+    v.append(("dq_s3", replace(d, dq_stages=3), "fwdbwd"))
+    v.append(("dkdv_s3", replace(d, dkdv_stages=3), "fwdbwd"))
+    v.append(("all_s3", replace(d, fwd_stages=3, dq_stages=3, dkdv_stages=3), "fwdbwd"))
+    v.append(("dq_rows", replace(d, dq_order="rows"), "fwdbwd"))
+    v.append(("seg128", replace(d, seg=128), "fwdbwd"))
+    v.append(("atomic_q", replace(d, bwd="atomic_q"), "fwdbwd"))
+    if layout == "gla_absorbed":
+        t8 = replace(d, tok=8, fwd_order="rows", dq_order="rows")
+        v.append(("tok8_union", t8, "fwd"))
+        v.append(("tok8_union", t8, "fwdbwd"))
+    return v
+
+
+def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int = 64):
+    """Median ms of each stage of one fwd+bwd call, and the bytes the two gathers move."""
+    from triton.testing import do_bench
+
+    D = q.shape[-1]
+    scale = D ** -0.5
+    p = _plan(q, k, v, bi, select_block, qs, cfg)
+
+    def prep():
+        cl = _chunk_lists(bi, p)
+        return cl, (bi.to(torch.int32).contiguous() if p.UNION else cl)
+
+    clist, bi32 = prep()
+    o, lse = _forward(q, k, v, bi32, clist, p, scale, cfg)
+    do = torch.randn_like(o)
+    dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=q.device, dtype=torch.float32)
+    dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=q.device, dtype=torch.float32)
+    dq, delta = _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32)
+    segs = _segments(clist, p, cfg.seg)
+
+    def casts():
+        a = torch.zeros_like(dk32)
+        b = torch.zeros_like(dv32)
+        return a.to(k.dtype), b.to(v.dtype)
+
+    stages = {
+        "index_lists": prep,
+        "fwd_kernel": lambda: _forward(q, k, v, bi32, clist, p, scale, cfg),
+        "dq_kernel": lambda: _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32),
+        "csr_segments": lambda: _segments(clist, p, cfg.seg),
+        "dkdv_kernel": lambda: _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p, scale, cfg,
+                                         dk32, dv32, dq),
+        "zeros_casts": casts,
+    }
+    out = {name: do_bench(fn, warmup=10, rep=50, return_mode="median")
+           for name, fn in stages.items()}
+    entries = int((clist >= 0).sum().item())
+    esz = q.element_size()
+    out["kv_gather_GB"] = entries * p.NSUB * p.HSG * p.BK * (p.D + p.DV) * esz / 1e9
+    out["qdo_gather_GB"] = entries * p.NSUB * p.HSG * min(p.TOK * p.HP, p.ROWS) * (p.D + p.DV) \
+        * esz / 1e9
+    out["entries"] = entries
+    out["plan"] = {k_: getattr(p, k_) for k_ in ("HP", "TOK", "ROWS", "UNION", "L", "BK")}
+    return out
+
+
+def _run_once(layout: str, name: str, T: int = 8192):
+    """Compile-and-run one variant once (used to warm the Triton cache in parallel)."""
+    q, k, v, bi, qs = _bench_inputs(layout, T, 1)
+    H, HK, G, D, DV, _ = BENCH_LAYOUTS[layout]
+    for vname, cfg, what in _bench_variants(layout):
+        if vname != name:
+            continue
+        q.requires_grad_(what == "fwdbwd")
+        k.requires_grad_(what == "fwdbwd")
+        v.requires_grad_(what == "fwdbwd")
+        o = selected_attention(q, k, v, bi, 64, D ** -0.5, qs, config=cfg)
+        if what == "fwdbwd":
+            o.backward(torch.randn_like(o))
+    torch.cuda.synchronize()
+
+
+def _bench_main(argv=None):
+    import argparse
+    import datetime
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from triton.testing import do_bench
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--warm", nargs=2, metavar=("LAYOUT", "VARIANT"))
+    ap.add_argument("--parallel-warmup", type=int, default=0)
+    ap.add_argument("--warm-only", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--sweep", action="store_true", help="time every variant, not only defaults")
+    ap.add_argument("--seqlens", default="8192,65536")
+    args = ap.parse_args(argv)
+    if args.warm:
+        _run_once(*args.warm)
+        return
+    t_start = time.time()
+    layouts = list(BENCH_LAYOUTS)
+    if args.parallel_warmup:
+        jobs = sorted({(lay, n) for lay in layouts for n, _, _ in _bench_variants(lay)
+                       if args.sweep or n == "default"})
+        procs, logs = [], []
+        for lay, n in jobs:
+            while sum(p.poll() is None for p in procs) >= args.parallel_warmup:
+                time.sleep(0.2)
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--warm", lay, n],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            logs.append((lay, n))
+        for p, (lay, n) in zip(procs, logs):
+            out = p.communicate()[0].decode(errors="replace")
+            if p.returncode:
+                print(f"warm-up {lay}/{n} FAILED rc={p.returncode}\n{out[-3000:]}", flush=True)
+        print(f"parallel warm-up of {len(jobs)} variants: {time.time() - t_start:.1f}s", flush=True)
+    if args.warm_only:
+        return
+
+    results = []
+    breakdowns = {}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "command": " ".join(["python3 benchmarks/bench_selected_attention.py"]
+                            + (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.date.today().isoformat(),
+        "tokens_per_call": 65536, "select_block": 64, "top_n": 16, "num_local": 2,
+        "block_idx": "top_n_blocks on uniform random importance (forced block 0 + 2 local blocks)",
+        "flops": "fwd = 2*(Dqk+Dv)*visible keys per query row; fwd+bwd = 3.5x fwd",
+        "timing": "triton.testing.do_bench median ms (includes index building)",
+    }
+
+    def dump():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "results": results, "breakdown_T65536": breakdowns}, f,
+                          indent=1)
+
+    for T in [int(x) for x in args.seqlens.split(",")]:
+        B = 65536 // T
+        for lay in layouts:
+            H, HK, G, D, DV, qs = BENCH_LAYOUTS[lay]
+            q, k, v, bi, qs = _bench_inputs(lay, T, B)
+            vis = _visible_keys(bi, 64, H // G)
+            flops = 2.0 * (D + DV) * vis
+            do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
+            for name, cfg, what in _bench_variants(lay):
+                if name != "default" and not (args.sweep and T == 65536):
+                    continue
+                if time.time() - t_start > args.budget_s:
+                    print("budget exhausted; skipping", lay, T, name, what, flush=True)
+                    continue
+                rec = {"layout": lay, "T": T, "B": B, "H": H, "Hk": HK, "G": G, "Dqk": D, "Dv": DV,
+                       "q_share": qs, "variant": name, "what": what, "config": cfg.__dict__,
+                       "visible_keys_per_row": vis / (B * T * H)}
+                try:
+                    if what == "fwd":
+                        with torch.no_grad():
+                            fn = lambda: selected_attention(q, k, v, bi, 64, D ** -0.5, qs,
+                                                            config=cfg)
+                            ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
+                        rec.update(ms=ms, tflops=flops / ms * 1e-9)
+                    else:
+                        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                        def fn():
+                            o = selected_attention(qg, kg, vg, bi, 64, D ** -0.5, qs, config=cfg)
+                            o.backward(do)
+                        ms = do_bench(fn, warmup=10, rep=100, return_mode="median",
+                                      grad_to_none=[qg, kg, vg])
+                        rec.update(ms=ms, tflops=3.5 * flops / ms * 1e-9)
+                except Exception as err:  # keep measuring the rest
+                    rec.update(error=f"{type(err).__name__}: {err}"[:500])
+                results.append(rec)
+                print(f"{lay:16s} T={T:6d} {name:18s} {what:7s} "
+                      + (f"{rec['ms']:8.3f} ms {rec['tflops']:6.1f} TFLOP/s" if "ms" in rec
+                         else rec["error"]), flush=True)
+                dump()
+            if T == 65536 and time.time() - t_start < args.budget_s:
+                try:
+                    bd = _breakdown(q, k, v, bi, qs)
+                    fwd_ms = bd["fwd_kernel"]
+                    bd["fwd_kv_GBps"] = bd["kv_gather_GB"] / fwd_ms * 1e3
+                    bd["dq_kv_GBps"] = bd["kv_gather_GB"] / bd["dq_kernel"] * 1e3
+                    bd["dkdv_qdo_GBps"] = bd["qdo_gather_GB"] / bd["dkdv_kernel"] * 1e3
+                    breakdowns[lay] = bd
+                    print(f"breakdown {lay}: " + ", ".join(
+                        f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_}"
+                        for k_, v_ in bd.items()), flush=True)
+                except Exception as err:
+                    print(f"breakdown {lay} failed: {type(err).__name__}: {err}", flush=True)
+                dump()
+            del q, k, v, bi, do
+            torch.cuda.empty_cache()
+    meta["wall_s"] = time.time() - t_start
+    dump()
+    print("\nsummary (median ms)")
+    print(f"{'layout':16s} {'T':>6s} {'fwd':>8s} {'fwd+bwd':>8s} {'fwd TF/s':>9s} {'f+b TF/s':>9s}")
+    for T in [int(x) for x in args.seqlens.split(",")]:
+        for lay in layouts:
+            rs = {r["what"]: r for r in results if r["layout"] == lay and r["T"] == T
+                  and r["variant"] == "default" and "ms" in r}
+            if rs:
+                f, fb = rs.get("fwd", {}), rs.get("fwdbwd", {})
+                print(f"{lay:16s} {T:6d} {f.get('ms', float('nan')):8.3f} "
+                      f"{fb.get('ms', float('nan')):8.3f} {f.get('tflops', float('nan')):9.1f} "
+                      f"{fb.get('tflops', float('nan')):9.1f}")
+
+
+if __name__ == "__main__":
+    _bench_main()
