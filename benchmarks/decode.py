@@ -1,0 +1,136 @@
+"""Decode throughput: tokens per second of one-token steps against caches filled to a context.
+
+    python3 benchmarks/decode.py                                   # 340M ASA / NSA / full, 8k and 32k, batch 1 and 64
+    python3 benchmarks/decode.py --contexts 32768 --batches 64 --out h200-decode
+
+For every config, context and batch size: a model with random weights (bf16 on CUDA), decode
+caches of ``context + warmup + steps`` tokens filled with random entries up to ``context`` (the
+content does not change the work a step does), then ``steps`` timed calls of ``model.decode``
+(one new token per sequence, every layer, LM head included). Reports tokens/s (batch x steps /
+seconds), ms per step and the cache bytes. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nsa_lit.cache import new_caches  # noqa: E402
+from nsa_lit.model import Transformer  # noqa: E402
+from nsa_lit.model_stats import load_model_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
+
+
+def fill_randomly(caches, context: int) -> None:
+    """Caches as if ``context`` tokens had been decoded: random raw and compressed entries,
+    ``lengths = context``, and the next step opening a query-sharing group (``context`` is a
+    multiple of the selection block)."""
+    for cache in caches:
+        for buf in list(cache.raw) + list(cache.compressed or ()):
+            buf.normal_()
+        cache.lengths.fill_(context)
+        cache.longest = context
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
+            device: torch.device, dtype: torch.dtype) -> dict:
+    cfg = load_model_config(config_path)
+    select = cfg.select_block
+    max_len = -(-(context + warmup + steps) // select) * select
+    cfg = dataclasses.replace(cfg, seq_len=max(cfg.seq_len, max_len))
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
+    caches = new_caches(cfg, batch, max_len, dtype=dtype, device=device)
+    fill_randomly(caches, context)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device)
+    for _ in range(warmup):
+        tokens = model.decode(tokens, caches).argmax(-1)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        tokens = model.decode(tokens, caches).argmax(-1)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {
+        "config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
+        "context": context, "batch": batch, "steps": steps,
+        "ms_per_step": 1e3 * seconds / steps, "tokens_per_sec": batch * steps / seconds,
+        "cache_bytes": sum(c.bytes_allocated() for c in caches),
+        "kernel_backend": cfg.kernel_backend,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="default: bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+    record = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python3 benchmarks/decode.py"] + (argv if argv is not None else sys.argv[1:])),
+        "results": [],
+    }
+    path = None
+    if args.out:
+        path = args.out if (os.sep in args.out or args.out.endswith(".json")) else \
+            os.path.join(ROOT, "benchmarks", "results", f"{args.out}.json")
+    header = f"{'config':24} {'context':>8} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}"
+    print(header, flush=True)
+    lines = []
+    for config in args.configs:
+        for context in args.contexts:
+            for batch in args.batches:
+                try:
+                    row = measure(config, context, batch, args.steps, args.warmup, device, dtype)
+                    line = (f"{row['config']:24} {context:>8} {batch:>5} {row['ms_per_step']:>9.2f} "
+                            f"{row['tokens_per_sec']:>10.1f} {row['cache_bytes'] / 2**20:>10.1f}")
+                except torch.OutOfMemoryError as err:
+                    row = {"config": config, "context": context, "batch": batch,
+                           "error": f"out of memory: {err}"[:300]}
+                    line = f"{config:24} {context:>8} {batch:>5} out of memory"
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                print(line, flush=True)
+                lines.append(line)
+                record["results"].append(row)
+                if path:
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                    with open(path, "w") as f:
+                        json.dump(record, f, indent=1)
+    print("\n" + header + "\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
