@@ -19,7 +19,12 @@ Design
     (at most ``N``), slot ``i``.
   - ``SEL`` (selected blocks): for each entry ``j`` of ``block_idx[b, g]`` (``-1`` padding and
     repeated entries skipped, as the reference's ``any`` does), the positions of block ``j``
-    inside ``[max(0, pos - S + 1), pos]``, slot ``p % S``.
+    inside ``[max(0, pos - S + 1), pos]``, slot ``p % S``. One flat loop over (entry, key tile
+    of the block), so the software pipeliner overlaps the loads of consecutive blocks (the
+    index load runs a stage ahead of the key loads it addresses).
+
+  Ring slots: a program never reads more than ``S`` consecutive positions, so a tile's slots are
+  ``n0 % S + offsets`` with one conditional subtraction (one scalar modulo per tile).
 
 * **Grid** ``(B * units * chunks, SPLITS)``. A *unit* is the set of query heads that share one key
   head (and, for ``SEL``, one selection group): ``U = H / Hk`` heads, ``gcd(H / Hk, H / G)`` for
@@ -41,9 +46,17 @@ Design
   device sync): about two programs per SM, at least ``MIN_KEYS_PER_SPLIT`` keys each.
 * Empty key sets (a window/compression/selection that sees nothing yet) give ``o = 0`` and
   ``lse = -inf``, as the reference.
-* fp32 accumulation; bf16/fp16 operands on the tensor cores (Hopper: ``mma`` with 16-row tiles:
-  a decode step is bound by memory, not by the MMA), fp32 inputs use IEEE dots. Batch offsets and
-  slot offsets are 64-bit.
+* Mixed dtypes (a cache in another dtype than the query, e.g. ``generate(cache_dtype=...)``)
+  are computed in fp32, every operand upcast in the kernel, like the reference; the output has
+  ``q``'s dtype.
+* fp32 accumulation; bf16/fp16 operands on the tensor cores (16-row tiles compile to ``HMMA``
+  on sm_90a, 64-row ones to ``HGMMA``: a decode step is bound by memory, not by the MMA); fp32
+  inputs use IEEE dots. Batch and slot offsets are 64-bit; positions are int32 inside.
+* Launch shapes (``_launch_cfg``) were chosen from ptxas reports for sm_90a compiled ahead of
+  time (no GPU): no spills, 60-166 registers, 37-106 KB shared memory with 3 pipeline stages, for
+  the 340M and 1.3B ASA/NSA shapes in bf16 and fp32. Not yet timed on a GPU:
+  ``CONFIG_OVERRIDE`` (``SPLITS``, ``BLOCK_N``, ``num_warps``, ``num_stages``) is there for
+  sweeps.
 
 ``select_blocks_decode``: the reference repeats the compressed keys to every head in fp32
 (``B x N x H x (Dk + Dr)``: 1.3 GB at 32k context, batch 64), so a small kernel computes the
@@ -103,7 +116,8 @@ def _tile(acc, l_i, m_i, q, qr, p, valid, slot, k_base, kr_base, v_base, sks, sr
     dk = tl.arange(0, DKP)
     k = tl.load(k_base + slot64[:, None] * sks + dk[None, :],
                 mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
-    if IEEE:
+    if IEEE:  # fp32 compute (fp32 inputs, or mixed dtypes: every operand upcast)
+        k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
@@ -112,6 +126,7 @@ def _tile(acc, l_i, m_i, q, qr, p, valid, slot, k_base, kr_base, v_base, sks, sr
         kr = tl.load(kr_base + slot64[:, None] * srs + dr[None, :],
                      mask=valid[:, None] & (dr[None, :] < DR), other=0.0)
         if IEEE:
+            kr = kr.to(tl.float32)
             s += tl.dot(qr, tl.trans(kr), input_precision="ieee")
         else:
             s += tl.dot(qr, tl.trans(kr))
@@ -126,6 +141,8 @@ def _tile(acc, l_i, m_i, q, qr, p, valid, slot, k_base, kr_base, v_base, sks, sr
         dv = tl.arange(0, DVP)
         v = tl.load(v_base + slot64[:, None] * svs + dv[None, :],
                     mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+        if IEEE:
+            v = v.to(tl.float32)
     if IEEE:
         acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
     else:
@@ -177,6 +194,9 @@ def _decode_kernel(
                      mask=row_ok[:, None] & (dr[None, :] < DR), other=0.0)
     else:
         qr = q
+    if IEEE:
+        q = q.to(tl.float32)
+        qr = qr.to(tl.float32)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     kr_base = KR + b64 * srb
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
@@ -195,21 +215,23 @@ def _decode_kernel(
         per = tl.cdiv(n_sel, SPLITS)
         t_lo = pid_s * per
         t_hi = tl.minimum(t_lo + per, n_sel)
-        for t in range(t_lo, t_hi):
+        # one flat loop over (entry, tile of the block) so the pipeliner overlaps the loads of
+        # consecutive blocks (the index load is scheduled ahead of the key loads it addresses)
+        tpb = tl.cdiv(sel_block, BLOCK_N)
+        for it in range(t_lo * tpb, t_hi * tpb):
+            t = it // tpb
+            sub = it - t * tpb
             j = tl.load(idx_base + t)
             prev = tl.load(idx_base + tt, mask=tt < t, other=-1)
             n_dup = tl.sum(((prev == j) & (tt < t)).to(tl.int32), 0)
             use = (j >= 0) & (n_dup == 0)
-            jc = tl.minimum(tl.maximum(j, 0), hi // sel_block + 1)  # int32-safe block start
-            start = tl.maximum((jc * sel_block).to(tl.int32), lo)
-            end = tl.minimum((jc * sel_block + sel_block).to(tl.int32), hi)
-            start = tl.where(use, start, 0)
-            end = tl.where(use, end, 0)
-            for n0 in range(start, end, BLOCK_N):
-                p = n0 + offs
-                acc, l_i, m_i = _tile(acc, l_i, m_i, q, qr, p, p < end, _ring(n0, offs, S),
-                                      k_base, kr_base, v_base, sks, srs, svs, qk_scale, HAS_ROPE,
-                                      SHARED_V, DK, DKP, DR, DRP, DV, DVP, IEEE)
+            jc = tl.minimum(tl.maximum(j, 0), hi // sel_block + 1).to(tl.int32)  # int32-safe
+            in_blk = sub * BLOCK_N + offs
+            p = jc * sel_block + in_blk
+            valid = (in_blk < sel_block) & (p >= lo) & (p < hi) & use
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, qr, p, valid, p % S, k_base, kr_base,
+                                  v_base, sks, srs, svs, qk_scale, HAS_ROPE, SHARED_V, DK, DKP,
+                                  DR, DRP, DV, DVP, IEEE)
     else:
         if MODE == 0:  # causal / window over a (ring) cache of S slots
             lo = tl.maximum(tl.maximum(pos - S + 1, pos - window + 1), 0)
@@ -253,18 +275,20 @@ def _decode_kernel(
 def _combine_kernel(OP, LP, O, LSE, sob, soh, H,
                     SPLITS: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr,
                     DVP: tl.constexpr):
-    """Merge the ``SPLITS`` partial outputs of one (sequence, head)."""
+    """Merge the ``SPLITS`` partial outputs (normalised, with their base-2 lse) of one
+    (sequence, head): ``o = sum_s 2^(lse_s - lse) o_s``."""
     bh = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SP)
     dv = tl.arange(0, DVP)
     lp = tl.load(LP + bh * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
     mx = tl.max(lp, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(lp - mx)
-    tot = tl.sum(w, 0)
-    op = tl.load(OP + (bh * SPLITS + s)[:, None] * DV + dv[None, :],
-                 mask=(s[:, None] < SPLITS) & (dv[None, :] < DV), other=0.0)
-    out = tl.sum(op * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
+    tot = tl.sum(tl.exp2(lp - mx), 0)
+    acc = tl.zeros([DVP], tl.float32)
+    for i in range(SPLITS):
+        w = tl.exp2(tl.load(LP + bh * SPLITS + i) - mx)
+        acc += w * tl.load(OP + (bh * SPLITS + i) * DV + dv, mask=dv < DV, other=0.0)
+    out = acc / tl.where(tot > 0, tot, 1.0)
     b = bh // H
     h = bh % H
     tl.store(O + b * sob + h * soh + dv, out.to(O.dtype.element_ty), mask=dv < DV)
@@ -312,7 +336,8 @@ def _group_probs_kernel(
             k = tl.load(K + b64 * skb + hk.to(tl.int64) * skh + n64[:, None] * sks + dk[None, :],
                         mask=vis[:, None] & (dk[None, :] < DK), other=0.0)
             if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                           input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             if HAS_ROPE:
@@ -321,7 +346,8 @@ def _group_probs_kernel(
                 kr = tl.load(KR + b64 * srb + n64[:, None] * srs + dr[None, :],
                              mask=vis[:, None] & (dr[None, :] < DR), other=0.0)
                 if IEEE:
-                    s += tl.dot(qr, tl.trans(kr), input_precision="ieee")
+                    s += tl.dot(qr.to(tl.float32), tl.trans(kr.to(tl.float32)),
+                                input_precision="ieee")
                 else:
                     s += tl.dot(qr, tl.trans(kr))
             lse = tl.load(LSE + b64 * slb + h.to(tl.int64) * slh, mask=row_ok, other=0.0)
@@ -366,8 +392,6 @@ def _check(q, k, v, k_rope, positions, *, kname="k", vname="v", rname="k_rope", 
             raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
         if x.dtype not in _DTYPES:
             raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {x.dtype}")
-        if x.dtype != q.dtype:
-            raise ValueError(f"{name} dtype ({x.dtype}) differs from q's ({q.dtype})")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device}, q on {q.device}")
     if q.device.type != "cuda" and not _interpreting():
@@ -418,15 +442,31 @@ def _check(q, k, v, k_rope, positions, *, kname="k", vname="v", rname="k_rope", 
     return B, H, S, Hk, Dk, Dr, Dv, shared
 
 
-def _launch_cfg(width: int, fp32: bool) -> dict[str, int]:
+def _fp32_compute(*tensors) -> bool:
+    """fp32 dots for fp32 inputs, and for mixed dtypes (every operand upcast in the kernel, as
+    the reference computes in fp32); tensor-core dots when everything is bf16 (or fp16)."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return dtypes == {torch.float32} or len(dtypes) > 1
+
+
+def _launch_cfg(width: int, acc: int, fp32: bool) -> dict[str, int]:
+    """Tile and launch shape. ``width``: padded elements loaded per key (latent/key + RoPE +
+    separate value); ``acc``: accumulator elements per program (rows x padded value width).
+    Chosen from ptxas reports for sm_90a (no spills, <= ~160 registers, <= 110 KB shared):
+    340M ASA local (16 x 256+32): 64 keys, 8 warps, 3 stages (101 regs, 85 KB); GLA global
+    (8 heads x 128+32) and GQA (4 x 64/64): 64 keys, 4 warps, 3 stages (96 / 60 regs);
+    1.3B ASA local (32 x 512+32): 32 keys, 8 warps (154 regs, 106 KB)."""
     if _interpreting():
         cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    elif fp32:  # IEEE fp32 dots run on the FMA units: small tiles
-        cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    elif width <= 640:
-        cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    elif fp32:  # IEEE fp32 dots run on the FMA units: small tiles, 8 warps (no spills)
+        big = acc > 16 * 256 or width > 320
+        cfg = {"BLOCK_N": 16 if big else 32, "num_warps": 8, "num_stages": 1 if big else 2}
+    elif acc > 16 * 256:
+        cfg = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 3}
+    elif width >= 256:
+        cfg = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     else:
-        cfg = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     cfg.update({k: v for k, v in CONFIG_OVERRIDE.items() if k in cfg})
     return cfg
 
@@ -442,10 +482,12 @@ def _num_splits(programs: int, max_work: int, min_work: int, device: torch.devic
 def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_len=1, stride=1,
             block_idx=None, sel_block=1):
     B, H, S, Hk, Dk, Dr, Dv, shared = dims
-    o = torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype)
-    lse = torch.full((B, H), float("-inf"), device=q.device, dtype=torch.float32)
     if B == 0 or H == 0 or S == 0:
-        return o, lse
+        return (torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype),
+                torch.full((B, H), float("-inf"), device=q.device, dtype=torch.float32))
+    # every (sequence, head) row is written by exactly one program (or by the combine)
+    o = torch.empty((B, H, Dv), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H), device=q.device, dtype=torch.float32)
     rep = H // Hk
     if mode == MODE_SEL:
         G = block_idx.shape[1]
@@ -458,8 +500,8 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     nch = triton.cdiv(unit, rows)
     DKP, DRP = _pow2(Dk), (_pow2(Dr) if Dr else 16)
     DVP = DKP if shared else _pow2(Dv)
-    fp32 = q.dtype == torch.float32
-    cfg = _launch_cfg(DKP + DRP + (0 if shared else DVP), fp32)
+    fp32 = _fp32_compute(q, k, v, k_rope)
+    cfg = _launch_cfg(DKP + (DRP if Dr else 0) + (0 if shared else DVP), rows * DVP, fp32)
     programs = B * (H // unit) * nch
     if mode == MODE_SEL:
         max_work = n_sel * sel_block
@@ -579,13 +621,19 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
     if lse.dtype != torch.float32 or lse.device != q.device:
         raise ValueError(f"lse must be float32 on {q.device}, got {lse.dtype} on {lse.device}")
     N = k_cmp.shape[1]
-    pg = torch.zeros((B, G, N), device=q.device, dtype=torch.float32)
+    pg = torch.empty((B, G, N), device=q.device, dtype=torch.float32)  # written in full
     if B and N:
         rep, qg = H // Hk, H // G
         unit = math.gcd(rep, qg)
         rows = min(_pow2(unit), MAX_ROWS)
-        fp32 = q.dtype == torch.float32
-        block_n = 16 if _interpreting() else (32 if fp32 else 64)
+        fp32 = _fp32_compute(q, k_cmp, k_rope_cmp)
+        big = rows * _pow2(Dk) > 16 * 256
+        if _interpreting():
+            block_n, warps = 16, 4
+        elif fp32:
+            block_n, warps = (16 if big else 32), 8
+        else:
+            block_n, warps = 64, (8 if rows * _pow2(Dk) >= 16 * 256 else 4)
         block_n = CONFIG_OVERRIDE.get("BLOCK_N", block_n)
         kr = k_rope_cmp if k_rope_cmp is not None else k_cmp
         _group_probs_kernel[(triton.cdiv(N, block_n), B * G)](
@@ -595,7 +643,7 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
             H, N, G, rep, qg, unit, triton.cdiv(unit, rows), int(block_len), int(stride),
             float(scale) * LOG2E,
             HAS_ROPE=k_rope_cmp is not None, M=rows, BLOCK_N=block_n, DK=Dk, DKP=_pow2(Dk),
-            DR=Dr, DRP=_pow2(Dr) if Dr else 16, IEEE=fp32, num_warps=4,
+            DR=Dr, DRP=_pow2(Dr) if Dr else 16, IEEE=fp32, num_warps=warps,
             num_stages=1 if _interpreting() else 2,
         )
     weights = _overlap(N, int(num_blocks), int(block_len), int(stride), int(select_block),
