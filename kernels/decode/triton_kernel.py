@@ -449,7 +449,7 @@ def _fp32_compute(*tensors) -> bool:
     return dtypes == {torch.float32} or len(dtypes) > 1
 
 
-def _launch_cfg(width: int, acc: int, fp32: bool) -> dict[str, int]:
+def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[str, int]:
     """Tile and launch shape. ``width``: padded elements loaded per key (latent/key + RoPE +
     separate value); ``acc``: accumulator elements per program (rows x padded value width).
     Chosen from ptxas reports for sm_90a (no spills, <= ~160 registers, <= 110 KB shared):
@@ -458,6 +458,8 @@ def _launch_cfg(width: int, acc: int, fp32: bool) -> dict[str, int]:
     1.3B ASA local (32 x 512+32): 32 keys, 8 warps (154 regs, 106 KB)."""
     if _interpreting():
         cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    elif mixed:  # in-register upcasts: the smallest tiles, no pipelining (no spills at 340M)
+        cfg = {"BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
     elif fp32:  # IEEE fp32 dots run on the FMA units: small tiles, 8 warps (no spills)
         big = acc > 16 * 256 or width > 320
         cfg = {"BLOCK_N": 16 if big else 32, "num_warps": 8, "num_stages": 1 if big else 2}
@@ -501,7 +503,9 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     DKP, DRP = _pow2(Dk), (_pow2(Dr) if Dr else 16)
     DVP = DKP if shared else _pow2(Dv)
     fp32 = _fp32_compute(q, k, v, k_rope)
-    cfg = _launch_cfg(DKP + (DRP if Dr else 0) + (0 if shared else DVP), rows * DVP, fp32)
+    mixed = len({t.dtype for t in (q, k, v, k_rope) if t is not None}) > 1
+    cfg = _launch_cfg(DKP + (DRP if Dr else 0) + (0 if shared else DVP), rows * DVP, fp32,
+                      mixed)
     programs = B * (H // unit) * nch
     if mode == MODE_SEL:
         max_work = n_sel * sel_block
@@ -631,7 +635,8 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
         if _interpreting():
             block_n, warps = 16, 4
         elif fp32:
-            block_n, warps = (16 if big else 32), 8
+            mixed = len({t.dtype for t in (q, k_cmp, k_rope_cmp) if t is not None}) > 1
+            block_n, warps = (16 if big or mixed else 32), 8
         else:
             block_n, warps = 64, (8 if rows * _pow2(Dk) >= 16 * 256 else 4)
         block_n = CONFIG_OVERRIDE.get("BLOCK_N", block_n)
