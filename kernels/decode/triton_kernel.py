@@ -77,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.compression.triton_kernel import num_sms
 from kernels.selection.reference import overlap_weights, pick_blocks
 
 LOG2E = 1.4426950408889634
@@ -362,17 +363,6 @@ def _group_probs_kernel(
 # host side
 # --------------------------------------------------------------------------------------------
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
 
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(x), 1)))
@@ -476,7 +466,7 @@ def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[s
 def _num_splits(programs: int, max_work: int, min_work: int, device: torch.device) -> int:
     if "SPLITS" in CONFIG_OVERRIDE:
         return max(1, int(CONFIG_OVERRIDE["SPLITS"]))
-    want = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    want = triton.cdiv(2 * num_sms(device), max(programs, 1))
     cap = max(1, triton.cdiv(max_work, max(min_work, 1)))
     return max(1, min(want, cap, MAX_SPLITS))
 
