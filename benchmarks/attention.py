@@ -10,6 +10,8 @@ counts the backward as 2.5 forward passes (FlashAttention's convention), so 3.5x
 ``--cases`` selects cases by name or by group. ``--out NAME`` writes
 ``benchmarks/results/NAME.json`` (a value with a ``/`` or ending in ``.json`` is used as the path);
 the file is rewritten after every measurement, so a run cut short keeps what it measured.
+``--profile N`` also prints, per case and T, the N operators that take the most GPU time in
+forward+backward (``torch.profiler``), to see where a layer spends its time outside the kernels.
 """
 from __future__ import annotations
 
@@ -323,6 +325,22 @@ def measure(bench: Bench) -> tuple[float, float]:
     return fwd_ms, fwd_bwd_ms
 
 
+def profile(bench: Bench, top: int, iters: int = 5) -> str:
+    """The ``top`` operators by GPU time over ``iters`` forward+backward calls, as a table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    grad = torch.randn_like(bench.fwd())
+    torch.autograd.grad(bench.fwd(), bench.inputs, grad)  # compile and autotune first
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            torch.autograd.grad(bench.fwd(), bench.inputs, grad)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top,
+                                     max_name_column_width=60)
+
+
 def environment() -> dict:
     import triton
 
@@ -349,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated sequence lengths")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per call")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N operators with the most GPU time per case and T")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -394,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                            fwd_bwd_tflops=flops_fb / fb_ms * 1e-9)
                 line = (f"{case.name:<18} {T:>6} {B:>3} {fwd_ms:>9.3f} {row['fwd_tflops']:>8.1f} "
                         f"{fb_ms:>9.3f} {row['fwd_bwd_tflops']:>8.1f}")
+                if args.profile:
+                    print(f"## {case.name} T={T}: top {args.profile} operators, 5 fwd+bwd calls\n"
+                          + profile(bench, args.profile), flush=True)
             except Exception as err:  # one broken case must not lose the others
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()

@@ -1,13 +1,15 @@
 """Decode throughput: tokens per second of one-token steps against caches filled to a context.
 
     python3 benchmarks/decode.py                                   # 340M ASA / NSA / full, 8k and 32k, batch 1 and 64
-    python3 benchmarks/decode.py --contexts 32768 --batches 64 --out h200-decode
+    python3 benchmarks/decode.py --contexts 32768 --batches 64 --modes graph --out h200-decode
 
 For every config, context and batch size: a model with random weights (bf16 on CUDA), decode
 caches of ``context + warmup + steps`` tokens filled with random entries up to ``context`` (the
 content does not change the work a step does), then ``steps`` timed calls of ``model.decode``
-(one new token per sequence, every layer, LM head included). Reports tokens/s (batch x steps /
-seconds), ms per step and the cache bytes. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+(one new token per sequence, every layer, LM head included), in each ``--modes``: ``graph``
+replays the step as one CUDA graph (:class:`nsa_lit.decode_graph.GraphedDecode`, what
+``generate`` does on CUDA), ``eager`` launches every kernel from Python. Reports tokens/s
+(batch x steps / seconds), ms per step and the cache bytes. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_lit.cache import new_caches  # noqa: E402
+from nsa_lit.decode_graph import GraphedDecode  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config  # noqa: E402
 
@@ -50,7 +53,7 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
-            device: torch.device, dtype: torch.dtype) -> dict:
+            device: torch.device, dtype: torch.dtype, mode: str = "eager") -> dict:
     cfg = load_model_config(config_path)
     select = cfg.select_block
     max_len = -(-(context + warmup + steps) // select) * select
@@ -60,17 +63,22 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
     caches = new_caches(cfg, batch, max_len, dtype=dtype, device=device)
     fill_randomly(caches, context)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device)
+    if mode == "graph":
+        step = GraphedDecode(model, caches)  # warm-up calls 1 and 2 run eagerly and capture
+    else:
+        def step(tokens):
+            return model.decode(tokens, caches)
     for _ in range(warmup):
-        tokens = model.decode(tokens, caches).argmax(-1)
+        tokens = step(tokens).argmax(-1)
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        tokens = model.decode(tokens, caches).argmax(-1)
+        tokens = step(tokens).argmax(-1)
     sync(device)
     seconds = time.perf_counter() - start
     return {
         "config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
-        "context": context, "batch": batch, "steps": steps,
+        "context": context, "batch": batch, "mode": mode, "steps": steps,
         "ms_per_step": 1e3 * seconds / steps, "tokens_per_sec": batch * steps / seconds,
         "cache_bytes": sum(c.bytes_allocated() for c in caches),
         "kernel_backend": cfg.kernel_backend,
@@ -83,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (>= 2)")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated graph,eager (default: both on CUDA, eager elsewhere)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 elsewhere")
@@ -92,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+
+    modes = (args.modes or ("graph,eager" if device.type == "cuda" else "eager")).split(",")
+    if not set(modes) <= {"graph", "eager"} or (device.type != "cuda" and "graph" in modes):
+        raise SystemExit(f"--modes must be graph and/or eager (graph needs CUDA), got {args.modes}")
+    if args.warmup < 2:
+        raise SystemExit("--warmup must be >= 2 (a graph is captured on the second step)")
 
     record = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -104,30 +120,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         path = args.out if (os.sep in args.out or args.out.endswith(".json")) else \
             os.path.join(ROOT, "benchmarks", "results", f"{args.out}.json")
-    header = f"{'config':24} {'context':>8} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}"
+    header = (f"{'config':24} {'context':>8} {'batch':>5} {'mode':>5} {'ms/step':>9} "
+              f"{'tokens/s':>10} {'cache MiB':>10}")
     print(header, flush=True)
     lines = []
-    for config in args.configs:
-        for context in args.contexts:
-            for batch in args.batches:
-                try:
-                    row = measure(config, context, batch, args.steps, args.warmup, device, dtype)
-                    line = (f"{row['config']:24} {context:>8} {batch:>5} {row['ms_per_step']:>9.2f} "
-                            f"{row['tokens_per_sec']:>10.1f} {row['cache_bytes'] / 2**20:>10.1f}")
-                except torch.OutOfMemoryError as err:
-                    row = {"config": config, "context": context, "batch": batch,
-                           "error": f"out of memory: {err}"[:300]}
-                    line = f"{config:24} {context:>8} {batch:>5} out of memory"
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                print(line, flush=True)
-                lines.append(line)
-                record["results"].append(row)
-                if path:
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                    with open(path, "w") as f:
-                        json.dump(record, f, indent=1)
+    runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches
+            for m in modes]
+    for config, context, batch, mode in runs:
+        try:
+            row = measure(config, context, batch, args.steps, args.warmup, device, dtype,
+                          mode)
+            line = (f"{row['config']:24} {context:>8} {batch:>5} {mode:>5} "
+                    f"{row['ms_per_step']:>9.2f} {row['tokens_per_sec']:>10.1f} "
+                    f"{row['cache_bytes'] / 2**20:>10.1f}")
+        except torch.OutOfMemoryError as err:
+            row = {"config": config, "context": context, "batch": batch, "mode": mode,
+                   "error": f"out of memory: {err}"[:300]}
+            line = f"{config:24} {context:>8} {batch:>5} {mode:>5} out of memory"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(line, flush=True)
+        lines.append(line)
+        record["results"].append(row)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
     print("\n" + header + "\n" + "\n".join(lines))
     return 0
 

@@ -36,6 +36,10 @@ class TokenCache:
     * ``block_idx`` (``select=(groups, top_n, q_share)``): ``(B, groups, top_n)`` int64, the blocks
       chosen by the first query of each sequence's current query-sharing group.
     * ``lengths``: ``(B,)`` int64, tokens written per sequence (= position of the next one).
+
+    Decoding updates ``lengths`` and ``block_idx`` in place (their storage never changes), so a
+    decode step can be captured as a CUDA graph (:mod:`nsa_lit.decode_graph`); the host-side
+    ``longest`` is advanced by :meth:`reserve`, which a graph replay must call itself.
     """
 
     latent = False  # latent layout: raw = (c, k_r), the latent is key and value
@@ -106,27 +110,26 @@ class TokenCache:
             b, i = done.nonzero(as_tuple=True)
             for buf, new in zip(self.compressed, compressed):
                 buf[b, i] = new[b, i].to(buf.dtype)
-        self.lengths = lengths.to(self.lengths)
+        self.lengths.copy_(lengths)
         self.longest = longest
 
     def keep_selection(self, block_idx: torch.Tensor) -> None:
         """Prefill: keep the blocks of each sequence's last prompt token from ``block_idx
         (B, T, G, top_n)``, which query sharing gave the first query of its group."""
-        self.block_idx = block_idx[torch.arange(len(block_idx)), self.lengths - 1].clone()
+        self.block_idx.copy_(block_idx[torch.arange(len(block_idx)), self.lengths - 1])
 
     def append(self, a: torch.Tensor, b: torch.Tensor,
                compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None) -> None:
         """Write one token per sequence (``a``, ``b``: ``(B, *shape)``) at position ``lengths``.
         A compressing cache then calls ``compress`` on the last ``block_len`` raw tokens
         (``(B, block_len, *shape)`` each, returning ``(B, 1, *shape)`` each) and keeps the result
-        for the sequences whose block has just ended."""
-        self._check_room(self.longest + 1)
-        positions = self.lengths
+        for the sequences whose block has just ended. ``lengths`` advances in place."""
+        self.reserve()
+        positions = self.lengths.clone()
         rows = torch.arange(len(positions), device=positions.device)
         for buf, new in zip(self.raw, (a, b)):
             buf[rows, positions % self.slots] = new.to(buf.dtype)
-        self.lengths = positions + 1
-        self.longest += 1
+        self.lengths.add_(1)
         if self.compressed is None or self.compressed[0].shape[1] == 0:
             return
         block_len, stride = self.compress
@@ -143,8 +146,13 @@ class TokenCache:
         """Query sharing: the blocks ``(B, G, top_n)`` the query at ``positions`` uses, ``fresh``
         (its own choice) when it opens a group of ``q_share`` queries, else the kept ones."""
         opens = (positions % self.q_share == 0)[:, None, None]
-        self.block_idx = torch.where(opens, fresh, self.block_idx)
+        self.block_idx.copy_(torch.where(opens, fresh, self.block_idx))
         return self.block_idx
+
+    def reserve(self) -> None:
+        """Host side of :meth:`append`: check that one more token fits, advance ``longest``."""
+        self._check_room(self.longest + 1)
+        self.longest += 1
 
     def _check_room(self, length: int) -> None:
         if length > self.max_len:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,12 +66,14 @@ def _check_request(cfg: ModelConfig, prompts, max_new_tokens, temperature, top_k
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, seed: int | None = None,
-             cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+             cache_dtype: torch.dtype | None = None,
+             cuda_graph: bool | None = None) -> list[list[int]]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to ``max_new_tokens``
     tokens, stopping a sequence after ``eos_id``. Returns the new tokens of each prompt (``eos_id``
     included when produced). Greedy when ``temperature == 0``; ``seed`` fixes the sampling.
     The caches are in ``cache_dtype`` (default: the model's); prompt + new tokens must fit in
-    ``seq_len``."""
+    ``seq_len``. ``cuda_graph`` (default: on for a CUDA model) replays each decode step as one
+    CUDA graph (:class:`nsa_lit.decode_graph.GraphedDecode`); the tokens are the same."""
     cfg = model.cfg
     prompts = [[int(t) for t in p] for p in prompts]
     _check_request(cfg, prompts, max_new_tokens, temperature, top_k, top_p)
@@ -86,16 +89,23 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     generator = None
     if seed is not None:
         generator = torch.Generator(device=weight.device).manual_seed(seed)
+    if cuda_graph is None:
+        cuda_graph = weight.device.type == "cuda"
+    step = partial(model.decode, caches=caches)
+    if cuda_graph:
+        from nsa_lit.decode_graph import GraphedDecode
+
+        step = GraphedDecode(model, caches)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=weight.device)
     new = []
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
         new.append(token)
         if eos_id is not None:
             finished |= token == eos_id
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if i == max_new_tokens - 1 or bool(finished.all()):
             break
-        logits = model.decode(token, caches)
+        logits = step(token)
     out = torch.stack(new, dim=1).tolist()
     if eos_id is not None:
         out = [seq[: seq.index(eos_id) + 1] if eos_id in seq else seq for seq in out]
@@ -170,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--data_dir", default=None,
                         help="where a bpe:<n> tokenizer lives (default: the checkpoint's data.data_dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--eager", action="store_true",
+                        help="on CUDA, run each decode step eagerly instead of as a CUDA graph")
     args = parser.parse_args(argv)
 
     model, data_hparams = load_checkpoint(args.ckpt_path, args.device)
@@ -177,7 +189,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     texts = read_prompts(args.prompt_file, args.per_line)
     outputs = generate(model, [tokenizer.encode(t) for t in texts], args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       eos_id=tokenizer.eos_id, seed=args.seed)
+                       eos_id=tokenizer.eos_id, seed=args.seed,
+                       cuda_graph=None if not args.eager else False)
     completions = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outputs]
     for i, (text, completion) in enumerate(zip(texts, completions)):
         if len(texts) > 1:

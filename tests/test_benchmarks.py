@@ -26,9 +26,17 @@ def test_visible_key_counts_match_brute_force(T):
 def test_decode_benchmark_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "decode.json"
     decode.main(["--configs", str(ROOT / "configs/tiny.yaml"), "--contexts", "96",
-                 "--batches", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--batches", "2", "--steps", "2", "--warmup", "2", "--device", "cpu",
                  "--out", str(out)])
     record = json.loads(out.read_text())
     (row,) = record["results"]
-    assert row["context"] == 96 and row["batch"] == 2 and row["tokens_per_sec"] > 0
+    assert row["context"] == 96 and row["batch"] == 2 and row["mode"] == "eager"
+    assert row["tokens_per_sec"] > 0
     assert row["cache_bytes"] > 0 and "tokens/s" in capsys.readouterr().out
+
+
+def test_decode_benchmark_refuses_graphs_without_cuda():
+    with pytest.raises(SystemExit, match="graph needs CUDA"):
+        decode.main(["--device", "cpu", "--modes", "graph"])
+    with pytest.raises(SystemExit, match="--warmup must be >= 2"):
+        decode.main(["--device", "cpu", "--warmup", "1"])

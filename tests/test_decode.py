@@ -69,6 +69,37 @@ def test_decode_from_an_empty_cache(name):
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["asa", "nsa", "full"])
+@torch.no_grad()
+def test_decode_updates_the_caches_in_place(name):
+    """What lets a decode step be captured as a CUDA graph (nsa_lit.decode_graph): every
+    step writes into the same tensors (a graph replays on fixed addresses), and the host-side
+    ``longest`` follows the lengths."""
+    cfg = config(name)
+    model = Transformer(cfg).double()
+    caches = new_caches(cfg, 2, 40, torch.float64)
+    model(torch.randint(0, 97, (2, 9)), caches, torch.tensor([9, 5]))
+
+    def storage(cache):
+        tensors = [cache.lengths, *cache.raw, *(cache.compressed or ()), cache.block_idx]
+        return [t.data_ptr() for t in tensors if t is not None]
+
+    before = [storage(c) for c in caches]
+    for _ in range(20):
+        model.decode(torch.randint(0, 97, (2,)), caches)
+    assert [storage(c) for c in caches] == before
+    for cache in caches:
+        assert cache.lengths.tolist() == [29, 25] and cache.longest == 29
+
+
+def test_graphed_decode_needs_cuda():
+    from nsa_lit.decode_graph import GraphedDecode
+
+    model = Transformer(config("asa"))
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        GraphedDecode(model, new_caches(model.cfg, 1, 8))
+
+
 def test_query_sharing_keeps_the_first_querys_blocks():
     # decode of a shared-selection model differs from the same weights without sharing exactly
     # where the training forward says so; a decode that re-selected at every step would not.

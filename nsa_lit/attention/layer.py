@@ -264,7 +264,7 @@ class Attention(nn.Module):
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
         -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
         ``cache``. Latent layers attend in the absorbed form, to the latent cache itself."""
-        positions = cache.lengths
+        positions = cache.lengths.clone()  # append advances cache.lengths in place
         q, a, b = self._project(x, positions[:, None])
         if self.source == "latent":
             q = self._absorbed_query(q)
