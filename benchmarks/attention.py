@@ -238,12 +238,14 @@ def asa_global_auto_case(H: int = 16, G: int = 2, head_dim: int = 64, rope_dim: 
     return build
 
 
-def layer_case(kind: str, **overrides):
+def layer_case(kind: str, compiled: bool = False, **overrides):
     """A whole attention layer of the 340M config (projections, compressors, gate included);
-    FLOPs: 2 per weight per token plus the branches' attention FLOPs (an estimate)."""
+    FLOPs: 2 per weight per token plus the branches' attention FLOPs (an estimate).
+    ``compiled``: the layer under ``torch.compile`` as ``LanguageModel(compile=True)`` does it."""
     def build(T: int, B: int) -> Bench:
         from nsa_lit.attention import Attention
         from nsa_lit.config import ModelConfig
+        from nsa_lit.model import COMPILE_OPTIONS
 
         cfg = ModelConfig(**{"seq_len": T, **overrides})
         layer = Attention(cfg, kind).cuda().to(torch.bfloat16)
@@ -259,9 +261,10 @@ def layer_case(kind: str, **overrides):
                    "selection": visible_selected(T, cfg.select_block, cfg.top_n)}
         flops = 2.0 * weights * B * T + sum(
             attention_flops(B * T, cfg.n_heads, dqk, dv, visible[b]) for b in cfg.branches(kind))
-        return Bench(fwd=lambda: layer(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
+        run = torch.compile(layer, options=COMPILE_OPTIONS) if compiled else layer
+        return Bench(fwd=lambda: run(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
                      shape=dict(kind=kind, branches=list(cfg.branches(kind)),
-                                kv=cfg.kv_source(kind), **overrides))
+                                kv=cfg.kv_source(kind), compiled=compiled, **overrides))
 
     return build
 
@@ -281,6 +284,8 @@ CASES: list[Case] = [
     Case("flex-window-gqa", "flex", flex_window_case(H=32, Hk=2, Dqk=64, Dv=64)),
     Case("flex-window-mla", "flex-mla", flex_window_case(H=16, Hk=1, Dqk=96, Dv=64)),
     Case("sdpa-causal-gqa", "sdpa", sdpa_causal_case(H=32, Hk=2, D=64)),
+    # full attention at the width of the 340M configs (16 heads, 4 KV heads)
+    Case("sdpa-causal-340m", "sdpa", sdpa_causal_case(H=16, Hk=4, D=64)),
     Case("fla-nsa-gqa", "fla", fla_nsa_case(H=32, Hk=2, D=64), _has_module("fla")),
     # ASA global-layer branches at the 340M defaults, absorbed GLA form: 2 latent groups,
     # q.k over 128 latent + 32 RoPE dims, values 128, l=32, d=16, l'=64, top-16, q_share 4
@@ -294,6 +299,9 @@ CASES: list[Case] = [
     Case("layer-asa-local", "layer", layer_case("L")),
     Case("layer-asa-global", "layer", layer_case("G")),
     Case("layer-nsa", "layer", layer_case("N", layer_pattern="N")),
+    Case("layer-full-compiled", "layer-compiled", layer_case("F", True, layer_pattern="F")),
+    Case("layer-asa-local-compiled", "layer-compiled", layer_case("L", True)),
+    Case("layer-asa-global-compiled", "layer-compiled", layer_case("G", True)),
 ]
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One GPU session in one command (what benchmarks/README.md's results log records):
-# the GPU tests of the training path, the attention benchmark of the sparse branches and whole
-# layers beside SDPA / FlexAttention / fla, and the CPU demo config trained on the GPU in bf16.
+# the GPU tests of the training and decoding paths, the attention benchmark of the sparse branches
+# and whole layers (eager and compiled) beside SDPA / FlexAttention / fla, and the CPU demo config
+# trained on the GPU in bf16.
 #   bash benchmarks/gpu_check.sh OUTDIR [T_LIST] [CASES]
 set -uo pipefail
 out=${1:-/tmp/gpu_check}; lengths=${2:-8192,65536}
-cases=${3:-asa-global,asa-global-auto,nsa-gqa,sdpa,fla,window-mla,flex-mla,layer}
+cases=${3:-asa-global,asa-global-auto,nsa-gqa,sdpa,fla,window-mla,flex-mla,layer,layer-compiled}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cd "$repo"
-python3 -m pytest -q -m gpu tests/test_gpu_training.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
+python3 -m pytest -q -m gpu tests/test_gpu_training.py tests/test_decode_graph.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
 python3 benchmarks/attention.py --cases "$cases" \
   --T "$lengths" --out "$out/h200-asa.json" 2>&1 | tee "$out/bench.log" | tail -40
 demo=$(mktemp -d)

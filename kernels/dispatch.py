@@ -55,7 +55,9 @@ def triton_kernel(branch: str) -> Callable | None:
                 raise
             _loaded[branch] = None
         else:
-            _loaded[branch] = getattr(module, function)
+            # opaque to torch.compile: a compiled model graph-breaks around the kernel call
+            # and fuses the PyTorch code between kernels (see LanguageModel(compile=True))
+            _loaded[branch] = torch.compiler.disable(getattr(module, function))
     return _loaded[branch]
 
 

@@ -60,15 +60,23 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 class LanguageModel(L.LightningModule):
-    """Causal language model over token batches ``(B, seq_len + 1)``."""
+    """Causal language model over token batches ``(B, seq_len + 1)``.
 
-    def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig()):
+    ``compile``: ``torch.compile`` each transformer block (per block, like torchtitan) when the
+    model is configured. The attention kernels stay opaque to the compiler
+    (:mod:`kernels.dispatch`): it fuses the projections' neighbours, RoPE, concatenations, norms,
+    gates and the MLP between them. Weights and checkpoints are unchanged.
+    """
+
+    def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
+                 compile: bool = False):
         super().__init__()
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         arch = ModelConfig(**arch) if isinstance(arch, dict) else arch
         optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
-        self.arch, self.optim = arch, optim
-        self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim)})
+        self.arch, self.optim, self.compile_blocks = arch, optim, compile
+        self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim),
+                                   "compile": compile})
         self.model = Transformer(arch)
         self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
         self.tokens_seen = 0
@@ -83,6 +91,10 @@ class LanguageModel(L.LightningModule):
         inputs, targets = batch[:, :-1], batch[:, 1:].long()
         logits = self.model(inputs)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def configure_model(self) -> None:
+        if self.compile_blocks:
+            self.model.compile_blocks()
 
     # -- run length --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -59,6 +59,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# Inductor options for compiled blocks. Its memory-coalescing tiling analysis asserts on the
+# latent layers' grouped RMSNorm at some shapes (pytorch/pytorch#197077, torch 2.11 and 2.14):
+# skipping that analysis only loses a tiling heuristic.
+COMPILE_OPTIONS = {"triton.coalesce_tiling_analysis": False}
+
+
 class Transformer(nn.Module):
     """``forward(tokens (B, T) int) -> logits (B, T, vocab_size)``; ``T <= seq_len``.
 
@@ -75,6 +81,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every block in place (its ``forward``; ``decode`` stays eager).
+        The attention kernels are opaque to the compiler (:mod:`kernels.dispatch`), which fuses
+        the PyTorch code around them."""
+        for block in self.blocks:
+            block.compile(options=COMPILE_OPTIONS)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

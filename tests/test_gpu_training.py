@@ -49,6 +49,41 @@ def test_triton_training_step_matches_the_reference(pattern):
     assert abs(loss_t.item() - loss_r.item()) < 1e-2 * loss_r.item()
 
 
+@pytest.mark.parametrize("pattern", ["LG", "N"])
+def test_compiled_blocks_match_eager_blocks(pattern):
+    """``LanguageModel(compile=True)``'s per-block ``torch.compile`` with the Triton kernels
+    opaque inside: float32 loss and gradients agree with the eager model."""
+    torch.manual_seed(0)
+    models = [Transformer(ModelConfig(**ARCH, layer_pattern=pattern, kernel_backend="triton")).cuda()
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    models[1].compile_blocks()
+    tokens = torch.randint(0, 512, (2, 1025), device="cuda")
+    (loss_e, grad_e), (loss_c, grad_c) = (loss_and_grads(m, tokens, False) for m in models)
+    assert abs(loss_e.item() - loss_c.item()) < 1e-4 * loss_e.item()
+    assert rel(grad_c, grad_e) < 1e-2
+
+
+@pytest.mark.parametrize("pattern", ["LG", "N", "F"])
+def test_training_step_never_waits_for_the_gpu(pattern):
+    """No host synchronisation in the forward and backward (the CPU keeps queueing kernels
+    ahead of the GPU): CUDA's sync debug mode turns any sync into an error."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**ARCH, layer_pattern=pattern, kernel_backend="triton")).cuda()
+    tokens = torch.randint(0, 512, (2, 1025), device="cuda")
+    loss_and_grads(model, tokens, True)  # compile and autotune the kernels first
+    model.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                          tokens[:, 1:].flatten()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_bf16_training_with_triton_kernels_learns(tmp_path):
     from test_training import RandomTokens
 

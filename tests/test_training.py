@@ -98,3 +98,19 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.tokens_seen == model.tokens_seen
     tokens = torch.randint(0, 64, (1, 32))
     torch.testing.assert_close(loaded(tokens), model(tokens))
+
+
+def test_compiled_blocks_train_like_eager_blocks(tmp_path):
+    """``compile=True`` compiles each block in place (weights, names and checkpoints unchanged)
+    and its training steps give the eager losses (CPU: inductor's C++ backend)."""
+    losses = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = LanguageModel(ModelConfig(**{**ARCH, "n_layers": 1, "layer_pattern": "G"}),
+                              OptimConfig(lr=1e-3, warmup_steps=1), compile=compile)
+        t = trainer(tmp_path, max_steps=3, limit_val_batches=0)
+        t.fit(model, datamodule=RandomTokens())
+        assert all((b._compiled_call_impl is not None) == compile for b in model.model.blocks)
+        assert model.hparams.compile == compile
+        losses[compile] = float(t.logged_metrics["train/loss"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

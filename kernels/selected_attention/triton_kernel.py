@@ -728,7 +728,9 @@ def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     key = torch.where(j >= 0, (bb * G + gg) * p.NB + j, torch.full_like(j, NK)).reshape(-1)
     order = torch.argsort(key, stable=True)
     ent_chunk = ((order // (G * L)) % NC).to(torch.int32)
-    cnt = torch.bincount(key, minlength=NK + 1)[:NK]
+    # counts by index_add_ (torch.bincount would read its max back to the host: a sync)
+    cnt = torch.zeros(NK + 1, device=dev, dtype=torch.int64).index_add_(
+        0, key, torch.ones_like(key))[:NK]
     end = torch.cumsum(cnt, 0)
     start = end - cnt
     nseg = (cnt + seg - 1) // seg

@@ -5,6 +5,7 @@ GPU (``-m gpu``): bf16 at T=4096 for the three layouts that matter, against a fl
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -175,7 +176,7 @@ def test_lse_matches_reference():
 def test_dispatch_finds_kernel():
     from kernels import dispatch
 
-    assert dispatch.triton_kernel("selected_attention") is tk.selected_attention
+    assert inspect.unwrap(dispatch.triton_kernel("selected_attention")) is tk.selected_attention
     H, HK, G, D, DV, qs = LAYOUTS["latent"]
     q, k, v = make_qkv(1, 32, H, HK, D, DV)
     block_idx = random_block_idx(1, 32, G, 2, 16, qs)

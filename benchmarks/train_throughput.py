@@ -1,0 +1,127 @@
+"""Training throughput: tokens/s of full training steps of a model config on one GPU.
+
+    python3 benchmarks/train_throughput.py                      # 340M ASA / NSA / full, T=8192
+    python3 benchmarks/train_throughput.py --configs configs/340m/asa.yaml --T 8192 32768 \\
+        --modes eager,compiled --out h200-train
+
+A step is what ``LanguageModel`` trains with: forward under bf16 autocast (float32 weights),
+cross-entropy, backward, gradient clipping at 1.0, fused AdamW. ``--tokens`` tokens per step
+(default 65,536, the ANCHORS.md setting: batch = tokens / T), random tokens, random weights.
+``compiled`` compiles every block as ``LanguageModel(compile=True)`` does. After ``--warmup``
+untimed steps (compilation, autotuning), ``--steps`` steps are timed; reports tokens/s, ms per step
+and peak memory. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nsa_lit.model import Transformer  # noqa: E402
+from nsa_lit.model_stats import load_model_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
+
+
+def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int) -> dict:
+    cfg = dataclasses.replace(load_model_config(config_path), seq_len=T)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda()
+    if mode == "compiled":
+        model.compile_blocks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    batch = torch.randint(0, cfg.vocab_size, (tokens // T, T + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return {"config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
+            "T": T, "batch": tokens // T, "mode": mode, "steps": steps,
+            "ms_per_step": 1e3 * seconds, "tokens_per_sec": tokens / seconds,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    parser.add_argument("--T", type=int, nargs="+", default=[8192])
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens per step")
+    parser.add_argument("--modes", default="eager,compiled", help="comma-separated eager,compiled")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
+    args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if not set(modes) <= {"eager", "compiled"}:
+        raise SystemExit(f"--modes must be eager and/or compiled, got {args.modes}")
+    if any(args.tokens % T for T in args.T):
+        raise SystemExit(f"--tokens={args.tokens} must be a multiple of every T ({args.T})")
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/train_throughput.py needs a CUDA device")
+
+    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "python": platform.python_version(), "tokens_per_step": args.tokens,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python3 benchmarks/train_throughput.py"]
+                                  + (argv if argv is not None else sys.argv[1:])),
+              "results": []}
+    path = None
+    if args.out:
+        path = args.out if (os.sep in args.out or args.out.endswith(".json")) else \
+            os.path.join(ROOT, "benchmarks", "results", f"{args.out}.json")
+    header = f"{'config':24} {'T':>6} {'mode':>8} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>9}"
+    print(header, flush=True)
+    lines = []
+    for config in args.configs:
+        for T in args.T:
+            for mode in modes:
+                try:
+                    row = measure(config, T, args.tokens, mode, args.steps, args.warmup)
+                    line = (f"{row['config']:24} {T:>6} {mode:>8} {row['ms_per_step']:>9.1f} "
+                            f"{row['tokens_per_sec']:>10.0f} {row['peak_mem_gib']:>9.1f}")
+                except Exception as err:  # one failing run must not lose the others
+                    row = {"config": config, "T": T, "mode": mode,
+                           "error": f"{type(err).__name__}: {err}"[:300]}
+                    line = f"{config:24} {T:>6} {mode:>8} error: {row['error'][:60]}"
+                finally:
+                    torch.cuda.empty_cache()
+                print(line, flush=True)
+                lines.append(line)
+                record["results"].append(row)
+                if path:
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                    with open(path, "w") as f:
+                        json.dump(record, f, indent=1)
+    print("\n" + header + "\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
