@@ -30,6 +30,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the library)
+    attention_flops,
+    layer_attention_flops,
+    visible_causal,
+    visible_compressed,
+    visible_selected,
+    visible_window,
+)
+
 BWD_FLOP_FACTOR = 2.5
 DEFAULT_T = (8192, 16384, 32768, 65536)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -57,26 +66,12 @@ def _randn(*shape, dtype=torch.bfloat16):
     return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
 
 
-def visible_window(T: int, window: int) -> float:
-    """Mean number of keys a query sees under a causal sliding window."""
-    w = min(window, T)
-    return (w * (w + 1) / 2 + (T - w) * w) / T
-
-
-def visible_causal(T: int) -> float:
-    return (T + 1) / 2
-
-
 def visible_nsa(T: int, block: int, top_n: int) -> float:
     """Mean compressed tokens (whole blocks ended) plus selected raw tokens per query."""
     total = 0.0
     for t in range(T):
         total += (t + 1) // block + min(top_n, -(-(t + 1) // block)) * block
     return total / T
-
-
-def attention_flops(tokens: int, heads: int, dqk: int, dv: int, visible: float) -> float:
-    return 2.0 * visible * (dqk + dv) * heads * tokens
 
 
 def window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
@@ -151,17 +146,6 @@ def fla_nsa_case(H: int, Hk: int, D: int, block: int = 64, top_n: int = 16):
         )
 
     return build
-
-
-def visible_compressed(T: int, block_len: int, stride: int) -> float:
-    """Mean number of compressed tokens a query sees (blocks that have ended)."""
-    return sum(max(0, (t - block_len + 1) // stride + 1) for t in range(T)) / T
-
-
-def visible_selected(T: int, select_block: int, top_n: int) -> float:
-    """Mean raw tokens a query reads in its selected blocks (the current block up to itself)."""
-    return sum((min(top_n, t // select_block + 1) - 1) * select_block + t % select_block + 1
-               for t in range(T)) / T
 
 
 def sparse_case(H: int, G: int, Dqk: int, Dv: int, block_len: int, stride: int,
@@ -251,16 +235,7 @@ def layer_case(kind: str, compiled: bool = False, **overrides):
         layer = Attention(cfg, kind).cuda().to(torch.bfloat16)
         x = _randn(B, T, cfg.d_model)
         weights = sum(p.numel() for p in layer.parameters())
-        if cfg.kv_source(kind) == "latent":
-            dqk, dv = (cfg.latent_dim // cfg.latent_groups(kind) + cfg.rope_dim,
-                       cfg.latent_dim // cfg.latent_groups(kind))
-        else:
-            dqk = dv = cfg.head_dim
-        visible = {"full": visible_causal(T), "window": visible_window(T, cfg.window),
-                   "compression": visible_compressed(T, cfg.compress_block, cfg.compress_stride),
-                   "selection": visible_selected(T, cfg.select_block, cfg.top_n)}
-        flops = 2.0 * weights * B * T + sum(
-            attention_flops(B * T, cfg.n_heads, dqk, dv, visible[b]) for b in cfg.branches(kind))
+        flops = (2.0 * weights + layer_attention_flops(cfg, kind, T)) * B * T
         run = torch.compile(layer, options=COMPILE_OPTIONS) if compiled else layer
         return Bench(fwd=lambda: run(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
                      shape=dict(kind=kind, branches=list(cfg.branches(kind)),

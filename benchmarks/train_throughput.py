@@ -8,8 +8,10 @@ A step is what ``LanguageModel`` trains with: forward under bf16 autocast (float
 cross-entropy, backward, gradient clipping at 1.0, fused AdamW. ``--tokens`` tokens per step
 (default 65,536, the ANCHORS.md setting: batch = tokens / T), random tokens, random weights.
 ``compiled`` compiles every block as ``LanguageModel(compile=True)`` does. After ``--warmup``
-untimed steps (compilation, autotuning), ``--steps`` steps are timed; reports tokens/s, ms per step
-and peak memory. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+untimed steps (compilation, autotuning), ``--steps`` steps are timed; reports tokens/s, ms per step,
+peak memory and MFU: tokens/s x ``nsa_lit.model_stats.training_flops_per_token`` (attention FLOPs
+of what each variant computes) / ``--peak_tflops`` (default 989.5, the dense bf16 peak of an
+H100/H200 SXM). ``--out NAME`` writes ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_lit.model import Transformer  # noqa: E402
-from nsa_lit.model_stats import load_model_config  # noqa: E402
+from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
 
 
-def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int) -> dict:
+def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int,
+            peak_tflops: float) -> dict:
     cfg = dataclasses.replace(load_model_config(config_path), seq_len=T)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
@@ -61,10 +64,12 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
+    flops = training_flops_per_token(cfg, T)
     return {"config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
             "T": T, "batch": tokens // T, "mode": mode, "steps": steps,
             "ms_per_step": 1e3 * seconds, "tokens_per_sec": tokens / seconds,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "flops_per_token": flops, "mfu": tokens / seconds * flops / (peak_tflops * 1e12),
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated eager,compiled")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak_tflops", type=float, default=989.5,
+                        help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "python": platform.python_version(), "tokens_per_step": args.tokens,
+              "peak_tflops": args.peak_tflops,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python3 benchmarks/train_throughput.py"]
                                   + (argv if argv is not None else sys.argv[1:])),
@@ -96,16 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         path = args.out if (os.sep in args.out or args.out.endswith(".json")) else \
             os.path.join(ROOT, "benchmarks", "results", f"{args.out}.json")
-    header = f"{'config':24} {'T':>6} {'mode':>8} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>9}"
+    header = (f"{'config':24} {'T':>6} {'mode':>8} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} "
+              f"{'peak GiB':>9}")
     print(header, flush=True)
     lines = []
     for config in args.configs:
         for T in args.T:
             for mode in modes:
                 try:
-                    row = measure(config, T, args.tokens, mode, args.steps, args.warmup)
+                    row = measure(config, T, args.tokens, mode, args.steps, args.warmup,
+                                  args.peak_tflops)
                     line = (f"{row['config']:24} {T:>6} {mode:>8} {row['ms_per_step']:>9.1f} "
-                            f"{row['tokens_per_sec']:>10.0f} {row['peak_mem_gib']:>9.1f}")
+                            f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%} "
+                            f"{row['peak_mem_gib']:>9.1f}")
                 except Exception as err:  # one failing run must not lose the others
                     row = {"config": config, "T": T, "mode": mode,
                            "error": f"{type(err).__name__}: {err}"[:300]}

@@ -1,7 +1,8 @@
-"""Parameter counts and KV-cache size per variant, from the model config alone.
+"""Parameter counts, training FLOPs and KV-cache size per variant, from the model config alone.
 
 ``python -m nsa_lit.model_stats configs/340m/*.yaml`` prints, for each config, the parameter
-count and the KV-cache elements per token (all layers, one sequence) at the given contexts.
+count, the training FLOPs per token at ``seq_len`` (what MFU divides by) and the KV-cache
+elements per token (all layers, one sequence) at the given contexts.
 The cache formula counts what a decoder must keep per layer:
   * raw keys/values: ``2 * n_kv_heads * head_dim`` per token (GQA) or ``latent_dim + rope_dim``
     (latent); all tokens for full attention and selection, the last ``window`` for a
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 from kernels.compression.reference import num_compressed
+from nsa_lit.attention.kv import LatentKV
 from nsa_lit.config import ModelConfig
 from nsa_lit.model import Transformer
 
@@ -53,6 +55,96 @@ def kv_elements_per_token(cfg: ModelConfig, context: int) -> float:
     return sum(layer_kv_elements(cfg, kind, context) for kind in cfg.layer_kinds) / context
 
 
+# -- FLOPs -------------------------------------------------------------------------------------
+# Mean number of keys a query reads, over the positions t = 0..T-1 of a sequence.
+def visible_causal(T: int) -> float:
+    return (T + 1) / 2
+
+
+def visible_window(T: int, window: int) -> float:
+    """Causal sliding window: ``min(t + 1, window)``."""
+    w = min(window, T)
+    return (w * (w + 1) / 2 + (T - w) * w) / T
+
+
+def visible_compressed(T: int, block_len: int, stride: int) -> float:
+    """Compressed tokens whose block has ended: ``max(0, (t - block_len + 1) // stride + 1)``."""
+    return sum(max(0, (t - block_len + 1) // stride + 1) for t in range(T)) / T
+
+
+def visible_selected(T: int, select_block: int, top_n: int) -> float:
+    """Raw tokens of the selected blocks: ``top_n - 1`` whole blocks (fewer early on) plus the
+    current block up to ``t``."""
+    return sum((min(top_n, t // select_block + 1) - 1) * select_block + t % select_block + 1
+               for t in range(T)) / T
+
+
+def attention_flops(tokens: int, heads: int, dqk: int, dv: int, visible: float) -> float:
+    """Forward FLOPs of ``q k^T`` and ``p v``: ``2 * visible * (dqk + dv)`` per query and head."""
+    return 2.0 * visible * (dqk + dv) * heads * tokens
+
+
+def branch_dims(cfg: ModelConfig, kind: str, branch: str) -> tuple[int, int]:
+    """``(Dqk, Dv)`` per head of ``branch`` in the form a layer of ``kind`` trains it."""
+    if cfg.kv_source(kind) == "grouped":
+        return cfg.head_dim, cfg.head_dim
+    if cfg.branch_form(branch) == "absorbed":
+        dc = cfg.latent_dim // cfg.latent_groups(kind)
+        return dc + cfg.rope_dim, dc
+    return cfg.head_dim + cfg.rope_dim, cfg.head_dim
+
+
+def layer_attention_flops(cfg: ModelConfig, kind: str, T: int) -> float:
+    """Forward attention FLOPs per token of one layer of ``kind`` on sequences of ``T`` tokens:
+    every branch in its training form, plus the block-importance scores (one query in
+    ``q_share``) and the compression attention that selection needs even without the
+    compression branch. Projections are not included (see :func:`training_flops_per_token`)."""
+    H, branches = cfg.n_heads, cfg.branches(kind)
+    flops = 0.0
+    if "full" in branches:
+        flops += attention_flops(1, H, *branch_dims(cfg, kind, "full"), visible_causal(T))
+    if "window" in branches:
+        flops += attention_flops(1, H, *branch_dims(cfg, kind, "window"),
+                                 visible_window(T, cfg.window))
+    if "compression" in branches or "selection" in branches:
+        dqk, dv = branch_dims(cfg, kind, "compression")
+        n_cmp = visible_compressed(T, cfg.compress_block, cfg.compress_stride)
+        flops += attention_flops(1, H, dqk, dv, n_cmp)
+        if "selection" in branches:
+            flops += attention_flops(1, H, dqk, 0, n_cmp) / cfg.layer_q_share(kind)
+            flops += attention_flops(1, H, *branch_dims(cfg, kind, "selection"),
+                                     visible_selected(T, cfg.select_block, cfg.top_n))
+    return flops
+
+
+def training_flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
+    """FLOPs of one training step per token (forward + backward = 3x forward, the usual MFU
+    convention) on sequences of ``T`` tokens (default ``seq_len``): 2 per weight of every matrix
+    product (linear layers incl. the LM head, latent up-projections ``W_uk``/``W_uv``; a
+    compressor's MLP only once per compressed token and head/group) plus
+    :func:`layer_attention_flops` of every layer. Embedding lookups, norms and gates' sigmoids
+    are not counted."""
+    T = T or cfg.seq_len
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    compressed_share = {}  # compressor Linear -> applications per token
+    for block in model.blocks:
+        attn = block.attn
+        for name, groups in (("k_compressor", cfg.n_kv_heads), ("v_compressor", cfg.n_kv_heads),
+                             ("latent_compressor", getattr(attn.kv, "groups", 1)),
+                             ("rope_compressor", 1)):
+            for m in getattr(attn, name).modules() if hasattr(attn, name) else ():
+                compressed_share[m] = groups / cfg.compress_stride
+    forward = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            forward += 2.0 * m.weight.numel() * compressed_share.get(m, 1.0)
+        elif isinstance(m, LatentKV):
+            forward += 2.0 * (m.w_uk.numel() + m.w_uv.numel())
+    forward += sum(layer_attention_flops(cfg, kind, T) for kind in cfg.layer_kinds)
+    return 3.0 * forward
+
+
 def load_model_config(path: str | Path) -> ModelConfig:
     """The ``model.arch`` section of a LightningCLI YAML file (defaults for missing fields)."""
     with open(path) as f:
@@ -67,13 +159,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[8192, 32768])
     args = parser.parse_args(argv)
     width = max(len(str(p)) for p in args.configs)
-    header = f"{'config':{width}} {'pattern':8} {'params':>12} {'non-emb':>12}" + "".join(
-        f" {'kv/tok@' + str(c):>12}" for c in args.context)
+    header = (f"{'config':{width}} {'pattern':8} {'params':>12} {'non-emb':>12} "
+              f"{'train GFLOP/tok':>15}" + "".join(f" {'kv/tok@' + str(c):>12}"
+                                                  for c in args.context))
     print(header)
     for path in args.configs:
         cfg = load_model_config(path)
         params = count_parameters(cfg)
-        row = f"{str(path):{width}} {cfg.layer_pattern:8} {params['total']:>12,} {params['non_embedding']:>12,}"
+        row = (f"{str(path):{width}} {cfg.layer_pattern:8} {params['total']:>12,} "
+               f"{params['non_embedding']:>12,} {training_flops_per_token(cfg) / 1e9:>15.2f}")
         row += "".join(f" {kv_elements_per_token(cfg, c):>12,.0f}" for c in args.context)
         print(row)
 
