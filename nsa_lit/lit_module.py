@@ -1,8 +1,9 @@
 """LightningModule: next-token loss, AdamW, warm-up + cosine schedule, token budget, metrics.
 
 Logged to every logger: ``train/loss``, ``train/ppl``, ``train/lr``, ``train/grad_norm`` (before
-clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all processes), and
-``val/loss``, ``val/ppl`` (token-weighted over the whole validation set, through torchmetrics).
+clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all processes),
+``train/mfu`` (when the accelerator's peak is known), and ``val/loss``, ``val/ppl``
+(token-weighted over the whole validation set, through torchmetrics).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torchmetrics import MeanMetric
 
 from nsa_lit.config import ModelConfig
 from nsa_lit.model import Transformer
+from nsa_lit.model_stats import training_flops_per_token
 
 
 @dataclass
@@ -59,6 +61,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# dense bf16 peaks (TFLOP/s) by CUDA device name, for train/mfu
+_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.5, "H200": 989.5}
+
+
+def _device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
 class LanguageModel(L.LightningModule):
     """Causal language model over token batches ``(B, seq_len + 1)``.
 
@@ -66,17 +79,26 @@ class LanguageModel(L.LightningModule):
     model is configured. The attention kernels stay opaque to the compiler
     (:mod:`kernels.dispatch`): it fuses the projections' neighbours, RoPE, concatenations, norms,
     gates and the MLP between them. Weights and checkpoints are unchanged.
+
+    ``peak_tflops``: one device's dense peak (TFLOP/s) for ``train/mfu``, model FLOPs utilisation
+    from ``nsa_lit.model_stats.training_flops_per_token`` (attention counted for what the variant
+    computes). ``None``: the bf16 peak of a known CUDA device (A100 312, H100 / H200 989.5),
+    else no MFU is logged.
     """
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
-                 compile: bool = False):
+                 compile: bool = False, peak_tflops: float | None = None):
         super().__init__()
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         arch = ModelConfig(**arch) if isinstance(arch, dict) else arch
         optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ValueError(f"model.peak_tflops must be > 0 (or null), got {peak_tflops}")
         self.arch, self.optim, self.compile_blocks = arch, optim, compile
+        self.peak_tflops = peak_tflops
         self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim),
-                                   "compile": compile})
+                                   "compile": compile, "peak_tflops": peak_tflops})
+        self._flops_per_token = training_flops_per_token(arch)
         self.model = Transformer(arch)
         self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
         self.tokens_seen = 0
@@ -143,8 +165,12 @@ class LanguageModel(L.LightningModule):
         if self._clock is not None:
             then, tokens_then = self._clock
             if now > then:
-                self.log("train/tokens_per_sec", (self.tokens_seen - tokens_then) / (now - then),
-                         prog_bar=True)
+                rate = (self.tokens_seen - tokens_then) / (now - then)
+                self.log("train/tokens_per_sec", rate, prog_bar=True)
+                peak = self.peak_tflops or _device_peak_tflops(self.device)
+                if peak:
+                    self.log("train/mfu", rate / self.trainer.world_size
+                             * self._flops_per_token / (peak * 1e12))
         self._clock = (now, self.tokens_seen)
 
     def on_train_epoch_start(self) -> None:

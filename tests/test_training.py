@@ -114,3 +114,21 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path):
         assert model.hparams.compile == compile
         losses[compile] = float(t.logged_metrics["train/loss"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_mfu_is_logged_from_the_training_flops(tmp_path):
+    from nsa_lit.model_stats import training_flops_per_token
+
+    arch = ModelConfig(**ARCH)
+    model = LanguageModel(arch, OptimConfig(warmup_steps=1), peak_tflops=1e-3)
+    t = trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    t.fit(model, datamodule=RandomTokens())
+    logged = t.logged_metrics
+    expected = logged["train/tokens_per_sec"] * training_flops_per_token(arch) / 1e9
+    assert float(logged["train/mfu"]) == pytest.approx(float(expected), rel=1e-4)
+    without = LanguageModel(arch, OptimConfig(warmup_steps=1))  # CPU: no known peak, no MFU
+    t = trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    t.fit(without, datamodule=RandomTokens())
+    assert "train/mfu" not in t.logged_metrics
+    with pytest.raises(ValueError, match="model.peak_tflops must be > 0"):
+        LanguageModel(arch, peak_tflops=0)
