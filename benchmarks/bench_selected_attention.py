@@ -2,6 +2,11 @@
 breakdown (index lists, forward, dq, CSR, dk/dv) on one GPU.
 
     python3 benchmarks/bench_selected_attention.py --sweep --out results/selected_attention.json
+    python3 benchmarks/bench_selected_attention.py --sweep --importance smooth   # correlated picks
+
+``--importance smooth`` makes neighbouring queries select mostly the same blocks (as trained
+models do); that is where ``tok8_union`` (64-row programs over the union of two query groups'
+blocks) can pay off, which uniform random picks (the default) understate.
 """
 import os
 import sys
@@ -35,7 +40,12 @@ BENCH_LAYOUTS = {
 }
 
 
-def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_local=2, seed=0):
+def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_local=2, seed=0,
+                  importance: str = "uniform"):
+    """Random q, k, v and the blocks ``top_n_blocks`` picks from an importance that is
+    ``uniform`` (independent per query: neighbouring query groups share little beyond the forced
+    blocks) or ``smooth`` (a per-sequence preference over key blocks plus 25% per-query noise:
+    neighbouring groups pick mostly the same blocks, as trained models do)."""
     from kernels.selection.reference import top_n_blocks
 
     H, HK, G, D, DV, qs = BENCH_LAYOUTS[layout]
@@ -45,6 +55,10 @@ def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_lo
     v = torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16, generator=gen)
     nb = -(-T // select_block)
     imp = torch.rand(B, T, G, nb, device="cuda", generator=gen)
+    if importance == "smooth":
+        imp = 0.25 * imp + torch.rand(B, 1, G, nb, device="cuda", generator=gen)
+    elif importance != "uniform":
+        raise ValueError(f"importance must be 'uniform' or 'smooth', got {importance!r}")
     bi = top_n_blocks(imp, select_block=select_block, top_n=top_n, num_local=num_local, q_share=qs)
     del imp
     return q, k, v, bi, qs
@@ -158,6 +172,8 @@ def _bench_main(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--sweep", action="store_true", help="time every variant, not only defaults")
     ap.add_argument("--seqlens", default="8192,65536")
+    ap.add_argument("--importance", choices=["uniform", "smooth"], default="uniform",
+                    help="how the benchmark's block selections correlate across queries")
     args = ap.parse_args(argv)
     if args.warm:
         _run_once(*args.warm)
@@ -192,7 +208,8 @@ def _bench_main(argv=None):
                             + (argv if argv is not None else sys.argv[1:])),
         "date": datetime.date.today().isoformat(),
         "tokens_per_call": 65536, "select_block": 64, "top_n": 16, "num_local": 2,
-        "block_idx": "top_n_blocks on uniform random importance (forced block 0 + 2 local blocks)",
+        "block_idx": f"top_n_blocks on {args.importance} random importance (forced block 0 + "
+                     "2 local blocks)",
         "flops": "fwd = 2*(Dqk+Dv)*visible keys per query row; fwd+bwd = 3.5x fwd",
         "timing": "triton.testing.do_bench median ms (includes index building)",
     }
@@ -207,7 +224,7 @@ def _bench_main(argv=None):
         B = 65536 // T
         for lay in layouts:
             H, HK, G, D, DV, qs = BENCH_LAYOUTS[lay]
-            q, k, v, bi, qs = _bench_inputs(lay, T, B)
+            q, k, v, bi, qs = _bench_inputs(lay, T, B, importance=args.importance)
             vis = _visible_keys(bi, 64, H // G)
             flops = 2.0 * (D + DV) * vis
             do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
