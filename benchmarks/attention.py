@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -38,10 +37,10 @@ from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the 
     visible_selected,
     visible_window,
 )
+from results_log import ResultsLog  # noqa: E402
 
 BWD_FLOP_FACTOR = 2.5
 DEFAULT_T = (8192, 16384, 32768, 65536)
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclass
@@ -336,12 +335,6 @@ def environment() -> dict:
     }
 
 
-def out_path(value: str) -> str:
-    if os.sep in value or value.endswith(".json"):
-        return value
-    return os.path.join(RESULTS_DIR, f"{value}.json")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", help="comma-separated case names or groups "
@@ -362,27 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         if T <= 0 or args.tokens % T:
             raise SystemExit(f"--tokens={args.tokens} must be a multiple of every T (T={T})")
 
-    record = {**environment(), "tokens": args.tokens, "bwd_flop_factor": BWD_FLOP_FACTOR,
-              "results": []}
-    path = out_path(args.out) if args.out else None
-
-    def save():
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(record, f, indent=1)
-
-    header = (f"{'case':<18} {'T':>6} {'B':>3} {'fwd ms':>9} {'TFLOP/s':>8} {'f+b ms':>9} "
-              f"{'TFLOP/s':>8}")
+    record = {**environment(), "tokens": args.tokens, "bwd_flop_factor": BWD_FLOP_FACTOR}
     print(f"# {record['device']}, torch {record['torch']}, triton {record['triton']}", flush=True)
-    print(header, flush=True)
-    lines = []
+    log = ResultsLog(record, f"{'case':<18} {'T':>6} {'B':>3} {'fwd ms':>9} {'TFLOP/s':>8} "
+                             f"{'f+b ms':>9} {'TFLOP/s':>8}", args.out)
     for case in cases:
         reason = case.needs()
         if reason:
             print(f"{case.name:<18} skipped: {reason}", flush=True)
-            record["results"].append({"case": case.name, "group": case.group, "skipped": reason})
-            save()
+            log.add({"case": case.name, "group": case.group, "skipped": reason})
             continue
         for T in lengths:
             B = args.tokens // T
@@ -407,15 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 bench = None
                 torch.cuda.empty_cache()
-            print(line, flush=True)
-            lines.append(line)
-            record["results"].append(row)
-            save()
-
-    print("\n" + header)
-    print("\n".join(lines))
-    if path:
-        print(f"wrote {path}")
+            log.add(row, line)
+    log.summary()
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ from nsa_lit.cache import new_caches  # noqa: E402
 from nsa_lit.decode_graph import GraphedDecode  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config  # noqa: E402
+from results_log import ResultsLog  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
@@ -114,16 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python3 benchmarks/decode.py"] + (argv if argv is not None else sys.argv[1:])),
-        "results": [],
     }
-    path = None
-    if args.out:
-        path = args.out if (os.sep in args.out or args.out.endswith(".json")) else \
-            os.path.join(ROOT, "benchmarks", "results", f"{args.out}.json")
-    header = (f"{'config':24} {'context':>8} {'batch':>5} {'mode':>5} {'ms/step':>9} "
-              f"{'tokens/s':>10} {'cache MiB':>10}")
-    print(header, flush=True)
-    lines = []
+    log = ResultsLog(record, f"{'config':24} {'context':>8} {'batch':>5} {'mode':>5} "
+                             f"{'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}", args.out)
     runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches
             for m in modes]
     for config, context, batch, mode in runs:
@@ -140,14 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(line, flush=True)
-        lines.append(line)
-        record["results"].append(row)
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(record, f, indent=1)
-    print("\n" + header + "\n" + "\n".join(lines))
+        log.add(row, line)
+    log.summary()
     return 0
 
 

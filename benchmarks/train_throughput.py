@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
+from results_log import ResultsLog  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
@@ -98,39 +98,22 @@ def main(argv: list[str] | None = None) -> int:
               "peak_tflops": args.peak_tflops,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python3 benchmarks/train_throughput.py"]
-                                  + (argv if argv is not None else sys.argv[1:])),
-              "results": []}
-    path = None
-    if args.out:
-        path = args.out if (os.sep in args.out or args.out.endswith(".json")) else \
-            os.path.join(ROOT, "benchmarks", "results", f"{args.out}.json")
-    header = (f"{'config':24} {'T':>6} {'mode':>8} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} "
-              f"{'peak GiB':>9}")
-    print(header, flush=True)
-    lines = []
-    for config in args.configs:
-        for T in args.T:
-            for mode in modes:
-                try:
-                    row = measure(config, T, args.tokens, mode, args.steps, args.warmup,
-                                  args.peak_tflops)
-                    line = (f"{row['config']:24} {T:>6} {mode:>8} {row['ms_per_step']:>9.1f} "
-                            f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%} "
-                            f"{row['peak_mem_gib']:>9.1f}")
-                except Exception as err:  # one failing run must not lose the others
-                    row = {"config": config, "T": T, "mode": mode,
-                           "error": f"{type(err).__name__}: {err}"[:300]}
-                    line = f"{config:24} {T:>6} {mode:>8} error: {row['error'][:60]}"
-                finally:
-                    torch.cuda.empty_cache()
-                print(line, flush=True)
-                lines.append(line)
-                record["results"].append(row)
-                if path:
-                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                    with open(path, "w") as f:
-                        json.dump(record, f, indent=1)
-    print("\n" + header + "\n" + "\n".join(lines))
+                                  + (argv if argv is not None else sys.argv[1:]))}
+    log = ResultsLog(record, f"{'config':24} {'T':>6} {'mode':>8} {'ms/step':>9} {'tokens/s':>10} "
+                             f"{'MFU':>6} {'peak GiB':>9}", args.out)
+    for config, T, mode in [(c, T, m) for c in args.configs for T in args.T for m in modes]:
+        try:
+            row = measure(config, T, args.tokens, mode, args.steps, args.warmup, args.peak_tflops)
+            line = (f"{row['config']:24} {T:>6} {mode:>8} {row['ms_per_step']:>9.1f} "
+                    f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%} {row['peak_mem_gib']:>9.1f}")
+        except Exception as err:  # one failing run must not lose the others
+            row = {"config": config, "T": T, "mode": mode,
+                   "error": f"{type(err).__name__}: {err}"[:300]}
+            line = f"{config:24} {T:>6} {mode:>8} error: {row['error'][:60]}"
+        finally:
+            torch.cuda.empty_cache()
+        log.add(row, line)
+    log.summary()
     return 0
 
 

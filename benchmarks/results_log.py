@@ -1,0 +1,46 @@
+"""Where the benchmark scripts keep what they measure: a printed table and a JSON record that
+is rewritten after every row, so a run cut short keeps what it measured."""
+from __future__ import annotations
+
+import json
+import os
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def results_path(value: str) -> str:
+    """``--out`` value -> file: a value with a ``/`` or ending in ``.json`` is a path, anything
+    else a name under ``benchmarks/results/``."""
+    if os.sep in value or value.endswith(".json"):
+        return value
+    return os.path.join(RESULTS_DIR, f"{value}.json")
+
+
+class ResultsLog:
+    """``record`` (run metadata; rows go to ``record["results"]``) saved to ``out`` (or not,
+    when None) after each :meth:`add`; rows are printed under ``header`` as they come and again
+    all together by :meth:`summary`."""
+
+    def __init__(self, record: dict, header: str, out: str | None = None):
+        self.record, self.header, self.lines = record, header, []
+        self.record.setdefault("results", [])
+        self.path = results_path(out) if out else None
+        print(header, flush=True)
+
+    def add(self, row: dict, line: str | None = None) -> None:
+        self.record["results"].append(row)
+        if line is not None:
+            print(line, flush=True)
+            self.lines.append(line)
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "w") as f:
+                json.dump(self.record, f, indent=1)
+
+    def summary(self) -> None:
+        print("\n" + self.header + "\n" + "\n".join(self.lines))
+        if self.path:
+            print(f"wrote {self.path}")
