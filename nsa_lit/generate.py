@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     outputs = generate(model, [tokenizer.encode(t) for t in texts], args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        eos_id=tokenizer.eos_id, seed=args.seed,
-                       cuda_graph=None if not args.eager else False)
+                       cuda_graph=False if args.eager else None)
     completions = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outputs]
     for i, (text, completion) in enumerate(zip(texts, completions)):
         if len(texts) > 1:
