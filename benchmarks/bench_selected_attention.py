@@ -89,6 +89,7 @@ def _bench_variants(layout: str):
         t8 = replace(d, tok=8, fwd_order="rows", dq_order="rows")
         v.append(("tok8_union", t8, "fwd"))
         v.append(("tok8_union", t8, "fwdbwd"))
+        v.append(("tok8_union_kv4", replace(t8, dkdv_tok=4), "fwdbwd"))
     return v
 
 

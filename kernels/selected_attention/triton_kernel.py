@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -521,6 +521,7 @@ class Config:
     dq_order: str = "keys"          # same choice for the dq kernel (csr mode)
     bwd: str = "csr"                # "csr" | "atomic_kv" | "atomic_q"
     seg: int = 64                   # chunks per key-block segment in the dk/dv kernel
+    dkdv_tok: int | None = None     # queries per chunk of the dk/dv pass (None: same as tok)
     fwd_warps: int = 4
     fwd_stages: int = 2
     dq_warps: int = 4
@@ -709,6 +710,13 @@ def _chunk_lists(block_idx: torch.Tensor, p: _Plan) -> torch.Tensor:
     return x.contiguous()
 
 
+def _lists(block_idx: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernels read: per-row block lists (``block_idx`` as int32; union chunks mask each
+    row by its own) or, for shared chunks, the chunk lists themselves; and the chunk lists."""
+    clist = _chunk_lists(block_idx, p)
+    return (block_idx.to(torch.int32).contiguous() if p.UNION else clist), clist
+
+
 def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     """Invert the chunk lists: for each (batch, group, key block), the chunks that read it.
 
@@ -810,7 +818,11 @@ def _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p: _Plan, scale: float, cfg: 
     )
 
 
-def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config):
+def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config,
+              kv_lists: tuple[torch.Tensor, torch.Tensor, _Plan] | None = None):
+    """``kv_lists``: ``(bi32, clist, plan)`` of the dk/dv pass when it chunks the queries
+    differently (``Config.dkdv_tok``); default: the forward's."""
+    bi_kv, clist_kv, p_kv = kv_lists or (bi32, clist, p)
     dev = q.device
     dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=dev, dtype=torch.float32)
     dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=dev, dtype=torch.float32)
@@ -822,8 +834,8 @@ def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Con
         dq32 = torch.zeros(p.B, p.T, p.H, p.D, device=dev, dtype=torch.float32)
         dq = None
     if cfg.bwd in ("csr", "atomic_q"):
-        segs = _segments(clist, p, cfg.seg)
-        _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p, scale, cfg, dk32, dv32, dq32)
+        segs = _segments(clist_kv, p_kv, cfg.seg)
+        _bwd_dkdv(q, k, v, do, lse, delta, bi_kv, segs, p_kv, scale, cfg, dk32, dv32, dq32)
     if dq is None:
         dq = dq32.to(q.dtype)
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
@@ -834,18 +846,23 @@ class _SelectedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg):
         p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        clist = _chunk_lists(block_idx, p)
-        bi32 = block_idx.to(torch.int32).contiguous() if p.UNION else clist
+        bi32, clist = _lists(block_idx, p)
         o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
-        ctx.save_for_backward(q, k, v, o, lse, bi32, clist)
-        ctx.plan, ctx.scale, ctx.cfg = p, float(scale), cfg
+        p_kv = p
+        if cfg.dkdv_tok is not None and cfg.dkdv_tok != p.TOK:
+            p_kv = _plan(q, k, v, block_idx, select_block, q_share,
+                         replace(cfg, tok=cfg.dkdv_tok))
+        bi_kv, clist_kv = (bi32, clist) if p_kv is p else _lists(block_idx, p_kv)
+        ctx.save_for_backward(q, k, v, o, lse, bi32, clist, bi_kv, clist_kv)
+        ctx.plans, ctx.scale, ctx.cfg = (p, p_kv), float(scale), cfg
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, bi32, clist = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), bi32, clist, ctx.plan, ctx.scale,
-                               ctx.cfg)
+        q, k, v, o, lse, bi32, clist, bi_kv, clist_kv = ctx.saved_tensors
+        p, p_kv = ctx.plans
+        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), bi32, clist, p, ctx.scale,
+                               ctx.cfg, (bi_kv, clist_kv, p_kv))
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -881,8 +898,7 @@ def selected_attention_with_lse(q, k, v, block_idx, select_block, scale, q_share
     p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
     _check_device(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    clist = _chunk_lists(block_idx, p)
-    bi32 = block_idx.to(torch.int32).contiguous() if p.UNION else clist
+    bi32, clist = _lists(block_idx, p)
     return _forward(q, k, v, bi32, clist, p, float(scale), cfg)
 
 

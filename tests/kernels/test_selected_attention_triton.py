@@ -126,13 +126,24 @@ def test_other_head_groupings(H, HK, G, qs):
     tk.Config(seg=2),
     tk.Config(fwd_order="keys", dq_order="rows"),
     tk.Config(tok=4),        # padded shared chunks instead of union chunks
-], ids=["atomic_kv", "atomic_q", "seg2", "keys_rows_order", "tok4"])
+    tk.Config(dkdv_tok=4),   # union chunks for forward and dq, shared ones for dk/dv
+], ids=["atomic_kv", "atomic_q", "seg2", "keys_rows_order", "tok4", "dkdv_tok4"])
 def test_variants(config):
     H, HK, G, D, DV, qs = LAYOUTS["upproj"]
     gen = torch.Generator().manual_seed(4)
     q, k, v = make_qkv(1, 48, H, HK, D, DV, gen=gen)
     block_idx = random_block_idx(1, 48, G, 3, 16, qs, gen=gen)
     compare(q, k, v, block_idx, 16, qs, config=config)
+
+
+def test_latent_union_forward_with_shared_dkdv_chunks():
+    """GLA layout: 8-query union chunks (two q_share groups) for forward and dq, the 4-query
+    shared chunks for dk/dv (``bench_selected_attention.py``'s ``tok8_union_kv4``)."""
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = make_qkv(1, 64, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, 64, G, 3, 16, qs, gen=gen)
+    compare(q, k, v, block_idx, 16, qs, config=tk.Config(tok=8, dkdv_tok=4))
 
 
 def test_key_subtiles_and_batch():
@@ -259,6 +270,8 @@ def test_gpu_stage3_and_tok8():
                  config=tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=3))
     _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
                  config=tk.Config(tok=8, fwd_order="rows", dq_order="rows"))
+    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
+                 config=tk.Config(tok=8, fwd_order="rows", dq_order="rows", dkdv_tok=4))
     _gpu_compare(*GPU_LAYOUTS["nsa_gqa"], T=1024, dtype=torch.bfloat16,
                  config=tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=3))
 
