@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the library)
     attention_flops,
     layer_attention_flops,
+    matmul_flops_per_token,
     visible_causal,
     visible_compressed,
     visible_selected,
@@ -223,7 +224,7 @@ def asa_global_auto_case(H: int = 16, G: int = 2, head_dim: int = 64, rope_dim: 
 
 def layer_case(kind: str, compiled: bool = False, **overrides):
     """A whole attention layer of the 340M config (projections, compressors, gate included);
-    FLOPs: 2 per weight per token plus the branches' attention FLOPs (an estimate).
+    FLOPs: ``nsa_lit.model_stats``' matrix products and attention of the layer.
     ``compiled``: the layer under ``torch.compile`` as ``LanguageModel(compile=True)`` does it."""
     def build(T: int, B: int) -> Bench:
         from nsa_lit.attention import Attention
@@ -233,8 +234,7 @@ def layer_case(kind: str, compiled: bool = False, **overrides):
         cfg = ModelConfig(**{"seq_len": T, **overrides})
         layer = Attention(cfg, kind).cuda().to(torch.bfloat16)
         x = _randn(B, T, cfg.d_model)
-        weights = sum(p.numel() for p in layer.parameters())
-        flops = (2.0 * weights + layer_attention_flops(cfg, kind, T)) * B * T
+        flops = (matmul_flops_per_token(layer, cfg) + layer_attention_flops(cfg, kind, T)) * B * T
         run = torch.compile(layer, options=COMPILE_OPTIONS) if compiled else layer
         return Bench(fwd=lambda: run(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
                      shape=dict(kind=kind, branches=list(cfg.branches(kind)),
@@ -378,17 +378,19 @@ def main(argv: list[str] | None = None) -> int:
                            fwd_bwd_tflops=flops_fb / fb_ms * 1e-9)
                 line = (f"{case.name:<18} {T:>6} {B:>3} {fwd_ms:>9.3f} {row['fwd_tflops']:>8.1f} "
                         f"{fb_ms:>9.3f} {row['fwd_bwd_tflops']:>8.1f}")
-                if args.profile:
-                    print(f"## {case.name} T={T}: top {args.profile} operators, 5 fwd+bwd calls\n"
-                          + profile(bench, args.profile), flush=True)
             except Exception as err:  # one broken case must not lose the others
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
                 line = f"{case.name:<18} {T:>6} {B:>3} error: {row['error'][:60]}"
-            finally:
-                bench = None
-                torch.cuda.empty_cache()
             log.add(row, line)
+            if args.profile and "error" not in row:
+                try:
+                    print(f"## {case.name} T={T}: top {args.profile} operators, 5 fwd+bwd calls\n"
+                          + profile(bench, args.profile), flush=True)
+                except Exception:  # the timing above stands
+                    traceback.print_exc()
+            bench = None
+            torch.cuda.empty_cache()
     log.summary()
     return 0
 

@@ -41,15 +41,17 @@ class GraphedDecode:
         if tokens.shape != (self.batch,):
             raise ValueError(f"tokens must be ({self.batch},) (the captured batch), got "
                              f"{tuple(tokens.shape)}")
-        self.calls += 1
-        if self.calls == 1:  # eager: compiles every kernel the step launches
-            return self.model.decode(tokens, self.caches)
+        if self.calls == 0:  # eager: compiles every kernel the step launches
+            logits = self.model.decode(tokens, self.caches)
+            self.calls = 1
+            return logits
         self.tokens.copy_(tokens)
         if self.graph is None:
             self._capture()
         for cache in self.caches:
             cache.reserve()
         self.graph.replay()
+        self.calls += 1
         return self.logits
 
     __call__ = step
@@ -58,9 +60,13 @@ class GraphedDecode:
         """Record one step. Capturing runs no kernel, but its Python runs once: undo the host
         bookkeeping it did (the replay that follows does its own)."""
         longest = [cache.longest for cache in self.caches]
-        self.graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.model.decode(self.tokens, self.caches)
-        for cache, n in zip(self.caches, longest):
-            cache.longest = n
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.tokens.device):
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    logits = self.model.decode(self.tokens, self.caches)
+        finally:
+            for cache, n in zip(self.caches, longest):
+                cache.longest = n
+        self.graph, self.logits = graph, logits

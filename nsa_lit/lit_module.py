@@ -61,8 +61,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# dense bf16 peaks (TFLOP/s) by CUDA device name, for train/mfu
-_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.5, "H200": 989.5}
+# dense bf16 peaks (TFLOP/s) by CUDA device name (first match wins), for train/mfu
+_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.5, "H200": 989.5, "A100": 312.0}
 
 
 def _device_peak_tflops(device: torch.device) -> float | None:
@@ -82,8 +82,8 @@ class LanguageModel(L.LightningModule):
 
     ``peak_tflops``: one device's dense peak (TFLOP/s) for ``train/mfu``, model FLOPs utilisation
     from ``nsa_lit.model_stats.training_flops_per_token`` (attention counted for what the variant
-    computes). ``None``: the bf16 peak of a known CUDA device (A100 312, H100 / H200 989.5),
-    else no MFU is logged.
+    computes). ``None``: the bf16 peak of a known CUDA device (A100 312, H100 PCIe 756,
+    H100 / H200 SXM 989.5), else no MFU is logged.
     """
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),

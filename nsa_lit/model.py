@@ -87,7 +87,8 @@ class Transformer(nn.Module):
         The attention kernels are opaque to the compiler (:mod:`kernels.dispatch`), which fuses
         the PyTorch code around them."""
         for block in self.blocks:
-            block.compile(options=COMPILE_OPTIONS)
+            if block._compiled_call_impl is None:  # Lightning configures the model per stage
+                block.compile(options=COMPILE_OPTIONS)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

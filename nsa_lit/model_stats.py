@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from kernels.compression.reference import num_compressed
+from nsa_lit.attention import Attention
 from nsa_lit.attention.kv import LatentKV
 from nsa_lit.config import ModelConfig
 from nsa_lit.model import Transformer
@@ -94,55 +95,92 @@ def branch_dims(cfg: ModelConfig, kind: str, branch: str) -> tuple[int, int]:
     return cfg.head_dim + cfg.rope_dim, cfg.head_dim
 
 
-def layer_attention_flops(cfg: ModelConfig, kind: str, T: int) -> float:
-    """Forward attention FLOPs per token of one layer of ``kind`` on sequences of ``T`` tokens:
-    every branch in its training form, plus the block-importance scores (one query in
-    ``q_share``) and the compression attention that selection needs even without the
-    compression branch. Projections are not included (see :func:`training_flops_per_token`)."""
+def _attention_parts(cfg: ModelConfig, kind: str, T: int) -> tuple[float, float]:
+    """Forward attention FLOPs per token of one layer, split into what is differentiated (the
+    branch outputs) and what runs without gradient (block-importance scores, and the
+    compression attention when only selection needs its log-sum-exp)."""
     H, branches = cfg.n_heads, cfg.branches(kind)
-    flops = 0.0
+    trained = scoring = 0.0
     if "full" in branches:
-        flops += attention_flops(1, H, *branch_dims(cfg, kind, "full"), visible_causal(T))
+        trained += attention_flops(1, H, *branch_dims(cfg, kind, "full"), visible_causal(T))
     if "window" in branches:
-        flops += attention_flops(1, H, *branch_dims(cfg, kind, "window"),
-                                 visible_window(T, cfg.window))
+        trained += attention_flops(1, H, *branch_dims(cfg, kind, "window"),
+                                   visible_window(T, cfg.window))
     if "compression" in branches or "selection" in branches:
         dqk, dv = branch_dims(cfg, kind, "compression")
         n_cmp = visible_compressed(T, cfg.compress_block, cfg.compress_stride)
-        flops += attention_flops(1, H, dqk, dv, n_cmp)
+        compression = attention_flops(1, H, dqk, dv, n_cmp)
+        if "compression" in branches:
+            trained += compression
+        else:
+            scoring += compression
         if "selection" in branches:
-            flops += attention_flops(1, H, dqk, 0, n_cmp) / cfg.layer_q_share(kind)
-            flops += attention_flops(1, H, *branch_dims(cfg, kind, "selection"),
-                                     visible_selected(T, cfg.select_block, cfg.top_n))
-    return flops
+            scoring += attention_flops(1, H, dqk, 0, n_cmp) / cfg.layer_q_share(kind)
+            trained += attention_flops(1, H, *branch_dims(cfg, kind, "selection"),
+                                       visible_selected(T, cfg.select_block, cfg.top_n))
+    return trained, scoring
 
 
-def training_flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
-    """FLOPs of one training step per token (forward + backward = 3x forward, the usual MFU
-    convention) on sequences of ``T`` tokens (default ``seq_len``): 2 per weight of every matrix
-    product (linear layers incl. the LM head, latent up-projections ``W_uk``/``W_uv``; a
-    compressor's MLP only once per compressed token and head/group) plus
-    :func:`layer_attention_flops` of every layer. Embedding lookups, norms and gates' sigmoids
-    are not counted."""
-    T = T or cfg.seq_len
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    compressed_share = {}  # compressor Linear -> applications per token
-    for block in model.blocks:
-        attn = block.attn
+def layer_attention_flops(cfg: ModelConfig, kind: str, T: int, training: bool = False) -> float:
+    """Attention FLOPs per token of one layer of ``kind`` on sequences of ``T`` tokens: every
+    branch in its training form, the block-importance scores (one query in ``q_share``) and the
+    compression attention that selection needs even without the compression branch. Forward
+    only, or with ``training`` the forward and backward (3x for what gets gradients, 1x for the
+    scoring that runs without). Projections are :func:`matmul_flops_per_token`'s."""
+    trained, scoring = _attention_parts(cfg, kind, T)
+    return 3.0 * trained + scoring if training else trained + scoring
+
+
+def _latent_projection_flops(cfg: ModelConfig, attn: Attention) -> float:
+    """Forward FLOPs per token of a latent layer's ``W_uk`` / ``W_uv`` products, as the layer
+    applies them in its forms: per-head keys and values per token (expanded branches), the
+    absorbed query once and ``W_uv`` once per absorbed branch output, and per-head keys and
+    values of the compressed tokens (one in ``compress_stride``) in the expanded form."""
+    uk, uv = attn.kv.w_uk.numel(), attn.kv.w_uv.numel()
+    branches, form = attn.branches, cfg.branch_form
+    token_forms = {form(b) for b in branches if b != "compression"}
+    cmp_form = (form("compression") if "compression" in branches or "selection" in branches
+                else None)
+    weights = 0.0
+    if "expanded" in token_forms:
+        weights += uk + uv
+    if "absorbed" in token_forms or cmp_form == "absorbed":
+        weights += uk
+    weights += uv * sum(form(b) == "absorbed" for b in branches)
+    if cmp_form == "expanded":
+        weights += (uk + uv) / cfg.compress_stride
+    return 2.0 * weights
+
+
+def matmul_flops_per_token(module: torch.nn.Module, cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of the matrix products in ``module`` (a model or a layer): 2 per
+    weight of every linear layer (a compressor's MLP only once per compressed token and
+    head/group) and the latent up-projections as each layer applies them."""
+    layers = [m for m in module.modules() if isinstance(m, Attention)]
+    share = {}  # compressor Linear -> applications per token
+    for attn in layers:
         for name, groups in (("k_compressor", cfg.n_kv_heads), ("v_compressor", cfg.n_kv_heads),
                              ("latent_compressor", getattr(attn.kv, "groups", 1)),
                              ("rope_compressor", 1)):
             for m in getattr(attn, name).modules() if hasattr(attn, name) else ():
-                compressed_share[m] = groups / cfg.compress_stride
-    forward = 0.0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            forward += 2.0 * m.weight.numel() * compressed_share.get(m, 1.0)
-        elif isinstance(m, LatentKV):
-            forward += 2.0 * (m.w_uk.numel() + m.w_uv.numel())
-    forward += sum(layer_attention_flops(cfg, kind, T) for kind in cfg.layer_kinds)
-    return 3.0 * forward
+                share[m] = groups / cfg.compress_stride
+    flops = sum(2.0 * m.weight.numel() * share.get(m, 1.0) for m in module.modules()
+                if isinstance(m, torch.nn.Linear))
+    return flops + sum(_latent_projection_flops(cfg, a) for a in layers
+                       if isinstance(a.kv, LatentKV))
+
+
+def training_flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
+    """FLOPs of one training step per token on sequences of ``T`` tokens (default ``seq_len``):
+    forward + backward = 3x the forward of :func:`matmul_flops_per_token` (LM head included,
+    embedding lookup, norms and elementwise work not) plus :func:`layer_attention_flops` of every
+    layer in training (scoring without gradient counted once): the usual MFU convention, with
+    attention counted for what each variant computes."""
+    T = T or cfg.seq_len
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return (3.0 * matmul_flops_per_token(model, cfg)
+            + sum(layer_attention_flops(cfg, kind, T, training=True) for kind in cfg.layer_kinds))
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -13,7 +13,7 @@ import decode  # noqa: E402
 def test_decode_benchmark_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "decode.json"
     decode.main(["--configs", str(ROOT / "configs/tiny.yaml"), "--contexts", "96",
-                 "--batches", "2", "--steps", "2", "--warmup", "2", "--device", "cpu",
+                 "--batches", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
                  "--out", str(out)])
     record = json.loads(out.read_text())
     (row,) = record["results"]
@@ -25,5 +25,3 @@ def test_decode_benchmark_runs_on_cpu(tmp_path, capsys):
 def test_decode_benchmark_refuses_graphs_without_cuda():
     with pytest.raises(SystemExit, match="graph needs CUDA"):
         decode.main(["--device", "cpu", "--modes", "graph"])
-    with pytest.raises(SystemExit, match="--warmup must be >= 2"):
-        decode.main(["--device", "cpu", "--warmup", "1"])

@@ -39,6 +39,48 @@ def test_compressor_mlps_count_once_per_compressed_token_and_group():
     assert got == pytest.approx(expected)
 
 
+def test_latent_up_projections_count_as_each_form_applies_them():
+    import torch
+
+    from nsa_lit.attention import Attention
+
+    cfg = ModelConfig(seq_len=512)
+    uk = uv = cfg.n_heads * cfg.head_dim * cfg.latent_dim // 2  # GLA: 2 groups of 128
+    uk_mla = cfg.n_heads * cfg.head_dim * cfg.latent_dim        # MLA: one latent of 256
+
+    def up_flops(c, kind):
+        with torch.device("meta"):
+            layer = Attention(c, kind)
+        linear = sum(2.0 * m.weight.numel() * (1 if "compressor" not in n else
+                                               (2 if "latent" in n else 1) / c.compress_stride)
+                     for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+        return ms.matmul_flops_per_token(layer, c) - linear
+
+    # local, window expanded: per-head keys and values of every token
+    assert up_flops(cfg, "L") == pytest.approx(2 * (uk_mla + uk_mla))
+    # global, auto: absorbed query + W_uv on the selection output per token; compressed tokens
+    # expanded (one in 16)
+    assert up_flops(cfg, "G") == pytest.approx(2 * (uk + uv + (uk + uv) / 16))
+    # global, absorbed: one absorbed query, W_uv on both branch outputs
+    absorbed = dataclasses.replace(cfg, latent_form="absorbed")
+    assert up_flops(absorbed, "G") == pytest.approx(2 * (uk + 2 * uv))
+
+
+def test_scoring_without_gradient_counts_once_in_training():
+    cfg = ModelConfig(seq_len=4096)
+    T = cfg.seq_len
+    n_cmp, n_sel = ms.visible_compressed(T, 32, 16), ms.visible_selected(T, 64, 16)
+    trained = 2 * 16 * (n_cmp * (96 + 64) + n_sel * (160 + 128))
+    scoring = 2 * 16 * n_cmp * 96 / 4
+    assert ms.layer_attention_flops(cfg, "G", T, training=True) == pytest.approx(
+        3 * trained + scoring)
+    no_cmp = ModelConfig(layer_pattern="N", nsa_branches=["selection", "window"],
+                         compress_method="mean", seq_len=T)
+    w = ms.visible_window(T, 512)
+    assert ms.layer_attention_flops(no_cmp, "N", T, training=True) == pytest.approx(
+        3 * 2 * 16 * (n_sel * 128 + w * 128) + 2 * 16 * (n_cmp * 128 + n_cmp * 64))
+
+
 def test_attention_flops_follow_the_training_form():
     cfg = ModelConfig(seq_len=4096)
     T = cfg.seq_len

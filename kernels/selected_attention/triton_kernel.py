@@ -643,6 +643,8 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
         raise ValueError(f"q_share must be a positive int, got {q_share!r}")
     if select_block % q_share:
         raise ValueError(f"q_share ({q_share}) must divide select_block ({select_block})")
+    if cfg.dkdv_tok is not None and (not isinstance(cfg.dkdv_tok, int) or cfg.dkdv_tok < 1):
+        raise ValueError(f"dkdv_tok must be a positive int or None, got {cfg.dkdv_tok!r}")
     if cfg.bwd not in _BWD_MODES:
         raise ValueError(f"bwd mode must be one of {_BWD_MODES}, got {cfg.bwd!r}")
     if cfg.fwd_order not in (None, "rows", "keys") or cfg.dq_order not in ("rows", "keys"):
@@ -849,10 +851,12 @@ class _SelectedAttention(torch.autograd.Function):
         bi32, clist = _lists(block_idx, p)
         o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
         p_kv = p
-        if cfg.dkdv_tok is not None and cfg.dkdv_tok != p.TOK:
+        if cfg.dkdv_tok not in (None, p.TOK) and cfg.bwd != "atomic_kv":
             p_kv = _plan(q, k, v, block_idx, select_block, q_share,
                          replace(cfg, tok=cfg.dkdv_tok))
         bi_kv, clist_kv = (bi32, clist) if p_kv is p else _lists(block_idx, p_kv)
+        if p_kv.UNION and p.UNION:
+            bi_kv = bi32  # the same per-row lists
         ctx.save_for_backward(q, k, v, o, lse, bi32, clist, bi_kv, clist_kv)
         ctx.plans, ctx.scale, ctx.cfg = (p, p_kv), float(scale), cfg
         return o
