@@ -8,7 +8,6 @@ under ``"auto"`` and raises under ``"triton"``.
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Callable, Literal
 
 import torch
@@ -19,6 +18,7 @@ from kernels.decode import reference as decode_ref
 from kernels.selected_attention import reference as selected_ref
 from kernels.selection import reference as selection_ref
 from kernels.sliding_window import reference as window_ref
+from kernels.triton_utils import interpreting
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -38,10 +38,6 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "selected_decode": ("kernels.decode.triton_kernel", "selected_decode"),
 }
 _loaded: dict[str, Callable | None] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_kernel(branch: str) -> Callable | None:
@@ -72,7 +68,7 @@ def _pick(branch: str, backend: str, x: torch.Tensor) -> Callable | None:
         return kernel if (kernel is not None and x.is_cuda) else None
     if kernel is None:
         raise NotImplementedError(f"no Triton kernel for the {branch} branch yet (backend='triton')")
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         raise RuntimeError(
             f"backend='triton' for the {branch} branch needs CUDA tensors (or TRITON_INTERPRET=1)"
         )

@@ -27,11 +27,12 @@ Design (FlashAttention-2 style, fp32 accumulation):
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_utils import interpreting, num_sms, row_major, split_dim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -40,37 +41,6 @@ MAX_HEAD_DIM = 256
 # Tile overrides for benchmarking sweeps: {"fwd": {...}, "dq": {...}, "dkdv": {...}}; keys
 # BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages.
 CONFIG_OVERRIDE: dict[str, dict[str, int]] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def split_dim(d: int) -> tuple[int, int]:
-    """Split a head dim into two power-of-two parts ``(DA, DB)`` (``DB = 0``: one part).
-
-    ``DA`` is the largest power of two <= d (at least 16), ``DB`` the remainder rounded up to a
-    power of two (at least 16); the padding is masked.
-    """
-    if d <= 16:
-        return 16, 0
-    a = 1 << (d.bit_length() - 1)
-    rem = d - a
-    if rem == 0:
-        return a, 0
-    return a, max(16, triton.next_power_of_2(rem))
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,10 +381,6 @@ def _bwd_dkdv_kernel(
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def check_inputs(q, k_cmp, v_cmp, block_len, stride, scale) -> None:
     """Raise ValueError naming the first quantity these kernels cannot serve."""
     for name, x in (("q", q), ("k_cmp", k_cmp), ("v_cmp", v_cmp)):
@@ -427,7 +393,7 @@ def check_inputs(q, k_cmp, v_cmp, block_len, stride, scale) -> None:
             f"q, k_cmp, v_cmp must share one dtype, got {q.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
     if not (q.device == k_cmp.device == v_cmp.device):
         raise ValueError("q, k_cmp, v_cmp must be on one device")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     B, T, H, D = q.shape
     Bk, N, Hk, Dk = k_cmp.shape
@@ -460,7 +426,7 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
     """Tile sizes. ``width`` = padded Dqk + padded Dv. Chosen from ptxas reports for sm_90
     (no or few spills at the 340M shapes; shared memory under the 227 KB per-block limit) and
     a sweep on an H200 (benchmarks/results/compression_selection_*.json)."""
-    if _interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda":
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif fp32:  # exact fp32 dots run on FMA units: small tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
@@ -515,7 +481,7 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
     DA, DB = split_dim(D)
     DVP = max(16, triton.next_power_of_2(Dv))
     ieee = q.dtype == torch.float32
-    do = _row_major(do)
+    do = row_major(do)
     if B * T * H == 0 or N == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq = torch.empty_like(q)
@@ -574,7 +540,7 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
 class _CompressionAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, block_len, stride, scale):
-        q, k_cmp, v_cmp = _row_major(q), _row_major(k_cmp), _row_major(v_cmp)
+        q, k_cmp, v_cmp = row_major(q), row_major(k_cmp), row_major(v_cmp)
         o, lse = _forward(q, k_cmp, v_cmp, block_len, stride, scale)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
         ctx.args = (block_len, stride, scale)

@@ -70,14 +70,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.compression.triton_kernel import num_sms
+from kernels.triton_utils import interpreting, num_sms
 from kernels.selection.reference import overlap_weights, pick_blocks
 
 LOG2E = 1.4426950408889634
@@ -94,10 +93,6 @@ MODE_RANGE, MODE_CMP, MODE_SEL = 0, 1, 2
 CONFIG_OVERRIDE: dict[str, int] = {}
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +369,13 @@ def _need_int(name: str, x, lo: int = 1) -> int:
     return int(x)
 
 
+def _check_index(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
+    if x.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on q's device ({q.device}), got {x.device}")
+
+
 def _check(q, k, v, k_rope, positions, *, kname="k", vname="v", rname="k_rope", scale=1.0):
     """Validate one decode call; returns ``(B, H, S, Hk, Dk, Dr, Dv, shared_v)``."""
     for name, x in (("q", q), (kname, k), (vname, v)) + (((rname, k_rope),) if k_rope is not None
@@ -384,7 +386,7 @@ def _check(q, k, v, k_rope, positions, *, kname="k", vname="v", rname="k_rope", 
             raise ValueError(f"{name} dtype must be float16, bfloat16 or float32, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device}, q on {q.device}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton decode kernels need CUDA tensors (or TRITON_INTERPRET=1), got "
                          f"{q.device}")
     if q.dim() != 3:
@@ -419,10 +421,7 @@ def _check(q, k, v, k_rope, positions, *, kname="k", vname="v", rname="k_rope", 
     if not isinstance(positions, torch.Tensor) or positions.shape != (B,):
         raise ValueError(f"positions must be a (B={B},) tensor, got "
                          f"{tuple(getattr(positions, 'shape', ()))}")
-    if positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be int32 or int64, got {positions.dtype}")
-    if positions.device != q.device:
-        raise ValueError(f"positions are on {positions.device}, q on {q.device}")
+    _check_index("positions", positions, q)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
     for name, x in (("q", q), (kname, k), (vname, v), (rname, k_rope)):
@@ -446,7 +445,7 @@ def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[s
     340M ASA local (16 x 256+32): 64 keys, 8 warps, 3 stages (101 regs, 85 KB); GLA global
     (8 heads x 128+32) and GQA (4 x 64/64): 64 keys, 4 warps, 3 stages (96 / 60 regs);
     1.3B ASA local (32 x 512+32): 32 keys, 8 warps (154 regs, 106 KB)."""
-    if _interpreting():
+    if interpreting():
         cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif mixed:  # in-register upcasts: the smallest tiles, no pipelining (no spills at 340M)
         cfg = {"BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
@@ -577,10 +576,7 @@ def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: flo
     if not isinstance(block_idx, torch.Tensor) or block_idx.dim() != 3 or block_idx.shape[0] != B:
         raise ValueError(f"block_idx must be (B={B}, G, n), got "
                          f"{tuple(getattr(block_idx, 'shape', ()))}")
-    if block_idx.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_idx must be int32 or int64, got {block_idx.dtype}")
-    if block_idx.device != q.device:
-        raise ValueError(f"block_idx is on {block_idx.device}, q on {q.device}")
+    _check_index("block_idx", block_idx, q)
     G = block_idx.shape[1]
     if G < 1 or H % G:
         raise ValueError(f"query heads ({H}) must be a multiple of selection groups ({G})")
@@ -622,7 +618,7 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
         rows = min(_pow2(unit), MAX_ROWS)
         fp32 = _fp32_compute(q, k_cmp, k_rope_cmp)
         big = rows * _pow2(Dk) > 16 * 256
-        if _interpreting():
+        if interpreting():
             block_n, warps = 16, 4
         elif fp32:
             mixed = len({t.dtype for t in (q, k_cmp, k_rope_cmp) if t is not None}) > 1
@@ -639,7 +635,7 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
             float(scale) * LOG2E,
             HAS_ROPE=k_rope_cmp is not None, M=rows, BLOCK_N=block_n, DK=Dk, DKP=_pow2(Dk),
             DR=Dr, DRP=_pow2(Dr) if Dr else 16, IEEE=fp32, num_warps=warps,
-            num_stages=1 if _interpreting() else 2,
+            num_stages=1 if interpreting() else 2,
         )
     weights = _overlap(N, int(num_blocks), int(block_len), int(stride), int(select_block),
                        q.device)

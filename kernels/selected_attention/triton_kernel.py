@@ -53,12 +53,13 @@ about 4.9 TB/s (HBM plus L2 hits): they are bound by the gather, not by the tens
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_utils import interpreting, next_pow2, split_dim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -565,20 +566,6 @@ class _Plan:
     REP_G: int
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-def _split_dim(d: int) -> tuple[int, int]:
-    """``d`` -> two power-of-two pieces ``(d1, d2)``, each >= 16 (``d2 == 0`` when one suffices)."""
-    if d <= 16:
-        return 16, 0
-    d1 = 1 << (d.bit_length() - 1)
-    if d1 == d:
-        return d1, 0
-    return d1, max(16, _next_pow2(d - d1))
-
-
 def _key_tile(select_block: int, bk: int | None) -> int:
     if bk is None:
         if select_block % 64 == 0:
@@ -669,17 +656,17 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
         TOK = q_share * -(-16 // (HP * q_share))
         union = TOK != q_share
     QS = q_share if (union and TOK % q_share == 0) else (TOK if not union else 1)
-    ROWS = max(16, _next_pow2(TOK * HP))
+    ROWS = max(16, next_pow2(TOK * HP))
     NC = -(-T // TOK)
     L = (TOK // QS) * NSEL if union else NSEL
-    D1, D2 = _split_dim(D)
-    DVP = max(16, _next_pow2(DV))
+    D1, D2 = split_dim(D)
+    DVP = max(16, next_pow2(DV))
     NB = -(-T // select_block)
     if B * T * max(H * max(D, DV), G * NSEL) >= 2**62:
         raise ValueError("tensor too large for 64-bit offsets")
     return _Plan(B=B, T=T, H=H, HK=HK, G=G, NSEL=NSEL, D=D, DV=DV, D1=D1, D2=D2, DVP=DVP,
                  HP=HP, TOK=TOK, QS=QS, ROWS=ROWS, UNION=union, NC=NC, L=L,
-                 LPAD=_next_pow2(L), NPAD=_next_pow2(NSEL), BS=select_block, BK=BK,
+                 LPAD=next_pow2(L), NPAD=next_pow2(NSEL), BS=select_block, BK=BK,
                  NSUB=select_block // BK, NB=NB, NHS=H // HP, HSG=REP_G // HP,
                  REP_K=REP_K, REP_G=REP_G)
 
@@ -871,7 +858,7 @@ class _SelectedAttention(torch.autograd.Function):
 
 
 def _check_device(q: torch.Tensor) -> None:
-    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if not (q.is_cuda or interpreting()):
         raise RuntimeError("the Triton selected_attention kernel needs CUDA tensors "
                            "(or TRITON_INTERPRET=1)")
 

@@ -40,13 +40,13 @@ kernel's importance tensor (same tie-break).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.compression.triton_kernel import _load_rows, _qk, split_dim
+from kernels.compression.triton_kernel import _load_rows, _qk
+from kernels.triton_utils import interpreting, row_major, split_dim
 
 LOG2E = 1.4426950408889634
 MAX_NS_IN_REGISTERS = 16384
@@ -54,10 +54,6 @@ MAX_HEAD_DIM = 256
 _BIG = 1 << 30
 
 CONFIG_OVERRIDE: dict[str, int] = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -285,7 +281,7 @@ def _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n, nu
         raise ValueError(f"lse must be float32, got {lse.dtype}")
     if not (q.device == k_cmp.device == lse.device):
         raise ValueError("q, k_cmp and lse must be on one device")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     for name, v, lo in (("num_groups", num_groups, 1), ("block_len", block_len, 1),
                         ("stride", stride, 1), ("select_block", select_block, 1),
@@ -330,7 +326,7 @@ def _tile_plan(block_len: int, stride: int, select_block: int, min_block_n: int)
 
 
 def _config(q: torch.Tensor, units: int) -> dict:
-    if _interpreting() or q.device.type != "cuda":
+    if interpreting() or q.device.type != "cuda":
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small key tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
@@ -389,10 +385,6 @@ def _launch(q, k, lse, num_groups, block_len, stride, select_block, top_n, num_l
     return out, imp
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def block_importance_first(
     q, k_cmp, lse, *, num_groups: int, block_len: int, stride: int, select_block: int,
     q_share: int, scale: float,
@@ -401,7 +393,7 @@ def block_importance_first(
     ``(B, ceil(T / q_share), G, Ns)`` float32, equal to
     ``reference.block_importance(...)[:, ::q_share]`` (for tests and analysis)."""
     _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, 1, 0, q_share, scale)
-    q, k_cmp, lse = _row_major(q.detach()), _row_major(k_cmp.detach()), lse.detach()
+    q, k_cmp, lse = row_major(q.detach()), row_major(k_cmp.detach()), lse.detach()
     B, T, H, _ = q.shape
     imp = torch.zeros(B, num_groups, triton.cdiv(T, q_share), triton.cdiv(T, select_block),
                       dtype=torch.float32, device=q.device)
@@ -441,7 +433,7 @@ def select_blocks(
     args = dict(block_len=int(block_len), stride=int(stride), select_block=int(select_block),
                 top_n=int(top_n), num_local=int(num_local), q_share=int(q_share))
     with torch.no_grad():
-        q, k_cmp, lse = _row_major(q.detach()), _row_major(k_cmp.detach()), lse.detach()
+        q, k_cmp, lse = row_major(q.detach()), row_major(k_cmp.detach()), lse.detach()
         T = q.shape[1]
         Ns = triton.cdiv(T, args["select_block"])
         if Ns > MAX_NS_IN_REGISTERS:

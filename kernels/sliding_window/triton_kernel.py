@@ -33,18 +33,15 @@ Design
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import interpreting
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,7 +528,7 @@ _dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
 
 def _launch(kernel, tuned, grid_fn, cfg, G, args, consts):
     """Run ``kernel`` with ``cfg`` (a 6-tuple), a fixed config, or autotuned."""
-    if cfg is None and _interpreting():
+    if cfg is None and interpreting():
         cfg = _INTERPRETER_CONFIG
     elif cfg is None and consts["PREC"] == "ieee":
         cfg = _FP32_CONFIG

@@ -299,7 +299,7 @@ def test_errors_are_clear(monkeypatch):
     with pytest.raises(ValueError, match="key width Dk=600 is not supported"):
         big = torch.zeros(2, 8, 1, 600, device=DEV)
         tk.window_decode(torch.zeros(2, 4, 600, device=DEV), big, big, pos, 4, 0.3)
-    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "interpreting", lambda: False)
     if not CUDA:
         with pytest.raises(ValueError, match="need CUDA tensors"):
             tk.window_decode(q, k, v, pos, 4, 0.3, k_rope=kr)

@@ -1,0 +1,46 @@
+"""Host-side helpers shared by the Triton kernels (no Triton import: the dispatch uses them too)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors in the Triton interpreter)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= ``x`` (1 for ``x <= 1``)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def split_dim(d: int) -> tuple[int, int]:
+    """Split a head dim into two power-of-two tiles ``(d1, d2)``, ``d2 = 0`` when one suffices:
+    ``d1`` the largest power of two <= d (at least 16), ``d2`` the remainder rounded up to a power
+    of two (at least 16); the kernels mask the padding (160 -> 128 + 32, 96 -> 64 + 32)."""
+    if d <= 16:
+        return 16, 0
+    d1 = 1 << (d.bit_length() - 1)
+    if d1 == d:
+        return d1, 0
+    return d1, max(16, next_pow2(d - d1))
+
+
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride on its last dim (a copy only when needed)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 4 elsewhere (interpreter runs)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
