@@ -34,16 +34,16 @@ class GraphedDecode:
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.calls = 0
+        self.warm = False  # the first (eager) step has run
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape != (self.batch,):
             raise ValueError(f"tokens must be ({self.batch},) (the captured batch), got "
                              f"{tuple(tokens.shape)}")
-        if self.calls == 0:  # eager: compiles every kernel the step launches
+        if not self.warm:  # eager: compiles every kernel the step launches
             logits = self.model.decode(tokens, self.caches)
-            self.calls = 1
+            self.warm = True
             return logits
         self.tokens.copy_(tokens)
         if self.graph is None:
@@ -51,7 +51,6 @@ class GraphedDecode:
         for cache in self.caches:
             cache.reserve()
         self.graph.replay()
-        self.calls += 1
         return self.logits
 
     __call__ = step

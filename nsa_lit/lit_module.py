@@ -98,7 +98,7 @@ class LanguageModel(L.LightningModule):
         self.peak_tflops = peak_tflops
         self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim),
                                    "compile": compile, "peak_tflops": peak_tflops})
-        self._flops_per_token = training_flops_per_token(arch)
+        self._flops_per_token: float | None = None  # computed when MFU is first logged
         self.model = Transformer(arch)
         self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
         self.tokens_seen = 0
@@ -169,6 +169,8 @@ class LanguageModel(L.LightningModule):
                 self.log("train/tokens_per_sec", rate, prog_bar=True)
                 peak = self.peak_tflops or _device_peak_tflops(self.device)
                 if peak:
+                    if self._flops_per_token is None:
+                        self._flops_per_token = training_flops_per_token(self.arch)
                     self.log("train/mfu", rate / self.trainer.world_size
                              * self._flops_per_token / (peak * 1e12))
         self._clock = (now, self.tokens_seen)

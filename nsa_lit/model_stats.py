@@ -12,6 +12,7 @@ The cache formula counts what a decoder must keep per layer:
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -179,8 +180,10 @@ def training_flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
     T = T or cfg.seq_len
     with torch.device("meta"):
         model = Transformer(cfg)
+    kinds = Counter(cfg.layer_kinds)
     return (3.0 * matmul_flops_per_token(model, cfg)
-            + sum(layer_attention_flops(cfg, kind, T, training=True) for kind in cfg.layer_kinds))
+            + sum(n * layer_attention_flops(cfg, kind, T, training=True)
+                  for kind, n in kinds.items()))
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
