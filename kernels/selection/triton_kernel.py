@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from kernels.compression.triton_kernel import _load_rows, _qk
+from kernels.selection.reference import pick_blocks
 from kernels.triton_utils import interpreting, row_major, split_dim
 
 LOG2E = 1.4426950408889634
@@ -403,22 +404,10 @@ def block_importance_first(
 
 
 def _topn_torch(imp, T, *, select_block, top_n, num_local, q_share):
-    """Fallback top-n on the importance of first queries ``(B, G, Tq, Ns)`` (very long rows)."""
-    B, G, Tq, Ns = imp.shape
-    dev = imp.device
-    first = torch.arange(Tq, device=dev) * q_share
-    cur = (first // select_block)[:, None]
-    blocks = torch.arange(Ns, device=dev)[None, :]
-    visible = blocks <= cur
-    forced = (blocks == 0) | (visible & (blocks > cur - num_local))
-    score = imp.masked_fill(forced, float("inf")).masked_fill(~visible, float("-inf"))
-    k = min(top_n, Ns)
-    top, idx = score.sort(dim=-1, descending=True, stable=True)
-    top, idx = top[..., :k], idx[..., :k]
-    idx = torch.where(top == float("-inf"), torch.full_like(idx, Ns), idx).sort(dim=-1).values
-    idx = torch.where(idx == Ns, torch.full_like(idx, -1), idx)
-    if k < top_n:
-        idx = torch.cat([idx, idx.new_full((B, G, Tq, top_n - k), -1)], dim=-1)
+    """Fallback top-n on the importance of first queries ``(B, G, Tq, Ns)`` (very long rows):
+    the reference's :func:`pick_blocks`, spread to every query of each group."""
+    first = torch.arange(imp.shape[2], device=imp.device) * q_share
+    idx = pick_blocks(imp, first // select_block, top_n=top_n, num_local=num_local)
     idx = idx.permute(0, 2, 1, 3).repeat_interleave(q_share, dim=1)[:, :T]
     return idx.contiguous()
 
