@@ -125,22 +125,21 @@ class TokenCache:
         (``(B, block_len, *shape)`` each, returning ``(B, 1, *shape)`` each) and keeps the result
         for the sequences whose block has just ended. ``lengths`` advances in place."""
         self.reserve()
-        positions = self.lengths.clone()
+        positions = self.lengths  # advanced last, after every use below
         rows = torch.arange(len(positions), device=positions.device)
         for buf, new in zip(self.raw, (a, b)):
             buf[rows, positions % self.slots] = new.to(buf.dtype)
+        if self.compressed is not None and self.compressed[0].shape[1] > 0:
+            block_len, stride = self.compress
+            start = positions - block_len + 1  # first token of the block ending here
+            slots = (start[:, None] + torch.arange(block_len, device=start.device)) % self.slots
+            new = compress(*(buf[rows[:, None], slots] for buf in self.raw))
+            done = (start >= 0) & (start % stride == 0)
+            i = (start // stride).clamp(0, self.compressed[0].shape[1] - 1)
+            for buf, c in zip(self.compressed, new):
+                keep = done.view(-1, *[1] * (c.dim() - 2))
+                buf[rows, i] = torch.where(keep, c[:, 0].to(buf.dtype), buf[rows, i])
         self.lengths.add_(1)
-        if self.compressed is None or self.compressed[0].shape[1] == 0:
-            return
-        block_len, stride = self.compress
-        start = positions - block_len + 1  # first token of the block ending here
-        slots = (start[:, None] + torch.arange(block_len, device=start.device)) % self.slots
-        new = compress(*(buf[rows[:, None], slots] for buf in self.raw))
-        done = (start >= 0) & (start % stride == 0)
-        i = (start // stride).clamp(0, self.compressed[0].shape[1] - 1)
-        for buf, c in zip(self.compressed, new):
-            keep = done.view(-1, *[1] * (c.dim() - 2))
-            buf[rows, i] = torch.where(keep, c[:, 0].to(buf.dtype), buf[rows, i])
 
     def share_selection(self, fresh: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Query sharing: the blocks ``(B, G, top_n)`` the query at ``positions`` uses, ``fresh``
