@@ -5,8 +5,9 @@ breakdown (index lists, forward, dq, CSR, dk/dv) on one GPU.
     python3 benchmarks/bench_selected_attention.py --sweep --importance smooth   # correlated picks
 
 ``--importance smooth`` makes neighbouring queries select mostly the same blocks (as trained
-models do); that is where ``tok8_union`` (64-row programs over the union of two query groups'
-blocks) can pay off, which uniform random picks (the default) understate.
+models do); that is where union chunks (the GLA default: 64-row programs over the union of two
+q_share groups' blocks; ``one_group`` is the 32-row alternative) pay off, which uniform random
+picks (the default) understate.
 """
 import os
 import sys
@@ -22,9 +23,10 @@ from kernels.selected_attention.triton_kernel import (  # noqa: E402
     DEFAULT_CONFIG,
     _bwd_dkdv,
     _bwd_dq,
-    _chunk_lists,
     _forward,
+    _lists,
     _plan,
+    _row_major,
     _segments,
     selected_attention,
 )
@@ -35,6 +37,8 @@ from kernels.selected_attention.triton_kernel import (  # noqa: E402
 BENCH_LAYOUTS = {
     # name: (H, Hk, G, Dqk, Dv, q_share)
     "gla_absorbed": (16, 2, 2, 160, 128, 4),
+    # as the layer passes it: values are the view k[..., :128] (read through the keys)
+    "gla_absorbed_vk": (16, 2, 2, 160, 128, 4),
     "gla_upprojected": (16, 16, 2, 96, 64, 4),
     "nsa_gqa": (16, 4, 4, 64, 64, 1),
 }
@@ -52,7 +56,8 @@ def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_lo
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(B, T, HK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = _values(layout, k, torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16,
+                                       generator=gen))
     nb = -(-T // select_block)
     imp = torch.rand(B, T, G, nb, device="cuda", generator=gen)
     if importance == "smooth":
@@ -62,6 +67,11 @@ def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_lo
     bi = top_n_blocks(imp, select_block=select_block, top_n=top_n, num_local=num_local, q_share=qs)
     del imp
     return q, k, v, bi, qs
+
+
+def _values(layout: str, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``v``, or for a ``*_vk`` layout the view of ``k``'s first ``Dv`` columns."""
+    return k[..., :v.shape[-1]] if layout.endswith("_vk") else v
 
 
 def _visible_keys(bi: torch.Tensor, select_block: int, heads_per_group: int) -> int:
@@ -76,20 +86,19 @@ def _bench_variants(layout: str):
     H, HK, G, D, DV, qs = BENCH_LAYOUTS[layout]
     d = DEFAULT_CONFIG
     v = [("default", d, "fwd"), ("default", d, "fwdbwd")]
-    flip = "rows" if layout == "gla_absorbed" else "keys"
-    v.append((f"fwd_{flip}", replace(d, fwd_order=flip), "fwd"))
+    absorbed = layout.startswith("gla_absorbed")
+    v.append(("fwd_keys", replace(d, fwd_order="keys"), "fwd"))
     v.append(("fwd_s3", replace(d, fwd_stages=3), "fwd"))
     v.append(("dq_s3", replace(d, dq_stages=3), "fwdbwd"))
-    v.append(("dkdv_s3", replace(d, dkdv_stages=3), "fwdbwd"))
-    v.append(("all_s3", replace(d, fwd_stages=3, dq_stages=3, dkdv_stages=3), "fwdbwd"))
-    v.append(("dq_rows", replace(d, dq_order="rows"), "fwdbwd"))
+    v.append(("dkdv_s2", replace(d, dkdv_stages=2), "fwdbwd"))
+    v.append(("dq_keys" if absorbed else "dq_rows",
+              replace(d, dq_order="keys" if absorbed else "rows"), "fwdbwd"))
     v.append(("seg128", replace(d, seg=128), "fwdbwd"))
     v.append(("atomic_q", replace(d, bwd="atomic_q"), "fwdbwd"))
-    if layout == "gla_absorbed":
-        t8 = replace(d, tok=8, fwd_order="rows", dq_order="rows")
-        v.append(("tok8_union", t8, "fwd"))
-        v.append(("tok8_union", t8, "fwdbwd"))
-        v.append(("tok8_union_kv4", replace(t8, dkdv_tok=4), "fwdbwd"))
+    if absorbed:  # the default chunks span 2 q_share groups (64 rows); dk/dv takes 1 group
+        v.append(("one_group", replace(d, union_groups=1), "fwd"))
+        v.append(("one_group", replace(d, union_groups=1), "fwdbwd"))
+        v.append(("union_dkdv", replace(d, dkdv_tok=8), "fwdbwd"))
     return v
 
 
@@ -100,18 +109,17 @@ def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int 
     D = q.shape[-1]
     scale = D ** -0.5
     p = _plan(q, k, v, bi, select_block, qs, cfg)
-
-    def prep():
-        cl = _chunk_lists(bi, p)
-        return cl, (bi.to(torch.int32).contiguous() if p.UNION else cl)
-
-    clist, bi32 = prep()
+    p_kv = p if p.KV_TOK == p.TOK else _plan(q, k, v, bi, select_block, qs,
+                                             replace(cfg, tok=p.KV_TOK))
+    q, k, v = _row_major(q, k, v, p)
+    bi32, clist = _lists(bi, p)
+    bi_kv, clist_kv = (bi32, clist) if p_kv is p else _lists(bi, p_kv)
     o, lse = _forward(q, k, v, bi32, clist, p, scale, cfg)
     do = torch.randn_like(o)
     dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=q.device, dtype=torch.float32)
     dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=q.device, dtype=torch.float32)
     dq, delta = _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32)
-    segs = _segments(clist, p, cfg.seg)
+    segs = _segments(clist_kv, p_kv, cfg.seg)
 
     def casts():
         a = torch.zeros_like(dk32)
@@ -119,23 +127,25 @@ def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int 
         return a.to(k.dtype), b.to(v.dtype)
 
     stages = {
-        "index_lists": prep,
+        "index_lists": lambda: (_lists(bi, p), None if p_kv is p else _lists(bi, p_kv)),
         "fwd_kernel": lambda: _forward(q, k, v, bi32, clist, p, scale, cfg),
         "dq_kernel": lambda: _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32),
-        "csr_segments": lambda: _segments(clist, p, cfg.seg),
-        "dkdv_kernel": lambda: _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p, scale, cfg,
+        "csr_segments": lambda: _segments(clist_kv, p_kv, cfg.seg),
+        "dkdv_kernel": lambda: _bwd_dkdv(q, k, v, do, lse, delta, bi_kv, segs, p_kv, scale, cfg,
                                          dk32, dv32, dq),
         "zeros_casts": casts,
     }
     out = {name: do_bench(fn, warmup=10, rep=50, return_mode="median")
            for name, fn in stages.items()}
-    entries = int((clist >= 0).sum().item())
     esz = q.element_size()
-    out["kv_gather_GB"] = entries * p.NSUB * p.HSG * p.BK * (p.D + p.DV) * esz / 1e9
-    out["qdo_gather_GB"] = entries * p.NSUB * p.HSG * min(p.TOK * p.HP, p.ROWS) * (p.D + p.DV) \
-        * esz / 1e9
-    out["entries"] = entries
-    out["plan"] = {k_: getattr(p, k_) for k_ in ("HP", "TOK", "ROWS", "UNION", "L", "BK")}
+    kv_dims = p.D if p.VK else p.D + p.DV  # values read through the keys cost nothing extra
+    out["entries"] = int((clist >= 0).sum().item())
+    out["kv_gather_GB"] = out["entries"] * p.NSUB * p.HSG * p.BK * kv_dims * esz / 1e9
+    out["dkdv_entries"] = int((clist_kv >= 0).sum().item())
+    out["qdo_gather_GB"] = out["dkdv_entries"] * p_kv.NSUB * p_kv.HSG \
+        * min(p_kv.TOK * p_kv.HP, p_kv.ROWS) * (p.D + p.DV) * esz / 1e9
+    out["plan"] = {k_: getattr(p, k_) for k_ in ("HP", "TOK", "ROWS", "UNION", "L", "BK", "VK",
+                                                   "KV_TOK", "FWD_ORDER", "DQ_ORDER")}
     return out
 
 
@@ -146,9 +156,8 @@ def _run_once(layout: str, name: str, T: int = 8192):
     for vname, cfg, what in _bench_variants(layout):
         if vname != name:
             continue
-        q.requires_grad_(what == "fwdbwd")
-        k.requires_grad_(what == "fwdbwd")
-        v.requires_grad_(what == "fwdbwd")
+        q, k, v = (x.detach().requires_grad_(what == "fwdbwd") for x in (q, k, v))
+        v = _values(layout, k, v)
         o = selected_attention(q, k, v, bi, 64, D ** -0.5, qs, config=cfg)
         if what == "fwdbwd":
             o.backward(torch.randn_like(o))
@@ -171,8 +180,11 @@ def _bench_main(argv=None):
     ap.add_argument("--parallel-warmup", type=int, default=0)
     ap.add_argument("--warm-only", action="store_true")
     ap.add_argument("--budget-s", type=float, default=240.0)
-    ap.add_argument("--sweep", action="store_true", help="time every variant, not only defaults")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time every variant at every --seqlens, not only the defaults")
     ap.add_argument("--seqlens", default="8192,65536")
+    ap.add_argument("--layouts", default=",".join(BENCH_LAYOUTS),
+                    help=f"comma-separated subset of {', '.join(BENCH_LAYOUTS)}")
     ap.add_argument("--importance", choices=["uniform", "smooth"], default="uniform",
                     help="how the benchmark's block selections correlate across queries")
     args = ap.parse_args(argv)
@@ -180,7 +192,10 @@ def _bench_main(argv=None):
         _run_once(*args.warm)
         return
     t_start = time.time()
-    layouts = list(BENCH_LAYOUTS)
+    layouts = args.layouts.split(",")
+    unknown = set(layouts) - set(BENCH_LAYOUTS)
+    if unknown:
+        ap.error(f"--layouts: unknown {sorted(unknown)}; choose from {list(BENCH_LAYOUTS)}")
     if args.parallel_warmup:
         jobs = sorted({(lay, n) for lay in layouts for n, _, _ in _bench_variants(lay)
                        if args.sweep or n == "default"})
@@ -230,7 +245,7 @@ def _bench_main(argv=None):
             flops = 2.0 * (D + DV) * vis
             do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
             for name, cfg, what in _bench_variants(lay):
-                if name != "default" and not (args.sweep and T == 65536):
+                if name != "default" and not args.sweep:
                     continue
                 if time.time() - t_start > args.budget_s:
                     print("budget exhausted; skipping", lay, T, name, what, flush=True)
@@ -247,12 +262,13 @@ def _bench_main(argv=None):
                         rec.update(ms=ms, tflops=flops / ms * 1e-9)
                     else:
                         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                        vg = _values(lay, kg, vg)
 
                         def fn():
                             o = selected_attention(qg, kg, vg, bi, 64, D ** -0.5, qs, config=cfg)
                             o.backward(do)
                         ms = do_bench(fn, warmup=10, rep=100, return_mode="median",
-                                      grad_to_none=[qg, kg, vg])
+                                      grad_to_none=[qg, kg] + ([vg] if vg.is_leaf else []))
                         rec.update(ms=ms, tflops=3.5 * flops / ms * 1e-9)
                 except Exception as err:  # keep measuring the rest
                     rec.update(error=f"{type(err).__name__}: {err}"[:500])
@@ -275,7 +291,7 @@ def _bench_main(argv=None):
                 except Exception as err:
                     print(f"breakdown {lay} failed: {type(err).__name__}: {err}", flush=True)
                 dump()
-            del q, k, v, bi, do
+            q = k = v = bi = do = None  # free before the next layout
             torch.cuda.empty_cache()
     meta["wall_s"] = time.time() - t_start
     dump()

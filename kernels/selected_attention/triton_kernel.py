@@ -10,14 +10,23 @@ Design
 one key/value head and one selection group (``HP`` divides ``gcd(H // Hk, H // G)``), i.e. a tile of
 ``ROWS = TOK * HP`` query rows (padded to a power of two >= 16) that all read the same K/V tiles.
 
-* ``shared`` chunks (``HP * q_share >= 16``): ``TOK`` divides ``q_share``, so every row of the chunk
-  has the same block list (the ``q_share`` promise). GLA absorbed form: 4 queries x 8 heads =
-  32 rows.
-* ``union`` chunks (too few rows per query, e.g. GQA with 4 heads per KV head, or per-head K/V):
-  ``TOK`` spans several ``q_share`` groups; the program walks the *union* of their block lists (each
-  distinct block once) and masks every row by its own token's list. When neighbouring queries select
-  the same blocks (they do in practice: forced first/local blocks, similar importance) each K/V
-  block is loaded once for all of them; when they select disjoint blocks it costs what padding would.
+* ``shared`` chunks: ``TOK`` divides ``q_share``, so every row of the chunk has the same block
+  list (the ``q_share`` promise).
+* ``union`` chunks: ``TOK`` spans several ``q_share`` groups; the program walks the *union* of
+  their block lists (each distinct block once) and masks every row by its own token's list. When
+  neighbouring queries select the same blocks (they do in practice: forced first/local blocks,
+  similar importance) each K/V block is loaded once for all of them; when they select disjoint
+  blocks it costs what padding would.
+
+Default tiling (``Config``): where one ``q_share`` group fills a 16-row tile (GLA absorbed form:
+4 queries x 8 heads = 32 rows) forward and dq take union chunks of ``union_groups = 2`` groups
+(64 rows, rows-major products) and dk/dv the 32-row shared chunks; where it does not (GQA with
+4 heads per KV head, per-head K/V) union chunks of 16 rows throughout.
+
+*Values inside the keys.* The absorbed latent form attends keys ``[c ; k_R]`` with values ``c``;
+the layer passes ``v = k[..., :Dv]``, a view. When ``Dv`` is the first power-of-two tile of
+``Dqk`` (128 of 160) the kernels recognise it (:func:`values_in_keys`), read every key tile once
+and use its first columns as the value tile, and add the value gradient into the key gradient.
 
 The per-chunk lists (ascending, deduplicated, -1 padded, entries outside ``[0, num_blocks)``
 dropped) are built once in PyTorch; the kernels loop over exactly the valid entries (no branches in
@@ -49,6 +58,15 @@ strategy: the CSR key-block-major dk/dv kernel (12.9 ms) beats adding dq atomica
 with the first sweep's settings against 28.6 for CSR). Keys-major products ("keys" order) won for
 32-row programs and for dq; 4 warps beat 8 everywhere. Forward and dq stream the gathered K/V at
 about 4.9 TB/s (HBM plus L2 hits): they are bound by the gather, not by the tensor cores.
+
+Later sweeps, block picks correlated across queries as in trained models (``--importance smooth``;
+``benchmarks/results/h200-selected-attention-{vk,vk-sweep,defaults}.json``), GLA absorbed fwd+bwd
+at 8k / 64k: 10.7 / 11.5 ms with separate values -> 9.8 / 10.6 reading the values through the
+keys -> 8.0 / 9.7 with 64-row union chunks for forward and dq (rows-major products; keys-major:
+8.9 / 11.1), 32-row shared chunks for dk/dv (union chunks there: 12.5 / 17.6) and 3 pipeline
+stages in the dk/dv kernel (2 stages: 8.2 / 10.1; 3 stages also won for the GQA and per-head
+layouts). At 64k two neighbouring groups' lists merge into 24.3 distinct blocks on average
+instead of 2 x 16.
 """
 from __future__ import annotations
 
@@ -79,7 +97,7 @@ def _sel_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
     NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    NSUB: tl.constexpr, PREC: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr, VK: tl.constexpr,
 ):
     c = NC - 1 - tl.program_id(0)  # late (long) chunks first
     pid1 = tl.program_id(1)
@@ -137,8 +155,11 @@ def _sel_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        if VK:
+            v = k1
+        else:
+            v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -158,7 +179,7 @@ def _sel_fwd_t_kernel(
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
     NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    NSUB: tl.constexpr, PREC: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr, VK: tl.constexpr,
 ):
     """Forward, keys-major orientation: S^T = K Q^T (BK x ROWS) and O^T += V^T P^T, so both
     products have M >= 64 (wgmma on Hopper) even when a program has only 16 or 32 query rows."""
@@ -218,8 +239,11 @@ def _sel_fwd_t_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        if VK:
+            v = k1
+        else:
+            v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PREC)
         m_i = m_new
 
@@ -239,7 +263,7 @@ def _sel_bwd_dq_kernel(
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
     NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    NSUB: tl.constexpr, PREC: tl.constexpr, ATOMIC_KV: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr, ATOMIC_KV: tl.constexpr, VK: tl.constexpr,
 ):
     c = NC - 1 - tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -300,8 +324,11 @@ def _sel_bwd_dq_kernel(
             sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
             vis = vis & sel[:, None]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        if VK:
+            v = k1
+        else:
+            v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dsc = ds.to(k1.dtype)
@@ -310,8 +337,12 @@ def _sel_bwd_dq_kernel(
             dq2 += tl.dot(dsc, k2, input_precision=PREC)
         if ATOMIC_KV:
             dvb = tl.dot(tl.trans(p.to(v.dtype)), do, input_precision=PREC)
-            tl.atomic_add(DV32 + krow[:, None] * DV + dv[None, :], dvb,
-                          mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
+            if VK:  # dv adds into the key columns it was read from
+                tl.atomic_add(DK32 + krow[:, None] * D + dv[None, :], dvb,
+                              mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
+            else:
+                tl.atomic_add(DV32 + krow[:, None] * DV + dv[None, :], dvb,
+                              mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
             dk1b = tl.dot(tl.trans(dsc), q1, input_precision=PREC) * sm_scale
             tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1b,
                           mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
@@ -335,7 +366,7 @@ def _sel_bwd_dq_t_kernel(
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
     NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    NSUB: tl.constexpr, PREC: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr, VK: tl.constexpr,
 ):
     """dq, keys-major orientation: S^T = K Q^T, dP^T = V dO^T, dQ^T += K^T dS^T."""
     c = NC - 1 - tl.program_id(0)
@@ -397,8 +428,11 @@ def _sel_bwd_dq_t_kernel(
             sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
             vis = vis & sel[None, :]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[None, :]), 0.0)
-        v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        if VK:
+            v = k1
+        else:
+            v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
         dp = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsc = (p * (dp - delta[None, :])).to(k1.dtype)
         dq1 += tl.dot(tl.trans(k1), dsc, input_precision=PREC)
@@ -419,7 +453,7 @@ def _sel_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, NPAD: tl.constexpr,
     UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_Q: tl.constexpr,
+    ATOMIC_Q: tl.constexpr, VK: tl.constexpr,
 ):
     sid = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -448,8 +482,11 @@ def _sel_bwd_dkdv_kernel(
         k2 = tl.load(K + krow[:, None] * D + d2[None, :],
                      mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
         dk2 = tl.zeros([BK, D2], tl.float32)
-    v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    if VK:
+        v = k1
+    else:
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
     dk1 = tl.zeros([BK, D1], tl.float32)
     dvacc = tl.zeros([BK, DVP], tl.float32)
 
@@ -499,10 +536,14 @@ def _sel_bwd_dkdv_kernel(
                 tl.atomic_add(DQ32 + qrow[:, None] * D + d2[None, :], dq2,
                               mask=rvalid[:, None] & (d2[None, :] < D), sem="relaxed")
 
-    tl.atomic_add(DV32 + krow[:, None] * DV + dv[None, :], dvacc,
-                  mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
-    tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1 * sm_scale,
-                  mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
+    if VK:  # v is k's first D1 columns: one gradient for both
+        tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1 * sm_scale + dvacc,
+                      mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
+    else:
+        tl.atomic_add(DV32 + krow[:, None] * DV + dv[None, :], dvacc,
+                      mask=kvalid[:, None] & (dv[None, :] < DV), sem="relaxed")
+        tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1 * sm_scale,
+                      mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
     if D2 > 0:
         tl.atomic_add(DK32 + krow[:, None] * D + d2[None, :], dk2 * sm_scale,
                       mask=kvalid[:, None] & (d2[None, :] < D), sem="relaxed")
@@ -515,20 +556,25 @@ def _sel_bwd_dkdv_kernel(
 class Config:
     """Tuning knobs (``None`` = heuristic). Defaults chosen on an H200 (see module docstring)."""
 
-    tok: int | None = None          # queries per program (chunk)
-    max_rows: int = 64              # cap on TOK * HP in shared mode
+    tok: int | None = None          # queries per program (chunk); None: see union_groups
+    union_groups: int = 2           # shared layouts (one q_share group fills >= 16 rows): forward
+    #                                 and dq chunks span this many q_share groups (union chunks of
+    #                                 <= max_rows rows); 1: one group per chunk
+    max_rows: int = 64              # cap on TOK * HP when tok is None
     bk: int | None = None           # key tile (divides select_block)
-    fwd_order: str | None = None    # "rows": S = Q K^T; "keys": S^T = K Q^T; None: keys if ROWS>=32
-    dq_order: str = "keys"          # same choice for the dq kernel (csr mode)
+    fwd_order: str | None = None    # "rows": S = Q K^T; "keys": S^T = K Q^T; None: by chunk shape
+    dq_order: str | None = None     # same choice for the dq kernel (csr mode)
     bwd: str = "csr"                # "csr" | "atomic_kv" | "atomic_q"
     seg: int = 64                   # chunks per key-block segment in the dk/dv kernel
-    dkdv_tok: int | None = None     # queries per chunk of the dk/dv pass (None: same as tok)
+    dkdv_tok: int | None = None     # queries per chunk of the dk/dv pass; None: q_share (shared
+    #                                 chunks) when the forward's are unions of q_share groups of a
+    #                                 shared layout, else tok
     fwd_warps: int = 4
     fwd_stages: int = 2
     dq_warps: int = 4
     dq_stages: int = 2
     dkdv_warps: int = 4
-    dkdv_stages: int = 2
+    dkdv_stages: int = 3
 
 
 DEFAULT_CONFIG = Config()
@@ -564,6 +610,21 @@ class _Plan:
     HSG: int
     REP_K: int
     REP_G: int
+    VK: bool
+    KV_TOK: int  # queries per chunk of the dk/dv pass
+    FWD_ORDER: str
+    DQ_ORDER: str
+
+
+def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when ``v`` is ``k[..., :Dv]``: a view of a row-major ``k`` (same storage, offset and
+    strides), as the absorbed latent form passes it (keys ``[c ; k_R]``, values ``c``). The kernels
+    then read each key tile once and use its first ``Dv`` columns as the values, and the value
+    gradient is added into the key gradient."""
+    return (k.is_contiguous() and v.dim() == k.dim() == 4 and v.shape[:3] == k.shape[:3]
+            and v.shape[3] <= k.shape[3] and v.dtype == k.dtype
+            and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            and v.storage_offset() == k.storage_offset() and v.stride() == k.stride())
 
 
 def _key_tile(select_block: int, bk: int | None) -> int:
@@ -634,7 +695,9 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
         raise ValueError(f"dkdv_tok must be a positive int or None, got {cfg.dkdv_tok!r}")
     if cfg.bwd not in _BWD_MODES:
         raise ValueError(f"bwd mode must be one of {_BWD_MODES}, got {cfg.bwd!r}")
-    if cfg.fwd_order not in (None, "rows", "keys") or cfg.dq_order not in ("rows", "keys"):
+    if not isinstance(cfg.union_groups, int) or cfg.union_groups < 1:
+        raise ValueError(f"union_groups must be a positive int, got {cfg.union_groups!r}")
+    if cfg.fwd_order not in (None, "rows", "keys") or cfg.dq_order not in (None, "rows", "keys"):
         raise ValueError(f"fwd_order / dq_order must be 'rows' or 'keys', got {cfg.fwd_order!r}, "
                          f"{cfg.dq_order!r}")
     BK = _key_tile(select_block, cfg.bk)
@@ -643,15 +706,18 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
     hp = math.gcd(REP_K, REP_G)
     HP = max(d for d in range(1, min(hp, 64) + 1) if hp % d == 0)
 
+    shared = HP * q_share >= 16  # one q_share group of queries fills a 16-row tile
     if cfg.tok is not None:
         TOK = int(cfg.tok)
         if TOK < 1:
             raise ValueError(f"tok must be >= 1, got {TOK}")
         union = q_share % TOK != 0
-    elif HP * q_share >= 16:
+    elif shared:
         TOK = max(d for d in range(1, q_share + 1)
                   if q_share % d == 0 and (HP * d <= cfg.max_rows or d == 1))
         union = False
+        if TOK == q_share and HP * q_share * cfg.union_groups <= cfg.max_rows:
+            TOK, union = q_share * cfg.union_groups, cfg.union_groups > 1
     else:
         TOK = q_share * -(-16 // (HP * q_share))
         union = TOK != q_share
@@ -662,13 +728,20 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
     D1, D2 = split_dim(D)
     DVP = max(16, next_pow2(DV))
     NB = -(-T // select_block)
+    KV_TOK = cfg.dkdv_tok or (q_share if shared and union and TOK % q_share == 0 else TOK)
+    # measured (module docstring): wide union chunks multiply rows by keys; others keys by rows
+    wide_union = union and ROWS >= 64
+    FWD_ORDER = cfg.fwd_order or ("rows" if wide_union or ROWS < 32 else "keys")
+    DQ_ORDER = cfg.dq_order or ("rows" if wide_union else "keys")
+    VK = DV == D1 and values_in_keys(k, v)  # the values are exactly the first key tile
     if B * T * max(H * max(D, DV), G * NSEL) >= 2**62:
         raise ValueError("tensor too large for 64-bit offsets")
     return _Plan(B=B, T=T, H=H, HK=HK, G=G, NSEL=NSEL, D=D, DV=DV, D1=D1, D2=D2, DVP=DVP,
                  HP=HP, TOK=TOK, QS=QS, ROWS=ROWS, UNION=union, NC=NC, L=L,
                  LPAD=next_pow2(L), NPAD=next_pow2(NSEL), BS=select_block, BK=BK,
                  NSUB=select_block // BK, NB=NB, NHS=H // HP, HSG=REP_G // HP,
-                 REP_K=REP_K, REP_G=REP_G)
+                 REP_K=REP_K, REP_G=REP_G, VK=VK, KV_TOK=KV_TOK, FWD_ORDER=FWD_ORDER,
+                 DQ_ORDER=DQ_ORDER)
 
 
 def _chunk_lists(block_idx: torch.Tensor, p: _Plan) -> torch.Tensor:
@@ -756,14 +829,13 @@ def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
     o = torch.empty(p.B, p.T, p.H, p.DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.T, p.H, device=q.device, dtype=torch.float32)
     grid = (p.NC, p.B * p.NHS)
-    order = cfg.fwd_order or ("keys" if p.ROWS >= 32 else "rows")
-    kernel = _sel_fwd_t_kernel if order == "keys" else _sel_fwd_kernel
+    kernel = _sel_fwd_t_kernel if p.FWD_ORDER == "keys" else _sel_fwd_kernel
     kernel[grid](
         q, k, v, clist, bi32, o, lse,
         p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
         D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
         LPAD=p.LPAD, NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, NSUB=p.NSUB,
-        PREC=_prec(q.dtype),
+        PREC=_prec(q.dtype), VK=p.VK,
         num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages,
     )
@@ -772,7 +844,7 @@ def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
 
 def _common(p: _Plan, dtype) -> dict:
     return dict(D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
-                NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, PREC=_prec(dtype))
+                NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, PREC=_prec(dtype), VK=p.VK)
 
 
 def _bwd_dq(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config, dk32, dv32):
@@ -780,7 +852,7 @@ def _bwd_dq(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Confi
     dq = torch.empty_like(q)
     delta = torch.empty(p.B, p.T, p.H, device=q.device, dtype=torch.float32)
     args = (p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E, scale)
-    if cfg.bwd == "csr" and cfg.dq_order == "keys":
+    if cfg.bwd == "csr" and p.DQ_ORDER == "keys":
         _sel_bwd_dq_t_kernel[(p.NC, p.B * p.NHS)](
             q, k, v, o, do, lse, clist, bi32, dq, delta, *args,
             LPAD=p.LPAD, NSUB=p.NSUB, **_common(p, q.dtype),
@@ -810,11 +882,12 @@ def _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p: _Plan, scale: float, cfg: 
 def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Config,
               kv_lists: tuple[torch.Tensor, torch.Tensor, _Plan] | None = None):
     """``kv_lists``: ``(bi32, clist, plan)`` of the dk/dv pass when it chunks the queries
-    differently (``Config.dkdv_tok``); default: the forward's."""
+    differently (``_Plan.KV_TOK``); default: the forward's."""
     bi_kv, clist_kv, p_kv = kv_lists or (bi32, clist, p)
     dev = q.device
     dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=dev, dtype=torch.float32)
-    dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=dev, dtype=torch.float32)
+    # with values in the keys, the kernels add dv into dk32 and never touch dv32
+    dv32 = dk32 if p.VK else torch.zeros(p.B, p.T, p.HK, p.DV, device=dev, dtype=torch.float32)
     if cfg.bwd in ("csr", "atomic_kv"):
         dq, delta = _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32)
         dq32 = dq  # not written by the dk/dv kernel outside atomic_q mode
@@ -827,20 +900,25 @@ def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Con
         _bwd_dkdv(q, k, v, do, lse, delta, bi_kv, segs, p_kv, scale, cfg, dk32, dv32, dq32)
     if dq is None:
         dq = dq32.to(q.dtype)
-    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    return dq, dk32.to(k.dtype), (None if p.VK else dv32.to(v.dtype))
+
+
+def _row_major(q, k, v, p: _Plan):
+    """Contiguous ``q, k, v``; values that live in the keys (``p.VK``) are read through ``k``."""
+    k = k.contiguous()
+    return q.contiguous(), k, (k if p.VK else v.contiguous())
 
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg):
         p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        p_kv = p
+        if p.KV_TOK != p.TOK and cfg.bwd != "atomic_kv":
+            p_kv = _plan(q, k, v, block_idx, select_block, q_share, replace(cfg, tok=p.KV_TOK))
+        q, k, v = _row_major(q, k, v, p)
         bi32, clist = _lists(block_idx, p)
         o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
-        p_kv = p
-        if cfg.dkdv_tok not in (None, p.TOK) and cfg.bwd != "atomic_kv":
-            p_kv = _plan(q, k, v, block_idx, select_block, q_share,
-                         replace(cfg, tok=cfg.dkdv_tok))
         bi_kv, clist_kv = (bi32, clist) if p_kv is p else _lists(block_idx, p_kv)
         if p_kv.UNION and p.UNION:
             bi_kv = bi32  # the same per-row lists
@@ -854,6 +932,7 @@ class _SelectedAttention(torch.autograd.Function):
         p, p_kv = ctx.plans
         dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), bi32, clist, p, ctx.scale,
                                ctx.cfg, (bi_kv, clist_kv, p_kv))
+        # values in the keys: dk already holds dv (v is a view of k, so autograd needs no dv)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -888,7 +967,7 @@ def selected_attention_with_lse(q, k, v, block_idx, select_block, scale, q_share
     cfg = config or DEFAULT_CONFIG
     p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
     _check_device(q)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _row_major(q, k, v, p)
     bi32, clist = _lists(block_idx, p)
     return _forward(q, k, v, bi32, clist, p, float(scale), cfg)
 

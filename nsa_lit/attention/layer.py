@@ -128,20 +128,19 @@ class Attention(nn.Module):
         H, groups = self.cfg.n_heads, self.kv.groups
         c_cmp, kr_cmp = cmp if cmp is not None else (None, None)
         if form == "absorbed":
-            def keys(lat, rot):
-                return torch.cat([lat, rot.expand(-1, -1, groups, -1)], dim=-1)
-
-            def values(lat):
-                return lat
+            def keys_values(lat, rot):
+                # values are the keys' first columns, passed as a view of the keys: kernels
+                # that recognise it (selected attention) read each latent tile once
+                k = torch.cat([lat, rot.expand(-1, -1, groups, -1)], dim=-1)
+                return k, k[..., :lat.shape[-1]]
 
             q = self._absorbed_query(q)
         else:
-            def keys(lat, rot):
-                return torch.cat([self.kv.up_keys(lat), rot.expand(-1, -1, H, -1)], dim=-1)
-
-            values = self.kv.up_values
-        k, v = (keys(c, k_r), values(c)) if tokens else (None, None)
-        k_cmp, v_cmp = (keys(c_cmp, kr_cmp), values(c_cmp)) if cmp is not None else (None, None)
+            def keys_values(lat, rot):
+                k = torch.cat([self.kv.up_keys(lat), rot.expand(-1, -1, H, -1)], dim=-1)
+                return k, self.kv.up_values(lat)
+        k, v = keys_values(c, k_r) if tokens else (None, None)
+        k_cmp, v_cmp = keys_values(c_cmp, kr_cmp) if cmp is not None else (None, None)
         return BranchInputs(q, k, v, k_cmp, v_cmp, groups=groups)
 
     def _form(self, branch: str) -> str:

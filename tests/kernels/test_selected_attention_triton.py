@@ -136,14 +136,107 @@ def test_variants(config):
     compare(q, k, v, block_idx, 16, qs, config=config)
 
 
-def test_latent_union_forward_with_shared_dkdv_chunks():
-    """GLA layout: 8-query union chunks (two q_share groups) for forward and dq, the 4-query
-    shared chunks for dk/dv (``bench_selected_attention.py``'s ``tok8_union_kv4``)."""
+@pytest.mark.parametrize("config", [
+    None, tk.Config(union_groups=1), tk.Config(dkdv_tok=8), tk.Config(tok=8, union_groups=1),
+], ids=["default", "one_group", "union_dkdv", "tok8"])
+def test_latent_chunk_plans(config):
+    """GLA layout: 8-query union chunks (two q_share groups) for forward and dq with the 4-query
+    shared chunks for dk/dv (default), one group per chunk throughout, union chunks for dk/dv
+    too, and tok=8 given directly."""
     H, HK, G, D, DV, qs = LAYOUTS["latent"]
     gen = torch.Generator().manual_seed(9)
     q, k, v = make_qkv(1, 64, H, HK, D, DV, gen=gen)
     block_idx = random_block_idx(1, 64, G, 3, 16, qs, gen=gen)
-    compare(q, k, v, block_idx, 16, qs, config=tk.Config(tok=8, dkdv_tok=4))
+    compare(q, k, v, block_idx, 16, qs, config=config)
+
+
+def _meta_plan(H, HK, G, D, DV, qs, config=tk.DEFAULT_CONFIG, T=256):
+    q = torch.empty(1, T, H, D, device="meta")
+    k = torch.empty(1, T, HK, D, device="meta")
+    return tk._plan(q, k, torch.empty(1, T, HK, DV, device="meta"),
+                    torch.empty(1, T, G, 16, dtype=torch.int64, device="meta"), 64, qs, config)
+
+
+def test_default_plans_of_the_model_layouts():
+    """The tilings the H200 sweeps chose (module docstring): GLA absorbed 64-row union chunks
+    (rows-major products) with 32-row shared chunks for dk/dv; per-head K/V and GQA 16-row
+    union chunks."""
+    p = _meta_plan(*GPU_LAYOUTS["gla_absorbed"])
+    assert (p.HP, p.TOK, p.ROWS, p.UNION, p.KV_TOK) == (8, 8, 64, True, 4)
+    assert (p.FWD_ORDER, p.DQ_ORDER) == ("rows", "rows")
+    p = _meta_plan(*GPU_LAYOUTS["gla_absorbed"], config=tk.Config(union_groups=1))
+    assert (p.TOK, p.ROWS, p.UNION, p.KV_TOK, p.FWD_ORDER, p.DQ_ORDER) == (
+        4, 32, False, 4, "keys", "keys")
+    for layout in ("gla_upprojected", "nsa_gqa"):
+        p = _meta_plan(*GPU_LAYOUTS[layout])
+        assert p.ROWS == 16 and p.UNION and p.KV_TOK == p.TOK
+        assert (p.FWD_ORDER, p.DQ_ORDER) == ("rows", "keys")
+    # an MLA-like group of 16 heads already fills 64 rows with one q_share group
+    p = _meta_plan(16, 1, 1, 160, 128, 4)
+    assert (p.TOK, p.ROWS, p.UNION) == (4, 64, False)
+
+
+def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config=None,
+                           ref_dtype=torch.float64, tol=1e-5):
+    """Values passed as the view ``k[..., :DV]`` (the absorbed latent form): the kernel must read
+    them through the keys (``values_in_keys``), and the one key gradient carries dv too; output,
+    dq and dk against the reference fed the same view."""
+    scale = q.shape[-1] ** -0.5
+    do = torch.randn(*q.shape[:3], DV, dtype=q.dtype, device=q.device)
+    results = []
+    for dt in (q.dtype, ref_dtype):
+        qq, kk = (x.detach().to(dt).requires_grad_() for x in (q, k))
+        v = kk[..., :DV]
+        if dt == q.dtype:
+            assert tk.values_in_keys(kk, v)
+            o = tk.selected_attention(qq, kk, v, block_idx, select_block, scale, q_share,
+                                      config=config)
+        else:
+            o = ref.selected_attention(qq, kk, v, block_idx, select_block, scale, q_share)
+        o.backward(do.to(dt))
+        results.append((o, qq.grad, kk.grad))
+    for name, got, want in zip(("out", "dq", "dk"), *results):
+        assert torch.isfinite(got).all(), f"{name} has NaN/inf"
+        err = rel(got, want)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("config", [
+    None, tk.Config(bwd="atomic_kv"), tk.Config(bwd="atomic_q", seg=2),
+    tk.Config(fwd_order="rows"), tk.Config(tok=8, dkdv_tok=4),
+], ids=["default", "atomic_kv", "atomic_q", "rows_order", "tok8_kv4"])
+def test_values_in_keys(config):
+    """Latent layout with Dqk 24 = 16 + 8 (tiles 16 + 16) and the values the first 16 key
+    columns, every backward strategy."""
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(13)
+    q, k, _ = make_qkv(1, 56, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, 56, G, 3, 16, qs, gen=gen)
+    compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
+
+
+def test_values_in_keys_only_for_real_prefix_views():
+    """Copies, offset slices and value widths other than the first key tile are read as
+    separate values (still correct)."""
+    k = torch.randn(1, 8, 2, 24)
+    assert tk.values_in_keys(k, k[..., :16]) and tk.values_in_keys(k, k)
+    assert not tk.values_in_keys(k, k[..., :16].clone())
+    assert not tk.values_in_keys(k, k[..., 8:])
+    assert not tk.values_in_keys(k[:, :, :1], k[:, :, 1:])
+    wide = torch.randn(1, 8, 2, 48)[..., :24]  # keys that are not row-major
+    assert not tk.values_in_keys(wide, wide[..., :16])
+    H, HK, G, D, _, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(14)
+    q, k, _ = make_qkv(1, 32, H, HK, D, 8, gen=gen)
+    block_idx = random_block_idx(1, 32, G, 2, 16, qs, gen=gen)
+    assert not tk._plan(q, k, k[..., :8], block_idx, 16, qs, tk.DEFAULT_CONFIG).VK
+    qt, kt = (x.clone().requires_grad_() for x in (q, k))
+    out = tk.selected_attention(qt, kt, kt[..., :8], block_idx, 16, D ** -0.5, qs)
+    out.square().sum().backward()
+    qr, kr = (x.double().requires_grad_() for x in (q, k))
+    expect = ref.selected_attention(qr, kr, kr[..., :8], block_idx, 16, D ** -0.5, qs)
+    expect.square().sum().backward()
+    assert rel(out, expect) < 1e-5 and rel(kt.grad, kr.grad) < 1e-5
 
 
 def test_key_subtiles_and_batch():
@@ -209,6 +302,8 @@ def test_dispatch_finds_kernel():
     (dict(bi_shape=(1, 8, 2)), r"block_idx must have shape"),
     (dict(bi_dtype=torch.float32), r"block_idx must be int64 or int32"),
     (dict(kv_T=16), r"sequence length"),
+    (dict(config=tk.Config(union_groups=0)), r"union_groups"),
+    (dict(config=tk.Config(dq_order="cols")), r"dq_order"),
 ])
 def test_clear_errors(kwargs, match):
     H, HK, G, D, DV, T = 4, kwargs.get("HK", 2), kwargs.get("G", 2), kwargs.get("D", 16), 16, 32
@@ -220,7 +315,7 @@ def test_clear_errors(kwargs, match):
                      dtype=kwargs.get("bi_dtype", torch.int64))
     with pytest.raises(ValueError, match=match):
         tk.selected_attention(q, k, v, bi, kwargs.get("select_block", 16), 0.25,
-                              kwargs.get("q_share", 1))
+                              kwargs.get("q_share", 1), config=kwargs.get("config"))
 
 
 # ------------------------------------------------------------------------- GPU (bf16)
@@ -265,15 +360,29 @@ def test_gpu_other_dtypes(dtype, tol):
 
 
 @pytest.mark.gpu
-def test_gpu_stage3_and_tok8():
-    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
-                 config=tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=3))
-    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
-                 config=tk.Config(tok=8, fwd_order="rows", dq_order="rows"))
-    _gpu_compare(*GPU_LAYOUTS["gla_absorbed"], T=1024, dtype=torch.bfloat16,
-                 config=tk.Config(tok=8, fwd_order="rows", dq_order="rows", dkdv_tok=4))
-    _gpu_compare(*GPU_LAYOUTS["nsa_gqa"], T=1024, dtype=torch.bfloat16,
-                 config=tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=3))
+@pytest.mark.parametrize("config", [
+    tk.Config(fwd_stages=3, dq_stages=3, dkdv_stages=2), tk.Config(union_groups=1),
+    tk.Config(dkdv_tok=8),
+], ids=["stages", "one_group", "union_dkdv"])
+@pytest.mark.parametrize("layout", ["gla_absorbed", "nsa_gqa"])
+def test_gpu_chunk_plans(layout, config):
+    _gpu_compare(*GPU_LAYOUTS[layout], T=1024, dtype=torch.bfloat16, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, tk.Config(union_groups=1)],
+                         ids=["default", "one_group"])
+def test_gpu_values_in_keys(config):
+    """GLA absorbed layout as the layer passes it: keys [c ; k_R] (160), values c = k[..., :128]."""
+    H, HK, G, D, DV, qs = GPU_LAYOUTS["gla_absorbed"]
+    T, sb = 4096, 64
+    gen = torch.Generator(device="cuda").manual_seed(15)
+    q = torch.randn(1, T, H, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(1, T, HK, D, device="cuda", generator=gen).bfloat16()
+    imp = torch.rand(1, T, G, T // sb, device="cuda", generator=gen)
+    block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
+    compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config,
+                           ref_dtype=torch.float32, tol=1e-2)
 
 
 @pytest.mark.gpu
