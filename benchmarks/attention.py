@@ -236,6 +236,10 @@ def layer_case(kind: str, compiled: bool = False, **overrides):
         layer = Attention(cfg, kind).cuda().to(torch.bfloat16)
         x = _randn(B, T, cfg.d_model)
         flops = (matmul_flops_per_token(layer, cfg) + layer_attention_flops(cfg, kind, T)) * B * T
+        if compiled:
+            # a fresh compiler cache per case: dynamo's recompile limit (8 per code object)
+            # would otherwise send later layers and shapes of one run back to eager code
+            torch._dynamo.reset()
         run = torch.compile(layer, options=COMPILE_OPTIONS) if compiled else layer
         return Bench(fwd=lambda: run(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
                      shape=dict(kind=kind, branches=list(cfg.branches(kind)),

@@ -215,6 +215,14 @@ def test_values_in_keys(config):
     compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
 
 
+def test_values_equal_to_keys():
+    """``v is k`` (Dqk = Dv = 16, one tile): the keys serve as values."""
+    gen = torch.Generator().manual_seed(16)
+    q, k, _ = make_qkv(1, 40, 4, 2, 16, 16, gen=gen)
+    block_idx = random_block_idx(1, 40, 2, 3, 16, 2, gen=gen)
+    compare_values_in_keys(q, k, 16, block_idx, 16, 2)
+
+
 def test_values_in_keys_only_for_real_prefix_views():
     """Copies, offset slices and value widths other than the first key tile are read as
     separate values (still correct)."""
