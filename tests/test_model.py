@@ -82,6 +82,25 @@ def test_absorbed_expanded_and_auto_forms_agree(groups):
     torch.testing.assert_close(out["auto"], out["expanded"], rtol=1e-9, atol=1e-9)
 
 
+def test_absorbed_selection_passes_values_as_a_view_of_the_keys(monkeypatch):
+    """The absorbed form hands selected attention ``v = k[..., :latent/groups]``, the layout
+    the Triton kernel reads through the keys (one latent tile load for both)."""
+    import kernels
+    from kernels.selected_attention.triton_kernel import values_in_keys
+
+    calls = []
+    original = kernels.selected_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((values_in_keys(k, v), v.shape[-1]))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "selected_attention", spy)
+    cfg = config("asa", global_latent_groups=2)
+    Transformer(cfg)(torch.randint(0, 97, (1, 64))).sum().backward()
+    assert calls == [(True, cfg.latent_dim // 2)]
+
+
 def test_query_sharing_reuses_the_first_querys_blocks():
     # LG: the only selection is in layer 2. With shared weights, the first query of every group
     # of 4 sees the same blocks with and without sharing, so its logits agree exactly; the

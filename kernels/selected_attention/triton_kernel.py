@@ -24,9 +24,10 @@ Default tiling (``Config``): where one ``q_share`` group fills a 16-row tile (GL
 4 heads per KV head, per-head K/V) union chunks of 16 rows throughout.
 
 *Values inside the keys.* The absorbed latent form attends keys ``[c ; k_R]`` with values ``c``;
-the layer passes ``v = k[..., :Dv]``, a view. When ``Dv`` is the first power-of-two tile of
-``Dqk`` (128 of 160) the kernels recognise it (:func:`values_in_keys`), read every key tile once
-and use its first columns as the value tile, and add the value gradient into the key gradient.
+the layer passes ``v = k[..., :Dv]``, a view. When the values lie in the first power-of-two tile
+of ``Dqk`` (128 of 160) the kernels recognise it (:func:`values_in_keys`), read every key tile
+once and use it as the value tile (columns past ``Dv`` meet zero-padded ``dO`` and masked
+stores), and add the value gradient into the key gradient.
 
 The per-chunk lists (ascending, deduplicated, -1 padded, entries outside ``[0, num_blocks)``
 dropped) are built once in PyTorch; the kernels loop over exactly the valid entries (no branches in
@@ -726,14 +727,16 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
     NC = -(-T // TOK)
     L = (TOK // QS) * NSEL if union else NSEL
     D1, D2 = split_dim(D)
-    DVP = max(16, next_pow2(DV))
     NB = -(-T // select_block)
     KV_TOK = cfg.dkdv_tok or (q_share if shared and union and TOK % q_share == 0 else TOK)
     # measured (module docstring): wide union chunks multiply rows by keys; others keys by rows
     wide_union = union and ROWS >= 64
     FWD_ORDER = cfg.fwd_order or ("rows" if wide_union or ROWS < 32 else "keys")
     DQ_ORDER = cfg.dq_order or ("rows" if wide_union else "keys")
-    VK = DV == D1 and values_in_keys(k, v)  # the values are exactly the first key tile
+    # values inside the first key tile: that tile (D1 wide; do is zero-padded past Dv) is the
+    # value tile, so the value width is padded to D1
+    VK = DV <= D1 and values_in_keys(k, v)
+    DVP = D1 if VK else max(16, next_pow2(DV))
     if B * T * max(H * max(D, DV), G * NSEL) >= 2**62:
         raise ValueError("tensor too large for 64-bit offsets")
     return _Plan(B=B, T=T, H=H, HK=HK, G=G, NSEL=NSEL, D=D, DV=DV, D1=D1, D2=D2, DVP=DVP,

@@ -215,17 +215,20 @@ def test_values_in_keys(config):
     compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
 
 
-def test_values_equal_to_keys():
-    """``v is k`` (Dqk = Dv = 16, one tile): the keys serve as values."""
+@pytest.mark.parametrize("D,DV", [(16, 16), (24, 8), (32, 16)],
+                         ids=["v_is_k", "narrower_than_tile", "half_of_one_tile"])
+def test_values_in_keys_widths(D, DV):
+    """Values all of a one-tile key (``v is k``) or only part of the first key tile (Dv 8 of
+    16, 16 of 32): the key tile serves as the value tile, padded past Dv."""
     gen = torch.Generator().manual_seed(16)
-    q, k, _ = make_qkv(1, 40, 4, 2, 16, 16, gen=gen)
+    q, k, _ = make_qkv(1, 40, 4, 2, D, DV, gen=gen)
     block_idx = random_block_idx(1, 40, 2, 3, 16, 2, gen=gen)
-    compare_values_in_keys(q, k, 16, block_idx, 16, 2)
+    compare_values_in_keys(q, k, DV, block_idx, 16, 2)
 
 
 def test_values_in_keys_only_for_real_prefix_views():
-    """Copies, offset slices and value widths other than the first key tile are read as
-    separate values (still correct)."""
+    """Copies, offset slices, keys that are not row-major and values wider than the first key
+    tile are read as separate values (still correct)."""
     k = torch.randn(1, 8, 2, 24)
     assert tk.values_in_keys(k, k[..., :16]) and tk.values_in_keys(k, k)
     assert not tk.values_in_keys(k, k[..., :16].clone())
@@ -233,16 +236,16 @@ def test_values_in_keys_only_for_real_prefix_views():
     assert not tk.values_in_keys(k[:, :, :1], k[:, :, 1:])
     wide = torch.randn(1, 8, 2, 48)[..., :24]  # keys that are not row-major
     assert not tk.values_in_keys(wide, wide[..., :16])
-    H, HK, G, D, _, qs = LAYOUTS["latent"]
+    H, HK, G, D, _, qs = LAYOUTS["latent"]  # Dqk 24: tiles 16 + 16
     gen = torch.Generator().manual_seed(14)
     q, k, _ = make_qkv(1, 32, H, HK, D, 8, gen=gen)
     block_idx = random_block_idx(1, 32, G, 2, 16, qs, gen=gen)
-    assert not tk._plan(q, k, k[..., :8], block_idx, 16, qs, tk.DEFAULT_CONFIG).VK
+    assert not tk._plan(q, k, k[..., :20], block_idx, 16, qs, tk.DEFAULT_CONFIG).VK
     qt, kt = (x.clone().requires_grad_() for x in (q, k))
-    out = tk.selected_attention(qt, kt, kt[..., :8], block_idx, 16, D ** -0.5, qs)
+    out = tk.selected_attention(qt, kt, kt[..., :20], block_idx, 16, D ** -0.5, qs)
     out.square().sum().backward()
     qr, kr = (x.double().requires_grad_() for x in (q, k))
-    expect = ref.selected_attention(qr, kr, kr[..., :8], block_idx, 16, D ** -0.5, qs)
+    expect = ref.selected_attention(qr, kr, kr[..., :20], block_idx, 16, D ** -0.5, qs)
     expect.square().sum().backward()
     assert rel(out, expect) < 1e-5 and rel(kt.grad, kr.grad) < 1e-5
 
