@@ -620,12 +620,18 @@ class _Plan:
 def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when ``v`` is ``k[..., :Dv]``: a view of a row-major ``k`` (same storage, offset and
     strides), as the absorbed latent form passes it (keys ``[c ; k_R]``, values ``c``). The kernels
-    then read each key tile once and use its first ``Dv`` columns as the values, and the value
-    gradient is added into the key gradient."""
-    return (k.is_contiguous() and v.dim() == k.dim() == 4 and v.shape[:3] == k.shape[:3]
-            and v.shape[3] <= k.shape[3] and v.dtype == k.dtype
-            and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-            and v.storage_offset() == k.storage_offset() and v.stride() == k.stride())
+    then read each key tile once and use its first ``Dv`` columns as the values, and add the value
+    gradient into the key gradient, so when gradients are tracked ``v`` must also be an autograd
+    view of ``k`` (the gradient ``k`` receives reaches ``v``'s storage, and nothing else does)."""
+    same_memory = (k.is_contiguous() and v.dim() == k.dim() == 4 and v.shape[:3] == k.shape[:3]
+                   and v.shape[3] <= k.shape[3] and v.dtype == k.dtype
+                   and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+                   and v.storage_offset() == k.storage_offset() and v.stride() == k.stride())
+    if not same_memory:
+        return False
+    if not (k.requires_grad or v.requires_grad):
+        return True
+    return k.requires_grad and v.requires_grad and v._base is (k if k._base is None else k._base)
 
 
 def _key_tile(select_block: int, bk: int | None) -> int:

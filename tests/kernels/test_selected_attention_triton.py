@@ -203,11 +203,11 @@ def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config
 
 @pytest.mark.parametrize("config", [
     None, tk.Config(bwd="atomic_kv"), tk.Config(bwd="atomic_q", seg=2),
-    tk.Config(fwd_order="rows"), tk.Config(tok=8, dkdv_tok=4),
-], ids=["default", "atomic_kv", "atomic_q", "rows_order", "tok8_kv4"])
+    tk.Config(fwd_order="rows", dq_order="keys"), tk.Config(union_groups=1),
+], ids=["default", "atomic_kv", "atomic_q", "rows_keys_order", "one_group"])
 def test_values_in_keys(config):
     """Latent layout with Dqk 24 = 16 + 8 (tiles 16 + 16) and the values the first 16 key
-    columns, every backward strategy."""
+    columns: every backward strategy, both product orders, union and shared chunks."""
     H, HK, G, D, DV, qs = LAYOUTS["latent"]
     gen = torch.Generator().manual_seed(13)
     q, k, _ = make_qkv(1, 56, H, HK, D, DV, gen=gen)
@@ -236,6 +236,14 @@ def test_values_in_keys_only_for_real_prefix_views():
     assert not tk.values_in_keys(k[:, :, :1], k[:, :, 1:])
     wide = torch.randn(1, 8, 2, 48)[..., :24]  # keys that are not row-major
     assert not tk.values_in_keys(wide, wide[..., :16])
+    # gradients: v must reach k through autograd, or dv added into dk would go astray
+    kg = torch.randn(1, 8, 2, 24, requires_grad=True)
+    assert tk.values_in_keys(kg, kg[..., :16])
+    assert tk.values_in_keys(kg[:, :, :], kg[..., :16])  # both views of one base
+    assert not tk.values_in_keys(kg, kg.detach()[..., :16])  # dv must not reach k
+    separate = k[..., :16]
+    separate.requires_grad_()  # a leaf of its own: dv must reach it, not k
+    assert not tk.values_in_keys(k, separate)
     H, HK, G, D, _, qs = LAYOUTS["latent"]  # Dqk 24: tiles 16 + 16
     gen = torch.Generator().manual_seed(14)
     q, k, _ = make_qkv(1, 32, H, HK, D, 8, gen=gen)
@@ -248,6 +256,13 @@ def test_values_in_keys_only_for_real_prefix_views():
     expect = ref.selected_attention(qr, kr, kr[..., :20], block_idx, 16, D ** -0.5, qs)
     expect.square().sum().backward()
     assert rel(out, expect) < 1e-5 and rel(kt.grad, kr.grad) < 1e-5
+    # values that alias the keys' memory but are their own autograd leaf get their own gradient
+    vt, vr = k[..., :16], k.double()[..., :16]
+    vt.requires_grad_(), vr.requires_grad_()
+    tk.selected_attention(q, k, vt, block_idx, 16, D ** -0.5, qs).square().sum().backward()
+    ref.selected_attention(q.double(), k.double(), vr, block_idx, 16, D ** -0.5,
+                           qs).square().sum().backward()
+    assert rel(vt.grad, vr.grad) < 1e-5
 
 
 def test_key_subtiles_and_batch():
