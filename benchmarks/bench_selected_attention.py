@@ -23,6 +23,8 @@ from kernels.selected_attention.triton_kernel import (  # noqa: E402
     DEFAULT_CONFIG,
     _bwd_dkdv,
     _bwd_dq,
+    _dkdv_lists,
+    _dkdv_plan,
     _forward,
     _lists,
     _plan,
@@ -109,25 +111,29 @@ def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int 
     D = q.shape[-1]
     scale = D ** -0.5
     p = _plan(q, k, v, bi, select_block, qs, cfg)
-    p_kv = p if p.KV_TOK == p.TOK else _plan(q, k, v, bi, select_block, qs,
-                                             replace(cfg, tok=p.KV_TOK))
+    p_kv = _dkdv_plan(q, k, v, bi, select_block, qs, cfg, p)
     q, k, v = _row_major(q, k, v, p)
     bi32, clist = _lists(bi, p)
-    bi_kv, clist_kv = (bi32, clist) if p_kv is p else _lists(bi, p_kv)
+    bi_kv, clist_kv = _dkdv_lists(bi, p, p_kv, bi32, clist)
     o, lse = _forward(q, k, v, bi32, clist, p, scale, cfg)
     do = torch.randn_like(o)
     dk32 = torch.zeros(p.B, p.T, p.HK, p.D, device=q.device, dtype=torch.float32)
-    dv32 = torch.zeros(p.B, p.T, p.HK, p.DV, device=q.device, dtype=torch.float32)
+    dv32 = dk32 if p.VK else torch.zeros(p.B, p.T, p.HK, p.DV, device=q.device,
+                                          dtype=torch.float32)
     dq, delta = _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32)
     segs = _segments(clist_kv, p_kv, cfg.seg)
 
-    def casts():
+    def casts():  # what _backward adds around the kernels
         a = torch.zeros_like(dk32)
-        b = torch.zeros_like(dv32)
-        return a.to(k.dtype), b.to(v.dtype)
+        b = None if p.VK else torch.zeros_like(dv32)
+        return a.to(k.dtype), (None if p.VK else b.to(v.dtype))
+
+    def index_lists():
+        lists = _lists(bi, p)
+        return lists, _dkdv_lists(bi, p, p_kv, *lists)
 
     stages = {
-        "index_lists": lambda: (_lists(bi, p), None if p_kv is p else _lists(bi, p_kv)),
+        "index_lists": index_lists,
         "fwd_kernel": lambda: _forward(q, k, v, bi32, clist, p, scale, cfg),
         "dq_kernel": lambda: _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32),
         "csr_segments": lambda: _segments(clist_kv, p_kv, cfg.seg),

@@ -617,21 +617,33 @@ class _Plan:
     DQ_ORDER: str
 
 
+_VIEW_NODES = ("SliceBackward0", "AsStridedBackward0", "ViewBackward0", "AliasBackward0")
+
+
 def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when ``v`` is ``k[..., :Dv]``: a view of a row-major ``k`` (same storage, offset and
     strides), as the absorbed latent form passes it (keys ``[c ; k_R]``, values ``c``). The kernels
     then read each key tile once and use its first ``Dv`` columns as the values, and add the value
-    gradient into the key gradient, so when gradients are tracked ``v`` must also be an autograd
-    view of ``k`` (the gradient ``k`` receives reaches ``v``'s storage, and nothing else does)."""
-    same_memory = (k.is_contiguous() and v.dim() == k.dim() == 4 and v.shape[:3] == k.shape[:3]
+    gradient into the key gradient. When gradients are tracked, ``v`` must be one differentiable
+    view op applied to ``k`` itself, so that exactly the gradient ``k`` receives reaches ``v``'s
+    memory. Consequence: ``v`` itself gets no gradient of its own (hooks or ``retain_grad`` on
+    ``v`` see none); ``k``'s gradient carries it."""
+    ptr = k.untyped_storage().data_ptr()
+    same_memory = (ptr != 0 and v.untyped_storage().data_ptr() == ptr and k.is_contiguous()
+                   and v.dim() == k.dim() == 4 and v.shape[:3] == k.shape[:3]
                    and v.shape[3] <= k.shape[3] and v.dtype == k.dtype
-                   and v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
                    and v.storage_offset() == k.storage_offset() and v.stride() == k.stride())
     if not same_memory:
         return False
-    if not (k.requires_grad or v.requires_grad):
+    if v is k or not (k.requires_grad or v.requires_grad):
         return True
-    return k.requires_grad and v.requires_grad and v._base is (k if k._base is None else k._base)
+    view = v.grad_fn
+    if not k.requires_grad or view is None or type(view).__name__ not in _VIEW_NODES:
+        return False
+    parent = view.next_functions[0][0]
+    if k.grad_fn is not None:
+        return parent is k.grad_fn
+    return k._base is None and getattr(parent, "variable", None) is k  # a leaf k
 
 
 def _key_tile(select_block: int, bk: int | None) -> int:
@@ -788,6 +800,21 @@ def _lists(block_idx: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tenso
     return (block_idx.to(torch.int32).contiguous() if p.UNION else clist), clist
 
 
+def _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg: Config, p: _Plan) -> _Plan:
+    """Plan of the dk/dv pass: ``p`` itself unless it chunks the queries by ``p.KV_TOK``."""
+    if p.KV_TOK == p.TOK or cfg.bwd == "atomic_kv":  # atomic_kv has no dk/dv pass
+        return p
+    return _plan(q, k, v, block_idx, select_block, q_share, replace(cfg, tok=p.KV_TOK))
+
+
+def _dkdv_lists(block_idx, p: _Plan, p_kv: _Plan, bi32, clist):
+    """``(bi32, clist)`` of the dk/dv pass, reusing the forward's where they are the same."""
+    if p_kv is p:
+        return bi32, clist
+    bi_kv, clist_kv = _lists(block_idx, p_kv)
+    return (bi32 if p_kv.UNION and p.UNION else bi_kv), clist_kv  # per-row lists: the same
+
+
 def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     """Invert the chunk lists: for each (batch, group, key block), the chunks that read it.
 
@@ -922,15 +949,11 @@ class _SelectedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg):
         p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
-        p_kv = p
-        if p.KV_TOK != p.TOK and cfg.bwd != "atomic_kv":
-            p_kv = _plan(q, k, v, block_idx, select_block, q_share, replace(cfg, tok=p.KV_TOK))
+        p_kv = _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg, p)
         q, k, v = _row_major(q, k, v, p)
         bi32, clist = _lists(block_idx, p)
         o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
-        bi_kv, clist_kv = (bi32, clist) if p_kv is p else _lists(block_idx, p_kv)
-        if p_kv.UNION and p.UNION:
-            bi_kv = bi32  # the same per-row lists
+        bi_kv, clist_kv = _dkdv_lists(block_idx, p, p_kv, bi32, clist)
         ctx.save_for_backward(q, k, v, o, lse, bi32, clist, bi_kv, clist_kv)
         ctx.plans, ctx.scale, ctx.cfg = (p, p_kv), float(scale), cfg
         return o

@@ -207,11 +207,12 @@ def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config
 ], ids=["default", "atomic_kv", "atomic_q", "rows_keys_order", "one_group"])
 def test_values_in_keys(config):
     """Latent layout with Dqk 24 = 16 + 8 (tiles 16 + 16) and the values the first 16 key
-    columns: every backward strategy, both product orders, union and shared chunks."""
+    columns: every backward strategy, both product orders, union and shared chunks; two
+    sequences of 54 tokens (not a multiple of the 8- or 4-query chunks)."""
     H, HK, G, D, DV, qs = LAYOUTS["latent"]
     gen = torch.Generator().manual_seed(13)
-    q, k, _ = make_qkv(1, 56, H, HK, D, DV, gen=gen)
-    block_idx = random_block_idx(1, 56, G, 3, 16, qs, gen=gen)
+    q, k, _ = make_qkv(2, 54, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(2, 54, G, 3, 16, qs, gen=gen)
     compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
 
 
@@ -233,14 +234,30 @@ def test_values_in_keys_only_for_real_prefix_views():
     assert tk.values_in_keys(k, k[..., :16]) and tk.values_in_keys(k, k)
     assert not tk.values_in_keys(k, k[..., :16].clone())
     assert not tk.values_in_keys(k, k[..., 8:])
-    assert not tk.values_in_keys(k[:, :, :1], k[:, :, 1:])
     wide = torch.randn(1, 8, 2, 48)[..., :24]  # keys that are not row-major
     assert not tk.values_in_keys(wide, wide[..., :16])
-    # gradients: v must reach k through autograd, or dv added into dk would go astray
+    meta = torch.empty(1, 8, 2, 16, device="meta")  # no memory to compare
+    assert not tk.values_in_keys(meta, torch.empty(1, 8, 2, 16, device="meta"))
+    # gradients: v must be a differentiable slice of k itself, or dv added into dk goes astray
     kg = torch.randn(1, 8, 2, 24, requires_grad=True)
-    assert tk.values_in_keys(kg, kg[..., :16])
-    assert tk.values_in_keys(kg[:, :, :], kg[..., :16])  # both views of one base
+    assert tk.values_in_keys(kg, kg[..., :16])  # a leaf
+    k2 = kg * 2
+    assert tk.values_in_keys(k2, k2[..., :16]) and tk.values_in_keys(k2, k2)  # not a leaf
     assert not tk.values_in_keys(kg, kg.detach()[..., :16])  # dv must not reach k
+    with torch.no_grad():
+        untracked = kg[..., :16]
+    assert not tk.values_in_keys(kg, untracked)
+
+    class HalfGradient(torch.autograd.Function):  # a view whose backward is not the identity
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 0.5 * g
+
+    assert not tk.values_in_keys(kg, HalfGradient.apply(kg)[..., :16])
     separate = k[..., :16]
     separate.requires_grad_()  # a leaf of its own: dv must reach it, not k
     assert not tk.values_in_keys(k, separate)
