@@ -138,11 +138,12 @@ def test_variants(config):
 
 @pytest.mark.parametrize("config", [
     None, tk.Config(union_groups=1), tk.Config(dkdv_tok=8), tk.Config(tok=8, union_groups=1),
-], ids=["default", "one_group", "union_dkdv", "tok8"])
+    tk.Config(union_groups=4, max_rows=128),
+], ids=["default", "one_group", "union_dkdv", "tok8", "union4"])
 def test_latent_chunk_plans(config):
     """GLA layout: 8-query union chunks (two q_share groups) for forward and dq with the 4-query
     shared chunks for dk/dv (default), one group per chunk throughout, union chunks for dk/dv
-    too, and tok=8 given directly."""
+    too, tok=8 given directly, and 16-query chunks (four groups)."""
     H, HK, G, D, DV, qs = LAYOUTS["latent"]
     gen = torch.Generator().manual_seed(9)
     q, k, v = make_qkv(1, 64, H, HK, D, DV, gen=gen)
