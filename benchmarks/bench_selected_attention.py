@@ -127,10 +127,9 @@ def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int 
     dq, delta = _bwd_dq(q, k, v, o, lse, do, bi32, clist, p, scale, cfg, dk32, dv32)
     segs = _segments(clist_kv, p_kv, cfg.seg)
 
-    def casts():  # what _backward adds around the kernels
-        a = torch.zeros_like(dk32)
-        b = None if p.VK else torch.zeros_like(dv32)
-        return a.to(k.dtype), (None if p.VK else b.to(v.dtype))
+    def casts():  # what _backward adds around the kernels (no dv buffer with values in keys)
+        dk = torch.zeros_like(dk32).to(k.dtype)
+        return dk if p.VK else (dk, torch.zeros_like(dv32).to(v.dtype))
 
     def index_lists():
         lists = _lists(bi, p)
