@@ -1,6 +1,9 @@
 """Time the compression-attention and block-selection Triton kernels against their references.
 
     python benchmarks/bench_compression_selection.py --out results.json [--sweep] [--budget-s 200]
+        [--shapes asa_global_upprojected] [--lengths 8192,65536]
+
+``--sweep`` times tile variants of every listed shape at the longest length.
 
 65,536 tokens per call (batch = 65536 / T), bf16, CUDA. Median ms from
 ``triton.testing.do_bench``. FLOPs are counted for what each kernel computes (visible
@@ -119,7 +122,7 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
     print(json.dumps(row), flush=True)
 
     if sweep and budget.left() > 60:
-        row["sweep"] = sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget)
+        row["sweep"] = sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow=D + Dv <= 160)
 
     if with_ref and budget.left() > 30:
         try:
@@ -145,16 +148,36 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
     print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
 
 
-def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget):
+def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool):
+    """Tile variants around the defaults (fwd 128/64/8w/3s, dq 128/64/8w/2s, dkdv 64/128/8w/2s
+    for widths <= 320). ``narrow``: head dims small enough (96/64) for larger key tiles."""
     out = []
-    variants = [  # the defaults are (fwd 128/64/8w/3s, dq 128/64/8w/2s, dkdv 64/128/8w/2s)
+    variants = [
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
-        ("fwd", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
+        ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
         ("dkdv", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
         ("dkdv", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
         ("dkdv", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
         ("dq", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}),
         ("dq", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
+    ]
+    if narrow:
+        variants += [
+            ("fwd", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
+            ("fwd", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+            ("fwd", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
+            ("fwd", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
+            ("dq", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+            ("dq", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+            ("dq", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
+            ("dq", {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}),
+            ("dkdv", {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}),
+            ("dkdv", {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
+            ("dkdv", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
+            ("dkdv", {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}),
+            ("dkdv", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
+        ]
+    variants += [
         ("sel", {"TOPN": "fused"}),
         ("sel", {"num_warps": 8}),
         ("sel", {"TOPN_ELEMS": 4096}),
@@ -222,8 +245,7 @@ def main():
             try:
                 run_case(name, T, with_ref=(T <= 8192), q_share=1 if name == "nsa_gqa" else 4,
                          budget=budget, rows=rows,
-                         sweep=args.sweep and name == "asa_global_absorbed_gla"
-                         and T == max(lengths))
+                         sweep=args.sweep and T == max(lengths))
             except Exception as err:  # noqa: BLE001
                 rows.append({"shape": name, "T": T, "error": f"{type(err).__name__}: {str(err)[:300]}"})
                 print(rows[-1], flush=True)
