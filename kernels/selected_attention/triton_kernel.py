@@ -550,6 +550,36 @@ def _sel_bwd_dkdv_kernel(
                       mask=kvalid[:, None] & (d2[None, :] < D), sem="relaxed")
 
 
+@triton.jit
+def _chunk_list_kernel(
+    BI, CL, T, G, NSEL, NB, NC, L, STEP,
+    NG: tl.constexpr, LPAD: tl.constexpr,
+):
+    """One (batch, chunk, group) row of the chunk lists: the blocks listed by the chunk's ``NG``
+    query groups (first tokens ``(c * NG + i) * STEP``), each valid block once, ascending, -1
+    padded to ``L``. Deduplicated and ranked by comparing all pairs of entries (``LPAD`` is 16 to
+    64 for top-16 selections; wider rows only cost registers)."""
+    pid = tl.program_id(0)
+    g = pid % G
+    c = (pid // G) % NC
+    b = (pid // (G * NC)).to(tl.int64)
+    e = tl.arange(0, LPAD)
+    t = (c * NG + e // NSEL) * STEP
+    ok = (e < NG * NSEL) & (t < T)
+    j = tl.load(BI + ((b * T + t) * G + g) * NSEL + e % NSEL, mask=ok, other=-1).to(tl.int32)
+    ok = ok & (j >= 0) & (j < NB)
+    ji = j[:, None]
+    jj = j[None, :]
+    earlier = e[None, :] < e[:, None]
+    dup = tl.max((ok[None, :] & earlier & (jj == ji)).to(tl.int32), axis=1) > 0
+    keep = ok & ~dup
+    rank = tl.sum((keep[None, :] & (jj < ji)).to(tl.int32), axis=1)
+    # out[p] = the kept block of rank p (rows: positions p, columns: entries)
+    hit = keep[None, :] & (rank[None, :] == e[:, None])
+    out = tl.max(tl.where(hit, jj, -1), axis=1)
+    tl.store(CL + pid.to(tl.int64) * L + e, out, mask=e < L)
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning: shapes -> tiling
 # ---------------------------------------------------------------------------------------------
@@ -770,27 +800,15 @@ def _chunk_lists(block_idx: torch.Tensor, p: _Plan) -> torch.Tensor:
 
     ``(B, NC, G, L)`` int32. Shared chunks take their first query's row; union chunks merge the
     rows of the first query of each ``q_share`` group they span. Entries outside
-    ``[0, num_blocks)`` are dropped.
+    ``[0, num_blocks)`` are dropped. One Triton program per row, no host synchronisation.
     """
     B, T, G, n = block_idx.shape
-    if p.UNION:
-        x = block_idx[:, ::p.QS]
-        ng = p.TOK // p.QS
-        pad = p.NC * ng - x.shape[1]
-        if pad:
-            x = torch.cat([x, x.new_full((B, pad, G, n), -1)], dim=1)
-        x = x.reshape(B, p.NC, ng, G, n).permute(0, 1, 3, 2, 4).reshape(B, p.NC, G, ng * n)
-    else:
-        x = block_idx[:, ::p.TOK]
-    big = p.NB
-    x = torch.where((x >= 0) & (x < p.NB), x, torch.full_like(x, big)).to(torch.int32)
-    x = x.sort(dim=-1).values
-    if x.shape[-1] > 1:
-        dup = torch.zeros_like(x, dtype=torch.bool)
-        dup[..., 1:] = x[..., 1:] == x[..., :-1]
-        x = torch.where(dup, torch.full_like(x, big), x).sort(dim=-1).values
-    x = torch.where(x == big, torch.full_like(x, -1), x)
-    return x.contiguous()
+    ng, step = (p.TOK // p.QS, p.QS) if p.UNION else (1, p.TOK)
+    clist = torch.empty(B, p.NC, G, p.L, device=block_idx.device, dtype=torch.int32)
+    _chunk_list_kernel[(B * p.NC * G,)](
+        block_idx.contiguous(), clist, T, G, n, p.NB, p.NC, p.L, step,
+        NG=ng, LPAD=p.LPAD, num_warps=4 if p.LPAD <= 64 else 8 if p.LPAD <= 128 else 16)
+    return clist
 
 
 def _lists(block_idx: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:

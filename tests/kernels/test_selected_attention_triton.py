@@ -151,6 +151,40 @@ def test_latent_chunk_plans(config):
     compare(q, k, v, block_idx, 16, qs, config=config)
 
 
+def _chunk_lists_oracle(block_idx, p):
+    """Python sets: per (batch, chunk, group) the valid blocks of the chunk's first tokens."""
+    B, T, G, n = block_idx.shape
+    ng, step = (p.TOK // p.QS, p.QS) if p.UNION else (1, p.TOK)
+    out = torch.full((B, p.NC, G, p.L), -1, dtype=torch.int32)
+    for b in range(B):
+        for c in range(p.NC):
+            for g in range(G):
+                rows = [block_idx[b, t, g].tolist() for t in range(c * ng * step,
+                                                                      (c + 1) * ng * step, step)
+                        if t < T]
+                blocks = sorted({j for row in rows for j in row if 0 <= j < p.NB})
+                out[b, c, g, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return out
+
+
+@pytest.mark.parametrize("H,HK,G,qs,config,n", [
+    (8, 2, 2, 4, None, 3),                          # latent: union of 2 q_share groups
+    (8, 2, 2, 4, tk.Config(union_groups=1), 3),      # latent: shared chunks
+    (4, 2, 2, 1, None, 5),                          # GQA: union of 8 single-query groups
+    (4, 4, 2, 4, None, 16),                         # per-head K/V: 4 groups x 16 = 64 entries
+    (4, 4, 1, 2, tk.Config(tok=16), 16),            # 8 groups x 16 = 128 entries
+])
+def test_chunk_lists_are_sorted_unique_valid_blocks(H, HK, G, qs, config, n):
+    """The chunk-list kernel on messy rows (unsorted, repeated, negative and out-of-range
+    entries) against Python sets; T not a multiple of the chunk."""
+    T, sb = 70, 16
+    gen = torch.Generator().manual_seed(17)
+    block_idx = torch.randint(-3, math.ceil(T / sb) + 3, (2, T, G, n), generator=gen)
+    q, k, v = make_qkv(2, T, H, HK, 16, 16, gen=gen)
+    p = tk._plan(q, k, v, block_idx, sb, qs, config or tk.DEFAULT_CONFIG)
+    assert torch.equal(tk._chunk_lists(block_idx, p), _chunk_lists_oracle(block_idx, p))
+
+
 def _meta_plan(H, HK, G, D, DV, qs, config=tk.DEFAULT_CONFIG, T=256):
     q = torch.empty(1, T, H, D, device="meta")
     k = torch.empty(1, T, HK, D, device="meta")
