@@ -11,7 +11,8 @@ counts the backward as 2.5 forward passes (FlashAttention's convention), so 3.5x
 ``benchmarks/results/NAME.json`` (a value with a ``/`` or ending in ``.json`` is used as the path);
 the file is rewritten after every measurement, so a run cut short keeps what it measured.
 ``--profile N`` also prints, per case and T, the N operators that take the most GPU time in
-forward+backward (``torch.profiler``), to see where a layer spends its time outside the kernels.
+forward+backward (``torch.profiler``), to see where a layer spends its time outside the kernels
+(also stored in the results as ``profile``).
 """
 from __future__ import annotations
 
@@ -387,13 +388,14 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
                 line = f"{case.name:<18} {T:>6} {B:>3} error: {row['error'][:60]}"
-            log.add(row, line)
             if args.profile and "error" not in row:
-                try:
+                try:  # kept in the results too: the table is what a profile run is for
+                    row["profile"] = profile(bench, args.profile)
                     print(f"## {case.name} T={T}: top {args.profile} operators, 5 fwd+bwd calls\n"
-                          + profile(bench, args.profile), flush=True)
+                          + row["profile"], flush=True)
                 except Exception:  # the timing above stands
                     traceback.print_exc()
+            log.add(row, line)
             bench = None
             torch.cuda.empty_cache()
     log.summary()

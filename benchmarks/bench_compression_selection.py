@@ -3,7 +3,8 @@
     python benchmarks/bench_compression_selection.py --out results.json [--sweep] [--budget-s 200]
         [--shapes asa_global_upprojected] [--lengths 8192,65536]
 
-``--sweep`` times tile variants of every listed shape at the longest length.
+``--sweep`` times tile variants of every listed shape at the longest length (``--variants``: a
+JSON list of ``[kind, config]`` pairs instead of the built-in list).
 
 65,536 tokens per call (batch = 65536 / T), bf16, CUDA. Median ms from
 ``triton.testing.do_bench``. FLOPs are counted for what each kernel computes (visible
@@ -70,7 +71,7 @@ class Budget:
         return self.end - time.time()
 
 
-def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
+def run_case(name, T, *, with_ref, q_share, budget, rows, sweep, variants=None):
     H, Hk, G, D, Dv = SHAPES[name]
     B = TOKENS // T
     N = cref.num_compressed(T, BLOCK_LEN, STRIDE)
@@ -122,7 +123,8 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
     print(json.dumps(row), flush=True)
 
     if sweep and budget.left() > 60:
-        row["sweep"] = sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow=D + Dv <= 160)
+        row["sweep"] = sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow=D + Dv <= 160,
+                                     variants=variants)
 
     if with_ref and budget.left() > 30:
         try:
@@ -148,10 +150,12 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep):
     print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
 
 
-def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool):
+def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, variants=None):
     """Tile variants around the defaults (fwd 128/64/8w/3s, dq 128/64/8w/2s, dkdv 64/128/8w/2s
     for widths <= 320). ``narrow``: head dims small enough (96/64) for larger key tiles."""
     out = []
+    if variants is not None:
+        return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out)
     variants = [
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
@@ -183,6 +187,10 @@ def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool):
         ("sel", {"TOPN_ELEMS": 4096}),
         ("sel", {"BLOCK_N": 128}),
     ]
+    return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out)
+
+
+def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out):
     for kind, cfg in variants:
         if budget.left() < 40:
             out.append({"kind": kind, "cfg": cfg, "skipped": "time budget"})
@@ -216,6 +224,10 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--lengths", default="8192,65536")
     ap.add_argument("--dry", action="store_true")
+    ap.add_argument("--variants", default=None,
+                    help='with --sweep: JSON list of [kind, config] pairs instead of the built-in '
+                         'list, e.g. \'[["dq", {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, '
+                         '"num_stages": 4}]]\' (kinds fwd, dq, dkdv, sel)')
     args = ap.parse_args()
     global DRY, TOKENS
     if args.dry:
@@ -245,7 +257,8 @@ def main():
             try:
                 run_case(name, T, with_ref=(T <= 8192), q_share=1 if name == "nsa_gqa" else 4,
                          budget=budget, rows=rows,
-                         sweep=args.sweep and T == max(lengths))
+                         sweep=args.sweep and T == max(lengths),
+                         variants=None if args.variants is None else json.loads(args.variants))
             except Exception as err:  # noqa: BLE001
                 rows.append({"shape": name, "T": T, "error": f"{type(err).__name__}: {str(err)[:300]}"})
                 print(rows[-1], flush=True)

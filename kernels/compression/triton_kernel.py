@@ -430,6 +430,10 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif fp32:  # exact fp32 dots run on FMA units: small tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    elif width <= 192:  # e.g. the expanded MLA heads, 96 + 64 (H200 sweep, 2026-11-30)
+        cfg = {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
+               "dq": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
+               "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}}[kind]
     elif width <= 320:
         cfg = {"fwd": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
                "dq": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},

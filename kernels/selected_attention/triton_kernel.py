@@ -846,17 +846,15 @@ def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     E = clist.numel()
     if E >= 2**31 or NK >= 2**31:
         raise ValueError(f"too many (query chunk, block) pairs ({E}) for the dk/dv index")
-    bb = torch.arange(B, device=dev, dtype=torch.int64).view(B, 1, 1, 1)
-    gg = torch.arange(G, device=dev, dtype=torch.int64).view(1, 1, G, 1)
-    j = clist.to(torch.int64)
-    key = torch.where(j >= 0, (bb * G + gg) * p.NB + j, torch.full_like(j, NK)).reshape(-1)
-    order = torch.argsort(key, stable=True)
+    bb = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
+    gg = torch.arange(G, device=dev, dtype=torch.int32).view(1, 1, G, 1)
+    key = torch.where(clist >= 0, (bb * G + gg) * p.NB + clist, NK).reshape(-1)  # int32
+    skey, order = torch.sort(key, stable=True)  # stable: ascending chunks within a key block
     ent_chunk = ((order // (G * L)) % NC).to(torch.int32)
-    # counts by index_add_ (torch.bincount would read its max back to the host: a sync)
-    cnt = torch.zeros(NK + 1, device=dev, dtype=torch.int64).index_add_(
-        0, key, torch.ones_like(key))[:NK]
-    end = torch.cumsum(cnt, 0)
-    start = end - cnt
+    # bounds of each key's run in the sorted keys (no atomics, no host synchronisation)
+    bounds = torch.searchsorted(skey, torch.arange(NK + 1, device=dev, dtype=torch.int32))
+    start, end = bounds[:-1], bounds[1:]
+    cnt = end - start
     nseg = (cnt + seg - 1) // seg
     seg_end = torch.cumsum(nseg, 0)
     smax = E // seg + min(E, NK) + 1

@@ -185,6 +185,34 @@ def test_chunk_lists_are_sorted_unique_valid_blocks(H, HK, G, qs, config, n):
     assert torch.equal(tk._chunk_lists(block_idx, p), _chunk_lists_oracle(block_idx, p))
 
 
+@pytest.mark.parametrize("seg", [1, 2, 64])
+def test_segments_invert_the_chunk_lists_in_chunk_order(seg):
+    """CSR of the dk/dv pass: per (batch, group, key block) the chunks that list the block,
+    ascending, cut into segments of at most ``seg``; the padding segments are empty."""
+    T, sb, G = 70, 16, 2
+    gen = torch.Generator().manual_seed(5)
+    block_idx = torch.randint(-2, math.ceil(T / sb) + 2, (2, T, G, 3), generator=gen)
+    q, k, v = make_qkv(2, T, 8, 2, 16, 16, gen=gen)
+    p = tk._plan(q, k, v, block_idx, sb, 4, tk.Config(union_groups=1))
+    clist = tk._chunk_lists(block_idx, p)
+    seg_key, seg_lo, seg_hi, ent_chunk, smax = tk._segments(clist, p, seg)
+    got = {}
+    for s_ in range(smax):
+        lo, hi = int(seg_lo[s_]), int(seg_hi[s_])
+        if hi > lo:
+            got.setdefault(int(seg_key[s_]), []).append(ent_chunk[lo:hi].tolist())
+    want = {}
+    for b in range(2):
+        for g in range(G):
+            for c in range(p.NC):
+                for j in clist[b, c, g].tolist():
+                    if j >= 0:
+                        want.setdefault((b * G + g) * p.NB + j, []).append(c)
+    assert sorted(got) == sorted(want)
+    for key, chunks in want.items():
+        assert got[key] == [chunks[i:i + seg] for i in range(0, len(chunks), seg)]
+
+
 def _meta_plan(H, HK, G, D, DV, qs, config=tk.DEFAULT_CONFIG, T=256):
     q = torch.empty(1, T, H, D, device="meta")
     k = torch.empty(1, T, HK, D, device="meta")
