@@ -101,10 +101,9 @@ def _bench_variants(layout: str):
         v.append(("one_group", replace(d, union_groups=1), "fwd"))
         v.append(("one_group", replace(d, union_groups=1), "fwdbwd"))
         v.append(("union_dkdv", replace(d, dkdv_tok=8), "fwdbwd"))
-        v.append(("warps8", replace(d, fwd_warps=8, dq_warps=8), "fwdbwd"))
-        # 4 groups per chunk: 128 rows (needs 8 warps for the accumulators)
-        v.append(("union4", replace(d, union_groups=4, max_rows=128, fwd_warps=8, dq_warps=8),
-                  "fwdbwd"))
+        v.append(("no_tma", replace(d, tma=False), "fwd"))  # gathered key tiles
+        v.append(("no_tma", replace(d, tma=False), "fwdbwd"))
+        v.append(("tma_s3", replace(d, fwd_stages=3, dq_stages=3), "fwdbwd"))
     return v
 
 

@@ -92,14 +92,40 @@ _BWD_MODES = ("csr", "atomic_kv", "atomic_q")
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _key_tiles(K, KD1, KD2, b, hk, k0, krow, kvalid, D: tl.constexpr, D1: tl.constexpr,
+               D2: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr):
+    """Key tile ``k0 .. k0 + BK`` of sequence ``b``, head ``hk``: ``(BK, D1)`` and ``(BK, D2)``
+    (the second is the first again when ``D2 == 0``). ``TMA``: through the descriptors
+    ``KD1, KD2`` (rows past T read as zeros); else gathered rows ``krow`` (zeros where not
+    ``kvalid``)."""
+    if TMA:
+        k1 = KD1.load([b.to(tl.int32), k0, hk * D]).reshape([BK, D1])
+    else:
+        d1 = tl.arange(0, D1)
+        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
+                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+    k2 = k1
+    if D2 > 0:
+        if TMA:
+            k2 = KD2.load([b.to(tl.int32), k0, hk * D + D1]).reshape([BK, D2])
+        else:
+            d2 = D1 + tl.arange(0, D2)
+            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
+                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
+    return k1, k2
+
+
+@triton.jit
 def _sel_fwd_kernel(
-    Q, K, V, CL, BI, O, LSE,
+    Q, K, V, CL, BI, O, LSE, KD1, KD2,
     T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
     NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-    NSUB: tl.constexpr, PREC: tl.constexpr, VK: tl.constexpr,
+    NSUB: tl.constexpr, PREC: tl.constexpr, VK: tl.constexpr, TMA: tl.constexpr,
 ):
+    """Forward, rows-major: S = Q K^T over the chunk's key blocks. ``TMA``: the key tiles come
+    through the tensor descriptors ``KD1, KD2`` (see ``_key_descriptors``)."""
     c = NC - 1 - tl.program_id(0)  # late (long) chunks first
     pid1 = tl.program_id(1)
     b = (pid1 // NHS).to(tl.int64)
@@ -140,12 +166,10 @@ def _sel_fwd_kernel(
         kpos = j * BS + (it % NSUB) * BK + kk
         kvalid = kpos < T
         krow = (b * T + kpos) * HK + hk
-        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
-                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        k1, k2 = _key_tiles(K, KD1, KD2, b, hk, j * BS + (it % NSUB) * BK, krow, kvalid,
+                            D, D1, D2, BK, TMA)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
-            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
-                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         vis = kpos[None, :] <= t[:, None]
         if UNION:
@@ -259,13 +283,15 @@ def _sel_fwd_t_kernel(
 
 @triton.jit
 def _sel_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, CL, BI, DQ, DELTA, DK32, DV32,
+    Q, K, V, O, DO, LSE, CL, BI, DQ, DELTA, DK32, DV32, KD1, KD2,
     T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
     NPAD: tl.constexpr, UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
     NSUB: tl.constexpr, PREC: tl.constexpr, ATOMIC_KV: tl.constexpr, VK: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """dq (and delta; dk, dv too when ``ATOMIC_KV``), rows-major; ``TMA`` as in the forward."""
     c = NC - 1 - tl.program_id(0)
     pid1 = tl.program_id(1)
     b = (pid1 // NHS).to(tl.int64)
@@ -313,12 +339,10 @@ def _sel_bwd_dq_kernel(
         kpos = j * BS + (it % NSUB) * BK + kk
         kvalid = kpos < T
         krow = (b * T + kpos) * HK + hk
-        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
-                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        k1, k2 = _key_tiles(K, KD1, KD2, b, hk, j * BS + (it % NSUB) * BK, krow, kvalid,
+                            D, D1, D2, BK, TMA)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
-            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
-                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         vis = kpos[None, :] <= t[:, None]
         if UNION:
@@ -606,6 +630,9 @@ class Config:
     dq_stages: int = 2
     dkdv_warps: int = 4
     dkdv_stages: int = 3
+    tma: bool = True                # key tiles of the rows-major forward and dq kernels through
+    #                                 TMA tensor descriptors where they can serve (Hopper+ or the
+    #                                 interpreter; Dqk = D1 + D2 exactly; row-major keys)
 
 
 DEFAULT_CONFIG = Config()
@@ -877,17 +904,39 @@ def _prec(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config, order: str):
+    """``(KD1, KD2, TMA)`` for a rows-major kernel: TMA descriptors of the two key tiles
+    (blocks ``[1, BK, D1]``, ``[1, BK, D2]`` of ``k`` viewed as ``(B, T, HK * D)``, so rows past
+    T read as zeros) when ``cfg.tma`` asks and TMA can serve ``k``; else ``(k, k, False)``."""
+    esize = k.element_size()
+    if not (cfg.tma and order == "rows" and p.D1 + p.D2 == p.D and k.is_contiguous()
+            and k.data_ptr() % 16 == 0 and (p.HK * p.D * esize) % 16 == 0
+            and p.D1 * esize % 16 == 0 and p.D2 * esize % 16 == 0
+            and (interpreting() or torch.cuda.get_device_capability(k.device)[0] >= 9)):
+        return k, k, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    kv = k.view(p.B, p.T, p.HK * p.D)
+    shape, strides = list(kv.shape), list(kv.stride())
+    return (TensorDescriptor(kv, shape, strides, [1, p.BK, p.D1]),
+            TensorDescriptor(kv, shape, strides, [1, p.BK, max(p.D2, 8)]), True)
+
+
 def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
     o = torch.empty(p.B, p.T, p.H, p.DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(p.B, p.T, p.H, device=q.device, dtype=torch.float32)
     grid = (p.NC, p.B * p.NHS)
-    kernel = _sel_fwd_t_kernel if p.FWD_ORDER == "keys" else _sel_fwd_kernel
+    if p.FWD_ORDER == "keys":
+        kernel, descs, extra = _sel_fwd_t_kernel, (), {}
+    else:
+        kd1, kd2, tma = _key_descriptors(k, p, cfg, "rows")
+        kernel, descs, extra = _sel_fwd_kernel, (kd1, kd2), dict(TMA=tma)
     kernel[grid](
-        q, k, v, clist, bi32, o, lse,
+        q, k, v, clist, bi32, o, lse, *descs,
         p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E,
         D=p.D, DV=p.DV, D1=p.D1, D2=p.D2, DVP=p.DVP, HP=p.HP, TOK=p.TOK, ROWS=p.ROWS,
         LPAD=p.LPAD, NPAD=p.NPAD, UNION=p.UNION, BS=p.BS, BK=p.BK, NSUB=p.NSUB,
-        PREC=_prec(q.dtype), VK=p.VK,
+        PREC=_prec(q.dtype), VK=p.VK, **extra,
         num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages,
     )
@@ -911,9 +960,11 @@ def _bwd_dq(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Confi
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     else:
+        kd1, kd2, tma = _key_descriptors(k, p, cfg, "rows")
         _sel_bwd_dq_kernel[(p.NC, p.B * p.NHS)](
-            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32, *args,
-            LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", **_common(p, q.dtype),
+            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32, kd1, kd2, *args,
+            LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", TMA=tma,
+            **_common(p, q.dtype),
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     return dq, delta

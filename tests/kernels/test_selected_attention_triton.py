@@ -279,6 +279,39 @@ def test_values_in_keys(config):
     compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
 
 
+@pytest.mark.parametrize("D,values_in_keys,bwd", [
+    (48, True, "csr"), (48, False, "csr"), (16, False, "csr"), (48, True, "atomic_kv"),
+], ids=["48_values_in_keys", "48_separate_values", "16_one_tile", "atomic_kv"])
+def test_key_descriptors(D, values_in_keys, bwd):
+    """``Config(tma=True)``: the forward and dq kernels load key tiles through tensor
+    descriptors (48 = 32 + 16 columns,
+    or one 16-column tile); two sequences of 54 tokens, so the last key block of each runs past
+    T (rows the causal mask hides)."""
+    H, HK, G, _, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = make_qkv(2, 54, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(2, 54, G, 3, 16, qs, gen=gen)
+    cfg = tk.Config(fwd_order="rows", dq_order="rows", bwd=bwd)  # tma=True: the default
+    p = tk._plan(q, k, v, block_idx, 16, qs, cfg)
+    assert tk._key_descriptors(k, p, cfg, "rows")[2]
+    if values_in_keys:
+        compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=cfg)
+    else:
+        compare(q, k, v, block_idx, 16, qs, config=cfg)
+
+
+def test_key_descriptors_refuse_masked_tails():
+    """Dqk 24 = 16 + 8 padded to 16 + 16: a descriptor tile would read the next head's columns,
+    so the kernels keep gathered loads (and stay correct)."""
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = make_qkv(1, 40, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, 40, G, 3, 16, qs, gen=gen)
+    cfg = tk.Config(fwd_order="rows", dq_order="rows")
+    assert not tk._key_descriptors(k, tk._plan(q, k, v, block_idx, 16, qs, cfg), cfg, "rows")[2]
+    compare(q, k, v, block_idx, 16, qs, config=cfg)
+
+
 @pytest.mark.parametrize("D,DV", [(16, 16), (24, 8), (32, 16)],
                          ids=["v_is_k", "narrower_than_tile", "half_of_one_tile"])
 def test_values_in_keys_widths(D, DV):
@@ -476,8 +509,8 @@ def test_gpu_chunk_plans(layout, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, tk.Config(union_groups=1)],
-                         ids=["default", "one_group"])
+@pytest.mark.parametrize("config", [None, tk.Config(union_groups=1), tk.Config(tma=False)],
+                         ids=["default", "one_group", "gathered_keys"])
 def test_gpu_values_in_keys(config):
     """GLA absorbed layout as the layer passes it: keys [c ; k_R] (160), values c = k[..., :128]."""
     H, HK, G, D, DV, qs = GPU_LAYOUTS["gla_absorbed"]
