@@ -425,7 +425,8 @@ def check_inputs(q, k_cmp, v_cmp, block_len, stride, scale) -> None:
 def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.device) -> dict[str, int]:
     """Tile sizes. ``width`` = padded Dqk + padded Dv. Chosen from ptxas reports for sm_90
     (no or few spills at the 340M shapes; shared memory under the 227 KB per-block limit) and
-    a sweep on an H200 (benchmarks/results/compression_selection_*.json)."""
+    sweeps on an H200 (benchmarks/results/compression_selection_*.json; for narrow heads
+    h200-compression-sweep{,2}-upprojected.json: 9.72 -> 8.30 ms fwd+bwd at 64k)."""
     if interpreting() or device.type != "cuda":
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif fp32:  # exact fp32 dots run on FMA units: small tiles

@@ -29,9 +29,15 @@ of ``Dqk`` (128 of 160) the kernels recognise it (:func:`values_in_keys`), read 
 once and use it as the value tile (columns past ``Dv`` meet zero-padded ``dO`` and masked
 stores), and add the value gradient into the key gradient.
 
+*Key tiles by TMA.* A selected block is ``BK`` consecutive rows of one key head, so the rows-major
+forward and dq kernels load it through a tensor descriptor of ``k`` viewed as ``(B, T, Hk * Dqk)``
+(one descriptor per power-of-two piece of ``Dqk``) instead of gathering rows with computed
+addresses (``Config.tma``; only where the pieces add up to ``Dqk`` exactly, since a descriptor
+tile would read the next head's columns, and on Hopper or newer).
+
 The per-chunk lists (ascending, deduplicated, -1 padded, entries outside ``[0, num_blocks)``
-dropped) are built once in PyTorch; the kernels loop over exactly the valid entries (no branches in
-the loop, so Triton can software-pipeline the K/V gathers).
+dropped) are built once by ``_chunk_list_kernel``; the kernels loop over exactly the valid entries
+(no branches in the loop, so Triton can software-pipeline the K/V loads).
 
 *Forward.* Online softmax over the listed blocks (``exp2``, fp32 accumulation), output in the input
 dtype, log-sum-exp (natural log, fp32, ``-inf`` for a row that sees nothing) saved for backward.
@@ -67,7 +73,10 @@ keys -> 8.0 / 9.7 with 64-row union chunks for forward and dq (rows-major produc
 8.9 / 11.1), 32-row shared chunks for dk/dv (union chunks there: 12.5 / 17.6) and 3 pipeline
 stages in the dk/dv kernel (2 stages: 8.2 / 10.1; 3 stages also won for the GQA and per-head
 layouts). At 64k two neighbouring groups' lists merge into 24.3 distinct blocks on average
-instead of 2 x 16.
+instead of 2 x 16. Session 4 (``h200-selected-attention-{chunk-list-sweep,segments,tma}.json``):
+chunk lists by one Triton kernel (0.70 -> 0.10 ms at 64k), CSR bounds by binary search, and key
+tiles by TMA: 7.17 / 8.92 ms (gathered keys 7.78 / 9.64); 8 warps (12.4 / 15.6) and 128-row
+union chunks of 4 groups (8.8 / 12.5) were slower.
 """
 from __future__ import annotations
 
