@@ -47,9 +47,10 @@ DEFAULT_T = (8192, 16384, 32768, 65536)
 
 @dataclass
 class Bench:
-    """One built problem: ``fwd()`` returns the output; gradients flow to ``inputs``."""
+    """One built problem: ``fwd()`` returns the output (or the outputs of branches a layer mixes
+    later); gradients flow to ``inputs``."""
 
-    fwd: Callable[[], torch.Tensor]
+    fwd: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
     inputs: list[torch.Tensor]
     flops_fwd: float
     shape: dict = field(default_factory=dict)
@@ -210,7 +211,7 @@ def asa_global_auto_case(H: int = 16, G: int = 2, head_dim: int = 64, rope_dim: 
                 q_share=q_share, scale=scale)
             o_sel = dispatch.selected_attention(q_abs, k_abs, v_abs, idx, select_block, scale,
                                                 q_share=q_share)
-            return o_cmp.sum() + o_sel.sum()  # the two live in different spaces before W_uv
+            return o_cmp, o_sel  # the two live in different spaces before W_uv
 
         n_cmp = visible_compressed(T, block_len, stride)
         flops = (attention_flops(B * T, H, dqk, dv, n_cmp)
@@ -296,6 +297,15 @@ def select(cases: list[Case], spec: str | None) -> list[Case]:
     return [c for c in cases if c.name in wanted or c.group in wanted]
 
 
+def output_grads(out: torch.Tensor | tuple[torch.Tensor, ...]):
+    """Random output gradients, one dense tensor per output, as a layer's backward passes them
+    (a ``.sum()`` instead would add a reduction and, in backward, expanded gradients that the
+    kernels must first copy)."""
+    if isinstance(out, tuple):
+        return tuple(torch.randn_like(o) for o in out)
+    return torch.randn_like(out)
+
+
 def measure(bench: Bench) -> tuple[float, float]:
     import triton.testing
 
@@ -305,7 +315,7 @@ def measure(bench: Bench) -> tuple[float, float]:
         nonlocal grad
         out = bench.fwd()
         if grad is None:
-            grad = torch.randn_like(out)
+            grad = output_grads(out)
         torch.autograd.grad(out, bench.inputs, grad)
 
     fwd_ms = triton.testing.do_bench(bench.fwd, return_mode="median")
@@ -318,7 +328,7 @@ def profile(bench: Bench, top: int, iters: int = 5) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    grad = torch.randn_like(bench.fwd())
+    grad = output_grads(bench.fwd())
     torch.autograd.grad(bench.fwd(), bench.inputs, grad)  # compile and autotune first
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -7,6 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import attention  # noqa: E402
 import decode  # noqa: E402
 
 
@@ -25,3 +26,12 @@ def test_decode_benchmark_runs_on_cpu(tmp_path, capsys):
 def test_decode_benchmark_refuses_graphs_without_cuda():
     with pytest.raises(SystemExit, match="graph needs CUDA"):
         decode.main(["--device", "cpu", "--modes", "graph"])
+
+
+def test_attention_benchmark_gives_each_output_a_dense_gradient():
+    import torch
+
+    a, b = torch.zeros(2, 3), torch.zeros(4)
+    ga, gb = attention.output_grads((a, b))
+    assert ga.shape == a.shape and gb.shape == b.shape and ga.stride() == a.stride()
+    assert attention.output_grads(a).shape == a.shape
