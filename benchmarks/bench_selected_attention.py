@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.selected_attention.triton_kernel import (  # noqa: E402
     Config,
     DEFAULT_CONFIG,
+    _backward,
     _bwd_dkdv,
     _bwd_dq,
     _dkdv_lists,
@@ -142,6 +143,10 @@ def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int 
         "dkdv_kernel": lambda: _bwd_dkdv(q, k, v, do, lse, delta, bi_kv, segs, p_kv, scale, cfg,
                                          dk32, dv32, dq),
         "zeros_casts": casts,
+        # the whole backward as autograd runs it: against the sum of its stages above, what the
+        # GPU hides of the CSR's host-bound launches behind the dq kernel
+        "backward": lambda: _backward(q, k, v, o, lse, do, bi32, clist, p, scale, cfg,
+                                      kv_lists=(bi_kv, clist_kv, p_kv)),
     }
     out = {name: do_bench(fn, warmup=10, rep=50, return_mode="median")
            for name, fn in stages.items()}
