@@ -106,7 +106,7 @@ def _key_tiles(K, KD1, KD2, b, hk, k0, krow, kvalid, D: tl.constexpr, D1: tl.con
     """Key tile ``k0 .. k0 + BK`` of sequence ``b``, head ``hk``: ``(BK, D1)`` and ``(BK, D2)``
     (the second is the first again when ``D2 == 0``). ``TMA``: through the descriptors
     ``KD1, KD2`` (rows past T read as zeros); else gathered rows ``krow`` (zeros where not
-    ``kvalid``)."""
+    ``kvalid``; ``KD1, KD2, k0`` unused)."""
     if TMA:
         k1 = KD1.load([b.to(tl.int32), k0, hk * D]).reshape([BK, D1])
     else:
@@ -122,6 +122,18 @@ def _key_tiles(K, KD1, KD2, b, hk, k0, krow, kvalid, D: tl.constexpr, D1: tl.con
             k2 = tl.load(K + krow[:, None] * D + d2[None, :],
                          mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
     return k1, k2
+
+
+@triton.jit
+def _value_tile(V, k1, krow, kvalid, dv, DV: tl.constexpr, VK: tl.constexpr):
+    """Value tile of the key rows ``krow``: the key tile ``k1`` itself when the values lie in
+    its columns (``VK``), else gathered rows (zeros where not ``kvalid`` or past ``DV``)."""
+    if VK:
+        v = k1
+    else:
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    return v
 
 
 @triton.jit
@@ -189,11 +201,7 @@ def _sel_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if VK:
-            v = k1
-        else:
-            v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -257,12 +265,9 @@ def _sel_fwd_t_kernel(
         kpos = j * BS + (it % NSUB) * BK + kk
         kvalid = kpos < T
         krow = (b * T + kpos) * HK + hk
-        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
-                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        k1, k2 = _key_tiles(K, K, K, b, hk, 0, krow, kvalid, D, D1, D2, BK, False)
         s = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         if D2 > 0:
-            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
-                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
             s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
         vis = kpos[:, None] <= t[None, :]
         if UNION:
@@ -273,11 +278,7 @@ def _sel_fwd_t_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        if VK:
-            v = k1
-        else:
-            v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
         acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype), input_precision=PREC)
         m_i = m_new
 
@@ -358,11 +359,7 @@ def _sel_bwd_dq_kernel(
             sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
             vis = vis & sel[:, None]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        if VK:
-            v = k1
-        else:
-            v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dsc = ds.to(k1.dtype)
@@ -450,23 +447,16 @@ def _sel_bwd_dq_t_kernel(
         kpos = j * BS + (it % NSUB) * BK + kk
         kvalid = kpos < T
         krow = (b * T + kpos) * HK + hk
-        k1 = tl.load(K + krow[:, None] * D + d1[None, :],
-                     mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+        k1, k2 = _key_tiles(K, K, K, b, hk, 0, krow, kvalid, D, D1, D2, BK, False)
         s = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         if D2 > 0:
-            k2 = tl.load(K + krow[:, None] * D + d2[None, :],
-                         mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
             s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
         vis = kpos[:, None] <= t[None, :]
         if UNION:
             sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
             vis = vis & sel[None, :]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[None, :]), 0.0)
-        if VK:
-            v = k1
-        else:
-            v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                        mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
         dp = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsc = (p * (dp - delta[None, :])).to(k1.dtype)
         dq1 += tl.dot(tl.trans(k1), dsc, input_precision=PREC)
@@ -509,18 +499,11 @@ def _sel_bwd_dkdv_kernel(
     krow = (b * T + kpos) * HK + hk
     d1 = tl.arange(0, D1)
     dv = tl.arange(0, DVP)
-    k1 = tl.load(K + krow[:, None] * D + d1[None, :],
-                 mask=kvalid[:, None] & (d1[None, :] < D), other=0.0)
+    k1, k2 = _key_tiles(K, K, K, b, hk, 0, krow, kvalid, D, D1, D2, BK, False)
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
-        k2 = tl.load(K + krow[:, None] * D + d2[None, :],
-                     mask=kvalid[:, None] & (d2[None, :] < D), other=0.0)
         dk2 = tl.zeros([BK, D2], tl.float32)
-    if VK:
-        v = k1
-    else:
-        v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                    mask=kvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
     dk1 = tl.zeros([BK, D1], tl.float32)
     dvacc = tl.zeros([BK, DVP], tl.float32)
 
