@@ -27,7 +27,6 @@ Design (FlashAttention-2 style, fp32 accumulation):
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
