@@ -896,12 +896,13 @@ def _prec(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config, order: str):
-    """``(KD1, KD2, TMA)`` for a rows-major kernel: TMA descriptors of the two key tiles
-    (blocks ``[1, BK, D1]``, ``[1, BK, D2]`` of ``k`` viewed as ``(B, T, HK * D)``, so rows past
-    T read as zeros) when ``cfg.tma`` asks and TMA can serve ``k``; else ``(k, k, False)``."""
+def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config):
+    """``(KD1, KD2, TMA)`` for the rows-major forward and dq kernels: TMA descriptors of the two
+    key tiles (blocks ``[1, BK, D1]``, ``[1, BK, D2]`` of ``k`` viewed as ``(B, T, HK * D)``, so
+    rows past T read as zeros) when ``cfg.tma`` asks and TMA can serve ``k``; else
+    ``(k, k, False)``."""
     esize = k.element_size()
-    if not (cfg.tma and order == "rows" and p.D1 + p.D2 == p.D and k.is_contiguous()
+    if not (cfg.tma and p.D1 + p.D2 == p.D and k.is_contiguous()
             and k.data_ptr() % 16 == 0 and (p.HK * p.D * esize) % 16 == 0
             and p.D1 * esize % 16 == 0 and p.D2 * esize % 16 == 0
             and (interpreting() or torch.cuda.get_device_capability(k.device)[0] >= 9)):
@@ -921,7 +922,7 @@ def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
     if p.FWD_ORDER == "keys":
         kernel, descs, extra = _sel_fwd_t_kernel, (), {}
     else:
-        kd1, kd2, tma = _key_descriptors(k, p, cfg, "rows")
+        kd1, kd2, tma = _key_descriptors(k, p, cfg)
         kernel, descs, extra = _sel_fwd_kernel, (kd1, kd2), dict(TMA=tma)
     kernel[grid](
         q, k, v, clist, bi32, o, lse, *descs,
@@ -952,7 +953,7 @@ def _bwd_dq(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Confi
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     else:
-        kd1, kd2, tma = _key_descriptors(k, p, cfg, "rows")
+        kd1, kd2, tma = _key_descriptors(k, p, cfg)
         _sel_bwd_dq_kernel[(p.NC, p.B * p.NHS)](
             q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32, kd1, kd2, *args,
             LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", TMA=tma,

@@ -293,7 +293,7 @@ def test_key_descriptors(D, values_in_keys, bwd):
     block_idx = random_block_idx(2, 54, G, 3, 16, qs, gen=gen)
     cfg = tk.Config(fwd_order="rows", dq_order="rows", bwd=bwd)  # tma=True: the default
     p = tk._plan(q, k, v, block_idx, 16, qs, cfg)
-    assert tk._key_descriptors(k, p, cfg, "rows")[2]
+    assert tk._key_descriptors(k, p, cfg)[2]
     if values_in_keys:
         compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=cfg)
     else:
@@ -308,7 +308,7 @@ def test_key_descriptors_refuse_masked_tails():
     q, k, v = make_qkv(1, 40, H, HK, D, DV, gen=gen)
     block_idx = random_block_idx(1, 40, G, 3, 16, qs, gen=gen)
     cfg = tk.Config(fwd_order="rows", dq_order="rows")
-    assert not tk._key_descriptors(k, tk._plan(q, k, v, block_idx, 16, qs, cfg), cfg, "rows")[2]
+    assert not tk._key_descriptors(k, tk._plan(q, k, v, block_idx, 16, qs, cfg), cfg)[2]
     compare(q, k, v, block_idx, 16, qs, config=cfg)
 
 
