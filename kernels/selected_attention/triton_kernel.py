@@ -473,12 +473,16 @@ def _sel_bwd_dq_t_kernel(
 @triton.jit
 def _sel_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, BI, SEG_KEY, SEG_LO, SEG_HI, ECHUNK, DK32, DV32, DQ32,
+    QD1, QD2, DOD,
     T, H, HK, G, NSEL, NB, REP_K, REP_G, HSG, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, NPAD: tl.constexpr,
     UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_Q: tl.constexpr, VK: tl.constexpr,
+    ATOMIC_Q: tl.constexpr, VK: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dk, dv of one CSR segment (a key tile and up to ``seg`` query chunks), keys-major.
+    ``TMA``: each chunk's q and dO tiles come through the descriptors ``QD1, QD2, DOD`` (see
+    ``_chunk_descriptors``) instead of gathered rows."""
     sid = tl.program_id(0)
     pid1 = tl.program_id(1)
     lo = tl.load(SEG_LO + sid)
@@ -517,15 +521,25 @@ def _sel_bwd_dkdv_kernel(
         t = c * TOK + tok
         rvalid = (tok < TOK) & (t < T)
         qrow = (b * T + t) * H + hoff
-        q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
-                     mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
+        if TMA:
+            t0 = c * TOK
+            q1 = QD1.load([b.to(tl.int32), t0, h0, 0]).reshape([ROWS, D1])
+        else:
+            q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
+                         mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
         sT = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         if D2 > 0:
-            q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
-                         mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+            if TMA:
+                q2 = QD2.load([b.to(tl.int32), t0, h0, D1]).reshape([ROWS, D2])
+            else:
+                q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
+                             mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
             sT += tl.dot(k2, tl.trans(q2), input_precision=PREC)
-        do = tl.load(DO + qrow[:, None] * DV + dv[None, :],
-                     mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
+        if TMA:
+            do = DOD.load([b.to(tl.int32), t0, h0, 0]).reshape([ROWS, DVP])
+        else:
+            do = tl.load(DO + qrow[:, None] * DV + dv[None, :],
+                         mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTA + qrow, mask=rvalid, other=0.0)
@@ -622,9 +636,10 @@ class Config:
     dq_stages: int = 2
     dkdv_warps: int = 4
     dkdv_stages: int = 3
-    tma: bool = True                # key tiles of the rows-major forward and dq kernels through
-    #                                 TMA tensor descriptors where they can serve (Hopper+ or the
-    #                                 interpreter; Dqk = D1 + D2 exactly; row-major keys)
+    tma: bool = True                # tiles through TMA tensor descriptors where they can serve
+    #                                 (Hopper+ or the interpreter; head dims that are whole tiles;
+    #                                 row-major tensors): keys of the rows-major forward and dq
+    #                                 kernels, each chunk's q and dO in the dk/dv kernel
 
 
 DEFAULT_CONFIG = Config()
@@ -896,16 +911,21 @@ def _prec(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+def _tma_ready(x: torch.Tensor, *tile_cols: int) -> bool:
+    """TMA can read tiles of ``tile_cols`` columns from ``x``: row-major, 16-byte aligned base,
+    rows and tile widths in multiples of 16 bytes, a Hopper or newer GPU (or the interpreter)."""
+    esize = x.element_size()
+    return (x.is_contiguous() and x.data_ptr() % 16 == 0 and x.shape[-1] * esize % 16 == 0
+            and all(c * esize % 16 == 0 for c in tile_cols)
+            and (interpreting() or torch.cuda.get_device_capability(x.device)[0] >= 9))
+
+
 def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config):
     """``(KD1, KD2, TMA)`` for the rows-major forward and dq kernels: TMA descriptors of the two
     key tiles (blocks ``[1, BK, D1]``, ``[1, BK, D2]`` of ``k`` viewed as ``(B, T, HK * D)``, so
     rows past T read as zeros) when ``cfg.tma`` asks and TMA can serve ``k``; else
     ``(k, k, False)``."""
-    esize = k.element_size()
-    if not (cfg.tma and p.D1 + p.D2 == p.D and k.is_contiguous()
-            and k.data_ptr() % 16 == 0 and (p.HK * p.D * esize) % 16 == 0
-            and p.D1 * esize % 16 == 0 and p.D2 * esize % 16 == 0
-            and (interpreting() or torch.cuda.get_device_capability(k.device)[0] >= 9)):
+    if not (cfg.tma and p.D1 + p.D2 == p.D and _tma_ready(k, p.D1, p.D2)):
         return k, k, False
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -913,6 +933,22 @@ def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config):
     shape, strides = list(kv.shape), list(kv.stride())
     return (TensorDescriptor(kv, shape, strides, [1, p.BK, p.D1]),
             TensorDescriptor(kv, shape, strides, [1, p.BK, max(p.D2, 8)]), True)
+
+
+def _chunk_descriptors(q: torch.Tensor, do: torch.Tensor, p: _Plan, cfg: Config):
+    """``(QD1, QD2, DOD, TMA)`` for the dk/dv kernel: descriptors of a chunk's query and
+    output-gradient tiles (blocks ``[1, TOK, HP, width]`` of the ``(B, T, H, width)`` tensors,
+    rows past T read as zeros) when ``cfg.tma`` asks and the chunk is exactly ``TOK x HP`` rows
+    of whole head dims; else ``(q, q, do, False)``."""
+    if not (cfg.tma and p.TOK * p.HP == p.ROWS and p.D1 + p.D2 == p.D and p.DVP == p.DV
+            and _tma_ready(q, p.D1, p.D2) and _tma_ready(do, p.DV)):
+        return q, q, do, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(x, col):
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, p.TOK, p.HP, col])
+
+    return desc(q, p.D1), desc(q, max(p.D2, 8)), desc(do, p.DV), True
 
 
 def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
@@ -967,10 +1003,12 @@ def _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p: _Plan, scale: float, cfg: 
               dk32, dv32, dq32):
     """Key-block-major backward kernel over the CSR segments: adds into ``dk32, dv32``."""
     seg_key, seg_lo, seg_hi, ent_chunk, smax = segs
+    qd1, qd2, dod, tma = _chunk_descriptors(q, do, p, cfg)
     _sel_bwd_dkdv_kernel[(smax, p.NSUB * p.HSG)](
         q, k, v, do, lse, delta, bi32, seg_key, seg_lo, seg_hi, ent_chunk, dk32, dv32, dq32,
+        qd1, qd2, dod,
         p.T, p.H, p.HK, p.G, p.NSEL, p.NB, p.REP_K, p.REP_G, p.HSG, scale * LOG2E, scale,
-        ATOMIC_Q=cfg.bwd == "atomic_q", **_common(p, q.dtype),
+        ATOMIC_Q=cfg.bwd == "atomic_q", TMA=tma, **_common(p, q.dtype),
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
 

@@ -281,10 +281,11 @@ def test_values_in_keys(config):
 
 @pytest.mark.parametrize("D,values_in_keys,bwd", [
     (48, True, "csr"), (48, False, "csr"), (16, False, "csr"), (48, True, "atomic_kv"),
-], ids=["48_values_in_keys", "48_separate_values", "16_one_tile", "atomic_kv"])
+    (48, False, "atomic_q"),
+], ids=["48_values_in_keys", "48_separate_values", "16_one_tile", "atomic_kv", "atomic_q"])
 def test_key_descriptors(D, values_in_keys, bwd):
-    """``Config(tma=True)``: the forward and dq kernels load key tiles through tensor
-    descriptors (48 = 32 + 16 columns,
+    """``Config(tma=True)``: the forward and dq kernels load key tiles, the dk/dv kernel each
+    chunk's q and dO tiles, through tensor descriptors (48 = 32 + 16 columns,
     or one 16-column tile); two sequences of 54 tokens, so the last key block of each runs past
     T (rows the causal mask hides)."""
     H, HK, G, _, DV, qs = LAYOUTS["latent"]
@@ -294,6 +295,9 @@ def test_key_descriptors(D, values_in_keys, bwd):
     cfg = tk.Config(fwd_order="rows", dq_order="rows", bwd=bwd)  # tma=True: the default
     p = tk._plan(q, k, v, block_idx, 16, qs, cfg)
     assert tk._key_descriptors(k, p, cfg)[2]
+    p_kv = tk._dkdv_plan(q, k, v, block_idx, 16, qs, cfg, p)
+    do = torch.empty(2, 54, H, DV)
+    assert tk._chunk_descriptors(q, do, p_kv, cfg)[3]
     if values_in_keys:
         compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=cfg)
     else:
@@ -308,7 +312,9 @@ def test_key_descriptors_refuse_masked_tails():
     q, k, v = make_qkv(1, 40, H, HK, D, DV, gen=gen)
     block_idx = random_block_idx(1, 40, G, 3, 16, qs, gen=gen)
     cfg = tk.Config(fwd_order="rows", dq_order="rows")
-    assert not tk._key_descriptors(k, tk._plan(q, k, v, block_idx, 16, qs, cfg), cfg)[2]
+    p = tk._plan(q, k, v, block_idx, 16, qs, cfg)
+    assert not tk._key_descriptors(k, p, cfg)[2]
+    assert not tk._chunk_descriptors(q, torch.empty(1, 40, H, DV), p, cfg)[3]
     compare(q, k, v, block_idx, 16, qs, config=cfg)
 
 
