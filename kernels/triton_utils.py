@@ -44,3 +44,20 @@ def num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
+
+
+def tma_descriptor(x: torch.Tensor, block: list[int]):
+    """A TMA tensor descriptor of ``x`` for tiles of shape ``block`` (``x``'s shape and strides;
+    tiles reaching past an edge read zeros there), or None where TMA cannot read ``x``: it needs
+    a Hopper or newer GPU (or the interpreter), a unit last stride, a 16-byte aligned base,
+    other strides and tile rows in multiples of 16 bytes."""
+    esize = x.element_size()
+    if not (len(block) == x.dim() and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(s * esize % 16 == 0 for s in x.stride()[:-1])
+            and block[-1] * esize % 16 == 0):
+        return None
+    if not interpreting() and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), list(block))

@@ -87,7 +87,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, next_pow2, split_dim
+from kernels.triton_utils import interpreting, next_pow2, split_dim, tma_descriptor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -911,28 +911,18 @@ def _prec(dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _tma_ready(x: torch.Tensor, *tile_cols: int) -> bool:
-    """TMA can read tiles of ``tile_cols`` columns from ``x``: row-major, 16-byte aligned base,
-    rows and tile widths in multiples of 16 bytes, a Hopper or newer GPU (or the interpreter)."""
-    esize = x.element_size()
-    return (x.is_contiguous() and x.data_ptr() % 16 == 0 and x.shape[-1] * esize % 16 == 0
-            and all(c * esize % 16 == 0 for c in tile_cols)
-            and (interpreting() or torch.cuda.get_device_capability(x.device)[0] >= 9))
-
-
 def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config):
     """``(KD1, KD2, TMA)`` for the rows-major forward and dq kernels: TMA descriptors of the two
     key tiles (blocks ``[1, BK, D1]``, ``[1, BK, D2]`` of ``k`` viewed as ``(B, T, HK * D)``, so
     rows past T read as zeros) when ``cfg.tma`` asks and TMA can serve ``k``; else
     ``(k, k, False)``."""
-    if not (cfg.tma and p.D1 + p.D2 == p.D and _tma_ready(k, p.D1, p.D2)):
-        return k, k, False
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    kv = k.view(p.B, p.T, p.HK * p.D)
-    shape, strides = list(kv.shape), list(kv.stride())
-    return (TensorDescriptor(kv, shape, strides, [1, p.BK, p.D1]),
-            TensorDescriptor(kv, shape, strides, [1, p.BK, max(p.D2, 8)]), True)
+    if cfg.tma and p.D1 + p.D2 == p.D and k.is_contiguous():
+        kv = k.view(p.B, p.T, p.HK * p.D)
+        d1 = tma_descriptor(kv, [1, p.BK, p.D1])
+        d2 = tma_descriptor(kv, [1, p.BK, p.D2]) if p.D2 else d1
+        if d1 is not None and d2 is not None:
+            return d1, d2, True
+    return k, k, False
 
 
 def _chunk_descriptors(q: torch.Tensor, do: torch.Tensor, p: _Plan, cfg: Config):
@@ -940,15 +930,13 @@ def _chunk_descriptors(q: torch.Tensor, do: torch.Tensor, p: _Plan, cfg: Config)
     output-gradient tiles (blocks ``[1, TOK, HP, width]`` of the ``(B, T, H, width)`` tensors,
     rows past T read as zeros) when ``cfg.tma`` asks and the chunk is exactly ``TOK x HP`` rows
     of whole head dims; else ``(q, q, do, False)``."""
-    if not (cfg.tma and p.TOK * p.HP == p.ROWS and p.D1 + p.D2 == p.D and p.DVP == p.DV
-            and _tma_ready(q, p.D1, p.D2) and _tma_ready(do, p.DV)):
-        return q, q, do, False
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def desc(x, col):
-        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, p.TOK, p.HP, col])
-
-    return desc(q, p.D1), desc(q, max(p.D2, 8)), desc(do, p.DV), True
+    if cfg.tma and p.TOK * p.HP == p.ROWS and p.D1 + p.D2 == p.D and p.DVP == p.DV:
+        d1 = tma_descriptor(q, [1, p.TOK, p.HP, p.D1])
+        d2 = tma_descriptor(q, [1, p.TOK, p.HP, p.D2]) if p.D2 else d1
+        dd = tma_descriptor(do, [1, p.TOK, p.HP, p.DV])
+        if d1 is not None and d2 is not None and dd is not None:
+            return d1, d2, dd, True
+    return q, q, do, False
 
 
 def _forward(q, k, v, bi32, clist, p: _Plan, scale: float, cfg: Config):
