@@ -157,6 +157,7 @@ def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, variants=None)
     if variants is not None:
         return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out)
     variants = [
+        ("fwd", {"TMA": False}), ("dq", {"TMA": False}), ("dkdv", {"TMA": False}),  # row loads
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}),
         ("dkdv", {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),

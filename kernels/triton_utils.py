@@ -49,14 +49,16 @@ def num_sms(device: torch.device) -> int:
 def tma_descriptor(x: torch.Tensor, block: list[int]):
     """A TMA tensor descriptor of ``x`` for tiles of shape ``block`` (``x``'s shape and strides;
     tiles reaching past an edge read zeros there), or None where TMA cannot read ``x``: it needs
-    a Hopper or newer GPU (or the interpreter), a unit last stride, a 16-byte aligned base,
-    other strides and tile rows in multiples of 16 bytes."""
+    a Hopper or newer GPU (or the interpreter), a non-empty tensor of rank 1 to 5, a unit last
+    stride, a 16-byte aligned base, other strides and tile rows in multiples of 16 bytes, and
+    tile dims that are powers of two up to 256."""
     esize = x.element_size()
-    if not (len(block) == x.dim() and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-            and all(s * esize % 16 == 0 for s in x.stride()[:-1])
-            and block[-1] * esize % 16 == 0):
+    if not (len(block) == x.dim() <= 5 and x.numel() > 0 and x.stride(-1) == 1
+            and x.data_ptr() % 16 == 0 and all(s * esize % 16 == 0 for s in x.stride()[:-1])
+            and block[-1] * esize % 16 == 0
+            and all(0 < b <= 256 and b & (b - 1) == 0 for b in block)):
         return None
-    if not interpreting() and not (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if not (interpreting() or (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 

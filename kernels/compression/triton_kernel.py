@@ -23,6 +23,10 @@ Design (FlashAttention-2 style, fp32 accumulation):
   the query axis (all heads of the group inside the tile, so no atomics across heads); when the
   query axis is split into several chunks, each chunk writes an fp32 partial that one ``sum``
   reduces (deterministic).
+* Streamed tiles (keys and values in the forward and dq loops, queries and output gradients in
+  the dk/dv loop) come through TMA tensor descriptors where the head dims are whole tiles and
+  the heads of a row tile fill it (``_kv_descriptors``, ``_qdo_descriptors``; ``TMA`` in the tile
+  configs); otherwise by row offsets with masks.
 * Offsets are 64-bit (``B * T * H * D`` may pass 2**31).
 """
 from __future__ import annotations
@@ -31,14 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, num_sms, row_major, split_dim
+from kernels.triton_utils import interpreting, num_sms, row_major, split_dim, tma_descriptor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 # Tile overrides for benchmarking sweeps: {"fwd": {...}, "dq": {...}, "dkdv": {...}}; keys
-# BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages.
+# BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages, TMA.
 CONFIG_OVERRIDE: dict[str, dict[str, int]] = {}
 
 
@@ -84,6 +88,28 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D: tl.constexpr,
+              DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+              BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """Key tiles ``(BLOCK_N, DA)``, ``(BLOCK_N, DB)`` and value tile ``(BLOCK_N, DVP)`` of the
+    compressed tokens ``n = n0 + arange(BLOCK_N)``: through the descriptors when ``TMA``, else
+    by row offsets; zeros past ``N`` either way."""
+    if TMA:
+        ka = KDA.load([b.to(tl.int32), n0, hk, 0]).reshape([BLOCK_N, DA])
+        kb = ka
+        if DB > 0:
+            kb = KDB.load([b.to(tl.int32), n0, hk, DA]).reshape([BLOCK_N, DB])
+        vv = VD.load([b.to(tl.int32), n0, hk, 0]).reshape([BLOCK_N, DVP])
+    else:
+        n64 = n.to(tl.int64)
+        dv = tl.arange(0, DVP)
+        ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
+        vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
+                     mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+    return ka, kb, vv
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -91,13 +117,13 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, KDA, KDB, VD,
     sqb, sqt, sqh, skb, skn, skh, svb, svn, svh, sob, sot, soh, slb, slt,
     T, N, HK, qk_scale,
     BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
     REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * REP_PAD
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) query tiles first
@@ -132,10 +158,8 @@ def _fwd_kernel(
 
     for n0 in range(0, n_full, BLOCK_N):
         n = n0 + nn
-        n64 = n.to(tl.int64)
-        ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
-        vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
-                     mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+        ka, kb, vv = _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D, DA,
+                               DB, DV, DVP, BLOCK_N, TMA)
         s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -146,10 +170,8 @@ def _fwd_kernel(
 
     for n0 in range(n_full, n_hi, BLOCK_N):
         n = n0 + nn
-        n64 = n.to(tl.int64)
-        ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
-        vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
-                     mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+        ka, kb, vv = _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D, DA,
+                               DB, DV, DVP, BLOCK_N, TMA)
         s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
         vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t[:, None]) & (n[None, :] < N)
         s = tl.where(vis, s, float("-inf"))
@@ -176,15 +198,13 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n, k_base, v_base, skn, svn, N, qk_scale,
+def _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0, n, k_base, v_base, KDA, KDB, VD, b, hk,
+             skn, svn, N, qk_scale,
              MASK: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
              D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
-             DVP: tl.constexpr, IEEE: tl.constexpr):
-    n64 = n.to(tl.int64)
-    dv = tl.arange(0, DVP)
-    ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
-    vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
-                 mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
+             DVP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+    ka, kb, vv = _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D, DA, DB,
+                           DV, DVP, BLOCK_N, TMA)
     s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASK:
@@ -200,14 +220,14 @@ def _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n, k_base, v_base, skn, svn, 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ, KDA, KDB, VD,
     sqb, sqt, sqh, skb, skn, skh, svb, svn, svh, sob, sot, soh, sdob, sdot, sdoh,
     slb, slt, sdqb, sdqt, sdqh,
     T, N, HK, qk_scale, scale,
     BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
     REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * REP_PAD
     pid_t = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -248,11 +268,13 @@ def _bwd_dq_kernel(
     n_full = (n_full // BLOCK_N) * BLOCK_N
 
     for n0 in range(0, n_full, BLOCK_N):
-        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0 + nn, k_base, v_base, skn,
-                            svn, N, qk_scale, False, BLOCK_LEN, STRIDE, D, DA, DB, DV, DVP, IEEE)
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0, n0 + nn, k_base, v_base,
+                            KDA, KDB, VD, b, hk, skn, svn, N, qk_scale, False, BLOCK_LEN, STRIDE,
+                            D, DA, DB, DV, DVP, BLOCK_N, IEEE, TMA)
     for n0 in range(n_full, n_hi, BLOCK_N):
-        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0 + nn, k_base, v_base, skn,
-                            svn, N, qk_scale, True, BLOCK_LEN, STRIDE, D, DA, DB, DV, DVP, IEEE)
+        dqa, dqb = _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0, n0 + nn, k_base, v_base,
+                            KDA, KDB, VD, b, hk, skn, svn, N, qk_scale, True, BLOCK_LEN, STRIDE,
+                            D, DA, DB, DV, DVP, BLOCK_N, IEEE, TMA)
 
     dq_off = b * sdqb + t64 * sdqt + h * sdqh
     da = tl.arange(0, DA)
@@ -270,18 +292,29 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, b,
-               sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, MASK: tl.constexpr,
-               BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr, REP_PAD: tl.constexpr,
+def _dkdv_tile(dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, QDA, QDB,
+               DOD, b, hk, sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale,
+               MASK: tl.constexpr, BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
+               REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr,
-               DVP: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+               DVP: tl.constexpr, IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+               TMA: tl.constexpr):
+    M: tl.constexpr = BLOCK_T * REP_PAD
     dv = tl.arange(0, DVP)
     t = tt + mr // REP_PAD
     row_ok = (t < T) & hh_ok
     t64 = t.to(tl.int64)
-    qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
-    do = tl.load(DO + (b * sdob + t64 * sdot + h * sdoh)[:, None] + dv[None, :],
-                 mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if TMA:  # rows (query, head) of BLOCK_T queries x REP heads; zeros past T
+        b32 = b.to(tl.int32)
+        qa = QDA.load([b32, tt, hk * REP, 0]).reshape([M, DA])
+        qb = qa
+        if DB > 0:
+            qb = QDB.load([b32, tt, hk * REP, DA]).reshape([M, DB])
+        do = DOD.load([b32, tt, hk * REP, 0]).reshape([M, DVP])
+    else:
+        qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+        do = tl.load(DO + (b * sdob + t64 * sdot + h * sdoh)[:, None] + dv[None, :],
+                     mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
     l_off = b * slb + t64 * slt + h
     lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -304,14 +337,14 @@ def _dkdv_tile(dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DE
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_,
+    Q, K, V, DO, LSE, DELTA, DK, DV_, QDA, QDB, DOD,
     sqb, sqt, sqh, skb, skn, skh, svb, svn, svh, sdob, sdot, sdoh, slb, slt,
     sdks, sdkb, sdkn, sdkh, sdvs, sdvb, sdvn, sdvh,
     T, N, HK, CHUNK, qk_scale, scale,
     BLOCK_LEN: tl.constexpr, STRIDE: tl.constexpr,
     REP: tl.constexpr, REP_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    IEEE: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, TMA: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * REP_PAD
     pid_n = tl.program_id(0)
@@ -348,14 +381,14 @@ def _bwd_dkdv_kernel(
     hh_ok = hh < REP
     for tt in range(lo, mid, BLOCK_T):
         dka, dkb, dvacc = _dkdv_tile(
-            dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, b,
-            sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, True,
-            BLOCK_LEN, STRIDE, REP_PAD, D, DA, DB, DV, DVP, IEEE, DO_DK, DO_DV)
+            dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, QDA, QDB, DOD,
+            b, hk, sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, True,
+            BLOCK_LEN, STRIDE, REP, REP_PAD, BLOCK_T, D, DA, DB, DV, DVP, IEEE, DO_DK, DO_DV, TMA)
     for tt in range(mid, c_hi, BLOCK_T):
         dka, dkb, dvacc = _dkdv_tile(
-            dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, b,
-            sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, False,
-            BLOCK_LEN, STRIDE, REP_PAD, D, DA, DB, DV, DVP, IEEE, DO_DK, DO_DV)
+            dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DELTA, QDA, QDB, DOD,
+            b, hk, sqb, sqt, sqh, sdob, sdot, sdoh, slb, slt, T, qk_scale, False,
+            BLOCK_LEN, STRIDE, REP, REP_PAD, BLOCK_T, D, DA, DB, DV, DVP, IEEE, DO_DK, DO_DV, TMA)
 
     ps = pid_s.to(tl.int64)
     if DO_DK:
@@ -442,13 +475,42 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
         cfg = {"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
                "dkdv": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}[kind]
-    cfg = dict(cfg)
+    cfg = dict(cfg, TMA=True)  # TMA descriptors for the streamed tiles where they can serve
     cfg.update(CONFIG_OVERRIDE.get(kind, {}))
     block_m = max(cfg["BLOCK_M"], rep_pad, 16)
     cfg["BLOCK_T"] = max(block_m // rep_pad, 1)
     if cfg["BLOCK_T"] * rep_pad < 16:
         cfg["BLOCK_T"] = triton.cdiv(16, rep_pad)
     return cfg
+
+
+def _kv_descriptors(k, v, cfg, DA: int, DB: int, DVP: int):
+    """``(KDA, KDB, VD, TMA)``: descriptors of the key and value tiles the forward and dq loops
+    stream (blocks ``[1, BLOCK_N, 1, width]`` of ``(B, N, Hk, width)``) when ``cfg["TMA"]`` asks
+    and the tiles are whole head dims; else ``(k, k, v, False)``."""
+    D, Dv, bn = k.shape[-1], v.shape[-1], cfg["BLOCK_N"]
+    if cfg["TMA"] and DA + DB == D and DVP == Dv:
+        da = tma_descriptor(k, [1, bn, 1, DA])
+        db = tma_descriptor(k, [1, bn, 1, DB]) if DB else da
+        dv = tma_descriptor(v, [1, bn, 1, DVP])
+        if da is not None and db is not None and dv is not None:
+            return da, db, dv, True
+    return k, k, v, False
+
+
+def _qdo_descriptors(q, do, cfg, rep: int, rep_pad: int, DA: int, DB: int, DVP: int):
+    """``(QDA, QDB, DOD, TMA)``: descriptors of the query and output-gradient tiles the dk/dv
+    loop streams (blocks ``[1, BLOCK_T, REP, width]`` of ``(B, T, H, width)``) when
+    ``cfg["TMA"]`` asks, the rows are whole (``REP`` a power of two) and so are the head dims;
+    else ``(q, q, do, False)``."""
+    D, Dv, bt = q.shape[-1], do.shape[-1], cfg["BLOCK_T"]
+    if cfg["TMA"] and rep == rep_pad and DA + DB == D and DVP == Dv:
+        da = tma_descriptor(q, [1, bt, rep, DA])
+        db = tma_descriptor(q, [1, bt, rep, DB]) if DB else da
+        dd = tma_descriptor(do, [1, bt, rep, DVP])
+        if da is not None and db is not None and dd is not None:
+            return da, db, dd, True
+    return q, q, do, False
 
 
 def _forward(q, k, v, block_len, stride, scale):
@@ -463,15 +525,16 @@ def _forward(q, k, v, block_len, stride, scale):
     cfg = _config("fwd", rep_pad, DA + DB + DVP, q.dtype == torch.float32, q.device)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
     if B * T * H > 0:
+        kda, kdb, vd, tma = _kv_descriptors(k, v, cfg, DA, DB, DVP)
         _fwd_kernel[grid](
-            q, k, v, o, lse,
+            q, k, v, o, lse, kda, kdb, vd,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             lse.stride(0), lse.stride(1),
             T, N, Hk, scale * LOG2E,
             BLOCK_LEN=block_len, STRIDE=stride, REP=rep, REP_PAD=rep_pad,
             BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], D=D, DA=DA, DB=DB, DV=Dv, DVP=DVP,
-            IEEE=q.dtype == torch.float32,
+            IEEE=q.dtype == torch.float32, TMA=tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return o, lse
@@ -495,14 +558,15 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
 
     cfg = _config("dq", rep_pad, DA + DB + DVP, ieee, q.device)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), B * Hk)
+    kda, kdb, vd, tma = _kv_descriptors(k, v, cfg, DA, DB, DVP)
     _bwd_dq_kernel[grid](
-        q, k, v, o, do, lse, delta, dq,
+        q, k, v, o, do, lse, delta, dq, kda, kdb, vd,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
         dq.stride(0), dq.stride(1), dq.stride(2),
         T, N, Hk, scale * LOG2E, scale,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], **common,
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], **common, TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -524,15 +588,16 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
         dk_s = torch.empty(splits, *k.shape, dtype=torch.float32, device=q.device)
         dv_s = torch.empty(splits, *v.shape, dtype=torch.float32, device=q.device)
     grid = (n_tiles, B * Hk, splits)
+    qda, qdb, dod, tma = _qdo_descriptors(q, do, cfg, rep, rep_pad, DA, DB, DVP)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk_s, dv_s,
+        q, k, v, do, lse, delta, dk_s, dv_s, qda, qdb, dod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         lse.stride(0), lse.stride(1),
         dk_s.stride(0), dk_s.stride(1), dk_s.stride(2), dk_s.stride(3),
         dv_s.stride(0), dv_s.stride(1), dv_s.stride(2), dv_s.stride(3),
         T, N, Hk, chunk, scale * LOG2E, scale,
-        BLOCK_T=block_t, BLOCK_N=block_n, **common, DO_DK=True, DO_DV=True,
+        BLOCK_T=block_t, BLOCK_N=block_n, **common, DO_DK=True, DO_DV=True, TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:

@@ -73,6 +73,35 @@ def test_matches_reference_fp32(shape):
     check_against_reference(q, k, v, l, s, tol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [
+    (2, 70, 8, 2, 48, 32, 8, 4),   # 4 heads per group, 48 = 32 + 16, T not a tile multiple
+    (1, 64, 2, 2, 48, 32, 8, 4),   # one head per group (up-projected form)
+    (1, 64, 4, 1, 32, 16, 8, 4),   # one-tile head dims
+])
+def test_tma_tiles_match_reference(shape):
+    """Head dims that are whole tiles: the streamed K/V (forward, dq) and q/dO (dk/dv) tiles go
+    through TMA descriptors, tiles past N or T reading zeros."""
+    B, T, H, Hk, D, Dv, l, s = shape
+    q, k, v = make(B, T, H, Hk, D, Dv, l, s)
+    rep = H // Hk
+    da, db = tk.split_dim(D)
+    for kind in ("fwd", "dq", "dkdv"):
+        cfg = tk._config(kind, rep, 0, False, q.device)
+        assert tk._kv_descriptors(k, v, cfg, da, db, Dv)[3]
+        assert tk._qdo_descriptors(q, torch.empty(B, T, H, Dv), cfg, rep, rep, da, db, Dv)[3]
+    check_against_reference(q, k, v, l, s, tol=1e-4)
+
+
+def test_masked_tails_keep_row_loads():
+    """Dqk 24 = 16 + 8 and 3 heads per group: a descriptor tile would read the next head's
+    columns or rows, so the kernels keep row-offset loads."""
+    q, k, v = make(1, 72, 6, 2, 24, 24, 8, 4)
+    cfg = tk._config("dkdv", 4, 0, False, q.device)
+    assert not tk._kv_descriptors(k, v, cfg, 16, 16, 32)[3]
+    assert not tk._qdo_descriptors(q, torch.empty(1, 72, 6, 24), cfg, 3, 4, 16, 16, 32)[3]
+    check_against_reference(q, k, v, 8, 4, tol=1e-4)
+
+
 def test_single_split_and_extra_tokens(monkeypatch):
     """dk/dv written by one program per key tile (no fp32 partials); compressed tokens that no
     query of the sequence can see."""

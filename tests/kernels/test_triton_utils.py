@@ -20,5 +20,7 @@ def test_tma_descriptor_refuses_what_tma_cannot_read(monkeypatch):
     assert tma_descriptor(x, [4, 2]) is None                          # 8-byte tile rows
     assert tma_descriptor(x.view(-1)[1:125].view(31, 4), [4, 4]) is None  # base off by 4 bytes
     assert tma_descriptor(x, [4]) is None                             # tile rank != tensor rank
+    assert tma_descriptor(x, [3, 4]) is None                          # tile dim not a power of 2
+    assert tma_descriptor(torch.zeros(0, 16), [4, 4]) is None         # empty
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert tma_descriptor(x, [4, 4]) is None                          # CPU tensor, no interpreter
