@@ -91,7 +91,8 @@ def _bench_variants(layout: str):
     v = [("default", d, "fwd"), ("default", d, "fwdbwd")]
     absorbed = layout.startswith("gla_absorbed")
     v.append(("fwd_keys", replace(d, fwd_order="keys"), "fwd"))
-    v.append(("fwd_s3", replace(d, fwd_stages=3), "fwd"))
+    v.append(("fwd_s2", replace(d, fwd_stages=2), "fwd"))
+    v.append(("fwd_s4", replace(d, fwd_stages=4), "fwd"))
     v.append(("dq_s3", replace(d, dq_stages=3), "fwdbwd"))
     v.append(("dkdv_s2", replace(d, dkdv_stages=2), "fwdbwd"))
     v.append(("dq_keys" if absorbed else "dq_rows",
@@ -104,7 +105,6 @@ def _bench_variants(layout: str):
         v.append(("union_dkdv", replace(d, dkdv_tok=8), "fwdbwd"))
         v.append(("no_tma", replace(d, tma=False), "fwd"))  # gathered key tiles
         v.append(("no_tma", replace(d, tma=False), "fwdbwd"))
-        v.append(("tma_s3", replace(d, fwd_stages=3, dq_stages=3), "fwdbwd"))
     return v
 
 

@@ -42,7 +42,8 @@ LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 # Tile overrides for benchmarking sweeps: {"fwd": {...}, "dq": {...}, "dkdv": {...}}; keys
-# BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages, TMA.
+# BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages, TMA,
+# SPLITS (dk/dv only).
 CONFIG_OVERRIDE: dict[str, dict[str, int]] = {}
 
 
@@ -475,7 +476,9 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
         cfg = {"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
                "dkdv": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}[kind]
-    cfg = dict(cfg, TMA=True)  # TMA descriptors for the streamed tiles where they can serve
+    # TMA descriptors for the streamed tiles where they can serve; SPLITS (dk/dv): query chunks
+    # per key tile, None for the occupancy heuristic in _backward
+    cfg = dict(cfg, TMA=True, SPLITS=None)
     cfg.update(CONFIG_OVERRIDE.get(kind, {}))
     block_m = max(cfg["BLOCK_M"], rep_pad, 16)
     cfg["BLOCK_T"] = max(block_m // rep_pad, 1)
@@ -575,9 +578,11 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
     n_tiles = triton.cdiv(N, block_n)
     base = max(n_tiles * B * Hk, 1)
     # split the query axis when key tiles alone cannot fill the GPU (causal: ~half the chunks of
-    # the early key tiles are busy, so aim at ~8 programs per multiprocessor)
-    want = triton.cdiv(8 * num_sms(q.device), base)
-    splits = max(1, min(want, triton.cdiv(T, block_t), cfg.get("MAX_SPLITS", 64)))
+    # the early key tiles are busy, so aim at ~8 programs per multiprocessor); cfg["SPLITS"]
+    # sets the count instead (shorter chunks keep the q/dO rows that programs in flight stream
+    # smaller, at the price of more fp32 partials)
+    want = cfg["SPLITS"] or triton.cdiv(8 * num_sms(q.device), base)
+    splits = max(1, min(want, triton.cdiv(T, block_t), 64))
     chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
     splits = triton.cdiv(T, chunk)
     if splits == 1:

@@ -76,7 +76,10 @@ layouts). At 64k two neighbouring groups' lists merge into 24.3 distinct blocks 
 instead of 2 x 16. Session 4 (``h200-selected-attention-{chunk-list-sweep,segments,tma}.json``):
 chunk lists by one Triton kernel (0.70 -> 0.10 ms at 64k), CSR bounds by binary search, and key
 tiles by TMA: 7.17 / 8.92 ms (gathered keys 7.78 / 9.64); 8 warps (12.4 / 15.6) and 128-row
-union chunks of 4 groups (8.8 / 12.5) were slower.
+union chunks of 4 groups (8.8 / 12.5) were slower. Session 5 (``h200-tma-next-*.json``,
+``h200-selected-attention-uniform-sweep.json``): q and dO tiles of the dk/dv kernel by TMA
+(7.18 / 8.78 ms, smooth picks), and 3 forward pipeline stages, faster in all four sweeps that
+timed them (smooth and uniform picks, 8k and 64k: 0.04 to 0.13 ms of the forward).
 """
 from __future__ import annotations
 
@@ -631,7 +634,7 @@ class Config:
     #                                 chunks) when the forward's are unions of q_share groups of a
     #                                 shared layout, else tok
     fwd_warps: int = 4
-    fwd_stages: int = 2
+    fwd_stages: int = 3
     dq_warps: int = 4
     dq_stages: int = 2
     dkdv_warps: int = 4

@@ -102,10 +102,11 @@ def test_masked_tails_keep_row_loads():
     check_against_reference(q, k, v, 8, 4, tol=1e-4)
 
 
-def test_single_split_and_extra_tokens(monkeypatch):
-    """dk/dv written by one program per key tile (no fp32 partials); compressed tokens that no
-    query of the sequence can see."""
-    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"dkdv": {"MAX_SPLITS": 1}})
+@pytest.mark.parametrize("splits", [1, 3])
+def test_query_splits_and_extra_tokens(splits, monkeypatch):
+    """dk/dv written by one program per key tile (no fp32 partials) or summed over 3 query
+    chunks per key tile; compressed tokens that no query of the sequence can see."""
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"dkdv": {"SPLITS": splits}})
     q, k, v = make(1, 64, 4, 2, 16, 16, 8, 4, extra_n=3)
     check_against_reference(q, k, v, 8, 4, tol=1e-4)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from kernels import dispatch
 from kernels.compression import reference as cref
@@ -117,6 +118,37 @@ def test_fewer_compressed_tokens(mode, monkeypatch):
     kw = dict(num_groups=G, block_len=l, stride=s, select_block=sb, top_n=4, num_local=1,
               q_share=2, scale=D ** -0.5)
     assert torch.equal(tk.select_blocks(q, k, lse, **kw), ref.select_blocks(q, k, lse, **kw))
+
+
+@pytest.mark.parametrize("min_width", [1, 2])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]])
+def test_topn_width_buckets(case, min_width, monkeypatch):
+    """The split top-n over several launches of growing row width (each row in the narrowest
+    that holds its current block) picks what the reference picks."""
+    B, T, H, Hk, G, D, l, s, sb, n, nl, qs = case
+    Tq, ns_pad = -(-T // qs), triton.next_power_of_2(-(-T // sb))
+    assert len(tk._topn_buckets(Tq, ns_pad, sb, qs, min_width)) > 1
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"TOPN": "split", "TOPN_MIN_WIDTH": min_width})
+    q, k, lse = make(B, T, H, Hk, D, l, s)
+    assert torch.equal(tk.select_blocks(q, k, lse, **kwargs(case)),
+                       ref.select_blocks(q, k, lse, **kwargs(case)))
+
+
+@pytest.mark.parametrize("Tq,ns_pad,sb,qs,min_width", [
+    (16384, 1024, 64, 4, 128), (100, 32, 16, 3, 1), (7, 4, 16, 4, 16), (64, 64, 64, 1, 8)])
+def test_topn_buckets_cover_rows_in_the_narrowest_width(Tq, ns_pad, sb, qs, min_width):
+    buckets = tk._topn_buckets(Tq, ns_pad, sb, qs, min_width)
+    assert buckets[-1][1] == Tq
+    r0 = 0
+    for width, r_end in buckets:
+        assert r_end > r0 and width <= ns_pad and width & (width - 1) == 0
+        cur = torch.arange(r0, r_end) * qs // sb  # current block of each row
+        assert (cur < width).all()
+        if width > min(min_width, ns_pad):  # a narrower launch would not hold the first row
+            assert r0 * qs // sb >= width // 2
+        r0 = r_end
+    if (Tq, ns_pad, sb, qs, min_width) == (16384, 1024, 64, 4, 128):
+        assert buckets == [(128, 2048), (256, 4096), (512, 8192), (1024, 16384)]
 
 
 def test_long_rows_fallback(monkeypatch):
@@ -264,6 +296,18 @@ def test_gpu(name, dtype):
     score = masked_reference_scores(qf, kf, lse, num_groups=G, block_len=l, stride=s,
                                     select_block=sb, num_local=nl, q_share=qs, scale=kw["scale"])
     check_within_rounding(out, expected, score, rtol=1e-4, max_row_fraction=0.01)
+
+
+@pytest.mark.gpu
+def test_gpu_topn_width_buckets(monkeypatch):
+    """Split top-n launches of widths 16, 32, 64 give the single 64-wide launch's picks."""
+    case = GPU_CASES["asa_absorbed_gla"]
+    B, T, H, Hk, G, D, l, s, sb, n, nl, qs = case
+    q, k, lse = make(B, T, H, Hk, D, l, s, dtype=torch.bfloat16, device="cuda")
+    one = tk.select_blocks(q, k, lse, **kwargs(case))
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"TOPN_MIN_WIDTH": 16})
+    assert len(tk._topn_buckets(-(-T // qs), -(-T // sb), sb, qs, 16)) == 3
+    assert torch.equal(tk.select_blocks(q, k, lse, **kwargs(case)), one)
 
 
 @pytest.mark.gpu
