@@ -297,6 +297,7 @@ def _sel_fwd_t_kernel(
 @triton.jit
 def _sel_bwd_dq_kernel(
     Q, K, V, O, DO, LSE, CL, BI, DQ, DELTA, DK32, DV32, KD1, KD2,
+    sdob, sdot, sdoh,
     T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
@@ -326,7 +327,8 @@ def _sel_bwd_dq_kernel(
                      mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
     dv = tl.arange(0, DVP)
     omask = rvalid[:, None] & (dv[None, :] < DV)
-    do = tl.load(DO + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    dorow = b * sdob + t.to(tl.int64) * sdot + (h0 + r % HP).to(tl.int64) * sdoh
+    do = tl.load(DO + dorow[:, None] + dv[None, :], mask=omask, other=0.0)
     o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + qrow, delta, mask=rvalid)
@@ -396,6 +398,7 @@ def _sel_bwd_dq_kernel(
 @triton.jit
 def _sel_bwd_dq_t_kernel(
     Q, K, V, O, DO, LSE, CL, BI, DQ, DELTA,
+    sdob, sdot, sdoh,
     T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, LPAD: tl.constexpr,
@@ -424,7 +427,8 @@ def _sel_bwd_dq_t_kernel(
                      mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
     dv = tl.arange(0, DVP)
     omask = rvalid[:, None] & (dv[None, :] < DV)
-    do = tl.load(DO + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    dorow = b * sdob + t.to(tl.int64) * sdot + (h0 + r % HP).to(tl.int64) * sdoh
+    do = tl.load(DO + dorow[:, None] + dv[None, :], mask=omask, other=0.0)
     o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + qrow, delta, mask=rvalid)
@@ -476,7 +480,7 @@ def _sel_bwd_dq_t_kernel(
 @triton.jit
 def _sel_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, BI, SEG_KEY, SEG_LO, SEG_HI, ECHUNK, DK32, DV32, DQ32,
-    QD1, QD2, DOD,
+    QD1, QD2, DOD, sdob, sdot, sdoh,
     T, H, HK, G, NSEL, NB, REP_K, REP_G, HSG, qk_scale, sm_scale,
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, NPAD: tl.constexpr,
@@ -541,7 +545,8 @@ def _sel_bwd_dkdv_kernel(
         if TMA:
             do = DOD.load([b.to(tl.int32), t0, h0, 0]).reshape([ROWS, DVP])
         else:
-            do = tl.load(DO + qrow[:, None] * DV + dv[None, :],
+            dorow = b * sdob + t.to(tl.int64) * sdot + hoff.to(tl.int64) * sdoh
+            do = tl.load(DO + dorow[:, None] + dv[None, :],
                          mask=rvalid[:, None] & (dv[None, :] < DV), other=0.0)
         lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -975,14 +980,15 @@ def _bwd_dq(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Confi
     args = (p.T, p.H, p.HK, p.G, p.NSEL, p.NC, p.L, p.REP_K, p.REP_G, p.NHS, scale * LOG2E, scale)
     if cfg.bwd == "csr" and p.DQ_ORDER == "keys":
         _sel_bwd_dq_t_kernel[(p.NC, p.B * p.NHS)](
-            q, k, v, o, do, lse, clist, bi32, dq, delta, *args,
+            q, k, v, o, do, lse, clist, bi32, dq, delta, *do.stride()[:3], *args,
             LPAD=p.LPAD, NSUB=p.NSUB, **_common(p, q.dtype),
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
         )
     else:
         kd1, kd2, tma = _key_descriptors(k, p, cfg)
         _sel_bwd_dq_kernel[(p.NC, p.B * p.NHS)](
-            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32, kd1, kd2, *args,
+            q, k, v, o, do, lse, clist, bi32, dq, delta, dk32, dv32, kd1, kd2, *do.stride()[:3],
+            *args,
             LPAD=p.LPAD, NSUB=p.NSUB, ATOMIC_KV=cfg.bwd == "atomic_kv", TMA=tma,
             **_common(p, q.dtype),
             num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
@@ -997,7 +1003,7 @@ def _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p: _Plan, scale: float, cfg: 
     qd1, qd2, dod, tma = _chunk_descriptors(q, do, p, cfg)
     _sel_bwd_dkdv_kernel[(smax, p.NSUB * p.HSG)](
         q, k, v, do, lse, delta, bi32, seg_key, seg_lo, seg_hi, ent_chunk, dk32, dv32, dq32,
-        qd1, qd2, dod,
+        qd1, qd2, dod, *do.stride()[:3],
         p.T, p.H, p.HK, p.G, p.NSEL, p.NB, p.REP_K, p.REP_G, p.HSG, scale * LOG2E, scale,
         ATOMIC_Q=cfg.bwd == "atomic_q", TMA=tma, **_common(p, q.dtype),
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
@@ -1051,8 +1057,11 @@ class _SelectedAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, bi32, clist, bi_kv, clist_kv = ctx.saved_tensors
         p, p_kv = ctx.plans
-        dq, dk, dv = _backward(q, k, v, o, lse, do.contiguous(), bi32, clist, p, ctx.scale,
-                               ctx.cfg, (bi_kv, clist_kv, p_kv))
+        # dO is read through its strides (the layer's comes back from the W_uv up-projection
+        # head-major); only rows that are not unit-stride are copied
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        dq, dk, dv = _backward(q, k, v, o, lse, do, bi32, clist, p, ctx.scale, ctx.cfg,
+                               (bi_kv, clist_kv, p_kv))
         # values in the keys: dk already holds dv (v is a view of k, so autograd needs no dv)
         return dq, dk, dv, None, None, None, None, None
 

@@ -240,12 +240,18 @@ def test_default_plans_of_the_model_layouts():
 
 
 def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config=None,
-                           ref_dtype=torch.float64, tol=1e-5):
+                           ref_dtype=torch.float64, tol=1e-5, head_major_do=False):
     """Values passed as the view ``k[..., :DV]`` (the absorbed latent form): the kernel must read
     them through the keys (``values_in_keys``), and the one key gradient carries dv too; output,
-    dq and dk against the reference fed the same view."""
+    dq and dk against the reference fed the same view. ``head_major_do``: the output gradient
+    laid out ``(H, B, T, DV)`` and viewed as ``(B, T, H, DV)``, as the layer's ``W_uv``
+    up-projection returns it."""
     scale = q.shape[-1] ** -0.5
-    do = torch.randn(*q.shape[:3], DV, dtype=q.dtype, device=q.device)
+    B, T, H = q.shape[:3]
+    if head_major_do:
+        do = torch.randn(H, B, T, DV, dtype=q.dtype, device=q.device).permute(1, 2, 0, 3)
+    else:
+        do = torch.randn(B, T, H, DV, dtype=q.dtype, device=q.device)
     results = []
     for dt in (q.dtype, ref_dtype):
         qq, kk = (x.detach().to(dt).requires_grad_() for x in (q, k))
@@ -277,6 +283,37 @@ def test_values_in_keys(config):
     q, k, _ = make_qkv(2, 54, H, HK, D, DV, gen=gen)
     block_idx = random_block_idx(2, 54, G, 3, 16, qs, gen=gen)
     compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
+
+
+@pytest.mark.parametrize("config", [
+    None, tk.Config(tma=False), tk.Config(bwd="atomic_kv"), tk.Config(bwd="atomic_q", seg=2),
+    tk.Config(fwd_order="keys", dq_order="keys"),
+], ids=["default", "gathered", "atomic_kv", "atomic_q", "keys_order"])
+def test_head_major_output_gradient(config, monkeypatch):
+    """dO laid out head-major, as the W_uv up-projection's backward returns it: the kernels read
+    it through its strides (descriptors included), never a contiguous copy, and give the same
+    gradients (Dqk 48 = 32 + 16 and values the first 32 key columns, as 160 = 128 + 32 with
+    128 values in the layer, so the default plan's descriptors serve)."""
+    seen = []
+    backward = tk._backward
+
+    def spy(*args, **kwargs):
+        seen.append(args[5])  # the do that reaches the kernels
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(tk, "_backward", spy)
+    H, HK, G, _, _, qs = LAYOUTS["latent"]
+    B, T, D, DV = 2, 54, 48, 32
+    gen = torch.Generator().manual_seed(17)
+    q, k, _ = make_qkv(B, T, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(B, T, G, 3, 16, qs, gen=gen)
+    compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config, head_major_do=True)
+    assert len(seen) == 1 and seen[0].stride() == (T * DV, DV, B * T * DV, 1)
+    if config is None:
+        cfg = tk.DEFAULT_CONFIG
+        p = tk._plan(q, k, k[..., :DV], block_idx, 16, qs, cfg)
+        p_kv = tk._dkdv_plan(q, k, k[..., :DV], block_idx, 16, qs, cfg, p)
+        assert tk._chunk_descriptors(q, seen[0], p_kv, cfg)[3]
 
 
 @pytest.mark.parametrize("D,values_in_keys,bwd", [
@@ -528,6 +565,21 @@ def test_gpu_values_in_keys(config):
     block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
     compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config,
                            ref_dtype=torch.float32, tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, tk.Config(tma=False)], ids=["default", "gathered"])
+def test_gpu_head_major_output_gradient(config):
+    """The layer's case: values in the keys and a head-major dO, read through its strides."""
+    H, HK, G, D, DV, qs = GPU_LAYOUTS["gla_absorbed"]
+    T, sb = 4096, 64
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    q = torch.randn(2, T, H, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(2, T, HK, D, device="cuda", generator=gen).bfloat16()
+    imp = torch.rand(2, T, G, T // sb, device="cuda", generator=gen)
+    block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
+    compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config, ref_dtype=torch.float32,
+                           tol=1e-2, head_major_do=True)
 
 
 @pytest.mark.gpu
