@@ -90,7 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, next_pow2, split_dim, tma_descriptor
+from kernels.triton_utils import interpreting, next_pow2, row_major, split_dim, tma_descriptor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1059,9 +1059,8 @@ class _SelectedAttention(torch.autograd.Function):
         p, p_kv = ctx.plans
         # dO is read through its strides (the layer's comes back from the W_uv up-projection
         # head-major); only rows that are not unit-stride are copied
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv = _backward(q, k, v, o, lse, do, bi32, clist, p, ctx.scale, ctx.cfg,
-                               (bi_kv, clist_kv, p_kv))
+        dq, dk, dv = _backward(q, k, v, o, lse, row_major(do), bi32, clist, p, ctx.scale,
+                               ctx.cfg, (bi_kv, clist_kv, p_kv))
         # values in the keys: dk already holds dv (v is a view of k, so autograd needs no dv)
         return dq, dk, dv, None, None, None, None, None
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting
+from kernels.triton_utils import interpreting, row_major
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -586,10 +586,6 @@ def _check(q, k, v, window, scale) -> None:
         raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _consts(q, k, v, window):
     Dqk, Dv = q.shape[3], v.shape[3]
     D1, D2 = _split_dim(Dqk)
@@ -661,7 +657,7 @@ class _SlidingWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(_unit_last(do), q, k, v, o, lse, ctx.window, ctx.scale, ctx.cfg)
+        dq, dk, dv = _backward(row_major(do), q, k, v, o, lse, ctx.window, ctx.scale, ctx.cfg)
         return dq, dk, dv, None, None, None
 
 
@@ -672,7 +668,7 @@ def _sliding_window_attention(q, k, v, window, scale, cfg=None):
     num_stages)`` tuples (tests use it to cover several tilings); ``None`` autotunes on a GPU.
     """
     _check(q, k, v, window, scale)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = row_major(q), row_major(k), row_major(v)
     window = min(int(window), max(q.shape[1], 1))
     return _SlidingWindowAttention.apply(q, k, v, window, float(scale), cfg)
 
