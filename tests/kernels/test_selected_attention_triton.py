@@ -552,34 +552,22 @@ def test_gpu_chunk_plans(layout, config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, tk.Config(union_groups=1), tk.Config(tma=False)],
-                         ids=["default", "one_group", "gathered_keys"])
-def test_gpu_values_in_keys(config):
-    """GLA absorbed layout as the layer passes it: keys [c ; k_R] (160), values c = k[..., :128]."""
+@pytest.mark.parametrize("config,head_major_do", [
+    (None, False), (tk.Config(union_groups=1), False), (tk.Config(tma=False), False),
+    (None, True), (tk.Config(tma=False), True),
+], ids=["default", "one_group", "gathered_keys", "head_major_do", "head_major_do_gathered"])
+def test_gpu_values_in_keys(config, head_major_do):
+    """GLA absorbed layout as the layer passes it: keys [c ; k_R] (160), values c = k[..., :128];
+    with ``head_major_do`` also the layer's output gradient, read through its strides."""
     H, HK, G, D, DV, qs = GPU_LAYOUTS["gla_absorbed"]
-    T, sb = 4096, 64
+    B, T, sb = 2, 4096, 64
     gen = torch.Generator(device="cuda").manual_seed(15)
-    q = torch.randn(1, T, H, D, device="cuda", generator=gen).bfloat16()
-    k = torch.randn(1, T, HK, D, device="cuda", generator=gen).bfloat16()
-    imp = torch.rand(1, T, G, T // sb, device="cuda", generator=gen)
-    block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
-    compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config,
-                           ref_dtype=torch.float32, tol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", [None, tk.Config(tma=False)], ids=["default", "gathered"])
-def test_gpu_head_major_output_gradient(config):
-    """The layer's case: values in the keys and a head-major dO, read through its strides."""
-    H, HK, G, D, DV, qs = GPU_LAYOUTS["gla_absorbed"]
-    T, sb = 4096, 64
-    gen = torch.Generator(device="cuda").manual_seed(16)
-    q = torch.randn(2, T, H, D, device="cuda", generator=gen).bfloat16()
-    k = torch.randn(2, T, HK, D, device="cuda", generator=gen).bfloat16()
-    imp = torch.rand(2, T, G, T // sb, device="cuda", generator=gen)
+    q = torch.randn(B, T, H, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(B, T, HK, D, device="cuda", generator=gen).bfloat16()
+    imp = torch.rand(B, T, G, T // sb, device="cuda", generator=gen)
     block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
     compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config, ref_dtype=torch.float32,
-                           tol=1e-2, head_major_do=True)
+                           tol=1e-2, head_major_do=head_major_do)
 
 
 @pytest.mark.gpu
