@@ -50,11 +50,12 @@ def tma_descriptor(x: torch.Tensor, block: list[int]):
     """A TMA tensor descriptor of ``x`` for tiles of shape ``block`` (``x``'s shape and strides;
     tiles reaching past an edge read zeros there), or None where TMA cannot read ``x``: it needs
     a Hopper or newer GPU (or the interpreter), a non-empty tensor of rank 1 to 5, a unit last
-    stride, a 16-byte aligned base, other strides and tile rows in multiples of 16 bytes, and
-    tile dims that are powers of two up to 256."""
+    stride, a 16-byte aligned base, other strides positive (no broadcast dims) and, like tile
+    rows, multiples of 16 bytes, and tile dims that are powers of two up to 256."""
     esize = x.element_size()
     if not (len(block) == x.dim() <= 5 and x.numel() > 0 and x.stride(-1) == 1
-            and x.data_ptr() % 16 == 0 and all(s * esize % 16 == 0 for s in x.stride()[:-1])
+            and x.data_ptr() % 16 == 0
+            and all(s > 0 and s * esize % 16 == 0 for s in x.stride()[:-1])
             and block[-1] * esize % 16 == 0
             and all(0 < b <= 256 and b & (b - 1) == 0 for b in block)):
         return None
@@ -63,3 +64,12 @@ def tma_descriptor(x: torch.Tensor, block: list[int]):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor(x, list(x.shape), list(x.stride()), list(block))
+
+
+def split_descriptors(x: torch.Tensor, prefix: list[int], d1: int, d2: int):
+    """``(desc1, desc2)`` for the two column pieces ``[0, d1)`` and ``[d1, d1 + d2)`` of ``x``'s
+    last dim in tiles ``prefix + [width]`` (``desc2 = desc1`` when ``d2 == 0``), or None unless
+    TMA serves both (:func:`tma_descriptor`)."""
+    a = tma_descriptor(x, [*prefix, d1])
+    b = tma_descriptor(x, [*prefix, d2]) if d2 else a
+    return None if a is None or b is None else (a, b)

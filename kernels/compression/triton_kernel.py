@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, num_sms, row_major, split_dim, tma_descriptor
+from kernels.triton_utils import (interpreting, num_sms, row_major, split_descriptors, split_dim,
+                                  tma_descriptor)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -44,7 +45,7 @@ MAX_HEAD_DIM = 256
 # Tile overrides for benchmarking sweeps: {"fwd": {...}, "dq": {...}, "dkdv": {...}}; keys
 # BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages, TMA,
 # SPLITS (dk/dv only).
-CONFIG_OVERRIDE: dict[str, dict[str, int]] = {}
+CONFIG_OVERRIDE: dict[str, dict[str, int | bool | None]] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,8 +477,9 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
         cfg = {"fwd": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
                "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2},
                "dkdv": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}[kind]
-    # TMA descriptors for the streamed tiles where they can serve; SPLITS (dk/dv): query chunks
-    # per key tile, None for the occupancy heuristic in _backward
+    # TMA descriptors for the streamed tiles where they can serve; SPLITS (dk/dv): at most this
+    # many query chunks per key tile (chunks round up to whole BLOCK_T tiles, so fewer may
+    # result), None for the occupancy heuristic in _backward
     cfg = dict(cfg, TMA=True, SPLITS=None)
     cfg.update(CONFIG_OVERRIDE.get(kind, {}))
     block_m = max(cfg["BLOCK_M"], rep_pad, 16)
@@ -493,11 +495,9 @@ def _kv_descriptors(k, v, cfg, DA: int, DB: int, DVP: int):
     and the tiles are whole head dims; else ``(k, k, v, False)``."""
     D, Dv, bn = k.shape[-1], v.shape[-1], cfg["BLOCK_N"]
     if cfg["TMA"] and DA + DB == D and DVP == Dv:
-        da = tma_descriptor(k, [1, bn, 1, DA])
-        db = tma_descriptor(k, [1, bn, 1, DB]) if DB else da
-        dv = tma_descriptor(v, [1, bn, 1, DVP])
-        if da is not None and db is not None and dv is not None:
-            return da, db, dv, True
+        kd, vd = split_descriptors(k, [1, bn, 1], DA, DB), tma_descriptor(v, [1, bn, 1, DVP])
+        if kd is not None and vd is not None:
+            return *kd, vd, True
     return k, k, v, False
 
 
@@ -508,11 +508,9 @@ def _qdo_descriptors(q, do, cfg, rep: int, rep_pad: int, DA: int, DB: int, DVP: 
     else ``(q, q, do, False)``."""
     D, Dv, bt = q.shape[-1], do.shape[-1], cfg["BLOCK_T"]
     if cfg["TMA"] and rep == rep_pad and DA + DB == D and DVP == Dv:
-        da = tma_descriptor(q, [1, bt, rep, DA])
-        db = tma_descriptor(q, [1, bt, rep, DB]) if DB else da
-        dd = tma_descriptor(do, [1, bt, rep, DVP])
-        if da is not None and db is not None and dd is not None:
-            return da, db, dd, True
+        qd, dd = split_descriptors(q, [1, bt, rep], DA, DB), tma_descriptor(do, [1, bt, rep, DVP])
+        if qd is not None and dd is not None:
+            return *qd, dd, True
     return q, q, do, False
 
 

@@ -33,7 +33,9 @@ stores), and add the value gradient into the key gradient.
 forward and dq kernels load it through a tensor descriptor of ``k`` viewed as ``(B, T, Hk * Dqk)``
 (one descriptor per power-of-two piece of ``Dqk``) instead of gathering rows with computed
 addresses (``Config.tma``; only where the pieces add up to ``Dqk`` exactly, since a descriptor
-tile would read the next head's columns, and on Hopper or newer).
+tile would read the next head's columns, and on Hopper or newer). The dk/dv kernel likewise
+reads each chunk's q and dO tiles (``TOK`` tokens x ``HP`` heads) through descriptors of the
+``(B, T, H, width)`` tensors, with dO's own strides, when a chunk is exactly those rows.
 
 The per-chunk lists (ascending, deduplicated, -1 padded, entries outside ``[0, num_blocks)``
 dropped) are built once by ``_chunk_list_kernel``; the kernels loop over exactly the valid entries
@@ -90,7 +92,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, next_pow2, row_major, split_dim, tma_descriptor
+from kernels.triton_utils import (interpreting, next_pow2, row_major, split_descriptors, split_dim,
+                                  tma_descriptor)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -925,11 +928,9 @@ def _key_descriptors(k: torch.Tensor, p: _Plan, cfg: Config):
     rows past T read as zeros) when ``cfg.tma`` asks and TMA can serve ``k``; else
     ``(k, k, False)``."""
     if cfg.tma and p.D1 + p.D2 == p.D and k.is_contiguous():
-        kv = k.view(p.B, p.T, p.HK * p.D)
-        d1 = tma_descriptor(kv, [1, p.BK, p.D1])
-        d2 = tma_descriptor(kv, [1, p.BK, p.D2]) if p.D2 else d1
-        if d1 is not None and d2 is not None:
-            return d1, d2, True
+        kd = split_descriptors(k.view(p.B, p.T, p.HK * p.D), [1, p.BK], p.D1, p.D2)
+        if kd is not None:
+            return *kd, True
     return k, k, False
 
 
@@ -939,11 +940,10 @@ def _chunk_descriptors(q: torch.Tensor, do: torch.Tensor, p: _Plan, cfg: Config)
     rows past T read as zeros) when ``cfg.tma`` asks and the chunk is exactly ``TOK x HP`` rows
     of whole head dims; else ``(q, q, do, False)``."""
     if cfg.tma and p.TOK * p.HP == p.ROWS and p.D1 + p.D2 == p.D and p.DVP == p.DV:
-        d1 = tma_descriptor(q, [1, p.TOK, p.HP, p.D1])
-        d2 = tma_descriptor(q, [1, p.TOK, p.HP, p.D2]) if p.D2 else d1
+        qd = split_descriptors(q, [1, p.TOK, p.HP], p.D1, p.D2)
         dd = tma_descriptor(do, [1, p.TOK, p.HP, p.DV])
-        if d1 is not None and d2 is not None and dd is not None:
-            return d1, d2, dd, True
+        if qd is not None and dd is not None:
+            return *qd, dd, True
     return q, q, do, False
 
 

@@ -402,9 +402,10 @@ def _launch(q, k, lse, num_groups, block_len, stride, select_block, top_n, num_l
 
 def _topn_buckets(Tq: int, ns_pad: int, select_block: int, q_share: int, min_width: int):
     """``[(width, r_end), ...]``: consecutive row ranges (ending at ``r_end``) of the split top-n
-    launches, each row in the first range whose width (a power of two from ``min_width`` up to
-    ``ns_pad``) holds its current block ``r * q_share // select_block``; empty ranges dropped."""
-    out, r0, width = [], 0, min(max(1, min_width), ns_pad)
+    launches, each row in the first range whose width (a power of two from ``min_width``, rounded
+    up to one, to ``ns_pad``) holds its current block ``r * q_share // select_block``; empty
+    ranges dropped."""
+    out, r0, width = [], 0, min(triton.next_power_of_2(max(1, min_width)), ns_pad)
     while r0 < Tq:
         # rows r with r * q_share < width * select_block, i.e. current block < width
         r_end = Tq if width >= ns_pad else min(Tq, -(-width * select_block // q_share))

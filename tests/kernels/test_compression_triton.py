@@ -104,8 +104,9 @@ def test_masked_tails_keep_row_loads():
 
 @pytest.mark.parametrize("splits", [1, 3])
 def test_query_splits_and_extra_tokens(splits, monkeypatch):
-    """dk/dv written by one program per key tile (no fp32 partials) or summed over 3 query
-    chunks per key tile; compressed tokens that no query of the sequence can see."""
+    """dk/dv written by one program per key tile (no fp32 partials) or summed over the fp32
+    partials of several query chunks per key tile (3 asked; 2 here, as chunks round up to whole
+    query tiles); compressed tokens that no query of the sequence can see."""
     monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"dkdv": {"SPLITS": splits}})
     q, k, v = make(1, 64, 4, 2, 16, 16, 8, 4, extra_n=3)
     check_against_reference(q, k, v, 8, 4, tol=1e-4)
@@ -181,8 +182,14 @@ GPU_SHAPES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "row_loads"])
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_gpu_bf16(name):
+def test_gpu_bf16(name, tma, monkeypatch):
+    """Every shape with the streamed tiles through descriptors (where they serve) and by row
+    offsets."""
+    if not tma:
+        monkeypatch.setattr(tk, "CONFIG_OVERRIDE",
+                            {kind: {"TMA": False} for kind in ("fwd", "dq", "dkdv")})
     B, T, H, Hk, D, Dv, l, s = GPU_SHAPES[name]
     q, k, v = make(B, T, H, Hk, D, Dv, l, s, dtype=torch.bfloat16, device="cuda")
     check_against_reference(q, k, v, l, s, tol=1e-2)

@@ -135,7 +135,8 @@ def test_topn_width_buckets(case, min_width, monkeypatch):
 
 
 @pytest.mark.parametrize("Tq,ns_pad,sb,qs,min_width", [
-    (16384, 1024, 64, 4, 128), (100, 32, 16, 3, 1), (7, 4, 16, 4, 16), (64, 64, 64, 1, 8)])
+    (16384, 1024, 64, 4, 128), (100, 32, 16, 3, 1), (7, 4, 16, 4, 16), (64, 64, 64, 1, 8),
+    (100, 32, 16, 3, 3)])  # (a min_width of 3 rounds up to 4)
 def test_topn_buckets_cover_rows_in_the_narrowest_width(Tq, ns_pad, sb, qs, min_width):
     buckets = tk._topn_buckets(Tq, ns_pad, sb, qs, min_width)
     assert buckets[-1][1] == Tq
@@ -144,7 +145,7 @@ def test_topn_buckets_cover_rows_in_the_narrowest_width(Tq, ns_pad, sb, qs, min_
         assert r_end > r0 and width <= ns_pad and width & (width - 1) == 0
         cur = torch.arange(r0, r_end) * qs // sb  # current block of each row
         assert (cur < width).all()
-        if width > min(min_width, ns_pad):  # a narrower launch would not hold the first row
+        if width > min(triton.next_power_of_2(min_width), ns_pad):  # the first row needs it
             assert r0 * qs // sb >= width // 2
         r0 = r_end
     if (Tq, ns_pad, sb, qs, min_width) == (16384, 1024, 64, 4, 128):
