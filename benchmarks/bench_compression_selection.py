@@ -124,7 +124,7 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep, variants=None):
 
     if sweep and budget.left() > 60:
         row["sweep"] = sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow=D + Dv <= 160,
-                                     variants=variants)
+                                     grads=[q, k, v], variants=variants)
 
     if with_ref and budget.left() > 30:
         try:
@@ -150,12 +150,13 @@ def run_case(name, T, *, with_ref, q_share, budget, rows, sweep, variants=None):
     print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
 
 
-def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, variants=None):
+def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, grads, variants=None):
     """Tile variants around the defaults (fwd 128/64/8w/3s, dq 128/64/8w/2s, dkdv 64/128/8w/2s
-    for widths <= 320). ``narrow``: head dims small enough (96/64) for larger key tiles."""
+    for widths <= 320). ``narrow``: head dims small enough (96/64) for larger key tiles.
+    ``grads``: the leaves whose gradients every fwd+bwd timing resets."""
     out = []
     if variants is not None:
-        return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out)
+        return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads)
     variants = [
         ("fwd", {"TMA": False}), ("dq", {"TMA": False}), ("dkdv", {"TMA": False}),  # row loads
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
@@ -188,24 +189,28 @@ def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, variants=None)
         ("sel", {"TOPN_ELEMS": 4096}),
         ("sel", {"BLOCK_N": 128}),
     ]
-    return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out)
+    return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads)
 
 
-def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out):
-    for kind, cfg in variants:
+def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads):
+    """Each ``(kind, config)`` (kind ``fwd``, ``dq`` or ``dkdv`` of the compression kernels, or
+    ``sel``), after the defaults timed the same way (first rows, config ``{}``: forward, fwd+bwd
+    as ``fwdbwd``, selection; same repetitions, gradients reset): compare a variant with those
+    rows, not with the case's own timings, which use other settings."""
+    defaults = [("fwd", {}), ("fwdbwd", {}), ("sel", {})]
+    for kind, cfg in defaults + list(variants):
         if budget.left() < 40:
             out.append({"kind": kind, "cfg": cfg, "skipped": "time budget"})
             continue
         try:
             if kind == "sel":
-                stk.CONFIG_OVERRIDE.clear()
                 stk.CONFIG_OVERRIDE.update(cfg)
                 ms = bench(sel, rep=100)
             else:
-                ctk.CONFIG_OVERRIDE.clear()
-                ctk.CONFIG_OVERRIDE[kind] = cfg
+                if kind != "fwdbwd":
+                    ctk.CONFIG_OVERRIDE[kind] = cfg
                 ms = bench(cmp_fwd if kind == "fwd" else cmp_fwdbwd, rep=100,
-                           grad_to_none=None if kind == "fwd" else [])
+                           grad_to_none=None if kind == "fwd" else grads)
             res = {"kind": kind, "cfg": cfg, "ms": ms}
         except Exception as err:  # noqa: BLE001 (record and go on: out of resources, etc.)
             res = {"kind": kind, "cfg": cfg, "error": f"{type(err).__name__}: {str(err)[:160]}"}
@@ -215,7 +220,6 @@ def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out):
         print(json.dumps(res), flush=True)
         out.append(res)
     return out
-
 
 def main():
     ap = argparse.ArgumentParser()
