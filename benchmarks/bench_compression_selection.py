@@ -154,9 +154,8 @@ def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, grads, variant
     """Tile variants around the defaults (fwd 128/64/8w/3s, dq 128/64/8w/2s, dkdv 64/128/8w/2s
     for widths <= 320). ``narrow``: head dims small enough (96/64) for larger key tiles.
     ``grads``: the leaves whose gradients every fwd+bwd timing resets."""
-    out = []
     if variants is not None:
-        return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads)
+        return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, grads)
     variants = [
         ("fwd", {"TMA": False}), ("dq", {"TMA": False}), ("dkdv", {"TMA": False}),  # row loads
         ("fwd", {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}),
@@ -189,14 +188,15 @@ def sweep_configs(cmp_fwd, cmp_fwdbwd, sel, budget, narrow: bool, grads, variant
         ("sel", {"TOPN_ELEMS": 4096}),
         ("sel", {"BLOCK_N": 128}),
     ]
-    return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads)
+    return _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, grads)
 
 
-def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads):
+def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, grads):
     """Each ``(kind, config)`` (kind ``fwd``, ``dq`` or ``dkdv`` of the compression kernels, or
     ``sel``), after the defaults timed the same way (first rows, config ``{}``: forward, fwd+bwd
     as ``fwdbwd``, selection; same repetitions, gradients reset): compare a variant with those
     rows, not with the case's own timings, which use other settings."""
+    out = []
     defaults = [("fwd", {}), ("fwdbwd", {}), ("sel", {})]
     for kind, cfg in defaults + list(variants):
         if budget.left() < 40:
@@ -220,6 +220,7 @@ def _time_variants(cmp_fwd, cmp_fwdbwd, sel, budget, variants, out, grads):
         print(json.dumps(res), flush=True)
         out.append(res)
     return out
+
 
 def main():
     ap = argparse.ArgumentParser()
