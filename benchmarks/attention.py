@@ -76,14 +76,23 @@ def visible_nsa(T: int, block: int, top_n: int) -> float:
     return total / T
 
 
-def window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
+def window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512, tma: bool = True):
+    """Our sliding-window kernel (through the dispatcher); ``tma=False``: tiles by row offsets
+    even where TMA descriptors could serve (to measure what they bring)."""
     def build(T: int, B: int) -> Bench:
         from kernels import dispatch
+        from kernels.sliding_window.triton_kernel import _sliding_window_attention
 
         q, k, v = _randn(B, T, H, Dqk), _randn(B, T, Hk, Dqk), _randn(B, T, Hk, Dv)
         scale = Dqk ** -0.5
+
+        def fwd():
+            if tma:
+                return dispatch.sliding_window_attention(q, k, v, window, scale)
+            return _sliding_window_attention(q, k, v, window, scale, cfg={"tma": False})
+
         return Bench(
-            fwd=lambda: dispatch.sliding_window_attention(q, k, v, window, scale),
+            fwd=fwd,
             inputs=[q, k, v],
             flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, window)),
             shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=window),
@@ -262,6 +271,7 @@ def _has_module(name: str) -> Callable[[], str | None]:
 CASES: list[Case] = [
     Case("window-mla", "window", window_case(H=16, Hk=1, Dqk=96, Dv=64)),
     Case("window-gqa", "window", window_case(H=32, Hk=2, Dqk=64, Dv=64)),
+    Case("window-mla-rows", "window-rows", window_case(H=16, Hk=1, Dqk=96, Dv=64, tma=False)),
     Case("flex-window-gqa", "flex", flex_window_case(H=32, Hk=2, Dqk=64, Dv=64)),
     Case("flex-window-mla", "flex-mla", flex_window_case(H=16, Hk=1, Dqk=96, Dv=64)),
     Case("sdpa-causal-gqa", "sdpa", sdpa_causal_case(H=32, Hk=2, D=64)),

@@ -28,7 +28,15 @@ Design
 * fp32 accumulation; bf16/fp16 operands go to the tensor cores, float32 uses IEEE dots.
   Offsets that can pass 2**31 (batch, token and head bases) are 64-bit.
 * On a GPU each kernel is autotuned over a small set of tile shapes (key: head dims, group
-  size, window); under ``TRITON_INTERPRET=1`` a fixed small configuration runs.
+  size, window, precision, TMA); under ``TRITON_INTERPRET=1`` a fixed small configuration runs.
+* **Tiles by TMA** (Hopper or newer, or the interpreter) where no tile has padding columns
+  (they would read the next head's): in the forward and dq loops a key block is ``BLOCK_N``
+  consecutive rows of one key/value head, read through tensor descriptors of ``k`` and ``v``
+  (one per power-of-two piece of ``Dqk``); in the dk/dv loop a query tile is ``BLOCK_M // GP``
+  tokens x ``GP`` heads of ``q`` and ``dO`` (dO through its own strides). Rows past T read
+  zeros. The descriptors are built before the autotuner picks a configuration, so the
+  configurations' pre-hooks (``_kv_block_hook``, ``_qdo_block_hook``) set their tiles.
+  ``cfg["tma"] = False`` keeps the row loads.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, row_major
+from kernels.triton_utils import interpreting, row_major, split_descriptors, tma_descriptor
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -65,29 +73,59 @@ def _load2d(ptrs, rmask, cmask, USE_R: tl.constexpr, USE_C: tl.constexpr):
 
 
 @triton.jit
-def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, fs, fe, tok, T,
-              window, qk_scale,
+def _k_tiles(kb, k_off, KD1, KD2, b32, hk32, n0, kmask, DQK: tl.constexpr, D1: tl.constexpr,
+             D2: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASK: tl.constexpr, TMA: tl.constexpr):
+    """Key tiles ``(BLOCK_N, D1)`` and ``(BLOCK_N, D2)`` (the second = the first when
+    ``D2 == 0``) of keys ``n0 .. n0 + BLOCK_N - 1``: through the descriptors when ``TMA`` (rows
+    past T read zeros), else by row offsets from ``kb``."""
+    if TMA:
+        k1 = KD1.load([b32, n0, hk32, 0]).reshape([BLOCK_N, D1])
+        k2 = k1
+        if D2 > 0:
+            k2 = KD2.load([b32, n0, hk32, D1]).reshape([BLOCK_N, D2])
+    else:
+        d1 = tl.arange(0, D1)
+        k1 = _load2d(kb + k_off[:, None] + d1[None, :], kmask, d1 < DQK, MASK, PAD1)
+        k2 = k1
+        if D2 > 0:
+            d2 = D1 + tl.arange(0, D2)
+            k2 = _load2d(kb + k_off[:, None] + d2[None, :], kmask, d2 < DQK, MASK, PAD2)
+    return k1, k2
+
+
+@triton.jit
+def _v_tile(vb, v_off, VD, b32, hk32, n0, kmask, DV: tl.constexpr, DVP: tl.constexpr,
+            PADV: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, TMA: tl.constexpr):
+    """Value tile ``(BLOCK_N, DVP)`` of the same keys, as :func:`_k_tiles` loads key tiles."""
+    if TMA:
+        v = VD.load([b32, n0, hk32, 0]).reshape([BLOCK_N, DVP])
+    else:
+        dv = tl.arange(0, DVP)
+        v = _load2d(vb + v_off[:, None] + dv[None, :], kmask, dv < DV, MASK, PADV)
+    return v
+
+
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, KD1, KD2, VD, b32, hk32,
+              start, end, fs, fe, tok, T, window, qk_scale,
               DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
               DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK: tl.constexpr, EDGE: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    d1 = tl.arange(0, D1)
-    dv = tl.arange(0, DVP)
     start64 = start.to(tl.int64)
     kb = k_base + start64 * skt
     vb = v_base + start64 * svt
     k_off = offs_n * skt
     v_off = offs_n * svt
-    if D2 > 0:
-        d2 = D1 + tl.arange(0, D2)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         kmask = cols < T
-        k1 = _load2d(kb + k_off[:, None] + d1[None, :], kmask, d1 < DQK, MASK, PAD1)
+        k1, k2 = _k_tiles(kb, k_off, KD1, KD2, b32, hk32, n0, kmask, DQK, D1, D2, PAD1, PAD2,
+                          BLOCK_N, MASK, TMA)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
-            k2 = _load2d(kb + k_off[:, None] + d2[None, :], kmask, d2 < DQK, MASK, PAD2)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
         s = s * qk_scale
         if MASK:
@@ -102,7 +140,7 @@ def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, fs, f
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load2d(vb + v_off[:, None] + dv[None, :], kmask, dv < DV, MASK, PADV)
+        v = _v_tile(vb, v_off, VD, b32, hk32, n0, kmask, DV, DVP, PADV, BLOCK_N, MASK, TMA)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
@@ -112,12 +150,12 @@ def _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, start, end, fs, f
 
 
 @triton.jit
-def _sw_fwd_kernel(Q, K, V, O, LSE,
+def _sw_fwd_kernel(Q, K, V, O, LSE, KD1, KD2, VD,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                    T, H, G, window, qk_scale,
                    DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                    DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
-                   PADV: tl.constexpr, PREC: tl.constexpr,
+                   PADV: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
                    SPLIT: tl.constexpr):
     BT = BLOCK_M // GP
@@ -129,6 +167,7 @@ def _sw_fwd_kernel(Q, K, V, O, LSE,
     b = (pid_bh // NP).to(tl.int64)
     h0 = (pid_bh % NP) * GP
     hk = h0 // G
+    b32, hk32 = b.to(tl.int32), hk.to(tl.int32)  # descriptor coordinates (TMA)
     t0 = pid_t * BT
 
     r = tl.arange(0, BLOCK_M)
@@ -162,19 +201,23 @@ def _sw_fwd_kernel(Q, K, V, O, LSE,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
     if SPLIT == 1:
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, fs, fs, fe,
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, KD1, KD2,
+                                  VD, b32, hk32, lo, fs, fs, fe,
                                   tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                                  PADV, BLOCK_N, True, False, PREC)
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fs, fe, fs, fe,
+                                  PADV, BLOCK_N, True, False, PREC, TMA)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, KD1, KD2,
+                                  VD, b32, hk32, fs, fe, fs, fe,
                                   tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                                  PADV, BLOCK_N, False, False, PREC)
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, fe, hi, fs, fe,
+                                  PADV, BLOCK_N, False, False, PREC, TMA)
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, KD1, KD2,
+                                  VD, b32, hk32, fe, hi, fs, fe,
                                   tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                                  PADV, BLOCK_N, True, False, PREC)
+                                  PADV, BLOCK_N, True, False, PREC, TMA)
     else:
-        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, lo, hi, fs, fe,
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q1, q2, k_base, v_base, skt, svt, KD1, KD2,
+                                  VD, b32, hk32, lo, hi, fs, fe,
                                   tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                                  PADV, BLOCK_N, True, SPLIT == 2, PREC)
+                                  PADV, BLOCK_N, True, SPLIT == 2, PREC, TMA)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -187,29 +230,25 @@ def _sw_fwd_kernel(Q, K, V, O, LSE,
 
 
 @triton.jit
-def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, end, fs, fe,
-             tok, T, window, qk_scale,
+def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, KD1, KD2, VD, b32,
+             hk32, start, end, fs, fe, tok, T, window, qk_scale,
              DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
              DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
              BLOCK_N: tl.constexpr, MASK: tl.constexpr, EDGE: tl.constexpr,
-              PREC: tl.constexpr):
+             PREC: tl.constexpr, TMA: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    d1 = tl.arange(0, D1)
-    dv = tl.arange(0, DVP)
     start64 = start.to(tl.int64)
     kb = k_base + start64 * skt
     vb = v_base + start64 * svt
     k_off = offs_n * skt
     v_off = offs_n * svt
-    if D2 > 0:
-        d2 = D1 + tl.arange(0, D2)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         kmask = cols < T
-        k1 = _load2d(kb + k_off[:, None] + d1[None, :], kmask, d1 < DQK, MASK, PAD1)
+        k1, k2 = _k_tiles(kb, k_off, KD1, KD2, b32, hk32, n0, kmask, DQK, D1, D2, PAD1, PAD2,
+                          BLOCK_N, MASK, TMA)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC)
         if D2 > 0:
-            k2 = _load2d(kb + k_off[:, None] + d2[None, :], kmask, d2 < DQK, MASK, PAD2)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASK:
@@ -220,7 +259,7 @@ def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, 
             else:
                 diff = tok[:, None] - cols[None, :]
                 p = tl.where((diff >= 0) & (diff < window), p, 0.0)
-        v = _load2d(vb + v_off[:, None] + dv[None, :], kmask, dv < DV, MASK, PADV)
+        v = _v_tile(vb, v_off, VD, b32, hk32, n0, kmask, DV, DVP, PADV, BLOCK_N, MASK, TMA)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = (p * (dp - delta[:, None])).to(k1.dtype)
         dq1 = tl.dot(ds, k1, dq1, input_precision=PREC)
@@ -232,13 +271,13 @@ def _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, start, 
 
 
 @triton.jit
-def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
+def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, KD1, KD2, VD,
                       sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                       sdob, sdot, sdoh, sdqb, sdqt, sdqh,
                       T, H, G, window, qk_scale, scale,
                       DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                       DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
-                      PADV: tl.constexpr, PREC: tl.constexpr,
+                      PADV: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
                    SPLIT: tl.constexpr):
     BT = BLOCK_M // GP
@@ -250,6 +289,7 @@ def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     b = (pid_bh // NP).to(tl.int64)
     h0 = (pid_bh % NP) * GP
     hk = h0 // G
+    b32, hk32 = b.to(tl.int32), hk.to(tl.int32)  # descriptor coordinates (TMA)
     t0 = pid_t * BT
 
     r = tl.arange(0, BLOCK_M)
@@ -294,19 +334,23 @@ def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
     else:
         dq2 = tl.zeros([16, 16], dtype=tl.float32)
     if SPLIT == 1:
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, fs,
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, KD1,
+                            KD2, VD, b32, hk32, lo, fs,
                             fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                            PADV, BLOCK_N, True, False, PREC)
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fs, fe,
+                            PADV, BLOCK_N, True, False, PREC, TMA)
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, KD1,
+                            KD2, VD, b32, hk32, fs, fe,
                             fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                            PADV, BLOCK_N, False, False, PREC)
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, fe, hi,
+                            PADV, BLOCK_N, False, False, PREC, TMA)
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, KD1,
+                            KD2, VD, b32, hk32, fe, hi,
                             fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                            PADV, BLOCK_N, True, False, PREC)
+                            PADV, BLOCK_N, True, False, PREC, TMA)
     else:
-        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, lo, hi,
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, do, lse, delta, k_base, v_base, skt, svt, KD1,
+                            KD2, VD, b32, hk32, lo, hi,
                             fs, fe, tok, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                            PADV, BLOCK_N, True, SPLIT == 2, PREC)
+                            PADV, BLOCK_N, True, SPLIT == 2, PREC, TMA)
 
     dq_rows = DQ + b * sdqb + t064 * sdqt + h064 * sdqh + (r_tok64 * sdqt + r_head * sdqh)
     tl.store(dq_rows[:, None] + d1[None, :], (dq1 * scale).to(DQ.dtype.element_ty),
@@ -318,11 +362,12 @@ def _sw_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA,
 
 @triton.jit
 def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_base,
+               QD1, QD2, DOD, b32, h032,
                sqt, sqh, sdot, sdoh, H, start, end, fs, fe, keys, T, window, qk_scale,
                DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
                DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr,
                BLOCK_M: tl.constexpr, GP: tl.constexpr, MASK: tl.constexpr,
-               EDGE: tl.constexpr, PREC: tl.constexpr):
+               EDGE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     BT = BLOCK_M // GP
     r = tl.arange(0, BLOCK_M)
     r_tok = r // GP
@@ -342,10 +387,16 @@ def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_bas
     for t0 in range(start, end, BT):
         tok = t0 + r_tok
         rmask = tok < T
-        q1 = _load2d(qb + q_off[:, None] + d1[None, :], rmask, d1 < DQK, MASK, PAD1)
+        if TMA:  # rows (token, head) of BT tokens x GP heads; zeros past T
+            q1 = QD1.load([b32, t0, h032, 0]).reshape([BLOCK_M, D1])
+        else:
+            q1 = _load2d(qb + q_off[:, None] + d1[None, :], rmask, d1 < DQK, MASK, PAD1)
         sT = tl.dot(k1, tl.trans(q1), input_precision=PREC)
         if D2 > 0:
-            q2 = _load2d(qb + q_off[:, None] + d2[None, :], rmask, d2 < DQK, MASK, PAD2)
+            if TMA:
+                q2 = QD2.load([b32, t0, h032, D1]).reshape([BLOCK_M, D2])
+            else:
+                q2 = _load2d(qb + q_off[:, None] + d2[None, :], rmask, d2 < DQK, MASK, PAD2)
             sT = tl.dot(k2, tl.trans(q2), sT, input_precision=PREC)
         if MASK:
             lse = tl.load(lb + row_off, mask=rmask, other=0.0)
@@ -360,7 +411,10 @@ def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_bas
             else:
                 diff = tok[None, :] - keys[:, None]
                 pT = tl.where((diff >= 0) & (diff < window), pT, 0.0)
-        do = _load2d(dob + do_off[:, None] + dv[None, :], rmask, dv < DV, MASK, PADV)
+        if TMA:
+            do = DOD.load([b32, t0, h032, 0]).reshape([BLOCK_M, DVP])
+        else:
+            do = _load2d(dob + do_off[:, None] + dv[None, :], rmask, dv < DV, MASK, PADV)
         dv_acc = tl.dot(pT.to(do.dtype), do, dv_acc, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         if MASK:
@@ -379,13 +433,14 @@ def _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base, delta_bas
 
 
 @triton.jit
-def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
+def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA, QD1, QD2, DOD,
                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdob, sdot, sdoh,
                         sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                         T, H, G, window, qk_scale, scale,
                         DQK: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr,
                         D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
                         PAD2: tl.constexpr, PADV: tl.constexpr, PREC: tl.constexpr,
+                        TMA: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GP: tl.constexpr,
                    SPLIT: tl.constexpr):
     BT = BLOCK_M // GP
@@ -434,9 +489,10 @@ def _sw_bwd_dkdv_kernel(Q, K, V, DO, DK, DVG, LSE, DELTA,
         lse_base = LSE + b * T * H + h0
         delta_base = DELTA + b * T * H + h0
         dk1, dk2, dv_acc = _dkdv_loop(dk1, dk2, dv_acc, k1, k2, v, q_base, do_base, lse_base,
-                                      delta_base, sqt, sqh, sdot, sdoh, H, lo, hi, fs, fe, keys,
-                                      T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1, PAD2,
-                                      PADV, BLOCK_M, GP, True, SPLIT == 2, PREC)
+                                      delta_base, QD1, QD2, DOD, b.to(tl.int32),
+                                      h0.to(tl.int32), sqt, sqh, sdot, sdoh, H, lo, hi, fs, fe,
+                                      keys, T, window, qk_scale, DQK, DV, D1, D2, DVP, PAD1,
+                                      PAD2, PADV, BLOCK_M, GP, True, SPLIT == 2, PREC, TMA)
 
     dk_rows = DK + b * sdkb + s064 * sdkt + hk * sdkh + offs_n * sdkt
     dv_rows = DVG + b * sdvb + s064 * sdvt + hk * sdvh + offs_n * sdvt
@@ -488,9 +544,28 @@ _INTERPRETER_CONFIG = (16, 16, 2, 2, 4, 1)
 _FP32_CONFIG = (32, 32, 2, 0, 8, 2)
 
 
-def _triton_configs(table):
+def _kv_block_hook(nargs: dict) -> None:
+    """Autotuner pre-hook of the forward and dq kernels: the K/V descriptors' tiles follow the
+    configuration's ``BLOCK_N`` (the descriptors are built before a configuration is chosen)."""
+    if nargs.get("TMA"):
+        for name in ("KD1", "KD2", "VD"):
+            desc = nargs[name]
+            desc.block_shape = [1, nargs["BLOCK_N"], 1, desc.block_shape[-1]]
+
+
+def _qdo_block_hook(nargs: dict) -> None:
+    """Autotuner pre-hook of the dk/dv kernel: the q/dO descriptors' tiles are the
+    configuration's rows, ``BLOCK_M // GP`` tokens x ``GP`` heads."""
+    if nargs.get("TMA"):
+        gp = nargs["GP"]
+        for name in ("QD1", "QD2", "DOD"):
+            desc = nargs[name]
+            desc.block_shape = [1, nargs["BLOCK_M"] // gp, gp, desc.block_shape[-1]]
+
+
+def _triton_configs(table, hook=None):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "GP": gp, "SPLIT": sp}, num_warps=w,
-                          num_stages=s) for m, n, gp, sp, w, s in table]
+                          num_stages=s, pre_hook=hook) for m, n, gp, sp, w, s in table]
 
 
 def _max_pack(G: int) -> int:
@@ -513,21 +588,25 @@ def _prune(configs, named_args, **kwargs):
                        c.num_stages), G)
         if fitted not in seen:
             seen.add(fitted)
-            out.extend(_triton_configs([fitted]))
+            out.extend(_triton_configs([fitted], c.pre_hook))
     return out
 
 
 _TUNE_KEY = ["DQK", "DV", "G", "window", "PREC"]
-_fwd_tuned = triton.autotune(_triton_configs(_FWD_CONFIGS), key=_TUNE_KEY,
+_fwd_tuned = triton.autotune(_triton_configs(_FWD_CONFIGS, _kv_block_hook),
+                             key=_TUNE_KEY + ["TMA"],
                              prune_configs_by={"early_config_prune": _prune})(_sw_fwd_kernel)
-_dq_tuned = triton.autotune(_triton_configs(_DQ_CONFIGS), key=_TUNE_KEY,
+_dq_tuned = triton.autotune(_triton_configs(_DQ_CONFIGS, _kv_block_hook),
+                            key=_TUNE_KEY + ["TMA"],
                             prune_configs_by={"early_config_prune": _prune})(_sw_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS), key=_TUNE_KEY,
+_dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS, _qdo_block_hook),
+                              key=_TUNE_KEY + ["TMA"],
                               prune_configs_by={"early_config_prune": _prune})(_sw_bwd_dkdv_kernel)
 
 
-def _launch(kernel, tuned, grid_fn, cfg, G, args, consts):
-    """Run ``kernel`` with ``cfg`` (a 6-tuple), a fixed config, or autotuned."""
+def _launch(kernel, tuned, grid_fn, cfg, G, args, consts, hook=None):
+    """Run ``kernel`` with ``cfg`` (a 6-tuple), a fixed config, or autotuned; ``hook`` (the
+    configurations' pre-hook) also runs before a fixed-config launch."""
     if cfg is None and interpreting():
         cfg = _INTERPRETER_CONFIG
     elif cfg is None and consts["PREC"] == "ieee":
@@ -537,6 +616,9 @@ def _launch(kernel, tuned, grid_fn, cfg, G, args, consts):
                                                                                    **consts)
         return
     m, n, gp, sp, w, s = _fit(cfg, G)
+    if hook is not None:
+        hook({**dict(zip(kernel.arg_names, args)), **consts, "BLOCK_M": m, "BLOCK_N": n,
+              "GP": gp})
     kernel[(grid_fn(m, n, gp),)](*args, **consts, BLOCK_M=m, BLOCK_N=n, GP=gp, SPLIT=sp,
                                  num_warps=w, num_stages=s)
 
@@ -597,6 +679,32 @@ def _consts(q, k, v, window):
     )
 
 
+def _kv_descriptors(k, v, consts, tma: bool):
+    """``(KD1, KD2, VD, TMA)``: descriptors of the K/V tiles the forward and dq loops stream
+    (blocks ``[1, BLOCK_N, 1, width]`` of ``(B, T, Hk, width)``; ``BLOCK_N`` set per launch by
+    :func:`_kv_block_hook`) when ``tma`` asks and the tiles are whole head dims (no padding
+    columns, which would read the next head's); else ``(k, k, v, False)``."""
+    if tma and not (consts["PAD1"] or consts["PAD2"] or consts["PADV"]):
+        kd = split_descriptors(k, [1, 16, 1], consts["D1"], consts["D2"])
+        vd = tma_descriptor(v, [1, 16, 1, consts["DVP"]])
+        if kd is not None and vd is not None:
+            return *kd, vd, True
+    return k, k, v, False
+
+
+def _qdo_descriptors(q, do, consts, tma: bool):
+    """``(QD1, QD2, DOD, TMA)``: descriptors of the q/dO tiles the dk/dv loop streams (blocks
+    ``[1, tokens, GP, width]`` of ``(B, T, H, width)``, set per launch by
+    :func:`_qdo_block_hook`) when ``tma`` asks and the tiles are whole head dims; else
+    ``(q, q, do, False)``."""
+    if tma and not (consts["PAD1"] or consts["PAD2"] or consts["PADV"]):
+        qd = split_descriptors(q, [1, 16, 1], consts["D1"], consts["D2"])
+        dd = tma_descriptor(do, [1, 16, 1, consts["DVP"]])
+        if qd is not None and dd is not None:
+            return *qd, dd, True
+    return q, q, do, False
+
+
 def _forward(q, k, v, window, scale, cfg):
     B, T, H, _ = q.shape
     Hk, Dv = k.shape[2], v.shape[3]
@@ -606,13 +714,15 @@ def _forward(q, k, v, window, scale, cfg):
     if o.numel() == 0:
         return o, lse
     consts = _consts(q, k, v, window)
-    args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            T, H, G, window, scale * LOG2E)
+    kd1, kd2, vd, consts["TMA"] = _kv_descriptors(k, v, consts, (cfg or {}).get("tma", True))
+    args = (q, k, v, o, lse, kd1, kd2, vd, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *o.stride()[:3], T, H, G, window, scale * LOG2E)
 
     def grid(m, n, gp):
         return triton.cdiv(T, m // gp) * B * (H // gp)
 
-    _launch(_sw_fwd_kernel, _fwd_tuned, grid, cfg.get("fwd") if cfg else None, G, args, consts)
+    _launch(_sw_fwd_kernel, _fwd_tuned, grid, cfg.get("fwd") if cfg else None, G, args, consts,
+            _kv_block_hook)
     return o, lse
 
 
@@ -634,15 +744,18 @@ def _backward(do, q, k, v, o, lse, window, scale, cfg):
     def grid_k(m, n, gp):
         return triton.cdiv(T, n) * B * Hk
 
-    args = (q, k, v, o, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], T, H, G, window,
+    kd1, kd2, vd, tma = _kv_descriptors(k, v, consts, (cfg or {}).get("tma", True))
+    args = (q, k, v, o, do, dq, lse, delta, kd1, kd2, vd, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], T, H, G, window,
             scale * LOG2E, scale)
-    _launch(_sw_bwd_dq_kernel, _dq_tuned, grid_q, cfg.get("dq") if cfg else None, G, args, consts)
-    args = (q, k, v, do, dk, dv, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], T, H, G, window,
-            scale * LOG2E, scale)
+    _launch(_sw_bwd_dq_kernel, _dq_tuned, grid_q, cfg.get("dq") if cfg else None, G, args,
+            {**consts, "TMA": tma}, _kv_block_hook)
+    qd1, qd2, dod, tma = _qdo_descriptors(q, do, consts, (cfg or {}).get("tma", True))
+    args = (q, k, v, do, dk, dv, lse, delta, qd1, qd2, dod, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], T, H, G,
+            window, scale * LOG2E, scale)
     _launch(_sw_bwd_dkdv_kernel, _dkdv_tuned, grid_k, cfg.get("dkdv") if cfg else None, G, args,
-            consts)
+            {**consts, "TMA": tma}, _qdo_block_hook)
     return dq, dk, dv
 
 
@@ -665,7 +778,9 @@ def _sliding_window_attention(q, k, v, window, scale, cfg=None):
     """:func:`sliding_window_attention` with an optional fixed launch configuration.
 
     ``cfg`` maps ``"fwd"``, ``"dq"``, ``"dkdv"`` to ``(BLOCK_M, BLOCK_N, GP, SPLIT, num_warps,
-    num_stages)`` tuples (tests use it to cover several tilings); ``None`` autotunes on a GPU.
+    num_stages)`` tuples (tests use it to cover several tilings; a missing one autotunes on a
+    GPU) and ``"tma"`` to False to load every streamed tile by row offsets even where TMA could
+    serve.
     """
     _check(q, k, v, window, scale)
     q, k, v = row_major(q), row_major(k), row_major(v)

@@ -62,12 +62,67 @@ CPU_CASES = [
                                "dkdv": (32, 32, 4, 2, 4, 1)}),
     # window = T
     (1, 64, 2, 1, 16, 16, 64, None),
+    # TMA tiles (32/32) reaching past T = 100, a whole number of no tile
+    (1, 100, 4, 2, 32, 32, 20, None),
 ]
 
 
 @pytest.mark.parametrize("B,T,H,Hk,Dqk,Dv,window,cfg", CPU_CASES)
 def test_matches_reference_fp32(B, T, H, Hk, Dqk, Dv, window, cfg):
     _compare_cpu(B, T, H, Hk, Dqk, Dv, window, cfg)
+
+
+@pytest.mark.parametrize("case,tma", [(0, True), (3, True), (4, True), (7, True), (1, False),
+                                      (2, False), (5, False)])
+def test_descriptors_where_tiles_are_whole_head_dims(case, tma):
+    """K/V tiles (forward, dq) and q/dO tiles (dk/dv) come through TMA descriptors exactly where
+    no tile has padding columns (which would read the next head's): 32/32, 96 = 64 + 32 / 64
+    and 16/16 do; 24/16, 48/24 and 40/24 keep row loads. Both kinds of CPU_CASES above match
+    the reference."""
+    B, T, H, Hk, Dqk, Dv, window, _ = CPU_CASES[case]
+    q, k, v = _inputs(B, T, H, Hk, Dqk, Dv)
+    do = torch.randn(B, T, H, Dv)
+    consts = tk._consts(q, k, v, window)
+    assert tk._kv_descriptors(k, v, consts, True)[3] == tma
+    assert tk._qdo_descriptors(q, do, consts, True)[3] == tma
+    assert not tk._kv_descriptors(k, v, consts, False)[3]
+    assert not tk._qdo_descriptors(q, do, consts, False)[3]
+
+
+def test_row_loads_where_tma_could_serve():
+    """``cfg["tma"] = False``: the MLA case with K/V and q/dO tiles loaded by row offsets."""
+    B, T, H, Hk, Dqk, Dv, window, cfg = CPU_CASES[3]
+    _compare_cpu(B, T, H, Hk, Dqk, Dv, window, {**cfg, "tma": False})
+
+
+def test_block_hooks_follow_the_configuration():
+    """The autotuned kernels get descriptors before a configuration is chosen; the
+    configurations' pre-hooks give their tiles that configuration's shape: BLOCK_N keys
+    (forward, dq), BLOCK_M // GP tokens x GP heads (dk/dv)."""
+    q, k, v = _inputs(1, 64, 4, 1, 96, 64)
+    kd1, kd2, vd, tma = tk._kv_descriptors(k, v, tk._consts(q, k, v, 32), True)
+    assert tma
+    for tuned in (tk._fwd_tuned, tk._dq_tuned):
+        cfg = tuned.configs[0]
+        assert cfg.pre_hook is tk._kv_block_hook
+        cfg.pre_hook({"TMA": True, "KD1": kd1, "KD2": kd2, "VD": vd, **cfg.kwargs})
+        n = cfg.kwargs["BLOCK_N"]
+        assert [list(d.block_shape) for d in (kd1, kd2, vd)] == [[1, n, 1, 64], [1, n, 1, 32],
+                                                                  [1, n, 1, 64]]
+    do = torch.randn(1, 64, 4, 64)
+    qd1, qd2, dod, tma = tk._qdo_descriptors(q, do, tk._consts(q, k, v, 32), True)
+    assert tma
+    cfg = tk._dkdv_tuned.configs[0]
+    assert cfg.pre_hook is tk._qdo_block_hook
+    cfg.pre_hook({"TMA": True, "QD1": qd1, "QD2": qd2, "DOD": dod, **cfg.kwargs})
+    bt, gp = cfg.kwargs["BLOCK_M"] // cfg.kwargs["GP"], cfg.kwargs["GP"]
+    assert [list(d.block_shape) for d in (qd1, qd2, dod)] == [[1, bt, gp, 64], [1, bt, gp, 32],
+                                                               [1, bt, gp, 64]]
+    for tuned, hook in ((tk._fwd_tuned, tk._kv_block_hook), (tk._dq_tuned, tk._kv_block_hook),
+                        (tk._dkdv_tuned, tk._qdo_block_hook)):  # pruning keeps the hooks
+        assert all(c.pre_hook is hook for c in tk._prune(tuned.configs, {"G": 4}))
+    tk._kv_block_hook({"TMA": False, "KD1": k, "KD2": k, "VD": v, "BLOCK_N": 64})  # no-op
+    tk._qdo_block_hook({"TMA": False, "QD1": q, "QD2": q, "DOD": do, "BLOCK_M": 64, "GP": 2})
 
 
 def test_window_one_attends_itself():
