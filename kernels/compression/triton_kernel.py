@@ -46,6 +46,8 @@ MAX_HEAD_DIM = 256
 # BLOCK_M (rows = queries x heads), BLOCK_N (compressed tokens), num_warps, num_stages, TMA,
 # SPLITS (dk/dv only).
 CONFIG_OVERRIDE: dict[str, dict[str, int | bool | None]] = {}
+# dk/dv: the longest query chunk a key tile's program streams by default (see _dkdv_splits)
+MAX_SPLIT_TOKENS = 16384
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
                "dkdv": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}}[kind]
     # TMA descriptors for the streamed tiles where they can serve; SPLITS (dk/dv): at most this
     # many query chunks per key tile (chunks round up to whole BLOCK_T tiles, so fewer may
-    # result), None for the occupancy heuristic in _backward
+    # result), None for the heuristic of _dkdv_splits
     cfg = dict(cfg, TMA=True, SPLITS=None)
     cfg.update(CONFIG_OVERRIDE.get(kind, {}))
     block_m = max(cfg["BLOCK_M"], rep_pad, 16)
@@ -574,15 +576,7 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
     cfg = _config("dkdv", rep_pad, DA + DB + DVP, ieee, q.device)
     block_t, block_n = cfg["BLOCK_T"], cfg["BLOCK_N"]
     n_tiles = triton.cdiv(N, block_n)
-    base = max(n_tiles * B * Hk, 1)
-    # split the query axis when key tiles alone cannot fill the GPU (causal: ~half the chunks of
-    # the early key tiles are busy, so aim at ~8 programs per multiprocessor); cfg["SPLITS"]
-    # sets the count instead (shorter chunks keep the q/dO rows that programs in flight stream
-    # smaller, at the price of more fp32 partials)
-    want = cfg["SPLITS"] or triton.cdiv(8 * num_sms(q.device), base)
-    splits = max(1, min(want, triton.cdiv(T, block_t), 64))
-    chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    splits = triton.cdiv(T, chunk)
+    splits, chunk = _dkdv_splits(T, n_tiles * B * Hk, block_t, cfg["SPLITS"], num_sms(q.device))
     if splits == 1:
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -607,6 +601,21 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
         dk = dk_s.sum(0).to(k.dtype)
         dv = dv_s.sum(0).to(v.dtype)
     return dq, dk, dv
+
+
+def _dkdv_splits(T: int, programs: int, block_t: int, want: int | None, sms: int):
+    """``(splits, chunk)``: the query axis of the dk/dv pass cut into ``splits`` chunks of
+    ``chunk`` tokens (whole ``block_t`` tiles), each with its own fp32 partials, for ``programs``
+    key-tile programs. ``want`` (cfg["SPLITS"]) asks for a count; by default, enough chunks for
+    ~8 programs per multiprocessor (causal: about half the chunks of the early key tiles are
+    busy) and none longer than ``MAX_SPLIT_TOKENS``. On an H200 at the 96/64 shape
+    (``results/h200-compression-sweep4-upprojected.json``, ``h200-compression-splits-8k.json``):
+    4 chunks of 16k at T = 65536 took 7.64-7.68 ms fwd+bwd against 7.79 for 2, 8 took 7.73; at
+    8192 (batch 8), 2 beat 1, 4 and 8."""
+    want = want or max(triton.cdiv(8 * sms, max(programs, 1)), triton.cdiv(T, MAX_SPLIT_TOKENS))
+    splits = max(1, min(want, triton.cdiv(T, block_t), 64))
+    chunk = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    return triton.cdiv(T, chunk), chunk
 
 
 class _CompressionAttention(torch.autograd.Function):

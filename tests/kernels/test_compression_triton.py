@@ -112,6 +112,21 @@ def test_query_splits_and_extra_tokens(splits, monkeypatch):
     check_against_reference(q, k, v, 8, 4, tol=1e-4)
 
 
+
+def test_dkdv_split_plan():
+    """Query chunks of the dk/dv pass: enough for the GPU's multiprocessors, none longer than
+    MAX_SPLIT_TOKENS, whole query tiles, an asked count rounded to what whole tiles allow."""
+    # the H200 shapes: 64 key tiles x 16 heads, 132 multiprocessors, 64-token query tiles
+    assert tk._dkdv_splits(65536, 1024, 64, None, 132) == (4, 16384)  # length cap
+    assert tk._dkdv_splits(8192, 1024, 64, None, 132) == (2, 4096)  # occupancy (batch 8)
+    assert tk._dkdv_splits(8192, 8192, 64, None, 132) == (1, 8192)  # programs enough
+    assert tk._dkdv_splits(8192, 32, 64, None, 132) == (32, 256)  # 33 asked, whole tiles
+    assert tk._dkdv_splits(100, 1, 64, 5, 132) == (2, 64)  # only 2 whole tiles
+    assert tk._dkdv_splits(65536, 1024, 64, 1, 132) == (1, 65536)  # asked: no split
+    for T in (1, 63, 4097, 65536, 100_000):
+        splits, chunk = tk._dkdv_splits(T, 64, 64, None, 132)
+        assert chunk % 64 == 0 and (splits - 1) * chunk < T <= splits * chunk
+
 def test_strided_inputs_and_dispatch():
     """Head-sliced (non-contiguous, row-major) inputs, called through the dispatcher."""
     B, T, H, Hk, D, Dv, l, s = 1, 48, 4, 2, 16, 16, 8, 4
