@@ -5,7 +5,8 @@
 
 Every call processes ``--tokens`` tokens (default 65,536): batch = tokens / T. A case is a named
 builder that makes its inputs for one T and reports its forward FLOPs, counted analytically from
-what the branch computes (2 * visible keys * (Dqk + Dv) per query and head); forward+backward
+what the branch computes (2 * visible keys * (Dqk + Dv) per query and head; inputs from seed 0,
+so every run times the same block picks); forward+backward
 counts the backward as 2.5 forward passes (FlashAttention's convention), so 3.5x in all.
 ``--cases`` selects cases by name or by group. ``--out NAME`` writes
 ``benchmarks/results/NAME.json`` (a value with a ``/`` or ending in ``.json`` is used as the path);
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             B = args.tokens // T
             row = {"case": case.name, "group": case.group, "T": T, "B": B}
             try:
+                torch.manual_seed(0)  # the same inputs (and, for ASA, block picks) every run
                 bench = case.build(T, B)
                 fwd_ms, fb_ms = measure(bench)
                 flops_fb = bench.flops_fwd * (1 + BWD_FLOP_FACTOR)
