@@ -102,6 +102,11 @@ def _bench_variants(layout: str):
     if absorbed:  # the default chunks span 2 q_share groups (64 rows); dk/dv takes 1 group
         v.append(("one_group", replace(d, union_groups=1), "fwd"))
         v.append(("one_group", replace(d, union_groups=1), "fwdbwd"))
+        # one group, keys-major products: 64 key rows on the tile's M side, the 32 query rows
+        # on N, so no union padding and no half-empty M tile
+        one_keys = replace(d, union_groups=1, fwd_order="keys", dq_order="keys")
+        v.append(("one_group_keys", one_keys, "fwd"))
+        v.append(("one_group_keys", one_keys, "fwdbwd"))
         v.append(("union_dkdv", replace(d, dkdv_tok=8), "fwdbwd"))
         v.append(("no_tma", replace(d, tma=False), "fwd"))  # gathered key tiles
         v.append(("no_tma", replace(d, tma=False), "fwdbwd"))

@@ -139,11 +139,13 @@ def test_variants(config):
 @pytest.mark.parametrize("config", [
     None, tk.Config(union_groups=1), tk.Config(dkdv_tok=8), tk.Config(tok=8, union_groups=1),
     tk.Config(union_groups=4, max_rows=128),
-], ids=["default", "one_group", "union_dkdv", "tok8", "union4"])
+    tk.Config(union_groups=1, fwd_order="keys", dq_order="keys"),
+], ids=["default", "one_group", "union_dkdv", "tok8", "union4", "one_group_keys"])
 def test_latent_chunk_plans(config):
     """GLA layout: 8-query union chunks (two q_share groups) for forward and dq with the 4-query
     shared chunks for dk/dv (default), one group per chunk throughout, union chunks for dk/dv
-    too, tok=8 given directly, and 16-query chunks (four groups)."""
+    too, tok=8 given directly, 16-query chunks (four groups), and one group per chunk with
+    keys-major products (key rows fill the tile's M side)."""
     H, HK, G, D, DV, qs = LAYOUTS["latent"]
     gen = torch.Generator().manual_seed(9)
     q, k, v = make_qkv(1, 64, H, HK, D, DV, gen=gen)
