@@ -679,30 +679,19 @@ def _consts(q, k, v, window):
     )
 
 
-def _kv_descriptors(k, v, consts, tma: bool):
-    """``(KD1, KD2, VD, TMA)``: descriptors of the K/V tiles the forward and dq loops stream
-    (blocks ``[1, BLOCK_N, 1, width]`` of ``(B, T, Hk, width)``; ``BLOCK_N`` set per launch by
-    :func:`_kv_block_hook`) when ``tma`` asks and the tiles are whole head dims (no padding
-    columns, which would read the next head's); else ``(k, k, v, False)``."""
-    if tma and not (consts["PAD1"] or consts["PAD2"] or consts["PADV"]):
-        kd = split_descriptors(k, [1, 16, 1], consts["D1"], consts["D2"])
-        vd = tma_descriptor(v, [1, 16, 1, consts["DVP"]])
-        if kd is not None and vd is not None:
-            return *kd, vd, True
-    return k, k, v, False
-
-
-def _qdo_descriptors(q, do, consts, tma: bool):
-    """``(QD1, QD2, DOD, TMA)``: descriptors of the q/dO tiles the dk/dv loop streams (blocks
-    ``[1, tokens, GP, width]`` of ``(B, T, H, width)``, set per launch by
-    :func:`_qdo_block_hook`) when ``tma`` asks and the tiles are whole head dims; else
-    ``(q, q, do, False)``."""
-    if tma and not (consts["PAD1"] or consts["PAD2"] or consts["PADV"]):
-        qd = split_descriptors(q, [1, 16, 1], consts["D1"], consts["D2"])
-        dd = tma_descriptor(do, [1, 16, 1, consts["DVP"]])
-        if qd is not None and dd is not None:
-            return *qd, dd, True
-    return q, q, do, False
+def _tile_descriptors(x, y, consts, cfg):
+    """``(XD1, XD2, YD, TMA)``: descriptors of the tiles a loop streams from ``x`` (the two
+    power-of-two pieces of ``Dqk``) and ``y`` (width ``DVP``): K/V for the forward and dq loops,
+    q/dO for the dk/dv loop, blocks ``[1, rows, heads, width]`` of ``(B, T, heads, width)`` whose
+    rows and heads each launch sets (:func:`_kv_block_hook`, :func:`_qdo_block_hook`). Only when
+    ``cfg`` does not turn TMA off (``"tma": False``) and the tiles are whole head dims (padding
+    columns would read the next head's); else ``(x, x, y, False)``."""
+    if (cfg or {}).get("tma", True) and not (consts["PAD1"] or consts["PAD2"] or consts["PADV"]):
+        xd = split_descriptors(x, [1, 16, 1], consts["D1"], consts["D2"])
+        yd = tma_descriptor(y, [1, 16, 1, consts["DVP"]])
+        if xd is not None and yd is not None:
+            return *xd, yd, True
+    return x, x, y, False
 
 
 def _forward(q, k, v, window, scale, cfg):
@@ -714,7 +703,7 @@ def _forward(q, k, v, window, scale, cfg):
     if o.numel() == 0:
         return o, lse
     consts = _consts(q, k, v, window)
-    kd1, kd2, vd, consts["TMA"] = _kv_descriptors(k, v, consts, (cfg or {}).get("tma", True))
+    kd1, kd2, vd, consts["TMA"] = _tile_descriptors(k, v, consts, cfg)
     args = (q, k, v, o, lse, kd1, kd2, vd, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *o.stride()[:3], T, H, G, window, scale * LOG2E)
 
@@ -744,13 +733,13 @@ def _backward(do, q, k, v, o, lse, window, scale, cfg):
     def grid_k(m, n, gp):
         return triton.cdiv(T, n) * B * Hk
 
-    kd1, kd2, vd, tma = _kv_descriptors(k, v, consts, (cfg or {}).get("tma", True))
+    kd1, kd2, vd, tma = _tile_descriptors(k, v, consts, cfg)
     args = (q, k, v, o, do, dq, lse, delta, kd1, kd2, vd, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], T, H, G, window,
             scale * LOG2E, scale)
     _launch(_sw_bwd_dq_kernel, _dq_tuned, grid_q, cfg.get("dq") if cfg else None, G, args,
             {**consts, "TMA": tma}, _kv_block_hook)
-    qd1, qd2, dod, tma = _qdo_descriptors(q, do, consts, (cfg or {}).get("tma", True))
+    qd1, qd2, dod, tma = _tile_descriptors(q, do, consts, cfg)
     args = (q, k, v, do, dk, dv, lse, delta, qd1, qd2, dod, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], T, H, G,
             window, scale * LOG2E, scale)

@@ -83,10 +83,10 @@ def test_descriptors_where_tiles_are_whole_head_dims(case, tma):
     q, k, v = _inputs(B, T, H, Hk, Dqk, Dv)
     do = torch.randn(B, T, H, Dv)
     consts = tk._consts(q, k, v, window)
-    assert tk._kv_descriptors(k, v, consts, True)[3] == tma
-    assert tk._qdo_descriptors(q, do, consts, True)[3] == tma
-    assert not tk._kv_descriptors(k, v, consts, False)[3]
-    assert not tk._qdo_descriptors(q, do, consts, False)[3]
+    assert tk._tile_descriptors(k, v, consts, None)[3] == tma
+    assert tk._tile_descriptors(q, do, consts, None)[3] == tma
+    assert not tk._tile_descriptors(k, v, consts, {"tma": False})[3]
+    assert not tk._tile_descriptors(q, do, consts, {"tma": False})[3]
 
 
 def test_row_loads_where_tma_could_serve():
@@ -100,7 +100,7 @@ def test_block_hooks_follow_the_configuration():
     configurations' pre-hooks give their tiles that configuration's shape: BLOCK_N keys
     (forward, dq), BLOCK_M // GP tokens x GP heads (dk/dv)."""
     q, k, v = _inputs(1, 64, 4, 1, 96, 64)
-    kd1, kd2, vd, tma = tk._kv_descriptors(k, v, tk._consts(q, k, v, 32), True)
+    kd1, kd2, vd, tma = tk._tile_descriptors(k, v, tk._consts(q, k, v, 32), None)
     assert tma
     for tuned in (tk._fwd_tuned, tk._dq_tuned):
         cfg = tuned.configs[0]
@@ -110,7 +110,7 @@ def test_block_hooks_follow_the_configuration():
         assert [list(d.block_shape) for d in (kd1, kd2, vd)] == [[1, n, 1, 64], [1, n, 1, 32],
                                                                   [1, n, 1, 64]]
     do = torch.randn(1, 64, 4, 64)
-    qd1, qd2, dod, tma = tk._qdo_descriptors(q, do, tk._consts(q, k, v, 32), True)
+    qd1, qd2, dod, tma = tk._tile_descriptors(q, do, tk._consts(q, k, v, 32), None)
     assert tma
     cfg = tk._dkdv_tuned.configs[0]
     assert cfg.pre_hook is tk._qdo_block_hook
