@@ -641,7 +641,7 @@ def _lower_bound(X, n, x, steps, BLOCK: tl.constexpr, RIGHT: tl.constexpr):
     hi = tl.zeros([BLOCK], tl.int32) + n
     for _ in range(steps):
         active = lo < hi
-        mid = (lo + hi) // 2
+        mid = lo + (hi - lo) // 2
         v = tl.load(X + mid, mask=active, other=0)
         if RIGHT:
             right = active & (v <= x)
@@ -962,13 +962,14 @@ def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     bound. Four kernels around one stable sort (sort keys; chunk of each sorted entry and each
     key's bounds; segment ends; segments); no host synchronisation.
     """
+    clist = clist.contiguous()
     B, NC, G, L = clist.shape
     dev = clist.device
     NK = B * G * p.NB
     E = clist.numel()
-    if E >= 2**31 - 1 or NK >= 2**31 - 1:
-        raise ValueError(f"too many (query chunk, block) pairs ({E}) for the dk/dv index")
     smax = E // seg + min(E, NK) + 1
+    if max(E, NK, smax) >= 2**30:  # int32 indices, with room for the kernels' block padding
+        raise ValueError(f"too many (query chunk, block) pairs ({E}) for the dk/dv index")
     block = 1024
     key = torch.empty(E, device=dev, dtype=torch.int32)
     _csr_key_kernel[(triton.cdiv(E, block),)](clist, key, E, G, p.NB, NC, L, NK, BLOCK=block)
