@@ -224,10 +224,22 @@ def test_segments_across_many_programs():
     """The CSR kernels past one 1024-wide block: 9,600 entries (several programs per kernel),
     2,800 keys (the segment-end scan carries over three blocks), lists with repeats and
     padding, keys nobody lists; against a Python inversion."""
+    _check_segments_across_many_programs("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_segments_across_many_programs():
+    """The same, compiled."""
+    _check_segments_across_many_programs("cuda")
+
+
+def _check_segments_across_many_programs(device):
     B, NC, G, L, NB, seg = 2, 300, 2, 8, 700, 3
     gen = torch.Generator().manual_seed(11)
     clist = torch.randint(-1, NB, (B, NC, G, L), generator=gen, dtype=torch.int32)
-    seg_key, seg_lo, seg_hi, ent_chunk, smax = tk._segments(clist, SimpleNamespace(NB=NB), seg)
+    seg_key, seg_lo, seg_hi, ent_chunk, smax = (
+        x.cpu() if isinstance(x, torch.Tensor) else x
+        for x in tk._segments(clist.to(device), SimpleNamespace(NB=NB), seg))
     want = {}
     for b in range(B):
         for c in range(NC):
@@ -243,6 +255,7 @@ def test_segments_across_many_programs():
     assert len(want) < B * G * NB  # some keys have no entry
     assert got == {key: [chunks[i:i + seg] for i in range(0, len(chunks), seg)]
                    for key, chunks in want.items()}
+
 
 def _meta_plan(H, HK, G, D, DV, qs, config=tk.DEFAULT_CONFIG, T=256):
     q = torch.empty(1, T, H, D, device="meta")
