@@ -6,7 +6,9 @@
 of the graph, their gradients at once (``softmax - onehot``, divided by the count), so neither
 the (tokens x vocab) logits nor their fp32 copy nor their gradient outlive a chunk: at 65,536
 tokens and a 32,000-token vocabulary that is about 12 GB less memory than the plain loss.
-Backward only scales the stored input and weight gradients by the incoming gradient.
+Backward only scales the stored input and weight gradients by the incoming gradient. Each
+chunk's loss and logit gradient come from ``kernels.xent_grad`` (one Triton pass over the
+logits on CUDA, written over them; PyTorch elsewhere).
 
 Under autocast the products run in the autocast dtype, like ``nn.Linear`` would; the
 log-softmax and the sums over chunks (loss, weight gradient) run in fp32 at least.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+import kernels
 
 IGNORE_INDEX = -100
 
@@ -27,26 +31,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             x_all, w = h.to(dtype), weight.to(dtype)
             acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
-            valid = targets != IGNORE_INDEX
-            count = valid.sum().to(acc)
+            count = (targets != IGNORE_INDEX).sum().to(acc)
             total = torch.zeros((), dtype=acc, device=h.device)
             dh = torch.empty_like(x_all)
             dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             for i in range(0, h.shape[0], chunk):
-                x, t, ok = x_all[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
-                logits = (x @ w.T).to(acc)
-                rows = torch.arange(t.shape[0], device=h.device)
-                picked = logits[rows, t.clamp_min(0)]
-                lse = torch.logsumexp(logits, dim=-1)
-                total += torch.where(ok, lse - picked, 0.0).sum()
-                if not need_grad:
-                    continue
-                # d loss / d logits = (softmax - onehot(target)) / count, zero for ignored rows
-                g = logits.sub_(lse[:, None]).exp_()
-                g[rows, t.clamp_min(0)] -= 1.0
-                g = g.mul_((ok.to(g.dtype) / count)[:, None]).to(dtype)
-                dh[i:i + chunk] = g @ w
-                dw += (g.T @ x).to(acc)
+                x, t = x_all[i:i + chunk], targets[i:i + chunk]
+                # per-row losses, and (softmax - onehot(target)) / count over the logits
+                loss_rows, g = kernels.xent_grad(x @ w.T, t, count, IGNORE_INDEX, need_grad)
+                total += loss_rows.sum().to(acc)
+                if need_grad:
+                    dh[i:i + chunk] = g @ w
+                    dw += (g.T @ x).to(acc)
         ctx.save_for_backward(dh.to(h.dtype), dw.to(weight.dtype))
         return total / count
 

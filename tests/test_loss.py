@@ -72,3 +72,22 @@ def test_no_gradient_work_without_grad_mode():
         loss = linear_cross_entropy(h, w, t, 6)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, _reference(h.detach(), w.detach(), t))
+
+
+def test_triton_kernel_inside_the_loss(monkeypatch):
+    """The chunked loss with the Triton cross-entropy kernel (interpreter, fp32), as CUDA runs it."""
+    import kernels
+    from nsa_lit import loss as loss_module
+
+    h, w, t = _leaves(30, 8, 70, dtype=torch.float32)
+    t[4] = IGNORE_INDEX
+    monkeypatch.setattr(loss_module.kernels, "xent_grad",
+                        lambda *a: kernels.dispatch.xent_grad(*a, backend="triton"))
+    loss = linear_cross_entropy(h, w, t, 11)
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = _reference(h2, w2, t)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-4, atol=1e-6)
