@@ -12,7 +12,7 @@ import triton.language as tl
 
 from kernels.triton_utils import interpreting
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a jit function reads must be constexpr
 
 
 @triton.jit
