@@ -4,8 +4,9 @@
     python3 benchmarks/train_throughput.py --configs configs/340m/asa.yaml --T 8192 32768 \\
         --modes eager,compiled --out h200-train
 
-A step is what ``LanguageModel`` trains with: forward under bf16 autocast (float32 weights),
-cross-entropy, backward, gradient clipping at 1.0, fused AdamW. ``--tokens`` tokens per step
+A step is what ``LanguageModel`` trains with: forward and loss under bf16 autocast (float32
+weights; the loss in chunks of ``--loss_chunk`` tokens as ``model.loss_chunk``, 0 for the whole
+logits), backward, gradient clipping at 1.0, fused AdamW. ``--tokens`` tokens per step
 (default 65,536, the ANCHORS.md setting: batch = tokens / T), random tokens, random weights.
 ``compiled`` compiles every block as ``LanguageModel(compile=True)`` does. After ``--warmup``
 untimed steps (compilation, autotuning), ``--steps`` steps are timed; reports tokens/s, ms per step,
@@ -24,10 +25,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nsa_lit.loss import next_token_loss  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
 from results_log import ResultsLog  # noqa: E402
@@ -37,7 +38,7 @@ DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("as
 
 
 def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int,
-            peak_tflops: float) -> dict:
+            peak_tflops: float, loss_chunk: int = 8192) -> dict:
     cfg = dataclasses.replace(load_model_config(config_path), seq_len=T)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
@@ -47,9 +48,8 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
     batch = torch.randint(0, cfg.vocab_size, (tokens // T, T + 1), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as Lightning's bf16-mixed
+            loss = next_token_loss(model, batch, loss_chunk)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -66,7 +66,7 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
     seconds = (time.perf_counter() - start) / steps
     flops = training_flops_per_token(cfg, T)
     return {"config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
-            "T": T, "batch": tokens // T, "mode": mode, "steps": steps,
+            "T": T, "batch": tokens // T, "mode": mode, "steps": steps, "loss_chunk": loss_chunk,
             "ms_per_step": 1e3 * seconds, "tokens_per_sec": tokens / seconds,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             "flops_per_token": flops, "mfu": tokens / seconds * flops / (peak_tflops * 1e12),
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated eager,compiled")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loss_chunk", type=int, default=8192,
+                        help="tokens per chunk of the loss (model.loss_chunk; 0: whole logits)")
     parser.add_argument("--peak_tflops", type=float, default=989.5,
                         help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'MFU':>6} {'peak GiB':>9}", args.out)
     for config, T, mode in [(c, T, m) for c in args.configs for T in args.T for m in modes]:
         try:
-            row = measure(config, T, args.tokens, mode, args.steps, args.warmup, args.peak_tflops)
+            row = measure(config, T, args.tokens, mode, args.steps, args.warmup, args.peak_tflops,
+                          args.loss_chunk)
             line = (f"{row['config']:24} {T:>6} {mode:>8} {row['ms_per_step']:>9.1f} "
                     f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%} {row['peak_mem_gib']:>9.1f}")
         except Exception as err:  # one failing run must not lose the others

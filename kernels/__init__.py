@@ -1,4 +1,5 @@
-"""Attention kernels: Triton implementations beside PyTorch references, behind one dispatch."""
+"""Attention (and loss) kernels: Triton implementations beside PyTorch references, behind one
+dispatch."""
 from kernels.dispatch import (
     BACKENDS,
     causal_attention,
@@ -11,6 +12,7 @@ from kernels.dispatch import (
     selected_decode,
     sliding_window_attention,
     window_decode,
+    xent_grad,
 )
 
 __all__ = [
@@ -25,4 +27,5 @@ __all__ = [
     "selected_decode",
     "sliding_window_attention",
     "window_decode",
+    "xent_grad",
 ]

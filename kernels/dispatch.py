@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.compression import reference as compression_ref
+from kernels.cross_entropy import reference as xent_ref
 from kernels.decode import reference as decode_ref
 from kernels.selected_attention import reference as selected_ref
 from kernels.selection import reference as selection_ref
@@ -36,6 +37,8 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     "compression_decode": ("kernels.decode.triton_kernel", "compression_decode"),
     "select_blocks_decode": ("kernels.decode.triton_kernel", "select_blocks_decode"),
     "selected_decode": ("kernels.decode.triton_kernel", "selected_decode"),
+    # the loss: cross-entropy of a chunk of logits and its gradient (nsa_lit.loss)
+    "cross_entropy": ("kernels.cross_entropy.triton_kernel", "xent_grad"),
 }
 _loaded: dict[str, Callable | None] = {}
 
@@ -153,3 +156,12 @@ def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: flo
                     backend: Backend = "auto"):
     kernel = _pick("selected_decode", backend, q) or decode_ref.selected_decode
     return kernel(q, k, v, block_idx, positions, select_block, scale, k_rope=k_rope)
+
+
+# -- the loss ---------------------------------------------------------------------------------
+def xent_grad(logits, targets, count, ignore_index: int = -100, need_grad: bool = True,
+              backend: Backend = "auto"):
+    """See :mod:`kernels.cross_entropy.reference`; returns ``(loss_rows, grad or None)``, the
+    gradient possibly written over ``logits``."""
+    kernel = _pick("cross_entropy", backend, logits) or xent_ref.xent_grad
+    return kernel(logits, targets, count, ignore_index, need_grad)

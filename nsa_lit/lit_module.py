@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from nsa_lit.config import ModelConfig
+from nsa_lit.loss import next_token_loss
 from nsa_lit.model import Transformer
 from nsa_lit.model_stats import training_flops_per_token
 
@@ -80,6 +80,11 @@ class LanguageModel(L.LightningModule):
     (:mod:`kernels.dispatch`): it fuses the projections' neighbours, RoPE, concatenations, norms,
     gates and the MLP between them. Weights and checkpoints are unchanged.
 
+    ``loss_chunk``: the loss projects the last hidden states to the vocabulary this many tokens
+    at a time and takes the gradients as it goes (:mod:`nsa_lit.loss`), so the (tokens x vocab)
+    logits never exist whole; 0 computes them whole (``F.cross_entropy``). The same loss either
+    way.
+
     ``peak_tflops``: one device's dense peak (TFLOP/s) for ``train/mfu``, model FLOPs utilisation
     from ``nsa_lit.model_stats.training_flops_per_token`` (attention counted for what the variant
     computes). ``None``: the bf16 peak of a known CUDA device (A100 312, H100 PCIe 756,
@@ -87,17 +92,21 @@ class LanguageModel(L.LightningModule):
     """
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
-                 compile: bool = False, peak_tflops: float | None = None):
+                 compile: bool = False, peak_tflops: float | None = None,
+                 loss_chunk: int = 8192):
         super().__init__()
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         arch = ModelConfig(**arch) if isinstance(arch, dict) else arch
         optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
         if peak_tflops is not None and not peak_tflops > 0:
             raise ValueError(f"model.peak_tflops must be > 0 (or null), got {peak_tflops}")
+        if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk must be an int >= 0, got {loss_chunk!r}")
         self.arch, self.optim, self.compile_blocks = arch, optim, compile
-        self.peak_tflops = peak_tflops
+        self.peak_tflops, self.loss_chunk = peak_tflops, loss_chunk
         self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim),
-                                   "compile": compile, "peak_tflops": peak_tflops})
+                                   "compile": compile, "peak_tflops": peak_tflops,
+                                   "loss_chunk": loss_chunk})
         self._flops_per_token: float | None = None  # computed when MFU is first logged
         self.model = Transformer(arch)
         self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
@@ -108,11 +117,7 @@ class LanguageModel(L.LightningModule):
         return self.model(tokens)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 2 or batch.shape[1] < 2:
-            raise ValueError(f"expected a token batch (B, seq_len + 1), got shape {tuple(batch.shape)}")
-        inputs, targets = batch[:, :-1], batch[:, 1:].long()
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return next_token_loss(self.model, batch, self.loss_chunk)
 
     def configure_model(self) -> None:
         if self.compile_blocks:

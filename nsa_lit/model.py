@@ -107,12 +107,18 @@ class Transformer(nn.Module):
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """With ``caches`` (one per layer): prefill, writing sequence ``b``'s first ``lengths[b]``
         tokens (default all; ``tokens`` right-padded) to them."""
+        return self.lm_head(self.hidden(tokens, caches, lengths))
+
+    def hidden(self, tokens: torch.Tensor, caches: list[TokenCache] | None = None,
+               lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """What ``forward`` feeds the output projection: the normalised last hidden states
+        ``(B, T, d_model)`` (for losses that fuse the projection, :mod:`nsa_lit.loss`)."""
         if tokens.shape[1] > self.cfg.seq_len:
             raise ValueError(f"input length {tokens.shape[1]} exceeds model seq_len {self.cfg.seq_len}")
         x = self.embed(tokens.long())
         for i, block in enumerate(self.blocks):
             x = block(x) if caches is None else block(x, caches[i], lengths)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def decode(self, tokens: torch.Tensor, caches: list[TokenCache]) -> torch.Tensor:
         """Next token of each sequence, ``tokens (B,)`` at positions ``caches[i].lengths`` ->

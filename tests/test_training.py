@@ -132,3 +132,30 @@ def test_mfu_is_logged_from_the_training_flops(tmp_path):
     assert "train/mfu" not in t.logged_metrics
     with pytest.raises(ValueError, match="model.peak_tflops must be > 0"):
         LanguageModel(arch, peak_tflops=0)
+
+
+def test_chunked_loss_equals_the_full_logits_loss():
+    """model.loss_chunk (chunks of 24 of the 4 x 32 = 128 targets) against the whole logits:
+    the same loss and the same gradient of every parameter."""
+    torch.manual_seed(0)
+    batch = torch.randint(0, 64, (4, 33))
+    losses, grads = [], []
+    for chunk in (24, 0):
+        torch.manual_seed(1)
+        model = LanguageModel(ModelConfig(**ARCH), loss_chunk=chunk).double()
+        loss = model._loss(batch)
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    # (the whole-logits loss runs in fp32 even for a float64 model)
+    torch.testing.assert_close(losses[0].float(), losses[1], rtol=1e-6, atol=1e-7)
+    assert grads[0].keys() == grads[1].keys() and "model.lm_head.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-8,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_bad_loss_chunk_is_refused(bad):
+    with pytest.raises(ValueError, match="model.loss_chunk"):
+        LanguageModel(ModelConfig(**ARCH), loss_chunk=bad)

@@ -621,6 +621,82 @@ def _chunk_list_kernel(
     tl.store(CL + pid.to(tl.int64) * L + e, out, mask=e < L)
 
 
+@triton.jit
+def _csr_key_kernel(CL, KEY, E, G, NB, NC, L, NK, BLOCK: tl.constexpr):
+    """Sort key of each chunk-list entry ``(b, c, g, l)`` of ``CL (B, NC, G, L)``:
+    ``(b * G + g) * NB + block``, or ``NK`` (after every real key) for padding."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < E
+    j = tl.load(CL + e, mask=ok, other=-1)
+    g = (e // L) % G
+    b = e // (L * G * NC)
+    tl.store(KEY + e, tl.where(j >= 0, (b * G + g) * NB + j, NK), mask=ok)
+
+
+@triton.jit
+def _lower_bound(X, n, x, steps, BLOCK: tl.constexpr, RIGHT: tl.constexpr):
+    """Per lane, the first position ``i`` in ``X[0:n]`` (ascending) with ``X[i] >= x`` (``RIGHT``:
+    ``X[i] > x``), ``n`` where none is; ``steps`` halvings reach it."""
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.zeros([BLOCK], tl.int32) + n
+    for _ in range(steps):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        v = tl.load(X + mid, mask=active, other=0)
+        if RIGHT:
+            right = active & (v <= x)
+        else:
+            right = active & (v < x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _csr_bounds_kernel(SKEY, ORDER, ECHUNK, BOUNDS, E, NK, GL, NC, steps, BLOCK: tl.constexpr):
+    """``ECHUNK[e]``: the chunk of sorted entry ``e`` (``ORDER``: its index in the chunk lists);
+    ``BOUNDS[k]``, ``k = 0 .. NK``: the first sorted entry whose key is ``>= k``, so key ``k``'s
+    entries are ``BOUNDS[k] .. BOUNDS[k + 1] - 1``."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < E
+    o = tl.load(ORDER + i, mask=ok, other=0)
+    tl.store(ECHUNK + i, ((o // GL) % NC).to(tl.int32), mask=ok)
+    tl.store(BOUNDS + i, _lower_bound(SKEY, E, i, steps, BLOCK, False), mask=i <= NK)
+
+
+@triton.jit
+def _csr_seg_end_kernel(BOUNDS, SEG_END, NK, SEG, BLOCK: tl.constexpr):
+    """One program: ``SEG_END[k]`` = segments of keys ``0 .. k`` (``ceil(count / SEG)`` each)."""
+    carry = tl.full([], 0, tl.int32)
+    for k0 in range(0, NK, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        ok = k < NK
+        cnt = tl.load(BOUNDS + k + 1, mask=ok, other=0) - tl.load(BOUNDS + k, mask=ok, other=0)
+        nseg = (cnt + SEG - 1) // SEG
+        tl.store(SEG_END + k, tl.cumsum(nseg, 0) + carry, mask=ok)
+        carry += tl.sum(nseg, 0)
+
+
+@triton.jit
+def _csr_segment_kernel(BOUNDS, SEG_END, SEG_KEY, SEG_LO, SEG_HI, NK, SMAX, SEG, steps,
+                        BLOCK: tl.constexpr):
+    """Segment ``s``: key ``kid`` (the first whose ``SEG_END`` passes ``s``), sorted entries
+    ``lo .. hi - 1``; past the last real segment, key ``NK - 1`` and ``lo = hi = 0``."""
+    s = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = s < SMAX
+    kid = _lower_bound(SEG_END, NK, s, steps, BLOCK, True)
+    valid = kid < NK
+    kid = tl.minimum(kid, NK - 1)
+    start = tl.load(BOUNDS + kid, mask=ok, other=0)
+    end = tl.load(BOUNDS + kid + 1, mask=ok, other=0)
+    first = tl.load(SEG_END + kid, mask=ok, other=0) - (end - start + SEG - 1) // SEG
+    lo = start + (s - first) * SEG
+    hi = tl.minimum(lo + SEG, end)
+    tl.store(SEG_KEY + s, kid, mask=ok)
+    tl.store(SEG_LO + s, tl.where(valid, lo, 0), mask=ok)
+    tl.store(SEG_HI + s, tl.where(valid, hi, 0), mask=ok)
+
+
 # ---------------------------------------------------------------------------------------------
 # Planning: shapes -> tiling
 # ---------------------------------------------------------------------------------------------
@@ -882,37 +958,38 @@ def _segments(clist: torch.Tensor, p: _Plan, seg: int):
     """Invert the chunk lists: for each (batch, group, key block), the chunks that read it.
 
     Returns ``seg_key, seg_lo, seg_hi`` (one row per segment of at most ``seg`` chunks, padded to a
-    static upper bound with empty segments) and ``ent_chunk`` (chunk of each sorted entry). No host
-    synchronisation.
+    static upper bound with empty segments), ``ent_chunk`` (chunk of each sorted entry) and that
+    bound. Four kernels around one stable sort (sort keys; chunk of each sorted entry and each
+    key's bounds; segment ends; segments); no host synchronisation.
     """
+    clist = clist.contiguous()
     B, NC, G, L = clist.shape
     dev = clist.device
     NK = B * G * p.NB
     E = clist.numel()
-    if E >= 2**31 or NK >= 2**31:
-        raise ValueError(f"too many (query chunk, block) pairs ({E}) for the dk/dv index")
-    bb = torch.arange(B, device=dev, dtype=torch.int32).view(B, 1, 1, 1)
-    gg = torch.arange(G, device=dev, dtype=torch.int32).view(1, 1, G, 1)
-    key = torch.where(clist >= 0, (bb * G + gg) * p.NB + clist, NK).reshape(-1)  # int32
-    skey, order = torch.sort(key, stable=True)  # stable: ascending chunks within a key block
-    ent_chunk = ((order // (G * L)) % NC).to(torch.int32)
-    # bounds of each key's run in the sorted keys (no atomics, no host synchronisation)
-    bounds = torch.searchsorted(skey, torch.arange(NK + 1, device=dev, dtype=torch.int32))
-    start, end = bounds[:-1], bounds[1:]
-    cnt = end - start
-    nseg = (cnt + seg - 1) // seg
-    seg_end = torch.cumsum(nseg, 0)
     smax = E // seg + min(E, NK) + 1
-    sid = torch.arange(smax, device=dev, dtype=torch.int64)
-    kid = torch.searchsorted(seg_end, sid, right=True)
-    valid = kid < NK
-    kid = kid.clamp(max=NK - 1)
-    within = sid - (seg_end[kid] - nseg[kid])
-    lo = start[kid] + within * seg
-    hi = torch.minimum(lo + seg, end[kid])
-    lo = torch.where(valid, lo, torch.zeros_like(lo))
-    hi = torch.where(valid, hi, torch.zeros_like(hi))
-    return (kid.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32), ent_chunk, smax)
+    if max(E, NK, smax) >= 2**30:  # int32 indices, with room for the kernels' block padding
+        raise ValueError(f"too many (query chunk, block) pairs ({E}) for the dk/dv index")
+    block = 1024
+    key = torch.empty(E, device=dev, dtype=torch.int32)
+    _csr_key_kernel[(triton.cdiv(E, block),)](clist, key, E, G, p.NB, NC, L, NK, BLOCK=block)
+    skey, order = torch.sort(key, stable=True)  # stable: ascending chunks within a key block
+    ent_chunk = torch.empty(E, device=dev, dtype=torch.int32)
+    bounds = torch.empty(NK + 1, device=dev, dtype=torch.int32)
+    _csr_bounds_kernel[(triton.cdiv(max(E, NK + 1), block),)](
+        skey, order, ent_chunk, bounds, E, NK, G * L, NC, _search_steps(E), BLOCK=block)
+    seg_end = torch.empty(NK, device=dev, dtype=torch.int32)
+    _csr_seg_end_kernel[(1,)](bounds, seg_end, NK, seg, BLOCK=block)
+    seg_key, seg_lo, seg_hi = (torch.empty(smax, device=dev, dtype=torch.int32)
+                               for _ in range(3))
+    _csr_segment_kernel[(triton.cdiv(smax, block),)](
+        bounds, seg_end, seg_key, seg_lo, seg_hi, NK, smax, seg, _search_steps(NK), BLOCK=block)
+    return seg_key, seg_lo, seg_hi, ent_chunk, smax
+
+
+def _search_steps(n: int) -> int:
+    """Halvings that take a binary search over ``n`` sorted items down to one position."""
+    return max(1, (n + 1).bit_length())
 
 
 def _prec(dtype) -> str:

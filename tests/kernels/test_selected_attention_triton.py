@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def test_chunk_lists_are_sorted_unique_valid_blocks(H, HK, G, qs, config, n):
     assert torch.equal(tk._chunk_lists(block_idx, p), _chunk_lists_oracle(block_idx, p))
 
 
-@pytest.mark.parametrize("seg", [1, 2, 64])
+@pytest.mark.parametrize("seg", [1, 2, 3, 64])
 def test_segments_invert_the_chunk_lists_in_chunk_order(seg):
     """CSR of the dk/dv pass: per (batch, group, key block) the chunks that list the block,
     ascending, cut into segments of at most ``seg``; the padding segments are empty."""
@@ -213,6 +214,49 @@ def test_segments_invert_the_chunk_lists_in_chunk_order(seg):
     assert sorted(got) == sorted(want)
     for key, chunks in want.items():
         assert got[key] == [chunks[i:i + seg] for i in range(0, len(chunks), seg)]
+    # the real segments come first, key by key; the padding after them is empty
+    real = sum(-(-len(chunks) // seg) for chunks in want.values())
+    assert smax >= real and seg_key[:real].diff().ge(0).all()
+    assert (seg_lo[real:] == 0).all() and (seg_hi[real:] == 0).all()
+    assert ((seg_key >= 0) & (seg_key < 2 * G * p.NB)).all()
+
+
+
+def test_segments_across_many_programs():
+    """The CSR kernels past one 1024-wide block: 9,600 entries (several programs per kernel),
+    2,800 keys (the segment-end scan carries over three blocks), lists with repeats and
+    padding, keys nobody lists; against a Python inversion."""
+    _check_segments_across_many_programs("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_segments_across_many_programs():
+    """The same, compiled."""
+    _check_segments_across_many_programs("cuda")
+
+
+def _check_segments_across_many_programs(device):
+    B, NC, G, L, NB, seg = 2, 300, 2, 8, 700, 3
+    gen = torch.Generator().manual_seed(11)
+    clist = torch.randint(-1, NB, (B, NC, G, L), generator=gen, dtype=torch.int32)
+    seg_key, seg_lo, seg_hi, ent_chunk, smax = (
+        x.cpu() if isinstance(x, torch.Tensor) else x
+        for x in tk._segments(clist.to(device), SimpleNamespace(NB=NB), seg))
+    want = {}
+    for b in range(B):
+        for c in range(NC):
+            for g in range(G):
+                for j in clist[b, c, g].tolist():
+                    if j >= 0:
+                        want.setdefault((b * G + g) * NB + j, []).append(c)
+    got = {}
+    for s_ in range(smax):
+        lo, hi = int(seg_lo[s_]), int(seg_hi[s_])
+        if hi > lo:
+            got.setdefault(int(seg_key[s_]), []).append(ent_chunk[lo:hi].tolist())
+    assert len(want) < B * G * NB  # some keys have no entry
+    assert got == {key: [chunks[i:i + seg] for i in range(0, len(chunks), seg)]
+                   for key, chunks in want.items()}
 
 
 def _meta_plan(H, HK, G, D, DV, qs, config=tk.DEFAULT_CONFIG, T=256):
