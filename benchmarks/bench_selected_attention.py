@@ -95,6 +95,7 @@ def _bench_variants(layout: str):
     v.append(("fwd_s4", replace(d, fwd_stages=4), "fwd"))
     v.append(("dq_s3", replace(d, dq_stages=3), "fwdbwd"))
     v.append(("dkdv_s2", replace(d, dkdv_stages=2), "fwdbwd"))
+    v.append(("dq_s3_dkdv_s2", replace(d, dq_stages=3, dkdv_stages=2), "fwdbwd"))
     v.append(("dq_keys" if absorbed else "dq_rows",
               replace(d, dq_order="keys" if absorbed else "rows"), "fwdbwd"))
     v.append(("seg128", replace(d, seg=128), "fwdbwd"))
@@ -200,12 +201,17 @@ def _bench_main(argv=None):
     ap.add_argument("--budget-s", type=float, default=240.0)
     ap.add_argument("--sweep", action="store_true",
                     help="time every variant at every --seqlens, not only the defaults")
+    ap.add_argument("--variants", default=None,
+                    help="with --sweep: comma-separated variant names to time (besides default)")
     ap.add_argument("--seqlens", default="8192,65536")
     ap.add_argument("--layouts", default=",".join(BENCH_LAYOUTS),
                     help=f"comma-separated subset of {', '.join(BENCH_LAYOUTS)}")
     ap.add_argument("--importance", choices=["uniform", "smooth"], default="uniform",
                     help="how the benchmark's block selections correlate across queries")
     args = ap.parse_args(argv)
+    keep = set(args.variants.split(",")) | {"default"} if args.variants else None
+    if keep and not args.sweep:
+        ap.error("--variants needs --sweep")
     if args.warm:
         _run_once(*args.warm)
         return
@@ -214,9 +220,12 @@ def _bench_main(argv=None):
     unknown = set(layouts) - set(BENCH_LAYOUTS)
     if unknown:
         ap.error(f"--layouts: unknown {sorted(unknown)}; choose from {list(BENCH_LAYOUTS)}")
+    names = {n for lay in layouts for n, _, _ in _bench_variants(lay)}
+    if keep and keep - names:
+        ap.error(f"--variants: unknown {sorted(keep - names)}; choose from {sorted(names)}")
     if args.parallel_warmup:
         jobs = sorted({(lay, n) for lay in layouts for n, _, _ in _bench_variants(lay)
-                       if args.sweep or n == "default"})
+                       if (args.sweep or n == "default") and (not keep or n in keep)})
         procs, logs = [], []
         for lay, n in jobs:
             while sum(p.poll() is None for p in procs) >= args.parallel_warmup:
@@ -263,7 +272,7 @@ def _bench_main(argv=None):
             flops = 2.0 * (D + DV) * vis
             do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
             for name, cfg, what in _bench_variants(lay):
-                if name != "default" and not args.sweep:
+                if name != "default" and not args.sweep or keep and name not in keep:
                     continue
                 if time.time() - t_start > args.budget_s:
                     print("budget exhausted; skipping", lay, T, name, what, flush=True)

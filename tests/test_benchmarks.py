@@ -35,3 +35,15 @@ def test_attention_benchmark_gives_each_output_a_dense_gradient():
     ga, gb = attention.output_grads((a, b))
     assert ga.shape == a.shape and gb.shape == b.shape and ga.stride() == a.stride()
     assert attention.output_grads(a).shape == a.shape
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "--variants", "dkdv_s2,no_such"], "--variants: unknown ['no_such']"),
+    (["--variants", "dkdv_s2"], "--variants needs --sweep"),
+])
+def test_selected_attention_benchmark_names_a_bad_variant(argv, message, capsys):
+    """The variant filter fails before any GPU work, naming the bad value."""
+    import bench_selected_attention as bench
+    with pytest.raises(SystemExit):
+        bench._bench_main(argv)
+    assert message in capsys.readouterr().err
