@@ -212,6 +212,9 @@ def _bench_main(argv=None):
     keep = set(args.variants.split(",")) | {"default"} if args.variants else None
     if keep and not args.sweep:
         ap.error("--variants needs --sweep")
+
+    def timed(name: str) -> bool:  # the variants this run measures
+        return (args.sweep or name == "default") and (not keep or name in keep)
     if args.warm:
         _run_once(*args.warm)
         return
@@ -225,7 +228,7 @@ def _bench_main(argv=None):
         ap.error(f"--variants: unknown {sorted(keep - names)}; choose from {sorted(names)}")
     if args.parallel_warmup:
         jobs = sorted({(lay, n) for lay in layouts for n, _, _ in _bench_variants(lay)
-                       if (args.sweep or n == "default") and (not keep or n in keep)})
+                       if timed(n)})
         procs, logs = [], []
         for lay, n in jobs:
             while sum(p.poll() is None for p in procs) >= args.parallel_warmup:
@@ -272,7 +275,7 @@ def _bench_main(argv=None):
             flops = 2.0 * (D + DV) * vis
             do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
             for name, cfg, what in _bench_variants(lay):
-                if name != "default" and not args.sweep or keep and name not in keep:
+                if not timed(name):
                     continue
                 if time.time() - t_start > args.budget_s:
                     print("budget exhausted; skipping", lay, T, name, what, flush=True)

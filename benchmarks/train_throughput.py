@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nsa_lit.loss import next_token_loss  # noqa: E402
+from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
 from results_log import ResultsLog  # noqa: E402
@@ -38,7 +38,7 @@ DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("as
 
 
 def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int,
-            peak_tflops: float, loss_chunk: int = 8192) -> dict:
+            peak_tflops: float, loss_chunk: int) -> dict:
     cfg = dataclasses.replace(load_model_config(config_path), seq_len=T)
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="eager,compiled", help="comma-separated eager,compiled")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--loss_chunk", type=int, default=8192,
+    parser.add_argument("--loss_chunk", type=int, default=DEFAULT_CHUNK,
                         help="tokens per chunk of the loss (model.loss_chunk; 0: whole logits)")
     parser.add_argument("--peak_tflops", type=float, default=989.5,
                         help="the GPU's dense bf16 peak, for MFU")

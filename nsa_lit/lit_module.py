@@ -17,7 +17,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from nsa_lit.config import ModelConfig
-from nsa_lit.loss import next_token_loss
+from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss
 from nsa_lit.model import Transformer
 from nsa_lit.model_stats import training_flops_per_token
 
@@ -93,7 +93,7 @@ class LanguageModel(L.LightningModule):
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
                  compile: bool = False, peak_tflops: float | None = None,
-                 loss_chunk: int = 8192):
+                 loss_chunk: int = DEFAULT_CHUNK):
         super().__init__()
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         arch = ModelConfig(**arch) if isinstance(arch, dict) else arch

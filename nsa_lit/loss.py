@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import kernels
 
 IGNORE_INDEX = -100
+DEFAULT_CHUNK = 8192  # tokens per chunk (model.loss_chunk, train_throughput.py --loss_chunk)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,8 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
             count = (targets != IGNORE_INDEX).sum().to(acc)
             total = torch.zeros((), dtype=acc, device=h.device)
-            dh = torch.empty_like(x_all)
-            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            if need_grad:
+                dh = torch.empty_like(x_all)
+                dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             for i in range(0, h.shape[0], chunk):
                 x, t = x_all[i:i + chunk], targets[i:i + chunk]
                 # per-row losses, and (softmax - onehot(target)) / count over the logits
@@ -43,7 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_grad:
                     dh[i:i + chunk] = g @ w
                     dw += (g.T @ x).to(acc)
-        ctx.save_for_backward(dh.to(h.dtype), dw.to(weight.dtype))
+        if need_grad:
+            ctx.save_for_backward(dh.to(h.dtype), dw.to(weight.dtype))
         return total / count
 
     @staticmethod
@@ -53,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 8192) -> torch.Tensor:
+                         chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Mean cross-entropy of the logits ``h (N, d) @ weight (V, d).T`` against ``targets (N,)``
     (``IGNORE_INDEX`` rows skipped), computed ``chunk`` rows at a time; a scalar tensor, fp32 (or
     fp64 for fp64 inputs).
