@@ -18,8 +18,8 @@ forward+backward (``torch.profiler``), to see where a layer spends its time outs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import math
 import os
 import platform
 import sys
@@ -31,16 +31,33 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nsa_lit.config import Branch, Form, LayerSpec, ModelConfig  # noqa: E402
 from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the library)
     attention_flops,
     layer_attention_flops,
     matmul_flops_per_token,
     visible_causal,
-    visible_compressed,
-    visible_selected,
     visible_window,
 )
 from results_log import ResultsLog  # noqa: E402
+
+# The configurations the cases are built from (every shape below comes from a LayerSpec):
+ASA_340M = ModelConfig()  # the 340M ASA defaults: MLA local, GLA global (2 groups), q_share 4
+ASA_340M_ABSORBED = dataclasses.replace(ASA_340M, latent_form="absorbed")
+FULL_340M = ModelConfig(layer_pattern="F")  # our full-attention 340M: 16 heads, 4 KV heads
+NSA_340M = ModelConfig(layer_pattern="N")   # our NSA 340M: GQA, all three branches
+# fla's NSA 340M attention shape, the anchor of the fla comparison: 32 query heads, 2 KV heads,
+# head dim 64, blocks of 64 (compression block = stride = selection block), top-16, no window
+FLA_NSA_340M = ModelConfig(n_heads=32, n_kv_heads=2, head_dim=64, layer_pattern="N",
+                           compress_block=64, compress_stride=64, select_block=64, top_n=16,
+                           num_local_blocks=1)
+FLA_NSA_NO_WINDOW = dataclasses.replace(FLA_NSA_340M,
+                                        nsa_branches=[Branch.COMPRESSION, Branch.SELECTION])
+
+
+def layer_spec(cfg: ModelConfig, kind: str, T: int) -> LayerSpec:
+    """``cfg``'s layer of ``kind`` at sequence length ``T``."""
+    return dataclasses.replace(cfg, seq_len=T).layer(kind)
 
 BWD_FLOP_FACTOR = 2.5
 DEFAULT_T = (8192, 16384, 32768, 65536)
@@ -59,50 +76,69 @@ class Bench:
 
 @dataclass
 class Case:
+    """A named benchmark of layer ``kind`` of ``cfg``: ``build(T, B)`` makes its inputs."""
+
     name: str
     group: str
+    cfg: ModelConfig
+    kind: str
     build: Callable[[int, int], Bench]
     needs: Callable[[], str | None] = lambda: None
 
 
+def case(name: str, group: str, builder: Callable, cfg: ModelConfig, kind: str,
+         needs: Callable[[], str | None] | None = None, **options) -> Case:
+    """``Case`` of ``builder(cfg, kind, **options)``."""
+    return Case(name, group, cfg, kind, builder(cfg, kind, **options), needs or (lambda: None))
+
+
+DEVICE = "cuda"  # the tests build cases on the CPU
+
+
 def _randn(*shape, dtype=torch.bfloat16):
-    return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, requires_grad=True)
 
 
 def visible_nsa(T: int, block: int, top_n: int) -> float:
-    """Mean compressed tokens (whole blocks ended) plus selected raw tokens per query."""
+    """Mean compressed tokens (whole blocks ended) plus selected raw tokens per query, as fla's
+    ``parallel_nsa`` computes them."""
     total = 0.0
     for t in range(T):
         total += (t + 1) // block + min(top_n, -(-(t + 1) // block)) * block
     return total / T
 
 
-def window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512, tma: bool = True):
-    """Our sliding-window kernel (through the dispatcher); ``tma=False``: tiles by row offsets
-    even where TMA descriptors could serve (to measure what they bring)."""
+def window_case(cfg: ModelConfig, kind: str, kv_heads: int | None = None, tma: bool = True):
+    """Our sliding-window kernel (through the dispatcher) at the window branch's shape in layer
+    ``kind`` of ``cfg`` (its training form); ``kv_heads`` overrides the key/value heads (1: MQA);
+    ``tma=False``: tiles by row offsets even where TMA descriptors could serve."""
     def build(T: int, B: int) -> Bench:
         from kernels import dispatch
         from kernels.sliding_window.triton_kernel import _sliding_window_attention
 
+        spec = layer_spec(cfg, kind, T)
+        H, Hk = spec.n_heads, kv_heads or spec.attention_heads(Branch.WINDOW)
+        Dqk, Dv = spec.dims(Branch.WINDOW)
         q, k, v = _randn(B, T, H, Dqk), _randn(B, T, Hk, Dqk), _randn(B, T, Hk, Dv)
-        scale = Dqk ** -0.5
 
         def fwd():
             if tma:
-                return dispatch.sliding_window_attention(q, k, v, window, scale)
-            return _sliding_window_attention(q, k, v, window, scale, cfg={"tma": False})
+                return dispatch.sliding_window_attention(q, k, v, spec.window, spec.scale)
+            return _sliding_window_attention(q, k, v, spec.window, spec.scale,
+                                             cfg={"tma": False})
 
         return Bench(
             fwd=fwd,
             inputs=[q, k, v],
-            flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, window)),
-            shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=window),
+            flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, spec.window)),
+            shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=spec.window),
         )
 
     return build
 
 
-def flex_window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
+def flex_window_case(cfg: ModelConfig, kind: str, kv_heads: int | None = None):
+    """FlexAttention's sliding window at the shape of :func:`window_case`."""
     def build(T: int, B: int) -> Bench:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -110,14 +146,18 @@ def flex_window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
         if "_FLEX" not in globals():
             _FLEX = torch.compile(flex_attention, dynamic=False)
 
+        spec = layer_spec(cfg, kind, T)
+        H, Hk = spec.n_heads, kv_heads or spec.attention_heads(Branch.WINDOW)
+        Dqk, Dv = spec.dims(Branch.WINDOW)
+        window = spec.window
+
         def sliding(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
         mask = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
         q, k, v = _randn(B, H, T, Dqk), _randn(B, Hk, T, Dqk), _randn(B, Hk, T, Dv)
-        scale = Dqk ** -0.5
         return Bench(
-            fwd=lambda: _FLEX(q, k, v, block_mask=mask, scale=scale, enable_gqa=Hk != H),
+            fwd=lambda: _FLEX(q, k, v, block_mask=mask, scale=spec.scale, enable_gqa=Hk != H),
             inputs=[q, k, v],
             flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, window)),
             shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=window),
@@ -126,26 +166,34 @@ def flex_window_case(H: int, Hk: int, Dqk: int, Dv: int, window: int = 512):
     return build
 
 
-def sdpa_causal_case(H: int, Hk: int, D: int):
+def sdpa_causal_case(cfg: ModelConfig, kind: str):
+    """SDPA causal attention at the width of ``cfg``'s layer ``kind`` (keys and values expanded
+    to every query head before timing, so the fastest SDPA backend serves it)."""
     def build(T: int, B: int) -> Bench:
         import torch.nn.functional as F
 
+        spec = layer_spec(cfg, kind, T)
+        H, D = spec.n_heads, spec.head_dim
         q, k, v = _randn(B, H, T, D), _randn(B, H, T, D), _randn(B, H, T, D)
-        scale = D ** -0.5
         return Bench(
-            fwd=lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale),
+            fwd=lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D ** -0.5),
             inputs=[q, k, v],
             flops_fwd=attention_flops(B * T, H, D, D, visible_causal(T)),
-            shape=dict(H=H, Hk=Hk, Dqk=D, Dv=D, note="k, v expanded to H heads before timing"),
+            shape=dict(H=H, Hk=spec.kv_heads, Dqk=D, Dv=D,
+                       note="k, v expanded to H heads before timing"),
         )
 
     return build
 
 
-def fla_nsa_case(H: int, Hk: int, D: int, block: int = 64, top_n: int = 16):
+def fla_nsa_case(cfg: ModelConfig, kind: str = "N"):
+    """fla's ``parallel_nsa`` (compression + selection, no window) at ``cfg``'s NSA shape."""
     def build(T: int, B: int) -> Bench:
         from fla.ops.nsa import parallel_nsa
 
+        spec = layer_spec(cfg, kind, T)
+        H, Hk, D = spec.n_heads, spec.kv_heads, spec.head_dim
+        block, top_n = spec.select_block, spec.top_n
         q, k, v = _randn(B, T, H, D), _randn(B, T, Hk, D), _randn(B, T, Hk, D)
         g_cmp = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
         g_slc = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -160,102 +208,83 @@ def fla_nsa_case(H: int, Hk: int, D: int, block: int = 64, top_n: int = 16):
     return build
 
 
-def sparse_case(H: int, G: int, Dqk: int, Dv: int, block_len: int, stride: int,
-                select_block: int, top_n: int, num_local: int, q_share: int):
-    """Compression + block selection + selected attention over G key/value groups, the branch
-    computation of a global layer (ASA in the absorbed GLA form, or NSA over GQA heads)."""
-    def build(T: int, B: int) -> Bench:
-        from kernels import dispatch
-        from kernels.compression.reference import num_compressed
+def branch_inputs(spec: LayerSpec, B: int, T: int) -> tuple[dict, list[torch.Tensor]]:
+    """Random inputs of every form that ``spec``'s branches read, shaped as the layer passes
+    them (per-token keys/values where a branch reads them, compressed ones in the compression
+    form; absorbed values are the keys' first columns), and the tensors to differentiate."""
+    from kernels.blocks import num_compressed
+    from nsa_lit.attention.branches import BranchInputs
 
-        N = num_compressed(T, block_len, stride)
-        q, k, v = _randn(B, T, H, Dqk), _randn(B, T, G, Dqk), _randn(B, T, G, Dv)
-        k_cmp, v_cmp = _randn(B, N, G, Dqk), _randn(B, N, G, Dv)
-        scale = 1 / math.sqrt(Dqk)
+    inputs, leaves = {}, []
+    N = num_compressed(T, spec.compress_block, spec.compress_stride)
+    for form in sorted(set(spec.forms.values())):
+        branch = next(b for b, f in spec.forms.items() if f is form)
+        (dqk, dv), heads = spec.dims(branch), spec.attention_heads(branch)
+        absorbed = form is Form.ABSORBED
+
+        def keys_values(n):
+            k = _randn(B, n, heads, dqk)
+            v = k[..., :dv] if absorbed else _randn(B, n, heads, dv)
+            leaves.extend([k] if absorbed else [k, v])
+            return k, v
+
+        q = _randn(B, T, spec.n_heads, dqk)
+        leaves.append(q)
+        k, v = keys_values(T) if form in spec.token_forms else (None, None)
+        k_cmp, v_cmp = keys_values(N) if form is spec.compressed_form else (None, None)
+        inputs[form] = BranchInputs(q, k, v, k_cmp, v_cmp, values_in_keys=absorbed)
+    return inputs, leaves
+
+
+def branches_case(cfg: ModelConfig, kind: str):
+    """The attention branches of ``cfg``'s layer ``kind`` as the layer runs them
+    (:func:`nsa_lit.attention.branches.run_branches`: for a global layer, compression, block
+    selection and selected attention), without projections; one output per branch, each in its
+    form's space (absorbed outputs before ``W_uv``). FLOPs: ``layer_attention_flops``."""
+    def build(T: int, B: int) -> Bench:
+        from nsa_lit.attention.branches import run_branches
+
+        spec = layer_spec(cfg, kind, T)
+        inputs, leaves = branch_inputs(spec, B, T)
 
         def fwd():
-            o_cmp, lse = dispatch.compression_attention(q, k_cmp, v_cmp, block_len, stride, scale)
-            idx = dispatch.select_blocks(
-                q.detach(), k_cmp.detach(), lse, num_groups=G, block_len=block_len, stride=stride,
-                select_block=select_block, top_n=top_n, num_local=num_local, q_share=q_share,
-                scale=scale)
-            return o_cmp + dispatch.selected_attention(q, k, v, idx, select_block, scale,
-                                                       q_share=q_share)
+            outputs, _ = run_branches(spec, inputs)
+            return tuple(outputs[b] for b in spec.branches)
 
-        n_cmp = visible_compressed(T, block_len, stride)
-        flops = (attention_flops(B * T, H, Dqk, Dv, n_cmp)
-                 + attention_flops(B * T // q_share, H, Dqk, 0, n_cmp)  # importance scores
-                 + attention_flops(B * T, H, Dqk, Dv, visible_selected(T, select_block, top_n)))
-        return Bench(fwd=fwd, inputs=[q, k, v, k_cmp, v_cmp], flops_fwd=flops,
-                     shape=dict(H=H, G=G, Dqk=Dqk, Dv=Dv, block_len=block_len, stride=stride,
-                                select_block=select_block, top_n=top_n, num_local=num_local,
-                                q_share=q_share))
+        shape = dict(kind=kind, H=spec.n_heads, G=spec.kv_heads,
+                     branches=[str(b) for b in spec.branches],
+                     dims={str(b): spec.dims(b) for b in spec.forms},
+                     forms={str(b): str(f) for b, f in spec.forms.items()},
+                     block_len=spec.compress_block, stride=spec.compress_stride,
+                     select_block=spec.select_block, top_n=spec.top_n,
+                     num_local=spec.num_local_blocks, q_share=spec.q_share)
+        return Bench(fwd=fwd, inputs=leaves, flops_fwd=layer_attention_flops(spec, T) * B * T,
+                     shape=shape)
 
     return build
 
 
-def asa_global_auto_case(H: int = 16, G: int = 2, head_dim: int = 64, rope_dim: int = 32,
-                         latent: int = 256, block_len: int = 32, stride: int = 16,
-                         select_block: int = 64, top_n: int = 16, num_local: int = 2,
-                         q_share: int = 4):
-    """The global layer's branches as ``latent_form="auto"`` runs them: compression and block
-    scoring in the expanded form (per-head keys head_dim + rope_dim, values head_dim), selected
-    attention in the absorbed form (G latent heads: keys latent/G + rope_dim, values latent/G)."""
-    def build(T: int, B: int) -> Bench:
-        from kernels import dispatch
-        from kernels.compression.reference import num_compressed
-
-        N = num_compressed(T, block_len, stride)
-        dqk, dv, lqk, lv = head_dim + rope_dim, head_dim, latent // G + rope_dim, latent // G
-        q_exp, k_cmp, v_cmp = _randn(B, T, H, dqk), _randn(B, N, H, dqk), _randn(B, N, H, dv)
-        q_abs, k_abs = _randn(B, T, H, lqk), _randn(B, T, G, lqk)
-        v_abs = k_abs[..., :lv]  # the latent values are the keys' first columns, as in the layer
-        scale = 1 / math.sqrt(dqk)
-
-        def fwd():
-            o_cmp, lse = dispatch.compression_attention(q_exp, k_cmp, v_cmp, block_len, stride,
-                                                        scale)
-            idx = dispatch.select_blocks(
-                q_exp.detach(), k_cmp.detach(), lse, num_groups=G, block_len=block_len,
-                stride=stride, select_block=select_block, top_n=top_n, num_local=num_local,
-                q_share=q_share, scale=scale)
-            o_sel = dispatch.selected_attention(q_abs, k_abs, v_abs, idx, select_block, scale,
-                                                q_share=q_share)
-            return o_cmp, o_sel  # the two live in different spaces before W_uv
-
-        n_cmp = visible_compressed(T, block_len, stride)
-        flops = (attention_flops(B * T, H, dqk, dv, n_cmp)
-                 + attention_flops(B * T // q_share, H, dqk, 0, n_cmp)
-                 + attention_flops(B * T, H, lqk, lv, visible_selected(T, select_block, top_n)))
-        return Bench(fwd=fwd, inputs=[q_exp, k_cmp, v_cmp, q_abs, k_abs], flops_fwd=flops,
-                     shape=dict(H=H, G=G, expanded=(dqk, dv), absorbed=(lqk, lv),
-                                block_len=block_len, stride=stride, select_block=select_block,
-                                top_n=top_n, num_local=num_local, q_share=q_share))
-
-    return build
-
-
-def layer_case(kind: str, compiled: bool = False, **overrides):
-    """A whole attention layer of the 340M config (projections, compressors, gate included);
+def layer_case(cfg: ModelConfig, kind: str, compiled: bool = False):
+    """A whole attention layer of ``cfg`` (projections, compressors, gate included);
     FLOPs: ``nsa_lit.model_stats``' matrix products and attention of the layer.
     ``compiled``: the layer under ``torch.compile`` as ``LanguageModel(compile=True)`` does it."""
     def build(T: int, B: int) -> Bench:
         from nsa_lit.attention import Attention
-        from nsa_lit.config import ModelConfig
         from nsa_lit.model import COMPILE_OPTIONS
 
-        cfg = ModelConfig(**{"seq_len": T, **overrides})
-        layer = Attention(cfg, kind).cuda().to(torch.bfloat16)
+        layer = Attention(dataclasses.replace(cfg, seq_len=T), kind).to(DEVICE, torch.bfloat16)
+        spec = layer.spec
         x = _randn(B, T, cfg.d_model)
-        flops = (matmul_flops_per_token(layer, cfg) + layer_attention_flops(cfg, kind, T)) * B * T
+        flops = (matmul_flops_per_token(layer) + layer_attention_flops(spec, T)) * B * T
         if compiled:
             # a fresh compiler cache per case: dynamo's recompile limit (8 per code object)
             # would otherwise send later layers and shapes of one run back to eager code
             torch._dynamo.reset()
         run = torch.compile(layer, options=COMPILE_OPTIONS) if compiled else layer
         return Bench(fwd=lambda: run(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
-                     shape=dict(kind=kind, branches=list(cfg.branches(kind)),
-                                kv=cfg.kv_source(kind), compiled=compiled, **overrides))
+                     shape=dict(kind=kind, branches=[str(b) for b in spec.branches],
+                                kv=str(spec.kv), compiled=compiled,
+                                layer_pattern=cfg.layer_pattern, latent_form=cfg.latent_form))
 
     return build
 
@@ -270,30 +299,34 @@ def _has_module(name: str) -> Callable[[], str | None]:
 
 
 CASES: list[Case] = [
-    Case("window-mla", "window", window_case(H=16, Hk=1, Dqk=96, Dv=64)),
-    Case("window-gqa", "window", window_case(H=32, Hk=2, Dqk=64, Dv=64)),
-    Case("window-mla-rows", "window-rows", window_case(H=16, Hk=1, Dqk=96, Dv=64, tma=False)),
-    Case("flex-window-gqa", "flex", flex_window_case(H=32, Hk=2, Dqk=64, Dv=64)),
-    Case("flex-window-mla", "flex-mla", flex_window_case(H=16, Hk=1, Dqk=96, Dv=64)),
-    Case("sdpa-causal-gqa", "sdpa", sdpa_causal_case(H=32, Hk=2, D=64)),
+    # the window branch of the ASA local layer as it trains (expanded MLA: 16 heads, 96 / 64)
+    case("window-asa", "window", window_case, ASA_340M, "L"),
+    case("flex-window-asa", "flex-mla", flex_window_case, ASA_340M, "L"),
+    # the same head dims over one shared key/value head (MQA)
+    case("window-mla", "window", window_case, ASA_340M, "L", kv_heads=1),
+    case("window-mla-rows", "window-rows", window_case, ASA_340M, "L", kv_heads=1, tma=False),
+    case("flex-window-mla", "flex-mla", flex_window_case, ASA_340M, "L", kv_heads=1),
+    # fla's NSA 340M shape (32 heads, 2 KV heads, head dim 64): window, full attention, NSA
+    case("window-gqa", "window", window_case, FLA_NSA_340M, "N"),
+    case("flex-window-gqa", "flex", flex_window_case, FLA_NSA_340M, "N"),
+    case("sdpa-causal-gqa", "sdpa", sdpa_causal_case, FLA_NSA_340M, "N"),
+    case("fla-nsa-gqa", "fla", fla_nsa_case, FLA_NSA_340M, "N", _has_module("fla")),
+    case("nsa-gqa", "sparse", branches_case, FLA_NSA_NO_WINDOW, "N"),
     # full attention at the width of the 340M configs (16 heads, 4 KV heads)
-    Case("sdpa-causal-340m", "sdpa", sdpa_causal_case(H=16, Hk=4, D=64)),
-    Case("fla-nsa-gqa", "fla", fla_nsa_case(H=32, Hk=2, D=64), _has_module("fla")),
-    # ASA global-layer branches at the 340M defaults, absorbed GLA form: 2 latent groups,
-    # q.k over 128 latent + 32 RoPE dims, values 128, l=32, d=16, l'=64, top-16, q_share 4
-    Case("asa-global", "sparse", sparse_case(H=16, G=2, Dqk=160, Dv=128, block_len=32, stride=16,
-                                             select_block=64, top_n=16, num_local=2, q_share=4)),
-    Case("asa-global-auto", "sparse", asa_global_auto_case()),
-    # our NSA branches at fla's anchor configuration (32 heads, 2 KV heads, blocks of 64, top-16)
-    Case("nsa-gqa", "sparse", sparse_case(H=32, G=2, Dqk=64, Dv=64, block_len=64, stride=64,
-                                          select_block=64, top_n=16, num_local=1, q_share=1)),
-    Case("layer-full", "layer", layer_case("F", layer_pattern="F")),
-    Case("layer-asa-local", "layer", layer_case("L")),
-    Case("layer-asa-global", "layer", layer_case("G")),
-    Case("layer-nsa", "layer", layer_case("N", layer_pattern="N")),
-    Case("layer-full-compiled", "layer-compiled", layer_case("F", True, layer_pattern="F")),
-    Case("layer-asa-local-compiled", "layer-compiled", layer_case("L", True)),
-    Case("layer-asa-global-compiled", "layer-compiled", layer_case("G", True)),
+    case("sdpa-causal-340m", "sdpa", sdpa_causal_case, FULL_340M, "F"),
+    # ASA global-layer branches at the 340M defaults: every branch absorbed (GLA, 2 latent
+    # groups, q.k over 128 latent + 32 RoPE dims, values 128), and as latent_form=auto trains
+    # them (compression expanded, selection absorbed); l=32, d=16, l'=64, top-16, q_share 4
+    case("asa-global", "sparse", branches_case, ASA_340M_ABSORBED, "G"),
+    case("asa-global-auto", "sparse", branches_case, ASA_340M, "G"),
+    case("layer-full", "layer", layer_case, FULL_340M, "F"),
+    case("layer-asa-local", "layer", layer_case, ASA_340M, "L"),
+    case("layer-asa-global", "layer", layer_case, ASA_340M, "G"),
+    case("layer-nsa", "layer", layer_case, NSA_340M, "N"),
+    case("layer-full-compiled", "layer-compiled", layer_case, FULL_340M, "F", compiled=True),
+    case("layer-asa-local-compiled", "layer-compiled", layer_case, ASA_340M, "L", compiled=True),
+    case("layer-asa-global-compiled", "layer-compiled", layer_case, ASA_340M, "G",
+         compiled=True),
 ]
 
 

@@ -30,6 +30,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.blocks import num_compressed  # noqa: E402
 from kernels.compression import reference as cref  # noqa: E402
 from kernels.compression import triton_kernel as ctk  # noqa: E402
 from kernels.selection import reference as sref  # noqa: E402
@@ -46,7 +47,7 @@ BLOCK_LEN, STRIDE, SELECT_BLOCK, TOP_N, NUM_LOCAL = 32, 16, 64, 16, 2
 
 def visible_pairs(T: int, first_only_every: int = 1) -> int:
     t = torch.arange(0, T, first_only_every, dtype=torch.int64)
-    n = torch.clamp((t - BLOCK_LEN + 1 + STRIDE).clamp_min(0) // STRIDE, max=cref.num_compressed(T, BLOCK_LEN, STRIDE))
+    n = torch.clamp((t - BLOCK_LEN + 1 + STRIDE).clamp_min(0) // STRIDE, max=num_compressed(T, BLOCK_LEN, STRIDE))
     return int(n.sum())
 
 
@@ -74,7 +75,7 @@ class Budget:
 def run_case(name, T, *, with_ref, q_share, budget, rows, sweep, variants=None):
     H, Hk, G, D, Dv = SHAPES[name]
     B = TOKENS // T
-    N = cref.num_compressed(T, BLOCK_LEN, STRIDE)
+    N = num_compressed(T, BLOCK_LEN, STRIDE)
     scale = D ** -0.5
     dev = "cpu" if DRY else "cuda"
     dt = torch.float32 if DRY else torch.bfloat16

@@ -18,6 +18,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.blocks import num_selection_blocks  # noqa: E402
 from kernels.selected_attention.triton_kernel import (  # noqa: E402
     Config,
     DEFAULT_CONFIG,
@@ -40,7 +41,7 @@ from kernels.selected_attention.triton_kernel import (  # noqa: E402
 BENCH_LAYOUTS = {
     # name: (H, Hk, G, Dqk, Dv, q_share)
     "gla_absorbed": (16, 2, 2, 160, 128, 4),
-    # as the layer passes it: values are the view k[..., :128] (read through the keys)
+    # as the layer passes it: v=None, value_dim=128, values k[..., :128] (read through the keys)
     "gla_absorbed_vk": (16, 2, 2, 160, 128, 4),
     "gla_upprojected": (16, 16, 2, 96, 64, 4),
     "nsa_gqa": (16, 4, 4, 64, 64, 1),
@@ -49,7 +50,8 @@ BENCH_LAYOUTS = {
 
 def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_local=2, seed=0,
                   importance: str = "uniform"):
-    """Random q, k, v and the blocks ``top_n_blocks`` picks from an importance that is
+    """Random q, k, v (``v`` None for a ``*_vk`` layout: values ``k[..., :Dv]``, see
+    :func:`_value_dim`) and the blocks ``top_n_blocks`` picks from an importance that is
     ``uniform`` (independent per query: neighbouring query groups share little beyond the forced
     blocks) or ``smooth`` (a per-sequence preference over key blocks plus 25% per-query noise:
     neighbouring groups pick mostly the same blocks, as trained models do)."""
@@ -59,9 +61,10 @@ def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_lo
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(B, T, HK, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = _values(layout, k, torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16,
-                                       generator=gen))
-    nb = -(-T // select_block)
+    v = torch.randn(B, T, HK, DV, device="cuda", dtype=torch.bfloat16, generator=gen)
+    if _value_dim(layout) is not None:
+        v = None
+    nb = num_selection_blocks(T, select_block)
     imp = torch.rand(B, T, G, nb, device="cuda", generator=gen)
     if importance == "smooth":
         imp = 0.25 * imp + torch.rand(B, 1, G, nb, device="cuda", generator=gen)
@@ -72,9 +75,15 @@ def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_lo
     return q, k, v, bi, qs
 
 
-def _values(layout: str, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``v``, or for a ``*_vk`` layout the view of ``k``'s first ``Dv`` columns."""
-    return k[..., :v.shape[-1]] if layout.endswith("_vk") else v
+def _value_dim(layout: str) -> int | None:
+    """``value_dim`` of a ``*_vk`` layout (values ``k[..., :Dv]``, passed as ``v=None``), else
+    None (values a tensor of their own)."""
+    return BENCH_LAYOUTS[layout][4] if layout.endswith("_vk") else None
+
+
+def _requires_grad(*xs):
+    """Detached leaves that require grad (None stays None)."""
+    return tuple(None if x is None else x.detach().requires_grad_() for x in xs)
 
 
 def _visible_keys(bi: torch.Tensor, select_block: int, heads_per_group: int) -> int:
@@ -114,13 +123,17 @@ def _bench_variants(layout: str):
     return v
 
 
-def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int = 64):
-    """Median ms of each stage of one fwd+bwd call, and the bytes the two gathers move."""
+def _breakdown(q, k, v, bi, qs, cfg: Config = DEFAULT_CONFIG, select_block: int = 64,
+               value_dim: int | None = None):
+    """Median ms of each stage of one fwd+bwd call, and the bytes the two gathers move
+    (``v=None, value_dim``: values ``k[..., :value_dim]``, as :func:`selected_attention`)."""
     from triton.testing import do_bench
 
     D = q.shape[-1]
     scale = D ** -0.5
-    p = _plan(q, k, v, bi, select_block, qs, cfg)
+    if value_dim is not None and not _plan(q, k, v, bi, select_block, qs, cfg, value_dim).VK:
+        v, value_dim = k[..., :value_dim], None  # what selected_attention does
+    p = _plan(q, k, v, bi, select_block, qs, cfg, value_dim)
     p_kv = _dkdv_plan(q, k, v, bi, select_block, qs, cfg, p)
     q, k, v = _row_major(q, k, v, p)
     bi32, clist = _lists(bi, p)
@@ -175,9 +188,10 @@ def _run_once(layout: str, name: str, T: int = 8192):
     for vname, cfg, what in _bench_variants(layout):
         if vname != name:
             continue
-        q, k, v = (x.detach().requires_grad_(what == "fwdbwd") for x in (q, k, v))
-        v = _values(layout, k, v)
-        o = selected_attention(q, k, v, bi, 64, D ** -0.5, qs, config=cfg)
+        if what == "fwdbwd":
+            q, k, v = _requires_grad(q, k, v)
+        o = selected_attention(q, k, v, bi, 64, D ** -0.5, qs, value_dim=_value_dim(layout),
+                               config=cfg)
         if what == "fwdbwd":
             o.backward(torch.randn_like(o))
     torch.cuda.synchronize()
@@ -271,6 +285,7 @@ def _bench_main(argv=None):
         for lay in layouts:
             H, HK, G, D, DV, qs = BENCH_LAYOUTS[lay]
             q, k, v, bi, qs = _bench_inputs(lay, T, B, importance=args.importance)
+            vdim = _value_dim(lay)
             vis = _visible_keys(bi, 64, H // G)
             flops = 2.0 * (D + DV) * vis
             do = torch.randn(B, T, H, DV, device="cuda", dtype=torch.bfloat16)
@@ -287,18 +302,18 @@ def _bench_main(argv=None):
                     if what == "fwd":
                         with torch.no_grad():
                             fn = lambda: selected_attention(q, k, v, bi, 64, D ** -0.5, qs,
-                                                            config=cfg)
+                                                            value_dim=vdim, config=cfg)
                             ms = do_bench(fn, warmup=10, rep=60, return_mode="median")
                         rec.update(ms=ms, tflops=flops / ms * 1e-9)
                     else:
-                        qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-                        vg = _values(lay, kg, vg)
+                        qg, kg, vg = _requires_grad(q, k, v)
 
                         def fn():
-                            o = selected_attention(qg, kg, vg, bi, 64, D ** -0.5, qs, config=cfg)
+                            o = selected_attention(qg, kg, vg, bi, 64, D ** -0.5, qs,
+                                                   value_dim=vdim, config=cfg)
                             o.backward(do)
                         ms = do_bench(fn, warmup=10, rep=100, return_mode="median",
-                                      grad_to_none=[qg, kg] + ([vg] if vg.is_leaf else []))
+                                      grad_to_none=[qg, kg] + ([vg] if vg is not None else []))
                         rec.update(ms=ms, tflops=3.5 * flops / ms * 1e-9)
                 except Exception as err:  # keep measuring the rest
                     rec.update(error=f"{type(err).__name__}: {err}"[:500])
@@ -309,7 +324,7 @@ def _bench_main(argv=None):
                 dump()
             if T == 65536 and time.time() - t_start < args.budget_s:
                 try:
-                    bd = _breakdown(q, k, v, bi, qs)
+                    bd = _breakdown(q, k, v, bi, qs, value_dim=vdim)
                     fwd_ms = bd["fwd_kernel"]
                     bd["fwd_kv_GBps"] = bd["kv_gather_GB"] / fwd_ms * 1e3
                     bd["dq_kv_GBps"] = bd["kv_gather_GB"] / bd["dq_kernel"] * 1e3

@@ -118,10 +118,13 @@ def select_blocks(q, k_cmp, lse, *, num_groups: int, block_len: int, stride: int
 
 
 def selected_attention(q, k, v, block_idx, select_block: int, scale: float, q_share: int = 1,
-                       backend: Backend = "auto"):
-    """See :mod:`kernels.selected_attention.reference`."""
+                       backend: Backend = "auto", *, value_dim: int | None = None):
+    """See :mod:`kernels.selected_attention.reference`. ``v=None, value_dim=Dv``: the values are
+    ``k[..., :Dv]`` (absorbed latent form; the Triton kernel reads each key tile once for both
+    and adds the value gradient into the key gradient); give exactly one of ``v`` and
+    ``value_dim``."""
     kernel = _pick("selected_attention", backend, q) or selected_ref.selected_attention
-    return kernel(q, k, v, block_idx, select_block, scale, q_share=q_share)
+    return kernel(q, k, v, block_idx, select_block, scale, q_share=q_share, value_dim=value_dim)
 
 
 # -- decoding: one query per sequence, see kernels.decode.reference ---------------------------

@@ -12,7 +12,8 @@ Grouped caches hold rotated keys and values ``(n_kv_heads, head_dim)`` per token
 the latent ``c (groups, latent_dim / groups)`` and the rotated RoPE key ``k_r (1, rope_dim)``.
 Compressed tokens are the layer's own compressors applied to the cached raw tokens, appended as
 blocks complete. Every sequence of the batch has its own length, hence its own positions, block
-boundaries and ring offset. Sizes match :func:`nsa_lit.model_stats.layer_kv_elements`.
+boundaries and ring offset. What a layer keeps is its ``LayerSpec``'s (``cache_slots``,
+``compressed_tokens``, ``cache_width``); ``LayerSpec.kv_elements`` counts the same elements.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from kernels.compression.reference import compressed_visible, num_compressed
+from kernels.blocks import compressed_visible, num_compressed
 from nsa_lit.config import ModelConfig
 
 Pair = tuple[torch.Tensor, torch.Tensor]
@@ -200,33 +201,29 @@ class LatentKVCache(TokenCache):
                          compress=compress, select=select, dtype=dtype, device=device)
 
 
-def layer_cache(cfg: ModelConfig, kind: str, batch: int, max_len: int,
+def layer_cache(cfg: ModelConfig, which: int | str, batch: int, max_len: int,
                 dtype: torch.dtype = torch.float32, device=None) -> TokenCache:
-    """The cache a layer of ``kind`` needs to decode ``batch`` sequences of up to ``max_len``."""
+    """The cache that layer ``which`` (an index or a kind, see ``ModelConfig.layer``) needs to
+    decode ``batch`` sequences of up to ``max_len`` tokens: what its :class:`LayerSpec` says it
+    keeps (``cache_slots``, compressed tokens, the selection for query sharing)."""
     if max_len > cfg.seq_len:
         raise ValueError(f"cache max_len ({max_len}) exceeds the model's seq_len ({cfg.seq_len})")
-    branches = cfg.branches(kind)
-    compressed = "compression" in branches or "selection" in branches
-    compress = (cfg.compress_block, cfg.compress_stride) if compressed else None
-    groups = (cfg.n_kv_heads if cfg.kv_source(kind) == "grouped" else cfg.latent_groups(kind))
-    select = ((groups, cfg.top_n, cfg.layer_q_share(kind)) if "selection" in branches else None)
-    if "full" in branches or "selection" in branches:
-        slots = max_len
-    else:  # recent tokens only: the window, and one compression block to compress
-        slots = min(max_len, max(cfg.window if "window" in branches else 0,
-                                 cfg.compress_block if compressed else 0))
+    spec = cfg.layer(which)
+    compress = (spec.compress_block, spec.compress_stride) if spec.compresses else None
+    select = (spec.kv_heads, spec.top_n, spec.q_share) if spec.selects else None
+    slots = spec.cache_slots(max_len)
     kw = dict(dtype=dtype, device=device)
-    if cfg.kv_source(kind) == "grouped":
-        return GroupedKVCache(batch, max_len, cfg.n_kv_heads, cfg.head_dim, slots=slots,
+    if not spec.latent:
+        return GroupedKVCache(batch, max_len, spec.kv_heads, spec.head_dim, slots=slots,
                               compress=compress, select=select, **kw)
-    group_dim = cfg.latent_dim // groups
-    if not compressed:
-        return LatentWindowCache(batch, max_len, slots, groups, group_dim, cfg.rope_dim, **kw)
-    return LatentKVCache(batch, max_len, groups, group_dim, cfg.rope_dim, compress=compress,
-                         select=select, **kw)
+    if not spec.compresses:
+        return LatentWindowCache(batch, max_len, slots, spec.kv_heads, spec.group_dim,
+                                 spec.rope_dim, **kw)
+    return LatentKVCache(batch, max_len, spec.kv_heads, spec.group_dim, spec.rope_dim,
+                         compress=compress, select=select, **kw)
 
 
 def new_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
                device=None) -> list[TokenCache]:
-    """One cache per layer of the model (``cfg.layer_kinds``); ``max_len <= cfg.seq_len``."""
+    """One cache per layer of the model; ``max_len <= cfg.seq_len``."""
     return [layer_cache(cfg, kind, batch, max_len, dtype, device) for kind in cfg.layer_kinds]

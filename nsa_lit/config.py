@@ -6,18 +6,165 @@ the 340M ASA model; ``README.md`` says which values are the paper's and which ar
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Literal
 
+from kernels.blocks import num_compressed
 from kernels.dispatch import BACKENDS
 
-# Layer kinds of ``layer_pattern``: which attention branches a layer runs.
-LAYER_KINDS: dict[str, tuple[str, ...]] = {
-    "F": ("full",),
-    "N": ("compression", "selection", "window"),  # narrowed by ``nsa_branches``
-    "L": ("window",),
-    "G": ("compression", "selection"),
+
+class Branch(str, Enum):
+    """An attention branch. A ``str`` enum: members equal their names (``Branch.WINDOW == "window"``),
+    so YAML lists such as ``nsa_branches`` hold plain strings."""
+
+    FULL = "full"
+    COMPRESSION = "compression"
+    SELECTION = "selection"
+    WINDOW = "window"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class KVSource(str, Enum):
+    """Where a layer's keys and values come from."""
+
+    GROUPED = "grouped"  # GQA: n_kv_heads key/value heads
+    LATENT = "latent"    # MLA (one latent group) or GLA (several): a cached latent + a RoPE key
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Form(str, Enum):
+    """The form in which a branch attends: to GQA heads, or (latent layers) to the latent itself
+    (``ABSORBED``, MQA-style) or to per-head keys/values rebuilt from it (``EXPANDED``)."""
+
+    GROUPED = "grouped"
+    ABSORBED = "absorbed"
+    EXPANDED = "expanded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Layer kinds of ``layer_pattern``: which attention branches a layer runs, in this order.
+LAYER_KINDS: dict[str, tuple[Branch, ...]] = {
+    "F": (Branch.FULL,),
+    "N": (Branch.COMPRESSION, Branch.SELECTION, Branch.WINDOW),  # narrowed by ``nsa_branches``
+    "L": (Branch.WINDOW,),
+    "G": (Branch.COMPRESSION, Branch.SELECTION),
 }
-BRANCHES = ("compression", "selection", "window")
+SPARSE_BRANCHES = (Branch.COMPRESSION, Branch.SELECTION, Branch.WINDOW)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything about one attention layer that follows from the config: the one place the
+    layer, its decode cache, ``model_stats`` and the benchmarks read these facts from.
+
+    ``kv_heads`` is the number of key/value heads the layer caches and its selection groups
+    share: ``n_kv_heads`` (GQA) or the latent groups (MLA: 1, GLA: ``g_c``); ``group_dim`` is the
+    width of one (``head_dim``, or ``latent_dim / groups``). ``forms`` gives the form each
+    branch trains in (``Form.GROUPED`` in GQA layers). Geometry fields are the config's.
+    """
+
+    kind: str
+    branches: tuple[Branch, ...]
+    kv: KVSource
+    n_heads: int
+    head_dim: int
+    kv_heads: int
+    group_dim: int
+    rope_dim: int
+    forms: dict[Branch, Form]  # every branch that attends (compression too when selecting)
+    q_share: int
+    window: int
+    compress_block: int
+    compress_stride: int
+    select_block: int
+    top_n: int
+    num_local_blocks: int
+
+    @property
+    def latent(self) -> bool:
+        return self.kv is KVSource.LATENT
+
+    @property
+    def compresses(self) -> bool:
+        """Whether the layer computes compressed tokens: for the compression branch, and for
+        selection, whose block importance comes from the compression attention."""
+        return Branch.COMPRESSION in self.branches or Branch.SELECTION in self.branches
+
+    @property
+    def selects(self) -> bool:
+        return Branch.SELECTION in self.branches
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale of every branch: ``1 / sqrt(head_dim (+ rope_dim for latent layers))``,
+        the same in both latent forms."""
+        return (self.head_dim + (self.rope_dim if self.latent else 0)) ** -0.5
+
+    @property
+    def query_dim(self) -> int:
+        """Width of one projected query head: ``head_dim`` (+ ``rope_dim`` for latent layers)."""
+        return self.head_dim + (self.rope_dim if self.latent else 0)
+
+    def form(self, branch: Branch | str) -> Form:
+        return self.forms[Branch(branch)]
+
+    @property
+    def compressed_form(self) -> Form | None:
+        """The form of the compression attention (which selection scores blocks from), or None
+        when the layer does not compress."""
+        return self.form(Branch.COMPRESSION) if self.compresses else None
+
+    @property
+    def token_forms(self) -> frozenset[Form]:
+        """Forms in which some branch reads per-token keys/values (all but compression)."""
+        return frozenset(self.forms[b] for b in self.branches if b is not Branch.COMPRESSION)
+
+    def dims(self, branch: Branch | str) -> tuple[int, int]:
+        """``(Dqk, Dv)`` per head of ``branch`` in its training form."""
+        form = self.form(branch)
+        if form is Form.GROUPED:
+            return self.head_dim, self.head_dim
+        if form is Form.ABSORBED:
+            return self.group_dim + self.rope_dim, self.group_dim
+        return self.head_dim + self.rope_dim, self.head_dim
+
+    def attention_heads(self, branch: Branch | str) -> int:
+        """Key/value heads a branch's kernel reads: the cached heads (GQA heads, latent groups
+        in the absorbed form) or, in the expanded form, one per query head."""
+        return self.n_heads if self.form(branch) is Form.EXPANDED else self.kv_heads
+
+    @property
+    def cache_width(self) -> int:
+        """Elements cached per token: ``2 * n_kv_heads * head_dim`` (keys and values) or
+        ``latent_dim + rope_dim`` (the latent is key and value)."""
+        if self.latent:
+            return self.kv_heads * self.group_dim + self.rope_dim
+        return 2 * self.kv_heads * self.head_dim
+
+    def cache_slots(self, max_len: int) -> int:
+        """Raw tokens a decode cache keeps of a sequence of up to ``max_len``: all of them for
+        full attention and selection, else the last ``window`` (and at least one compression
+        block, to compress the block ending at the newest token)."""
+        if Branch.FULL in self.branches or self.selects:
+            return max_len
+        keep = max(self.window if Branch.WINDOW in self.branches else 0,
+                   self.compress_block if self.compresses else 0)
+        return min(max_len, keep)
+
+    def compressed_tokens(self, context: int) -> int:
+        """Compressed tokens of a sequence of ``context`` tokens (0 without compression)."""
+        return num_compressed(context, self.compress_block, self.compress_stride) \
+            if self.compresses else 0
+
+    def kv_elements(self, context: int) -> int:
+        """Cache elements of one sequence of ``context`` tokens: raw and compressed tokens."""
+        return (self.cache_slots(context) + self.compressed_tokens(context)) * self.cache_width
 
 
 @dataclass
@@ -46,7 +193,7 @@ class ModelConfig:
 
     # Which attention each layer runs
     layer_pattern: str = "LG"
-    nsa_branches: list[str] = field(default_factory=lambda: list(BRANCHES))
+    nsa_branches: list[str] = field(default_factory=lambda: [b.value for b in SPARSE_BRANCHES])
 
     # Key/value sources
     n_kv_heads: int = 4
@@ -92,9 +239,10 @@ class ModelConfig:
              f"got {self.layer_pattern!r}" + (f" with unknown {unknown}" if unknown else ""))
         need(self.n_layers % len(self.layer_pattern) == 0, "layer_pattern",
              f"its length ({len(self.layer_pattern)}) must divide n_layers ({self.n_layers})")
-        bad = sorted(set(self.nsa_branches) - set(BRANCHES))
+        bad = sorted(set(self.nsa_branches) - set(SPARSE_BRANCHES))
         need(bool(self.nsa_branches) and not bad, "nsa_branches",
-             f"must be a non-empty subset of {list(BRANCHES)}, got {self.nsa_branches}")
+             f"must be a non-empty subset of {[str(b) for b in SPARSE_BRANCHES]}, "
+             f"got {self.nsa_branches}")
         need(len(set(self.nsa_branches)) == len(self.nsa_branches), "nsa_branches",
              "lists a branch twice")
         need(self.local_kv in ("latent", "grouped"), "local_kv", "must be 'latent' or 'grouped'")
@@ -112,8 +260,17 @@ class ModelConfig:
                  f"n_heads ({self.n_heads}) must be divisible by {name} ({groups})")
             need(self.latent_dim % groups == 0, name,
                  f"latent_dim ({self.latent_dim}) must be divisible by {name} ({groups})")
+        specs = [self.layer(kind) for kind in sorted(set(self.layer_pattern))]
+        if any(spec.latent for spec in specs):
+            need(self.latent_dim <= self.d_model, "latent_dim",
+                 f"must be <= d_model ({self.d_model}): the latent compresses the hidden state, "
+                 f"got {self.latent_dim}")
 
-        if self.uses_branch("compression") or self.uses_branch("selection"):
+        if self.uses_branch(Branch.WINDOW):
+            need(self.window < self.seq_len, "window",
+                 f"must be < seq_len ({self.seq_len}): a window over the whole sequence is full "
+                 f"attention, got {self.window}")
+        if any(spec.compresses for spec in specs):
             need(self.compress_block % self.compress_stride == 0, "compress_block",
                  f"must be a multiple of compress_stride ({self.compress_stride}), "
                  f"got {self.compress_block}")
@@ -122,7 +279,7 @@ class ModelConfig:
                  f"got {self.select_block}")
             need(self.seq_len >= self.compress_block, "seq_len",
                  f"must be >= compress_block ({self.compress_block}), got {self.seq_len}")
-        if self.uses_branch("selection"):
+        if self.uses_branch(Branch.SELECTION):
             need(self.seq_len % self.select_block == 0, "seq_len",
                  f"must be a multiple of select_block ({self.select_block}), got {self.seq_len}")
             need(self.select_block % self.q_share == 0, "q_share",
@@ -130,6 +287,10 @@ class ModelConfig:
             need(self.top_n >= 1 + self.num_local_blocks, "top_n",
                  f"must be >= 1 + num_local_blocks ({1 + self.num_local_blocks}): the first and "
                  f"the local blocks are always selected")
+            blocks = self.seq_len // self.select_block
+            need(self.top_n < blocks, "top_n",
+                 f"must be < seq_len / select_block ({blocks} selection blocks): selecting "
+                 f"{self.top_n} would attend to every block, got {self.top_n}")
 
     # -- derived quantities ------------------------------------------------------------------
     @property
@@ -137,31 +298,48 @@ class ModelConfig:
         """One letter per layer."""
         return list(self.layer_pattern * (self.n_layers // len(self.layer_pattern)))
 
-    def branches(self, kind: str) -> tuple[str, ...]:
-        """Attention branches that a layer of ``kind`` runs, in a fixed order."""
+    def layer(self, which: int | str) -> LayerSpec:
+        """The :class:`LayerSpec` of layer ``which`` (an index) or of a layer kind (a letter)."""
+        kind = self.layer_kinds[which] if isinstance(which, int) else which
+        if kind not in LAYER_KINDS:
+            raise ValueError(f"unknown layer kind {kind!r}: expected one of {''.join(LAYER_KINDS)}")
         if kind == "N":
-            return tuple(b for b in BRANCHES if b in self.nsa_branches)
-        return LAYER_KINDS[kind]
+            branches = tuple(b for b in SPARSE_BRANCHES if b in self.nsa_branches)
+        else:
+            branches = LAYER_KINDS[kind]
+        kv = KVSource({"F": "grouped", "N": "grouped", "L": self.local_kv,
+                       "G": self.global_kv}[kind])
+        # the compression attention runs whenever the layer selects (block importance)
+        attends = set(branches) | ({Branch.COMPRESSION} if Branch.SELECTION in branches else set())
+        if kv is KVSource.GROUPED:
+            kv_heads, group_dim = self.n_kv_heads, self.head_dim
+            forms = {b: Form.GROUPED for b in Branch if b in attends}
+        else:
+            kv_heads = self.local_latent_groups if kind == "L" else self.global_latent_groups
+            group_dim = self.latent_dim // kv_heads
+            forms = {b: self.branch_form(b) for b in Branch if b in attends}
+        return LayerSpec(
+            kind=kind, branches=branches, kv=kv, n_heads=self.n_heads, head_dim=self.head_dim,
+            kv_heads=kv_heads, group_dim=group_dim, rope_dim=self.rope_dim, forms=forms,
+            q_share=self.q_share if kind == "G" else 1,  # query sharing: global layers only
+            window=self.window, compress_block=self.compress_block,
+            compress_stride=self.compress_stride, select_block=self.select_block,
+            top_n=self.top_n, num_local_blocks=self.num_local_blocks)
 
-    def kv_source(self, kind: str) -> str:
-        """``"grouped"`` (GQA key/value heads) or ``"latent"`` (MLA/GLA latent)."""
-        return {"F": "grouped", "N": "grouped", "L": self.local_kv, "G": self.global_kv}[kind]
+    @property
+    def layers(self) -> list[LayerSpec]:
+        """One :class:`LayerSpec` per layer."""
+        specs = {kind: self.layer(kind) for kind in set(self.layer_pattern)}
+        return [specs[kind] for kind in self.layer_kinds]
 
-    def latent_groups(self, kind: str) -> int:
-        return self.local_latent_groups if kind == "L" else self.global_latent_groups
-
-    def branch_form(self, branch: str) -> str:
+    def branch_form(self, branch: Branch | str) -> Form:
         """Form in which a latent layer trains ``branch``: ``latent_form``, or under ``"auto"``
         the faster one measured on an H200 (benchmarks/README.md): absorbed for selection (all
         heads of a latent group read one latent block), expanded for the window and compression
         (narrower per-head keys: 96/64 instead of 288/256 or 160/128)."""
         if self.latent_form != "auto":
-            return self.latent_form
-        return "absorbed" if branch == "selection" else "expanded"
+            return Form(self.latent_form)
+        return Form.ABSORBED if branch == Branch.SELECTION else Form.EXPANDED
 
-    def layer_q_share(self, kind: str) -> int:
-        """Query sharing applies to the selection of global layers only."""
-        return self.q_share if kind == "G" else 1
-
-    def uses_branch(self, branch: str) -> bool:
-        return any(branch in self.branches(k) for k in set(self.layer_pattern))
+    def uses_branch(self, branch: Branch | str) -> bool:
+        return any(branch in self.layer(k).branches for k in set(self.layer_pattern))

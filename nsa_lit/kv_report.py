@@ -4,7 +4,7 @@
 configs/340m/full.yaml [--context 2048 8192 32768 131072] [--dtype bf16] [--batch 1]
 [--device cpu|meta]`` allocates, for every config and context, the caches that
 :func:`nsa_lit.cache.new_caches` gives a decoder (no model weights), sums their
-``bytes_allocated()`` and prints it beside :func:`nsa_lit.model_stats.layer_kv_elements` times
+``bytes_allocated()`` and prints it beside ``LayerSpec.kv_elements`` (the formula) times
 the element size, and the ratio to the baseline (the first NSA config unless ``--baseline``).
 A context beyond a config's ``seq_len`` raises ``seq_len`` for the measurement only.
 ``--device meta`` sizes the same tensors without allocating memory.
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from nsa_lit.cache import new_caches
-from nsa_lit.config import ModelConfig
-from nsa_lit.model_stats import layer_kv_elements, load_model_config
+from nsa_lit.config import Branch, ModelConfig
+from nsa_lit.model_stats import load_model_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,11 +30,11 @@ def measure(cfg: ModelConfig, context: int, batch: int = 1, dtype: torch.dtype =
     """``(allocated, formula)`` bytes of all layers' caches for ``batch`` sequences of
     ``context`` tokens."""
     if context > cfg.seq_len:
-        step = cfg.select_block if cfg.uses_branch("selection") else 1
+        step = cfg.select_block if cfg.uses_branch(Branch.SELECTION) else 1
         cfg = dataclasses.replace(cfg, seq_len=math.ceil(context / step) * step)
     caches = new_caches(cfg, batch, context, dtype, device)
     allocated = sum(cache.bytes_allocated() for cache in caches)
-    elements = sum(layer_kv_elements(cfg, kind, context) for kind in cfg.layer_kinds)
+    elements = sum(spec.kv_elements(context) for spec in cfg.layers)
     return allocated, elements * batch * dtype.itemsize
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         args.baseline)
     width = max(len(p) for p in args.config)
     print(f"KV cache, batch {args.batch}, {args.dtype}: bytes allocated by the decode caches "
-          f"(device {args.device}) vs the formula (model_stats.layer_kv_elements)")
+          f"(device {args.device}) vs the formula (LayerSpec.kv_elements)")
     header = (f"{'config':{width}} {'pattern':7} {'context':>7} {'allocated MiB':>14} "
               f"{'formula MiB':>12} {'equal':>5}")
     if base:

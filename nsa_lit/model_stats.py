@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from kernels.compression.reference import num_compressed
 from nsa_lit.attention import Attention
-from nsa_lit.attention.kv import LatentKV
-from nsa_lit.config import ModelConfig
+from nsa_lit.config import Branch, Form, LayerSpec, ModelConfig
 from nsa_lit.model import Transformer
 
 
@@ -34,27 +32,9 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
-def layer_kv_elements(cfg: ModelConfig, kind: str, context: int) -> int:
-    """Elements one layer of ``kind`` caches for one sequence of ``context`` tokens."""
-    branches = cfg.branches(kind)
-    if cfg.kv_source(kind) == "grouped":
-        width = 2 * cfg.n_kv_heads * cfg.head_dim
-    else:
-        width = cfg.latent_dim + cfg.rope_dim
-    compressed = "compression" in branches or "selection" in branches
-    if "full" in branches or "selection" in branches:
-        raw = context
-    else:
-        keep = max(cfg.window if "window" in branches else 0,
-                   cfg.compress_block if compressed else 0)
-        raw = min(context, keep)
-    blocks = num_compressed(context, cfg.compress_block, cfg.compress_stride) if compressed else 0
-    return (raw + blocks) * width
-
-
 def kv_elements_per_token(cfg: ModelConfig, context: int) -> float:
-    """Cache elements of all layers divided by the context length."""
-    return sum(layer_kv_elements(cfg, kind, context) for kind in cfg.layer_kinds) / context
+    """Cache elements of all layers (``LayerSpec.kv_elements``) divided by the context length."""
+    return sum(spec.kv_elements(context) for spec in cfg.layers) / context
 
 
 # -- FLOPs -------------------------------------------------------------------------------------
@@ -86,89 +66,74 @@ def attention_flops(tokens: int, heads: int, dqk: int, dv: int, visible: float) 
     return 2.0 * visible * (dqk + dv) * heads * tokens
 
 
-def branch_dims(cfg: ModelConfig, kind: str, branch: str) -> tuple[int, int]:
-    """``(Dqk, Dv)`` per head of ``branch`` in the form a layer of ``kind`` trains it."""
-    if cfg.kv_source(kind) == "grouped":
-        return cfg.head_dim, cfg.head_dim
-    if cfg.branch_form(branch) == "absorbed":
-        dc = cfg.latent_dim // cfg.latent_groups(kind)
-        return dc + cfg.rope_dim, dc
-    return cfg.head_dim + cfg.rope_dim, cfg.head_dim
-
-
-def _attention_parts(cfg: ModelConfig, kind: str, T: int) -> tuple[float, float]:
+def _attention_parts(spec: LayerSpec, T: int) -> tuple[float, float]:
     """Forward attention FLOPs per token of one layer, split into what is differentiated (the
     branch outputs) and what runs without gradient (block-importance scores, and the
     compression attention when only selection needs its log-sum-exp)."""
-    H, branches = cfg.n_heads, cfg.branches(kind)
+    H, branches = spec.n_heads, spec.branches
     trained = scoring = 0.0
-    if "full" in branches:
-        trained += attention_flops(1, H, *branch_dims(cfg, kind, "full"), visible_causal(T))
-    if "window" in branches:
-        trained += attention_flops(1, H, *branch_dims(cfg, kind, "window"),
-                                   visible_window(T, cfg.window))
-    if "compression" in branches or "selection" in branches:
-        dqk, dv = branch_dims(cfg, kind, "compression")
-        n_cmp = visible_compressed(T, cfg.compress_block, cfg.compress_stride)
+    if Branch.FULL in branches:
+        trained += attention_flops(1, H, *spec.dims(Branch.FULL), visible_causal(T))
+    if Branch.WINDOW in branches:
+        trained += attention_flops(1, H, *spec.dims(Branch.WINDOW), visible_window(T, spec.window))
+    if spec.compresses:
+        dqk, dv = spec.dims(Branch.COMPRESSION)
+        n_cmp = visible_compressed(T, spec.compress_block, spec.compress_stride)
         compression = attention_flops(1, H, dqk, dv, n_cmp)
-        if "compression" in branches:
+        if Branch.COMPRESSION in branches:
             trained += compression
         else:
             scoring += compression
-        if "selection" in branches:
-            scoring += attention_flops(1, H, dqk, 0, n_cmp) / cfg.layer_q_share(kind)
-            trained += attention_flops(1, H, *branch_dims(cfg, kind, "selection"),
-                                       visible_selected(T, cfg.select_block, cfg.top_n))
+        if spec.selects:
+            scoring += attention_flops(1, H, dqk, 0, n_cmp) / spec.q_share
+            trained += attention_flops(1, H, *spec.dims(Branch.SELECTION),
+                                       visible_selected(T, spec.select_block, spec.top_n))
     return trained, scoring
 
 
-def layer_attention_flops(cfg: ModelConfig, kind: str, T: int, training: bool = False) -> float:
-    """Attention FLOPs per token of one layer of ``kind`` on sequences of ``T`` tokens: every
+def layer_attention_flops(spec: LayerSpec, T: int, training: bool = False) -> float:
+    """Attention FLOPs per token of the layer ``spec`` on sequences of ``T`` tokens: every
     branch in its training form, the block-importance scores (one query in ``q_share``) and the
     compression attention that selection needs even without the compression branch. Forward
     only, or with ``training`` the forward and backward (3x for what gets gradients, 1x for the
     scoring that runs without). Projections are :func:`matmul_flops_per_token`'s."""
-    trained, scoring = _attention_parts(cfg, kind, T)
+    trained, scoring = _attention_parts(spec, T)
     return 3.0 * trained + scoring if training else trained + scoring
 
 
-def _latent_projection_flops(cfg: ModelConfig, attn: Attention) -> float:
+def _latent_projection_flops(attn: Attention) -> float:
     """Forward FLOPs per token of a latent layer's ``W_uk`` / ``W_uv`` products, as the layer
     applies them in its forms: per-head keys and values per token (expanded branches), the
     absorbed query once and ``W_uv`` once per absorbed branch output, and per-head keys and
     values of the compressed tokens (one in ``compress_stride``) in the expanded form."""
+    spec = attn.spec
     uk, uv = attn.kv.w_uk.numel(), attn.kv.w_uv.numel()
-    branches, form = attn.branches, cfg.branch_form
-    token_forms = {form(b) for b in branches if b != "compression"}
-    cmp_form = (form("compression") if "compression" in branches or "selection" in branches
-                else None)
     weights = 0.0
-    if "expanded" in token_forms:
+    if Form.EXPANDED in spec.token_forms:
         weights += uk + uv
-    if "absorbed" in token_forms or cmp_form == "absorbed":
+    if Form.ABSORBED in spec.token_forms or spec.compressed_form is Form.ABSORBED:
         weights += uk
-    weights += uv * sum(form(b) == "absorbed" for b in branches)
-    if cmp_form == "expanded":
-        weights += (uk + uv) / cfg.compress_stride
+    weights += uv * sum(spec.form(b) is Form.ABSORBED for b in spec.branches)
+    if spec.compressed_form is Form.EXPANDED:
+        weights += (uk + uv) / spec.compress_stride
     return 2.0 * weights
 
 
-def matmul_flops_per_token(module: torch.nn.Module, cfg: ModelConfig) -> float:
+def matmul_flops_per_token(module: torch.nn.Module) -> float:
     """Forward FLOPs per token of the matrix products in ``module`` (a model or a layer): 2 per
     weight of every linear layer (a compressor's MLP only once per compressed token and
     head/group) and the latent up-projections as each layer applies them."""
     layers = [m for m in module.modules() if isinstance(m, Attention)]
     share = {}  # compressor Linear -> applications per token
     for attn in layers:
-        for name, groups in (("k_compressor", cfg.n_kv_heads), ("v_compressor", cfg.n_kv_heads),
-                             ("latent_compressor", getattr(attn.kv, "groups", 1)),
-                             ("rope_compressor", 1)):
-            for m in getattr(attn, name).modules() if hasattr(attn, name) else ():
-                share[m] = groups / cfg.compress_stride
+        spec = attn.spec
+        for name in attn._compressor_names:  # latent/keys/values: per group; RoPE key: once
+            groups = 1 if name == "rope_compressor" else spec.kv_heads
+            for m in getattr(attn, name).modules():
+                share[m] = groups / spec.compress_stride
     flops = sum(2.0 * m.weight.numel() * share.get(m, 1.0) for m in module.modules()
                 if isinstance(m, torch.nn.Linear))
-    return flops + sum(_latent_projection_flops(cfg, a) for a in layers
-                       if isinstance(a.kv, LatentKV))
+    return flops + sum(_latent_projection_flops(a) for a in layers if a.spec.latent)
 
 
 def training_flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
@@ -181,8 +146,8 @@ def training_flops_per_token(cfg: ModelConfig, T: int | None = None) -> float:
     with torch.device("meta"):
         model = Transformer(cfg)
     kinds = Counter(cfg.layer_kinds)
-    return (3.0 * matmul_flops_per_token(model, cfg)
-            + sum(n * layer_attention_flops(cfg, kind, T, training=True)
+    return (3.0 * matmul_flops_per_token(model)
+            + sum(n * layer_attention_flops(cfg.layer(kind), T, training=True)
                   for kind, n in kinds.items()))
 
 

@@ -47,3 +47,52 @@ def test_selected_attention_benchmark_names_a_bad_variant(argv, message, capsys)
     with pytest.raises(SystemExit):
         bench._bench_main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_attention_cases_are_valid_configs_at_every_default_length():
+    """Every case is built from a config (no restated shapes); each is valid at every T."""
+    for case in attention.CASES:
+        for T in attention.DEFAULT_T:
+            spec = attention.layer_spec(case.cfg, case.kind, T)
+            assert spec.kind == case.kind and spec.branches, case.name
+
+
+@pytest.mark.parametrize("latent_form", ["auto", "absorbed", "expanded"])
+@pytest.mark.parametrize("pattern, kind", [("LG", "G"), ("LG", "L"), ("N", "N"), ("F", "F")])
+def test_branch_benchmark_inputs_are_what_the_layer_passes(monkeypatch, pattern, kind,
+                                                           latent_form):
+    """``branches_case`` times ``run_branches`` on inputs of the shapes, forms and value layout
+    (values in the keys for absorbed forms) that the layer itself passes it."""
+    import torch
+
+    import nsa_lit.attention.layer as layer_module
+    from nsa_lit.attention import Attention
+    from nsa_lit.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=97, n_layers=2, d_model=32, n_heads=4, head_dim=8, n_kv_heads=2,
+                      mlp_hidden=64, seq_len=64, latent_dim=16, rope_dim=4, window=12,
+                      compress_block=8, compress_stride=4, select_block=8, top_n=3,
+                      num_local_blocks=1, q_share=4, layer_pattern=pattern,
+                      latent_form=latent_form, kernel_backend="reference")
+    seen = {}
+    real = layer_module.run_branches
+
+    def spy(spec, inputs, backend="auto"):
+        seen.update(inputs)
+        return real(spec, inputs, backend)
+
+    monkeypatch.setattr(layer_module, "run_branches", spy)
+    Attention(cfg, kind)(torch.randn(2, 64, 32))
+    monkeypatch.setattr(attention, "DEVICE", "cpu")
+    built, leaves = attention.branch_inputs(cfg.layer(kind), 2, 64)
+
+    def layout(inp):
+        shapes = {f: None if getattr(inp, f) is None else tuple(getattr(inp, f).shape)
+                  for f in ("q", "k", "v", "k_cmp", "v_cmp")}
+        return shapes, inp.values_in_keys
+
+    assert {f: layout(i) for f, i in built.items()} == {f: layout(i) for f, i in seen.items()}
+    for inp in built.values():
+        if inp.values_in_keys and inp.v is not None:
+            assert inp.v.data_ptr() == inp.k.data_ptr()
+    assert all(t.requires_grad for t in leaves)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import oracle
-from kernels.compression.reference import compression_attention, num_compressed
+from kernels.blocks import num_compressed, overlap_weights
+from kernels.compression.reference import compression_attention
 from kernels.selected_attention.reference import selected_attention
-from kernels.selection.reference import overlap_weights, select_blocks
+from kernels.selection.reference import select_blocks
 from kernels.sliding_window.reference import sliding_window_attention
 from nsa_lit.attention.compressor import BlockCompressor
 

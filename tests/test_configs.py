@@ -61,12 +61,25 @@ def test_data_sequence_length_follows_the_model(monkeypatch):
     from nsa_lit.cli import cli_main
 
     monkeypatch.chdir(ROOT)
-    cli = cli_main(["--config", "configs/tiny.yaml", "--model.arch.seq_len", "128",
+    cli = cli_main(["--config", "configs/tiny.yaml", "--model.arch.seq_len", "512",
                     "--trainer.logger", "false", "--trainer.callbacks", "[]"], run=False)
-    assert cli.model.arch.seq_len == 128 and cli.datamodule.seq_len == 128
+    assert cli.model.arch.seq_len == 512 and cli.datamodule.seq_len == 512
 
 
 def test_cli_rejects_a_bad_field_by_name():
     out = run_cli("fit", "--config", "configs/tiny.yaml", "--model.arch.n_kv_heads", "3")
     assert out.returncode != 0
     assert "`n_kv_heads`" in out.stderr
+
+
+def test_cli_rejects_abbreviated_options():
+    """argparse's prefix matching would take ``--model.arch.n_head`` for ``n_heads``."""
+    from nsa_lit.cli import cli_main
+
+    with pytest.raises(SystemExit) as err:
+        cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.arch.n_head", "8",
+                  "--print_config"])
+    assert err.value.code != 0
+    ok = run_cli("fit", "--config", "configs/tiny.yaml", "--model.arch.n_heads", "8",
+                 "--print_config")
+    assert ok.returncode == 0 and yaml.safe_load(ok.stdout)["model"]["arch"]["n_heads"] == 8

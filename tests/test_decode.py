@@ -12,7 +12,6 @@ from nsa_lit.cache import (GroupedKVCache, LatentKVCache, LatentWindowCache, lay
 from nsa_lit.data.tokenizer import train_bpe
 from nsa_lit.lit_module import LanguageModel, OptimConfig
 from nsa_lit.model import Transformer
-from nsa_lit.model_stats import layer_kv_elements
 from test_model import SMALL, VARIANTS, config
 
 T = 64  # SMALL: window 12, compression blocks 8 / stride 4, selection blocks 8, top_n 3, q_share 4
@@ -122,11 +121,11 @@ def test_caches_hold_what_the_formula_says(name, max_len):
     cfg = config(name)
     for kind in set(cfg.layer_kinds):
         cache = layer_cache(cfg, kind, 2, max_len, torch.float64)
-        expected = 2 * layer_kv_elements(cfg, kind, max_len) * 8
+        expected = 2 * cfg.layer(kind).kv_elements(max_len) * 8
         assert cache.bytes_allocated() == expected, (name, kind)
         meta = layer_cache(cfg, kind, 2, max_len, torch.float64, device="meta")
         assert meta.bytes_allocated() == expected
-        latent = cfg.kv_source(kind) == "latent"
+        latent = cfg.layer(kind).latent
         want = {("L", True): LatentWindowCache, ("G", True): LatentKVCache}.get(
             (kind, latent), GroupedKVCache)
         assert type(cache) is want
@@ -233,7 +232,7 @@ def test_kv_report_measures_the_caches(tmp_path, capsys):
     asa, nsa = by[(paths[0], 64)], by[(paths[1], 64)]
     assert nsa["ratio"] == 1.0 and asa["ratio"] == asa["allocated"] / nsa["allocated"] < 0.5
     cfg = config("asa")
-    assert asa["allocated"] == 4 * sum(layer_kv_elements(cfg, k, 64) for k in cfg.layer_kinds)
+    assert asa["allocated"] == 4 * sum(spec.kv_elements(64) for spec in cfg.layers)
     meta, _ = kv_report.report(paths, [128], dtype="bf16", device="meta")
     assert [r["allocated"] for r in meta] == [by[(p, 128)]["allocated"] // 2 for p in paths]
 

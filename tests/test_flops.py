@@ -29,7 +29,7 @@ def test_full_attention_training_flops_by_hand():
 
 
 def test_compressor_mlps_count_once_per_compressed_token_and_group():
-    asa = ModelConfig(n_layers=2, layer_pattern="LG", seq_len=512)
+    asa = ModelConfig(n_layers=2, layer_pattern="LG", seq_len=2048)
     mean = dataclasses.replace(asa, compress_method="mean")
     l, s, dc, dr = asa.compress_block, asa.compress_stride, asa.latent_dim // 2, asa.rope_dim
     latent_mlp = l * dc * dc + dc * dc   # Linear(l*dc -> dc), Linear(dc -> dc), 2 groups
@@ -44,7 +44,7 @@ def test_latent_up_projections_count_as_each_form_applies_them():
 
     from nsa_lit.attention import Attention
 
-    cfg = ModelConfig(seq_len=512)
+    cfg = ModelConfig(seq_len=2048)
     uk = uv = cfg.n_heads * cfg.head_dim * cfg.latent_dim // 2  # GLA: 2 groups of 128
     uk_mla = cfg.n_heads * cfg.head_dim * cfg.latent_dim        # MLA: one latent of 256
 
@@ -54,7 +54,7 @@ def test_latent_up_projections_count_as_each_form_applies_them():
         linear = sum(2.0 * m.weight.numel() * (1 if "compressor" not in n else
                                                (2 if "latent" in n else 1) / c.compress_stride)
                      for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
-        return ms.matmul_flops_per_token(layer, c) - linear
+        return ms.matmul_flops_per_token(layer) - linear
 
     # local, window expanded: per-head keys and values of every token
     assert up_flops(cfg, "L") == pytest.approx(2 * (uk_mla + uk_mla))
@@ -72,12 +72,12 @@ def test_scoring_without_gradient_counts_once_in_training():
     n_cmp, n_sel = ms.visible_compressed(T, 32, 16), ms.visible_selected(T, 64, 16)
     trained = 2 * 16 * (n_cmp * (96 + 64) + n_sel * (160 + 128))
     scoring = 2 * 16 * n_cmp * 96 / 4
-    assert ms.layer_attention_flops(cfg, "G", T, training=True) == pytest.approx(
+    assert ms.layer_attention_flops(cfg.layer("G"), T, training=True) == pytest.approx(
         3 * trained + scoring)
     no_cmp = ModelConfig(layer_pattern="N", nsa_branches=["selection", "window"],
                          compress_method="mean", seq_len=T)
     w = ms.visible_window(T, 512)
-    assert ms.layer_attention_flops(no_cmp, "N", T, training=True) == pytest.approx(
+    assert ms.layer_attention_flops(no_cmp.layer("N"), T, training=True) == pytest.approx(
         3 * 2 * 16 * (n_sel * 128 + w * 128) + 2 * 16 * (n_cmp * 128 + n_cmp * 64))
 
 
@@ -88,15 +88,15 @@ def test_attention_flops_follow_the_training_form():
     n_sel = ms.visible_selected(T, 64, 16)
     # auto: compression expanded (96 / 64 per head), selection absorbed (128 + 32 / 128 latent)
     expected = 2 * 16 * (n_cmp * (96 + 64) + n_cmp * 96 / 4 + n_sel * (160 + 128))
-    assert ms.layer_attention_flops(cfg, "G", T) == pytest.approx(expected)
+    assert ms.layer_attention_flops(cfg.layer("G"), T) == pytest.approx(expected)
     expanded = dataclasses.replace(cfg, latent_form="expanded")
-    assert ms.layer_attention_flops(expanded, "G", T) == pytest.approx(
+    assert ms.layer_attention_flops(expanded.layer("G"), T) == pytest.approx(
         2 * 16 * (n_cmp * (96 + 64) + n_cmp * 96 / 4 + n_sel * (96 + 64)))
     # local MLA layer: the window, expanded
-    assert ms.layer_attention_flops(cfg, "L", T) == pytest.approx(
+    assert ms.layer_attention_flops(cfg.layer("L"), T) == pytest.approx(
         2 * 16 * ms.visible_window(T, 512) * (96 + 64))
     # NSA without the compression branch still computes the compression attention
     no_cmp = ModelConfig(layer_pattern="N", nsa_branches=["selection", "window"],
                          compress_method="mean", seq_len=T)
-    assert ms.layer_attention_flops(no_cmp, "N", T) == pytest.approx(
+    assert ms.layer_attention_flops(no_cmp.layer("N"), T) == pytest.approx(
         2 * 16 * (n_cmp * 128 + n_cmp * 64 + n_sel * 128 + ms.visible_window(T, 512) * 128))

@@ -5,7 +5,7 @@ import torch
 
 from nsa_lit.config import ModelConfig
 from nsa_lit.model import Transformer
-from nsa_lit.model_stats import count_parameters, kv_elements_per_token, layer_kv_elements
+from nsa_lit.model_stats import count_parameters, kv_elements_per_token
 
 SMALL = dict(vocab_size=97, n_layers=2, d_model=32, n_heads=4, head_dim=8, n_kv_heads=2,
              mlp_hidden=64, seq_len=64, latent_dim=16, rope_dim=4, window=12, compress_block=8,
@@ -82,23 +82,28 @@ def test_absorbed_expanded_and_auto_forms_agree(groups):
     torch.testing.assert_close(out["auto"], out["expanded"], rtol=1e-9, atol=1e-9)
 
 
-def test_absorbed_selection_passes_values_as_a_view_of_the_keys(monkeypatch):
-    """The absorbed form hands selected attention ``v = k[..., :latent/groups]``, the layout
-    the Triton kernel reads through the keys (one latent tile load for both)."""
+def test_absorbed_selection_reads_values_through_the_keys(monkeypatch):
+    """The absorbed form's selected-attention values are the latent ``c = k[..., :latent/groups]``:
+    the layer says so explicitly (``v=None, value_dim``), so the Triton kernel reads each key tile
+    once for both; the result equals attention with those values passed as a tensor."""
     import kernels
-    from kernels.selected_attention.triton_kernel import values_in_keys
 
     calls = []
     original = kernels.selected_attention
 
-    def spy(q, k, v, *args, **kwargs):
-        calls.append((values_in_keys(k, v), v.shape[-1]))
-        return original(q, k, v, *args, **kwargs)
+    def spy(q, k, v, *args, value_dim=None, **kwargs):
+        assert v is None and value_dim is not None
+        out = original(q, k, v, *args, value_dim=value_dim, **kwargs)
+        separate = original(q.detach(), k.detach(), k.detach()[..., :value_dim].clone(), *args,
+                            **kwargs)
+        torch.testing.assert_close(out, separate, rtol=0, atol=0)
+        calls.append(value_dim)
+        return out
 
     monkeypatch.setattr(kernels, "selected_attention", spy)
     cfg = config("asa", global_latent_groups=2)
     Transformer(cfg)(torch.randint(0, 97, (1, 64))).sum().backward()
-    assert calls == [(True, cfg.latent_dim // 2)]
+    assert calls == [cfg.latent_dim // 2]
 
 
 def test_query_sharing_reuses_the_first_querys_blocks():
@@ -150,8 +155,8 @@ def test_kv_elements_formula():
     # local: last `window` latents; global: all latents + compressed latents; width 16 + 4
     local = 12 * 20
     global_ = (64 + (64 - 8) // 4 + 1) * 20
-    assert layer_kv_elements(asa, "L", 64) == local
-    assert layer_kv_elements(asa, "G", 64) == global_
+    assert asa.layer("L").kv_elements(64) == local
+    assert asa.layer("G").kv_elements(64) == global_
     assert kv_elements_per_token(asa, 64) == (local + global_) / 64
 
 

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (interpreting, num_sms, row_major, split_descriptors, split_dim,
-                                  tma_descriptor)
+from kernels.triton_utils import (interpreting, load_rows, mm, num_sms, qk, row_major,
+                                  split_descriptors, split_dim, tma_descriptor)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -51,45 +51,8 @@ MAX_SPLIT_TOKENS = 16384
 
 
 # --------------------------------------------------------------------------------------------
-# shared device helpers
+# device helpers (the ones other kernels share live in kernels.triton_utils)
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_rows(ptr, row_off, row_mask, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
-    """Load a (rows, DA) and a (rows, DB) tile of a row-major [*, D] operand (masked d >= D)."""
-    da = tl.arange(0, DA)
-    xa = tl.load(ptr + row_off[:, None] + da[None, :],
-                 mask=row_mask[:, None] & (da[None, :] < D), other=0.0)
-    if DB > 0:
-        db = DA + tl.arange(0, DB)
-        xb = tl.load(ptr + row_off[:, None] + db[None, :],
-                     mask=row_mask[:, None] & (db[None, :] < D), other=0.0)
-    else:
-        xb = xa
-    return xa, xb
-
-
-@triton.jit
-def _qk(qa, qb, ka, kb, DB: tl.constexpr, IEEE: tl.constexpr):
-    """(M, D) x (N, D)^T -> (M, N) float32, the two head-dim parts summed."""
-    if IEEE:
-        s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
-        if DB > 0:
-            s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
-    else:
-        s = tl.dot(qa, tl.trans(ka))
-        if DB > 0:
-            s += tl.dot(qb, tl.trans(kb))
-    return s
-
-
-@triton.jit
-def _mm(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -108,7 +71,7 @@ def _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D: tl.con
     else:
         n64 = n.to(tl.int64)
         dv = tl.arange(0, DVP)
-        ka, kb = _load_rows(k_base, n64 * skn, n < N, D, DA, DB)
+        ka, kb = load_rows(k_base, n64 * skn, n < N, D, DA, DB)
         vv = tl.load(v_base + n64[:, None] * svn + dv[None, :],
                      mask=(n[:, None] < N) & (dv[None, :] < DV), other=0.0)
     return ka, kb, vv
@@ -144,7 +107,7 @@ def _fwd_kernel(
     t64 = t.to(tl.int64)
 
     q_off = b * sqb + t64 * sqt + h * sqh
-    qa, qb = _load_rows(Q, q_off, row_ok, D, DA, DB)
+    qa, qb = load_rows(Q, q_off, row_ok, D, DA, DB)
 
     k_base = K + b * skb + hk.to(tl.int64) * skh
     v_base = V + b * svb + hk.to(tl.int64) * svh
@@ -164,26 +127,26 @@ def _fwd_kernel(
         n = n0 + nn
         ka, kb, vv = _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D, DA,
                                DB, DV, DVP, BLOCK_N, TMA)
-        s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+        s = qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(p.to(vv.dtype), vv, acc * alpha[:, None], IEEE)
+        acc = mm(p.to(vv.dtype), vv, acc * alpha[:, None], IEEE)
         m_i = m_new
 
     for n0 in range(n_full, n_hi, BLOCK_N):
         n = n0 + nn
         ka, kb, vv = _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D, DA,
                                DB, DV, DVP, BLOCK_N, TMA)
-        s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+        s = qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
         vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t[:, None]) & (n[None, :] < N)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(p.to(vv.dtype), vv, acc * alpha[:, None], IEEE)
+        acc = mm(p.to(vv.dtype), vv, acc * alpha[:, None], IEEE)
         m_i = m_new
 
     seen = l_i > 0
@@ -209,16 +172,16 @@ def _dq_tile(dqa, dqb, qa, qb, do, lse2, delta, t, n0, n, k_base, v_base, KDA, K
              DVP: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
     ka, kb, vv = _kv_tiles(k_base, v_base, KDA, KDB, VD, b, hk, n0, n, skn, svn, N, D, DA, DB,
                            DV, DVP, BLOCK_N, TMA)
-    s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+    s = qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASK:
         vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t[:, None]) & (n[None, :] < N)
         p = tl.where(vis, p, 0.0)
-    dp = _qk(do, do, vv, vv, 0, IEEE)
+    dp = qk(do, do, vv, vv, 0, IEEE)
     ds = (p * (dp - delta[:, None])).to(ka.dtype)
-    dqa = _mm(ds, ka, dqa, IEEE)
+    dqa = mm(ds, ka, dqa, IEEE)
     if DB > 0:
-        dqb = _mm(ds, kb, dqb, IEEE)
+        dqb = mm(ds, kb, dqb, IEEE)
     return dqa, dqb
 
 
@@ -249,7 +212,7 @@ def _bwd_dq_kernel(
     dv = tl.arange(0, DVP)
     dv_ok = dv[None, :] < DV
 
-    qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+    qa, qb = load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
     o = tl.load(O + (b * sob + t64 * sot + h * soh)[:, None] + dv[None, :],
                 mask=row_ok[:, None] & dv_ok, other=0.0)
     do = tl.load(DO + (b * sdob + t64 * sdot + h * sdoh)[:, None] + dv[None, :],
@@ -316,26 +279,26 @@ def _dkdv_tile(dka, dkb, dvacc, ka, kb, vv, nn, tt, mr, h, hh_ok, Q, DO, LSE, DE
             qb = QDB.load([b32, tt, hk * REP, DA]).reshape([M, DB])
         do = DOD.load([b32, tt, hk * REP, 0]).reshape([M, DVP])
     else:
-        qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+        qa, qb = load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
         do = tl.load(DO + (b * sdob + t64 * sdot + h * sdoh)[:, None] + dv[None, :],
                      mask=row_ok[:, None] & (dv[None, :] < DV), other=0.0)
     l_off = b * slb + t64 * slt + h
     lse = tl.load(LSE + l_off, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
-    st = _qk(ka, kb, qa, qb, DB, IEEE) * qk_scale  # (BLOCK_N, M)
+    st = qk(ka, kb, qa, qb, DB, IEEE) * qk_scale  # (BLOCK_N, M)
     pt = tl.exp2(st - lse2[None, :])
     if MASK:
         vis = nn[:, None] * STRIDE + (BLOCK_LEN - 1) <= t[None, :]
         pt = tl.where(vis, pt, 0.0)
     if DO_DV:
-        dvacc = _mm(pt.to(do.dtype), do, dvacc, IEEE)
+        dvacc = mm(pt.to(do.dtype), do, dvacc, IEEE)
     if DO_DK:
-        dpt = _qk(vv, vv, do, do, 0, IEEE)
+        dpt = qk(vv, vv, do, do, 0, IEEE)
         dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
-        dka = _mm(dst, qa, dka, IEEE)
+        dka = mm(dst, qa, dka, IEEE)
         if DB > 0:
-            dkb = _mm(dst, qb, dkb, IEEE)
+            dkb = mm(dst, qb, dkb, IEEE)
     return dka, dkb, dvacc
 
 
@@ -363,7 +326,7 @@ def _bwd_dkdv_kernel(
     n64 = nn.to(tl.int64)
     dv = tl.arange(0, DVP)
     dv_ok = dv[None, :] < DV
-    ka, kb = _load_rows(K + b * skb + hk.to(tl.int64) * skh, n64 * skn, n_ok, D, DA, DB)
+    ka, kb = load_rows(K + b * skb + hk.to(tl.int64) * skh, n64 * skn, n_ok, D, DA, DB)
     vv = tl.load(V + b * svb + hk.to(tl.int64) * svh + n64[:, None] * svn + dv[None, :],
                  mask=n_ok[:, None] & dv_ok, other=0.0)
 

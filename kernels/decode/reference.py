@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.compression.reference import compressed_visible
+from kernels.blocks import compressed_visible, pick_blocks
 from kernels.masked_attention import masked_attention
-from kernels.selection.reference import group_importance, pick_blocks
+from kernels.selection.reference import group_importance
 
 
 def slot_positions(positions: torch.Tensor, slots: int) -> torch.Tensor:

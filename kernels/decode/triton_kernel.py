@@ -63,7 +63,7 @@ Design
 group probabilities ``p_g[b, g, i] = sum_{h in g} exp(q_h . k_i * scale - lse_h)`` straight from the
 compressed cache (``_group_probs_kernel``, one program per (sequence, group, key tile), heads of
 the group as MMA rows); re-binning (one fp32 matmul against the cached overlap matrix) and the
-top-n pick stay in PyTorch (``kernels.selection.reference.pick_blocks``, ``Ns <= seq_len / l'``
+top-n pick stay in PyTorch (``kernels.blocks.pick_blocks``, ``Ns <= seq_len / l'``
 scores per row).
 """
 from __future__ import annotations
@@ -76,8 +76,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.blocks import overlap_weights, pick_blocks
 from kernels.triton_utils import interpreting, num_sms
-from kernels.selection.reference import overlap_weights, pick_blocks
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

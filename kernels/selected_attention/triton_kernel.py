@@ -24,10 +24,11 @@ Default tiling (``Config``): where one ``q_share`` group fills a 16-row tile (GL
 4 heads per KV head, per-head K/V) union chunks of 16 rows throughout.
 
 *Values inside the keys.* The absorbed latent form attends keys ``[c ; k_R]`` with values ``c``;
-the layer passes ``v = k[..., :Dv]``, a view. When the values lie in the first power-of-two tile
-of ``Dqk`` (128 of 160) the kernels recognise it (:func:`values_in_keys`), read every key tile
-once and use it as the value tile (columns past ``Dv`` meet zero-padded ``dO`` and masked
-stores), and add the value gradient into the key gradient.
+the caller says so with ``v=None, value_dim=Dv`` (values ``k[..., :Dv]``). When the values lie in
+the first power-of-two tile of ``Dqk`` (128 of 160) the kernels read every key tile once and use
+it as the value tile (columns past ``Dv`` meet zero-padded ``dO`` and masked stores), and add the
+value gradient into the key gradient (``_Plan.VK``). Wider values are read as a separate tensor,
+the view ``k[..., :Dv]``, whose gradient autograd adds into ``k``'s.
 
 *Key tiles by TMA.* A selected block is ``BK`` consecutive rows of one key head, so the rows-major
 forward and dq kernels load it through a tensor descriptor of ``k`` viewed as ``(B, T, Hk * Dqk)``
@@ -92,6 +93,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.blocks import num_selection_blocks
+from kernels.selected_attention.reference import key_values
 from kernels.triton_utils import (interpreting, next_pow2, row_major, split_descriptors, split_dim,
                                   tma_descriptor)
 
@@ -762,39 +765,10 @@ class _Plan:
     HSG: int
     REP_K: int
     REP_G: int
-    VK: bool
+    VK: bool     # values are k[..., :DV] (v=None, value_dim=DV), read through the first key tile
     KV_TOK: int  # queries per chunk of the dk/dv pass
     FWD_ORDER: str
     DQ_ORDER: str
-
-
-_VIEW_NODES = ("SliceBackward0", "AsStridedBackward0", "ViewBackward0", "AliasBackward0")
-
-
-def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True when ``v`` is ``k[..., :Dv]``: a view of a row-major ``k`` (same storage, offset and
-    strides), as the absorbed latent form passes it (keys ``[c ; k_R]``, values ``c``). The kernels
-    then read each key tile once and use its first ``Dv`` columns as the values, and add the value
-    gradient into the key gradient. When gradients are tracked, ``v`` must be one differentiable
-    view op applied to ``k`` itself, so that exactly the gradient ``k`` receives reaches ``v``'s
-    memory. Consequence: ``v`` itself gets no gradient of its own (hooks or ``retain_grad`` on
-    ``v`` see none); ``k``'s gradient carries it."""
-    ptr = k.untyped_storage().data_ptr()
-    same_memory = (ptr != 0 and v.untyped_storage().data_ptr() == ptr and k.is_contiguous()
-                   and v.dim() == k.dim() == 4 and v.shape[:3] == k.shape[:3]
-                   and v.shape[3] <= k.shape[3] and v.dtype == k.dtype
-                   and v.storage_offset() == k.storage_offset() and v.stride() == k.stride())
-    if not same_memory:
-        return False
-    if v is k or not (k.requires_grad or v.requires_grad):
-        return True
-    view = v.grad_fn
-    if not k.requires_grad or view is None or type(view).__name__ not in _VIEW_NODES:
-        return False
-    parent = view.next_functions[0][0]
-    if k.grad_fn is not None:
-        return parent is k.grad_fn
-    return k._base is None and getattr(parent, "variable", None) is k  # a leaf k
 
 
 def _key_tile(select_block: int, bk: int | None) -> int:
@@ -812,9 +786,14 @@ def _key_tile(select_block: int, bk: int | None) -> int:
     return bk
 
 
-def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
-    if not all(isinstance(x, torch.Tensor) for x in (q, k, v, block_idx)):
-        raise TypeError("q, k, v and block_idx must be tensors")
+def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config, value_dim=None) -> _Plan:
+    """Validate the inputs and tile the problem. ``v=None, value_dim=Dv``: values ``k[..., :Dv]``
+    (see :func:`selected_attention`); ``VK`` when they fit the first key tile."""
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, block_idx)) or not (
+            v is None or isinstance(v, torch.Tensor)):
+        raise TypeError("q, k, v and block_idx must be tensors (v may be None with value_dim)")
+    keys_hold_values = value_dim is not None
+    v = key_values(k, v, value_dim)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D (B, T, heads, dim); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
@@ -896,7 +875,7 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
     NC = -(-T // TOK)
     L = (TOK // QS) * NSEL if union else NSEL
     D1, D2 = split_dim(D)
-    NB = -(-T // select_block)
+    NB = num_selection_blocks(T, select_block)
     KV_TOK = cfg.dkdv_tok or (q_share if shared and union and TOK % q_share == 0 else TOK)
     # measured (module docstring): wide union chunks multiply rows by keys; others keys by rows
     wide_union = union and ROWS >= 64
@@ -904,7 +883,7 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config) -> _Plan:
     DQ_ORDER = cfg.dq_order or ("rows" if wide_union else "keys")
     # values inside the first key tile: that tile (D1 wide; do is zero-padded past Dv) is the
     # value tile, so the value width is padded to D1
-    VK = DV <= D1 and values_in_keys(k, v)
+    VK = keys_hold_values and DV <= D1
     DVP = D1 if VK else max(16, next_pow2(DV))
     if B * T * max(H * max(D, DV), G * NSEL) >= 2**62:
         raise ValueError("tensor too large for 64-bit offsets")
@@ -940,10 +919,12 @@ def _lists(block_idx: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg: Config, p: _Plan) -> _Plan:
-    """Plan of the dk/dv pass: ``p`` itself unless it chunks the queries by ``p.KV_TOK``."""
+    """Plan of the dk/dv pass: ``p`` itself unless it chunks the queries by ``p.KV_TOK``
+    (``v`` as :func:`_plan` took it: None when the values are read through the keys)."""
     if p.KV_TOK == p.TOK or cfg.bwd == "atomic_kv":  # atomic_kv has no dk/dv pass
         return p
-    return _plan(q, k, v, block_idx, select_block, q_share, replace(cfg, tok=p.KV_TOK))
+    return _plan(q, k, v, block_idx, select_block, q_share, replace(cfg, tok=p.KV_TOK),
+                 value_dim=p.DV if v is None else None)
 
 
 def _dkdv_lists(block_idx, p: _Plan, p_kv: _Plan, bi32, clist):
@@ -1112,15 +1093,18 @@ def _backward(q, k, v, o, lse, do, bi32, clist, p: _Plan, scale: float, cfg: Con
 
 
 def _row_major(q, k, v, p: _Plan):
-    """Contiguous ``q, k, v``; values that live in the keys (``p.VK``) are read through ``k``."""
+    """Contiguous ``q, k, v``; values that live in the keys (``p.VK``, ``v`` None) are read
+    through ``k``."""
     k = k.contiguous()
+    if not p.VK and v is None:
+        raise ValueError("v is None but the plan does not read the values through the keys")
     return q.contiguous(), k, (k if p.VK else v.contiguous())
 
 
 class _SelectedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg):
-        p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
+    def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg, value_dim):
+        p = _plan(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
         p_kv = _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg, p)
         q, k, v = _row_major(q, k, v, p)
         bi32, clist = _lists(block_idx, p)
@@ -1138,8 +1122,8 @@ class _SelectedAttention(torch.autograd.Function):
         # head-major); only rows that are not unit-stride are copied
         dq, dk, dv = _backward(q, k, v, o, lse, row_major(do), bi32, clist, p, ctx.scale,
                                ctx.cfg, (bi_kv, clist_kv, p_kv))
-        # values in the keys: dk already holds dv (v is a view of k, so autograd needs no dv)
-        return dq, dk, dv, None, None, None, None, None
+        # values in the keys (v None): dk already holds dv
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -1148,30 +1132,47 @@ def _check_device(q: torch.Tensor) -> None:
                            "(or TRITON_INTERPRET=1)")
 
 
+def _resolve(q, k, v, block_idx, select_block, q_share, cfg: Config, value_dim):
+    """Validate; returns ``(plan, v, value_dim)`` with values wider than the first key tile
+    turned into the view ``k[..., :value_dim]`` (autograd adds its gradient into ``k``'s), so
+    that ``v is None`` exactly when the kernels read the values through the keys."""
+    p = _plan(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
+    if value_dim is not None and not p.VK:
+        v, value_dim = k[..., :value_dim], None
+    return p, v, value_dim
+
+
 def selected_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
-    select_block: int, scale: float, q_share: int = 1, *, config: Config | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, block_idx: torch.Tensor,
+    select_block: int, scale: float, q_share: int = 1, *, value_dim: int | None = None,
+    config: Config | None = None,
 ) -> torch.Tensor:
     """``q (B, T, H, Dqk)``, ``k (B, T, Hk, Dqk)``, ``v (B, T, Hk, Dv)``,
     ``block_idx (B, T, G, n)`` -> ``o (B, T, H, Dv)`` in ``q.dtype``; differentiable in q, k, v.
+
+    ``v=None, value_dim=Dv``: the values are ``k[..., :Dv]`` (absorbed latent form). When they
+    lie in the first key tile the kernels read each key tile once for both and add the value
+    gradient into ``k``'s; give exactly one of ``v`` and ``value_dim``.
 
     ``q_share`` promises that aligned groups of ``q_share`` queries carry identical block indices
     (the kernel then reads the first query's row for the whole group). Raises ``ValueError`` for
     shapes it cannot serve (``select_block`` not 16, 32 or a multiple of 64; ``q_share`` not
     dividing ``select_block``; head counts that do not divide; dims above 256; dtypes other than
-    bf16 / fp16 / fp32).
+    bf16 / fp16 / fp32) and for a ``v``/``value_dim`` pair that is not exactly one of them.
     """
     cfg = config or DEFAULT_CONFIG
-    _plan(q, k, v, block_idx, select_block, q_share, cfg)  # validate before anything runs
+    _, v, value_dim = _resolve(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
     _check_device(q)
-    return _SelectedAttention.apply(q, k, v, block_idx, select_block, scale, q_share, cfg)
+    return _SelectedAttention.apply(q, k, v, block_idx, select_block, scale, q_share, cfg,
+                                    value_dim)
 
 
 def selected_attention_with_lse(q, k, v, block_idx, select_block, scale, q_share=1, *,
-                                config: Config | None = None):
-    """Forward only (no autograd): ``(o, lse)`` with ``lse (B, T, H)`` float32, natural log."""
+                                value_dim: int | None = None, config: Config | None = None):
+    """Forward only (no autograd): ``(o, lse)`` with ``lse (B, T, H)`` float32, natural log.
+    ``v``/``value_dim`` as in :func:`selected_attention`."""
     cfg = config or DEFAULT_CONFIG
-    p = _plan(q, k, v, block_idx, select_block, q_share, cfg)
+    p, v, _ = _resolve(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
     _check_device(q)
     q, k, v = _row_major(q, k, v, p)
     bi32, clist = _lists(block_idx, p)

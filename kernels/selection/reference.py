@@ -18,26 +18,15 @@ For query ``t`` and selection group ``g`` (a GQA key/value group, or a GLA laten
    are kept (forced ones first); fewer visible blocks leave ``-1`` padding.
 
 Output: ``block_idx (B, T, G, top_n)`` int64, valid indices ascending, ``-1`` padding last.
+
+The re-binning weights of step 3 (``overlap_weights``) and the pick of step 5 (``pick_blocks``)
+live in :mod:`kernels.blocks`, shared with the decode path and the Triton kernels.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from kernels.compression.reference import compression_mask
-
-
-def overlap_weights(
-    num_compressed: int, num_blocks: int, block_len: int, stride: int, select_block: int,
-    device: torch.device | None = None,
-) -> torch.Tensor:
-    """``(num_compressed, num_blocks)`` matrix of ``overlap(i, j) / stride`` (float32)."""
-    start = torch.arange(num_compressed, device=device, dtype=torch.float32)[:, None] * stride
-    blk = torch.arange(num_blocks, device=device, dtype=torch.float32)[None, :] * select_block
-    lo = torch.maximum(start, blk)
-    hi = torch.minimum(start + block_len, blk + select_block)
-    return (hi - lo).clamp_min(0.0) / stride
+from kernels.blocks import compression_mask, num_selection_blocks, overlap_weights, pick_blocks
 
 
 def block_importance(
@@ -55,7 +44,7 @@ def block_importance(
     visible = compression_mask(T, N, block_len, stride, q.device)[None, :, None, :]
     return group_importance(scores, lse, visible, num_groups=num_groups, block_len=block_len,
                             stride=stride, select_block=select_block,
-                            num_blocks=math.ceil(T / select_block))
+                            num_blocks=num_selection_blocks(T, select_block))
 
 
 def group_importance(
@@ -81,30 +70,6 @@ def top_n_blocks(
     first = torch.arange(T, device=importance.device) // q_share * q_share
     current = (first // select_block)[None, :, None]
     return pick_blocks(importance[:, first], current, top_n=top_n, num_local=num_local)
-
-
-def pick_blocks(
-    score: torch.Tensor, current: torch.Tensor, *, top_n: int, num_local: int
-) -> torch.Tensor:
-    """Step 5: importance ``(..., Ns)`` and the current block of the choosing query (broadcast to
-    ``score.shape[:-1]``) -> ``top_n`` block indices ``(..., top_n)``: visible blocks
-    (``<= current``) only, the forced ones always, ascending, ``-1`` padding last."""
-    Ns = score.shape[-1]
-    blocks = torch.arange(Ns, device=score.device)
-    current = current[..., None]
-    visible = blocks <= current
-    forced = (blocks == 0) | ((blocks <= current) & (blocks > current - num_local))
-    score = score.masked_fill(forced, float("inf"))
-    score = score.masked_fill(~visible, float("-inf"))
-    k = min(top_n, Ns)
-    top_score, idx = score.sort(dim=-1, descending=True, stable=True)  # ties: lower index wins
-    top_score, idx = top_score[..., :k], idx[..., :k]
-    idx = torch.where(top_score == float("-inf"), torch.full_like(idx, Ns), idx)
-    idx = idx.sort(dim=-1).values
-    idx = torch.where(idx == Ns, torch.full_like(idx, -1), idx)
-    if k < top_n:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], top_n - k), -1)], dim=-1)
-    return idx
 
 
 def select_blocks(

@@ -13,7 +13,7 @@ MMA of ``BLOCK_R * SUB`` rows covers them; a group has ``U = lcm(G, Hk) / G`` un
 absorbed GLA, ``H / G`` for the up-projected form). For each visible key tile the probabilities
 ``exp(q.k * scale - lse)`` are recomputed (never stored), summed over the heads of the group, and
 re-binned to selection blocks with a small product against the overlap counts of
-``kernels.selection.reference.overlap_weights`` (exact integers; the probabilities split into a
+``kernels.blocks.overlap_weights`` (exact integers; the probabilities split into a
 tf32-exact high part and the rest, so two tf32 MMAs give fp32 accuracy). Key tiles are aligned so that a tile starts on a
 selection-block boundary (``BLOCK_N * stride % select_block == 0``); the tile's weights are then the
 same for every tile: ``JB = BLOCK_N * stride / select_block`` blocks are complete after the tile,
@@ -48,9 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.compression.triton_kernel import _load_rows, _qk
-from kernels.selection.reference import pick_blocks
-from kernels.triton_utils import interpreting, row_major, split_dim
+from kernels.blocks import num_selection_blocks, pick_blocks
+from kernels.triton_utils import interpreting, load_rows, qk, row_major, split_dim
 
 LOG2E = 1.4426950408889634
 MAX_NS_IN_REGISTERS = 16384
@@ -142,7 +141,7 @@ def _select_kernel(
     row_ok = (r < Tq) & (hh < SUB)
     t64 = t0.to(tl.int64)
 
-    # overlap counts of one aligned key tile (reference.overlap_weights times stride; exact
+    # overlap counts of one aligned key tile (kernels.blocks.overlap_weights times stride; exact
     # small integers, so exact in tf32; the division by stride happens at the store)
     ii = tl.arange(0, BLOCK_N)[:, None]
     cc = tl.arange(0, JB_PAD)[None, :]
@@ -168,15 +167,15 @@ def _select_kernel(
 
     if U == 1:
         h = (g * SUB + hh).to(tl.int64)
-        qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+        qa, qb = load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
         lse = tl.load(LSE + b * slb + t64 * slt + h * slh, mask=row_ok, other=0.0)
         lse2 = tl.where((lse == lse) & (tl.abs(lse) < float("inf")), lse * 1.4426950408889634, 0.0)
         lse2 = tl.where(hh < SUB, lse2, float("inf"))  # padded heads add nothing
         k_base = K + b * skb + ((g * SUB) // REP_KV).to(tl.int64) * skh
         for kt in range(0, n_tiles):
             n = kt * BLOCK_N + nn
-            ka, kb = _load_rows(k_base, n.to(tl.int64) * skn, n < N, D, DA, DB)
-            s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+            ka, kb = load_rows(k_base, n.to(tl.int64) * skn, n < N, D, DA, DB)
+            s = qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
             p = tl.exp2(s - lse2[:, None])
             if kt >= full_tiles:
                 vis = (n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t0[:, None]) & (n[None, :] < N)
@@ -196,14 +195,14 @@ def _select_kernel(
             for u in range(0, n_units):
                 unit = g * U + u
                 h = (unit * SUB + hh).to(tl.int64)
-                qa, qb = _load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
+                qa, qb = load_rows(Q, b * sqb + t64 * sqt + h * sqh, row_ok, D, DA, DB)
                 lse = tl.load(LSE + b * slb + t64 * slt + h * slh, mask=row_ok, other=0.0)
                 lse2 = tl.where((lse == lse) & (tl.abs(lse) < float("inf")),
                                 lse * 1.4426950408889634, 0.0)
                 lse2 = tl.where(hh < SUB, lse2, float("inf"))
                 k_base = K + b * skb + ((unit * SUB) // REP_KV).to(tl.int64) * skh
-                ka, kb = _load_rows(k_base, n.to(tl.int64) * skn, n < N, D, DA, DB)
-                s = _qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
+                ka, kb = load_rows(k_base, n.to(tl.int64) * skn, n < N, D, DA, DB)
+                s = qk(qa, qb, ka, kb, DB, IEEE) * qk_scale
                 p = tl.exp2(s - lse2[:, None])
                 if kt >= full_tiles:
                     vis = ((n[None, :] * STRIDE + (BLOCK_LEN - 1) <= t0[:, None])
@@ -355,7 +354,7 @@ def _launch(q, k, lse, num_groups, block_len, stride, select_block, top_n, num_l
     N, Hk = k.shape[1], k.shape[2]
     G = num_groups
     Tq = triton.cdiv(T, q_share)
-    Ns = triton.cdiv(T, select_block)
+    Ns = num_selection_blocks(T, select_block)
     lcm = G * Hk // math.gcd(G, Hk)
     sub = H // lcm
     units = lcm // G
@@ -426,7 +425,7 @@ def block_importance_first(
     _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, 1, 0, q_share, scale)
     q, k_cmp, lse = row_major(q.detach()), row_major(k_cmp.detach()), lse.detach()
     B, T, H, _ = q.shape
-    imp = torch.zeros(B, num_groups, triton.cdiv(T, q_share), triton.cdiv(T, select_block),
+    imp = torch.zeros(B, num_groups, triton.cdiv(T, q_share), num_selection_blocks(T, select_block),
                       dtype=torch.float32, device=q.device)
     _launch(q, k_cmp, lse, num_groups, int(block_len), int(stride), int(select_block), 1, 0,
             int(q_share), scale, False, imp=imp)
@@ -435,7 +434,7 @@ def block_importance_first(
 
 def _topn_torch(imp, T, *, select_block, top_n, num_local, q_share):
     """Fallback top-n on the importance of first queries ``(B, G, Tq, Ns)`` (very long rows):
-    the reference's :func:`pick_blocks`, spread to every query of each group."""
+    :func:`kernels.blocks.pick_blocks`, spread to every query of each group."""
     first = torch.arange(imp.shape[2], device=imp.device) * q_share
     idx = pick_blocks(imp, first // select_block, top_n=top_n, num_local=num_local)
     idx = idx.permute(0, 2, 1, 3).repeat_interleave(q_share, dim=1)[:, :T]
@@ -454,7 +453,7 @@ def select_blocks(
     with torch.no_grad():
         q, k_cmp, lse = row_major(q.detach()), row_major(k_cmp.detach()), lse.detach()
         T = q.shape[1]
-        Ns = triton.cdiv(T, args["select_block"])
+        Ns = num_selection_blocks(T, args["select_block"])
         if Ns > MAX_NS_IN_REGISTERS:
             imp = block_importance_first(
                 q, k_cmp, lse, num_groups=num_groups, block_len=args["block_len"],

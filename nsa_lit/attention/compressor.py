@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.compression.reference import num_compressed
+from kernels.blocks import num_compressed
 
 
 class BlockCompressor(nn.Module):

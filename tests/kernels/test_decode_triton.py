@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import kernels
-from kernels.compression.reference import num_compressed
+from kernels.blocks import num_compressed, pick_blocks
 from kernels.decode import reference as ref
 from kernels.decode import triton_kernel as tk
-from kernels.selection.reference import pick_blocks
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"

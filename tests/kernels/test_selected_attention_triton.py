@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.compression.reference import compression_attention, num_compressed
+from kernels.blocks import num_compressed
+from kernels.compression.reference import compression_attention
 from kernels.selected_attention import reference as ref
 from kernels.selected_attention import triton_kernel as tk
 from kernels.selection.reference import select_blocks, top_n_blocks
@@ -286,12 +287,13 @@ def test_default_plans_of_the_model_layouts():
 
 
 def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config=None,
-                           ref_dtype=torch.float64, tol=1e-5, head_major_do=False):
-    """Values passed as the view ``k[..., :DV]`` (the absorbed latent form): the kernel must read
-    them through the keys (``values_in_keys``), and the one key gradient carries dv too; output,
-    dq and dk against the reference fed the same view. ``head_major_do``: the output gradient
-    laid out ``(H, B, T, DV)`` and viewed as ``(B, T, H, DV)``, as the layer's ``W_uv``
-    up-projection returns it."""
+                           ref_dtype=torch.float64, tol=1e-5, head_major_do=False, vk=True):
+    """Values given as ``v=None, value_dim=DV`` (the absorbed latent form, values
+    ``k[..., :DV]``): the kernel reads them through the keys (``_Plan.VK``; ``vk=False``: values
+    wider than the first key tile, read as a separate view) and the one key gradient carries dv
+    too; output, dq and dk against the reference fed the view ``k[..., :DV]``.
+    ``head_major_do``: the output gradient laid out ``(H, B, T, DV)`` and viewed as
+    ``(B, T, H, DV)``, as the layer's ``W_uv`` up-projection returns it."""
     scale = q.shape[-1] ** -0.5
     B, T, H = q.shape[:3]
     if head_major_do:
@@ -301,13 +303,15 @@ def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config
     results = []
     for dt in (q.dtype, ref_dtype):
         qq, kk = (x.detach().to(dt).requires_grad_() for x in (q, k))
-        v = kk[..., :DV]
         if dt == q.dtype:
-            assert tk.values_in_keys(kk, v)
-            o = tk.selected_attention(qq, kk, v, block_idx, select_block, scale, q_share,
-                                      config=config)
+            p = tk._plan(qq, kk, None, block_idx, select_block, q_share,
+                         config or tk.DEFAULT_CONFIG, value_dim=DV)
+            assert p.VK == vk and p.DV == DV
+            o = tk.selected_attention(qq, kk, None, block_idx, select_block, scale, q_share,
+                                      value_dim=DV, config=config)
         else:
-            o = ref.selected_attention(qq, kk, v, block_idx, select_block, scale, q_share)
+            o = ref.selected_attention(qq, kk, kk[..., :DV], block_idx, select_block, scale,
+                                       q_share)
         o.backward(do.to(dt))
         results.append((o, qq.grad, kk.grad))
     for name, got, want in zip(("out", "dq", "dk"), *results):
@@ -412,52 +416,51 @@ def test_values_in_keys_widths(D, DV):
     compare_values_in_keys(q, k, DV, block_idx, 16, 2)
 
 
-def test_values_in_keys_only_for_real_prefix_views():
-    """Copies, offset slices, keys that are not row-major and values wider than the first key
-    tile are read as separate values (still correct)."""
-    k = torch.randn(1, 8, 2, 24)
-    assert tk.values_in_keys(k, k[..., :16]) and tk.values_in_keys(k, k)
-    assert not tk.values_in_keys(k, k[..., :16].clone())
-    assert not tk.values_in_keys(k, k[..., 8:])
-    wide = torch.randn(1, 8, 2, 48)[..., :24]  # keys that are not row-major
-    assert not tk.values_in_keys(wide, wide[..., :16])
-    meta = torch.empty(1, 8, 2, 16, device="meta")  # no memory to compare
-    assert not tk.values_in_keys(meta, torch.empty(1, 8, 2, 16, device="meta"))
-    # gradients: v must be a differentiable slice of k itself, or dv added into dk goes astray
-    kg = torch.randn(1, 8, 2, 24, requires_grad=True)
-    assert tk.values_in_keys(kg, kg[..., :16])  # a leaf
-    k2 = kg * 2
-    assert tk.values_in_keys(k2, k2[..., :16]) and tk.values_in_keys(k2, k2)  # not a leaf
-    assert not tk.values_in_keys(kg, kg.detach()[..., :16])  # dv must not reach k
-    with torch.no_grad():
-        untracked = kg[..., :16]
-    assert not tk.values_in_keys(kg, untracked)
+def test_values_in_keys_wider_than_the_first_key_tile():
+    """``value_dim`` past the first key tile (20 of Dqk 24 = 16 + 16): the kernels read the
+    values as the separate view ``k[..., :20]`` (no ``VK``) and autograd adds their gradient
+    into the keys'; still correct."""
+    H, HK, G, D, _, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(14)
+    q, k, _ = make_qkv(1, 32, H, HK, D, 8, gen=gen)
+    block_idx = random_block_idx(1, 32, G, 2, 16, qs, gen=gen)
+    assert not tk._plan(q, k, None, block_idx, 16, qs, tk.DEFAULT_CONFIG, value_dim=20).VK
+    compare_values_in_keys(q, k, 20, block_idx, 16, qs, vk=False)
+    o, lse = tk.selected_attention_with_lse(q, k, None, block_idx, 16, D ** -0.5, qs,
+                                            value_dim=20)
+    assert rel(o, ref.selected_attention(q.double(), k.double(), None, block_idx, 16, D ** -0.5,
+                                         qs, value_dim=20)) < 1e-5
 
-    class HalfGradient(torch.autograd.Function):  # a view whose backward is not the identity
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
 
-        @staticmethod
-        def backward(ctx, g):
-            return 0.5 * g
+def test_values_in_keys_of_keys_that_are_not_row_major():
+    """Keys that are a column slice of a wider tensor: the kernel reads a row-major copy, values
+    through its first tile, and the gradient reaches the original keys."""
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(18)
+    q, wide, _ = make_qkv(1, 40, H, HK, 2 * D, DV, gen=gen)
+    k = wide[..., :D]
+    assert not k.is_contiguous()
+    block_idx = random_block_idx(1, 40, G, 3, 16, qs, gen=gen)
+    compare_values_in_keys(q[..., :D], k, DV, block_idx, 16, qs)
 
-    assert not tk.values_in_keys(kg, HalfGradient.apply(kg)[..., :16])
-    separate = k[..., :16]
-    separate.requires_grad_()  # a leaf of its own: dv must reach it, not k
-    assert not tk.values_in_keys(k, separate)
+
+def test_values_given_as_a_view_are_separate_values():
+    """A view ``v = k[..., :16]`` passed as ``v`` (no ``value_dim``) is read as separate values
+    (no ``VK``): the gradient reaches ``k`` through autograd, or ``v`` itself when it is its own
+    leaf; both correct."""
     H, HK, G, D, _, qs = LAYOUTS["latent"]  # Dqk 24: tiles 16 + 16
     gen = torch.Generator().manual_seed(14)
     q, k, _ = make_qkv(1, 32, H, HK, D, 8, gen=gen)
     block_idx = random_block_idx(1, 32, G, 2, 16, qs, gen=gen)
-    assert not tk._plan(q, k, k[..., :20], block_idx, 16, qs, tk.DEFAULT_CONFIG).VK
+    assert not tk._plan(q, k, k[..., :16], block_idx, 16, qs, tk.DEFAULT_CONFIG).VK
     qt, kt = (x.clone().requires_grad_() for x in (q, k))
-    out = tk.selected_attention(qt, kt, kt[..., :20], block_idx, 16, D ** -0.5, qs)
+    out = tk.selected_attention(qt, kt, kt[..., :16], block_idx, 16, D ** -0.5, qs)
     out.square().sum().backward()
     qr, kr = (x.double().requires_grad_() for x in (q, k))
-    expect = ref.selected_attention(qr, kr, kr[..., :20], block_idx, 16, D ** -0.5, qs)
+    expect = ref.selected_attention(qr, kr, kr[..., :16], block_idx, 16, D ** -0.5, qs)
     expect.square().sum().backward()
-    assert rel(out, expect) < 1e-5 and rel(kt.grad, kr.grad) < 1e-5
+    assert rel(out, expect) < 1e-5 and rel(qt.grad, qr.grad) < 1e-5
+    assert rel(kt.grad, kr.grad) < 1e-5
     # values that alias the keys' memory but are their own autograd leaf get their own gradient
     vt, vr = k[..., :16], k.double()[..., :16]
     vt.requires_grad_(), vr.requires_grad_()
@@ -465,6 +468,47 @@ def test_values_in_keys_only_for_real_prefix_views():
     ref.selected_attention(q.double(), k.double(), vr, block_idx, 16, D ** -0.5,
                            qs).square().sum().backward()
     assert rel(vt.grad, vr.grad) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference", "dispatch", "triton_with_lse"])
+@pytest.mark.parametrize("v_given,value_dim,match", [
+    (True, 16, r"both a tensor v and value_dim"),
+    (False, None, r"pass v, or v=None with value_dim"),
+    (False, 0, r"value_dim must be an int in \[1, Dqk=24\]"),
+    (False, 25, r"value_dim must be an int in \[1, Dqk=24\]"),
+    (False, 16.0, r"value_dim must be an int"),
+], ids=["both", "neither", "zero", "wider_than_keys", "float"])
+def test_value_dim_errors(impl, v_given, value_dim, match):
+    """Exactly one of ``v`` and ``value_dim``, and ``value_dim`` in ``[1, Dqk]``: ``ValueError``
+    naming ``v``/``value_dim`` otherwise, from the kernel, the reference and the dispatch."""
+    from kernels import dispatch
+
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    q, k, v = make_qkv(1, 32, H, HK, D, DV)
+    block_idx = random_block_idx(1, 32, G, 2, 16, qs)
+    fn = {"triton": tk.selected_attention, "reference": ref.selected_attention,
+          "triton_with_lse": tk.selected_attention_with_lse,
+          "dispatch": lambda *a, **kw: dispatch.selected_attention(
+              *a[:6], q_share=a[6], backend="reference", **kw)}[impl]
+    with pytest.raises(ValueError, match=match):
+        fn(q, k, v if v_given else None, block_idx, 16, 0.25, qs, value_dim=value_dim)
+
+
+def test_reference_value_dim_is_the_key_prefix():
+    """The reference's ``v=None, value_dim`` is attention with values ``k[..., :value_dim]``,
+    gradients included."""
+    H, HK, G, D, DV, qs = LAYOUTS["latent"]
+    gen = torch.Generator().manual_seed(19)
+    q, k, _ = make_qkv(1, 32, H, HK, D, DV, dtype=torch.float64, gen=gen)
+    block_idx = random_block_idx(1, 32, G, 2, 16, qs, gen=gen)
+    grads = []
+    for explicit in (True, False):
+        kk = k.clone().requires_grad_()
+        v, vd = (None, DV) if explicit else (kk[..., :DV], None)
+        out = ref.selected_attention(q, kk, v, block_idx, 16, 0.3, qs, value_dim=vd)
+        out.square().sum().backward()
+        grads.append((out, kk.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def test_key_subtiles_and_batch():
@@ -516,6 +560,11 @@ def test_dispatch_finds_kernel():
         out = dispatch.selected_attention(q, k, v, block_idx, 16, 0.25, q_share=qs,
                                           backend="triton")
         expect = ref.selected_attention(q.double(), k.double(), v.double(), block_idx, 16, 0.25)
+        assert rel(out, expect) < 1e-5
+        out = dispatch.selected_attention(q, k, None, block_idx, 16, 0.25, q_share=qs,
+                                          backend="triton", value_dim=DV)
+        expect = ref.selected_attention(q.double(), k.double(), k.double()[..., :DV], block_idx,
+                                        16, 0.25)
         assert rel(out, expect) < 1e-5
 
 

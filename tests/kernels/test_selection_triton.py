@@ -14,13 +14,14 @@ import torch
 import triton
 
 from kernels import dispatch
+from kernels.blocks import num_compressed
 from kernels.compression import reference as cref
 from kernels.selection import reference as ref
 from kernels.selection import triton_kernel as tk
 
 
 def make(B, T, H, Hk, D, block_len, stride, *, dtype=torch.float32, device="cpu"):
-    N = cref.num_compressed(T, block_len, stride)
+    N = num_compressed(T, block_len, stride)
     q = torch.randn(B, T, H, D, device=device).to(dtype)
     k = torch.randn(B, N, Hk, D, device=device).to(dtype)
     v = torch.randn(B, N, Hk, 16, device=device).to(dtype)
@@ -352,7 +353,7 @@ def test_gpu_64bit_offsets():
     """B * T * H * D past 2**31 elements: the last sequence must be as right as the first."""
     B, T, H, Hk, G, D, l, s, sb, n, nl, qs = 512, 2048, 16, 2, 2, 160, 32, 16, 64, 16, 2, 4
     assert B * T * H * D > 2**31
-    N = cref.num_compressed(T, l, s)
+    N = num_compressed(T, l, s)
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, N, Hk, D, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(B, T, H, device="cuda")
