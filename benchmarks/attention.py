@@ -31,6 +31,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_configs import (  # noqa: E402
+    ASA_340M,
+    ASA_340M_ABSORBED,
+    FLA_NSA_340M,
+    FLA_NSA_NO_WINDOW,
+    FULL_340M,
+    NSA_340M,
+    layer_spec,
+)
 from nsa_lit.config import Branch, Form, LayerSpec, ModelConfig  # noqa: E402
 from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the library)
     attention_flops,
@@ -40,24 +49,6 @@ from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the 
     visible_window,
 )
 from results_log import ResultsLog  # noqa: E402
-
-# The configurations the cases are built from (every shape below comes from a LayerSpec):
-ASA_340M = ModelConfig()  # the 340M ASA defaults: MLA local, GLA global (2 groups), q_share 4
-ASA_340M_ABSORBED = dataclasses.replace(ASA_340M, latent_form="absorbed")
-FULL_340M = ModelConfig(layer_pattern="F")  # our full-attention 340M: 16 heads, 4 KV heads
-NSA_340M = ModelConfig(layer_pattern="N")   # our NSA 340M: GQA, all three branches
-# fla's NSA 340M attention shape, the anchor of the fla comparison: 32 query heads, 2 KV heads,
-# head dim 64, blocks of 64 (compression block = stride = selection block), top-16, no window
-FLA_NSA_340M = ModelConfig(n_heads=32, n_kv_heads=2, head_dim=64, layer_pattern="N",
-                           compress_block=64, compress_stride=64, select_block=64, top_n=16,
-                           num_local_blocks=1)
-FLA_NSA_NO_WINDOW = dataclasses.replace(FLA_NSA_340M,
-                                        nsa_branches=[Branch.COMPRESSION, Branch.SELECTION])
-
-
-def layer_spec(cfg: ModelConfig, kind: str, T: int) -> LayerSpec:
-    """``cfg``'s layer of ``kind`` at sequence length ``T``."""
-    return dataclasses.replace(cfg, seq_len=T).layer(kind)
 
 BWD_FLOP_FACTOR = 2.5
 DEFAULT_T = (8192, 16384, 32768, 65536)

@@ -30,19 +30,26 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_configs import ASA_340M, ASA_340M_ABSORBED, NSA_340M, branch_shape  # noqa: E402
 from kernels.blocks import num_compressed  # noqa: E402
 from kernels.compression import reference as cref  # noqa: E402
 from kernels.compression import triton_kernel as ctk  # noqa: E402
 from kernels.selection import reference as sref  # noqa: E402
 from kernels.selection import triton_kernel as stk  # noqa: E402
+from nsa_lit.config import Branch  # noqa: E402
 
 SHAPES = {
-    # name: H, Hk, G (selection groups), Dqk, Dv
-    "asa_global_absorbed_gla": (16, 2, 2, 160, 128),
-    "nsa_gqa": (16, 4, 4, 64, 64),
-    "asa_global_upprojected": (16, 16, 2, 96, 64),
+    # name: H, Hk, G (selection groups), Dqk, Dv of the compression attention (the form blocks
+    # are scored in) of a 340M layer: ASA global absorbed (16, 2, 2, 160, 128), NSA (16, 4, 4,
+    # 64, 64), ASA global as latent_form=auto trains it, expanded (16, 16, 2, 96, 64)
+    "asa_global_absorbed_gla": branch_shape(ASA_340M_ABSORBED, "G", Branch.COMPRESSION),
+    "nsa_gqa": branch_shape(NSA_340M, "N", Branch.COMPRESSION),
+    "asa_global_upprojected": branch_shape(ASA_340M, "G", Branch.COMPRESSION),
 }
-BLOCK_LEN, STRIDE, SELECT_BLOCK, TOP_N, NUM_LOCAL = 32, 16, 64, 16, 2
+_GLOBAL = ASA_340M.layer("G")
+BLOCK_LEN, STRIDE, SELECT_BLOCK, TOP_N, NUM_LOCAL = (
+    _GLOBAL.compress_block, _GLOBAL.compress_stride, _GLOBAL.select_block, _GLOBAL.top_n,
+    _GLOBAL.num_local_blocks)
 
 
 def visible_pairs(T: int, first_only_every: int = 1) -> int:

@@ -18,7 +18,9 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_configs import ASA_340M, ASA_340M_EXPANDED, NSA_340M, branch_shape  # noqa: E402
 from kernels.blocks import num_selection_blocks  # noqa: E402
+from nsa_lit.config import Branch  # noqa: E402
 from kernels.selected_attention.triton_kernel import (  # noqa: E402
     Config,
     DEFAULT_CONFIG,
@@ -38,17 +40,24 @@ from kernels.selected_attention.triton_kernel import (  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # Benchmark: python3 benchmarks/bench_selected_attention.py --out FILE.json
 # ---------------------------------------------------------------------------------------------
+def _selection_layout(cfg, kind: str) -> tuple[int, int, int, int, int, int]:
+    """``(H, Hk, G, Dqk, Dv, q_share)`` of the selected attention of ``cfg``'s layer ``kind``."""
+    return (*branch_shape(cfg, kind, Branch.SELECTION), cfg.layer(kind).q_share)
+
+
 BENCH_LAYOUTS = {
-    # name: (H, Hk, G, Dqk, Dv, q_share)
-    "gla_absorbed": (16, 2, 2, 160, 128, 4),
+    # name: (H, Hk, G, Dqk, Dv, q_share) of a 340M layer's selected attention
+    "gla_absorbed": _selection_layout(ASA_340M, "G"),               # (16, 2, 2, 160, 128, 4)
     # as the layer passes it: v=None, value_dim=128, values k[..., :128] (read through the keys)
-    "gla_absorbed_vk": (16, 2, 2, 160, 128, 4),
-    "gla_upprojected": (16, 16, 2, 96, 64, 4),
-    "nsa_gqa": (16, 4, 4, 64, 64, 1),
+    "gla_absorbed_vk": _selection_layout(ASA_340M, "G"),
+    "gla_upprojected": _selection_layout(ASA_340M_EXPANDED, "G"),   # (16, 16, 2, 96, 64, 4)
+    "nsa_gqa": _selection_layout(NSA_340M, "N"),                    # (16, 4, 4, 64, 64, 1)
 }
+_GLOBAL = ASA_340M.layer("G")
 
 
-def _bench_inputs(layout: str, T: int, B: int, select_block=64, top_n=16, num_local=2, seed=0,
+def _bench_inputs(layout: str, T: int, B: int, select_block=_GLOBAL.select_block,
+                  top_n=_GLOBAL.top_n, num_local=_GLOBAL.num_local_blocks, seed=0,
                   importance: str = "uniform"):
     """Random q, k, v (``v`` None for a ``*_vk`` layout: values ``k[..., :Dv]``, see
     :func:`_value_dim`) and the blocks ``top_n_blocks`` picks from an importance that is
@@ -267,7 +276,8 @@ def _bench_main(argv=None):
         "command": " ".join(["python3 benchmarks/bench_selected_attention.py"]
                             + (argv if argv is not None else sys.argv[1:])),
         "date": datetime.date.today().isoformat(),
-        "tokens_per_call": 65536, "select_block": 64, "top_n": 16, "num_local": 2,
+        "tokens_per_call": 65536, "select_block": _GLOBAL.select_block, "top_n": _GLOBAL.top_n,
+        "num_local": _GLOBAL.num_local_blocks,
         "block_idx": f"top_n_blocks on {args.importance} random importance (forced block 0 + "
                      "2 local blocks)",
         "flops": "fwd = 2*(Dqk+Dv)*visible keys per query row; fwd+bwd = 3.5x fwd",
