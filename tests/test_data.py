@@ -19,8 +19,9 @@ from nsa_lit.data import TokenDataModule, load_tokenizer
 from nsa_lit.data import corpus as corpus_mod
 from nsa_lit.data.corpus import python_docs_documents
 from nsa_lit.data.prepare import main as prepare_main
-from nsa_lit.data.prepare import prepare, read_meta, read_split_tokens, split_of, token_dtype
+from nsa_lit.data.prepare import doc_hash, prepare, read_meta, read_split_tokens, split_of, token_dtype
 from nsa_lit.data.tokenizer import train_bpe
+from nsa_lit.data.windows import NUMPY_DTYPE_CODES, TokenWindows, WindowSampler, index_dtype
 
 SAMPLE = "Native Sparse Attention compresses, selects and slides. Ünïcödé, tabs\tand  spaces!\n\nNew paragraph."
 
@@ -51,14 +52,29 @@ def docs() -> list[str]:
     return [text for _, text in python_docs_documents(max_bytes=60_000)]
 
 
+def _direct_streams(expected_docs: list[tuple[str, str]], val_fraction: float) -> dict[str, np.ndarray]:
+    """Each split's token stream by tokenizing its documents directly (mistral-v1, + eos each)."""
+    tok = load_tokenizer("mistral-v1")
+    streams: dict[str, list[int]] = {"train": [], "val": []}
+    for doc_id, text in expected_docs:
+        streams[split_of(doc_id, val_fraction)].extend(tok.encode(text) + [tok.eos_id])
+    return {k: np.asarray(v, dtype=np.int64) for k, v in streams.items()}
+
+
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, docs) -> Path:
-    """A small dataset prepared from .txt + .jsonl inputs (shared, read-only)."""
+def prepared_streams(tmp_path_factory, docs) -> tuple[Path, dict[str, np.ndarray]]:
+    """A small dataset prepared from .txt + .jsonl inputs (shared, read-only; chunks of 2,048 tokens),
+    and its splits' token streams by direct tokenization."""
     root = tmp_path_factory.mktemp("prepared")
-    _write_corpus(root, docs)
+    expected_docs = _write_corpus(root, docs)
     out = root / "data"
     prepare([root / "corpus", root / "docs.jsonl"], out, chunk_bytes=4096, val_fraction=0.3, progress=False)
-    return out
+    return out, _direct_streams(expected_docs, 0.3)
+
+
+@pytest.fixture(scope="module")
+def prepared(prepared_streams) -> Path:
+    return prepared_streams[0]
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -116,16 +132,13 @@ def test_prepare_txt_jsonl_writes_shards_and_meta(tmp_path, docs):
     assert meta["tokenizer"] == "mistral-v1" and meta["vocab_size"] == 32000 and meta["dtype"] == "uint16"
     assert meta["source"] == [str(tmp_path / "corpus"), str(tmp_path / "docs.jsonl")] and meta["created"]
 
-    tok = load_tokenizer("mistral-v1")
-    streams: dict[str, list[int]] = {"train": [], "val": []}
-    for doc_id, text in expected_docs:
-        streams[split_of(doc_id, 0.3)].extend(tok.encode(text) + [tok.eos_id])
-    assert streams["val"], "choose documents so that the hash split gives a non-empty val split"
+    streams = _direct_streams(expected_docs, 0.3)
+    assert streams["val"].size, "choose documents so that the hash split gives a non-empty val split"
     for split in ("train", "val"):
         stored = read_split_tokens(out / split)
         assert stored.dtype == np.uint16
         assert meta["splits"][split]["tokens"] == stored.size == len(streams[split])
-        np.testing.assert_array_equal(stored, np.asarray(streams[split]))
+        np.testing.assert_array_equal(stored, streams[split])
         assert meta["splits"][split]["chunks"] > 1  # chunk_bytes=4096 splits the stream
     n_docs = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
     assert n_docs == len(expected_docs) and meta["splits"]["val"]["documents"] > 0
@@ -140,12 +153,56 @@ def test_token_dtype():
     assert token_dtype(32000) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
+def test_shard_dtype_codes_are_litdatas():
+    """Reading shards does not import LitData: its dtype codes are copied in nsa_lit.data.windows."""
+    from litdata.constants import _NUMPY_DTYPES_MAPPING
+
+    for code, name in enumerate(NUMPY_DTYPE_CODES):
+        assert _NUMPY_DTYPES_MAPPING[code] == np.dtype(name)
+        assert index_dtype({"config": {"data_format": [f"no_header_numpy:{code}"]}}) == np.dtype(name)
+    with pytest.raises(ValueError, match="not a token shard"):
+        index_dtype({"config": {"data_format": ["no_header_tensor:8"]}})
+
+
 def test_prepare_at_least_one_val_document(tmp_path):
     for i in range(2):
         (tmp_path / f"{i}.txt").write_text(f"document number {i} " * 20)
     meta = prepare([tmp_path / "0.txt", tmp_path / "1.txt"], tmp_path / "out", val_fraction=1e-12, progress=False)
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 1
     assert read_split_tokens(tmp_path / "out" / "val").size == meta["splits"]["val"]["tokens"] > 0
+
+
+def test_prepare_val_tokens_holds_out_documents_in_hash_order(tmp_path, docs):
+    """val_tokens: after the val_fraction documents, the train documents with the lowest hashes go to
+    val until it holds val_tokens tokens; the streams are exactly those documents' tokens."""
+    expected_docs = _write_corpus(tmp_path, docs)
+    inputs = [tmp_path / "corpus", tmp_path / "docs.jsonl"]
+    tok = load_tokenizer("mistral-v1")
+    ids = {doc_id: tok.encode(text) + [tok.eos_id] for doc_id, text in expected_docs}
+    val = [d for d, _ in expected_docs if split_of(d, 0.1) == "val"]
+    want = sum(len(ids[d]) for d in val) + 3000
+    meta = prepare(inputs, tmp_path / "out", val_fraction=0.1, val_tokens=want, chunk_bytes=4096, progress=False)
+
+    have, moved = sum(len(ids[d]) for d in val), set()
+    for d in sorted((d for d, _ in expected_docs if d not in val), key=doc_hash):
+        if have >= want:
+            break
+        moved.add(d)
+        have += len(ids[d])
+    order = [d for d, _ in expected_docs]
+    expect_val = [t for d in val for t in ids[d]] + [t for d in order if d in moved for t in ids[d]]
+    expect_train = [t for d in order if d not in val and d not in moved for t in ids[d]]
+    assert meta["val_tokens"] == want and meta["splits"]["val"]["tokens"] == len(expect_val) >= want
+    assert meta["splits"]["val"]["documents"] == len(val) + len(moved) and len(moved) >= 1
+    np.testing.assert_array_equal(read_split_tokens(tmp_path / "out" / "val"), expect_val)
+    np.testing.assert_array_equal(read_split_tokens(tmp_path / "out" / "train"), expect_train)
+
+    # more than the corpus can give: an error with the numbers, nothing written
+    total = sum(len(v) for v in ids.values())
+    with pytest.raises(ValueError) as err:
+        prepare(inputs, tmp_path / "big", val_tokens=10_000_000, progress=False)
+    assert "val_tokens=10,000,000" in str(err.value) and f"holds {total:,} tokens" in str(err.value)
+    assert not (tmp_path / "big" / "meta.json").exists() and not (tmp_path / "big" / ".prepare_tmp").exists()
 
 
 def test_prepare_parquet(tmp_path, docs):
@@ -198,6 +255,134 @@ def test_batches_shape_dtype_range(prepared):
     stream = read_split_tokens(prepared / "train").astype(np.int64)
     windows = {stream[i : i + 33].tobytes() for i in range(0, stream.size - 32)}
     assert all(row.numpy().tobytes() in windows for row in batches[0])
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, 255, 2047, 2048, 2049, 3000, 5791, 8151])
+def test_windows_cross_chunk_boundaries_and_use_every_token(prepared_streams, seq_len):
+    """Window i is tokens [i * seq_len, i * seq_len + seq_len + 1) of the split's stream, whatever the
+    chunks (2,048 tokens here): consecutive windows share one token, and without it they are exactly
+    the directly tokenized stream; every token but the first is a target once; < seq_len tokens unused."""
+    out, streams = prepared_streams
+    for split in ("train", "val"):
+        dims = [c["dim"] for c in json.loads((out / split / "index.json").read_text())["chunks"]]
+        assert len(dims) >= 3 and sum(dims) == streams[split].size
+        windows = TokenWindows(out / split, seq_len)
+        stream = streams[split]
+        n = len(windows)
+        assert n == (stream.size - 1) // seq_len
+        with pytest.raises(IndexError):
+            windows[n]
+        if n == 0:  # val at 8,151: shorter than one window
+            continue
+        rows = [windows[i].astype(np.int64) for i in range(n)]
+        assert all(r.shape == (seq_len + 1,) for r in rows)
+        assert all(a[-1] == b[0] for a, b in zip(rows, rows[1:]))
+        joined = np.concatenate([rows[0]] + [r[1:] for r in rows[1:]])
+        np.testing.assert_array_equal(joined, stream[: n * seq_len + 1])
+        np.testing.assert_array_equal(np.concatenate([r[1:] for r in rows]), stream[1 : n * seq_len + 1])
+        assert 0 <= stream.size - joined.size < seq_len
+
+
+def test_seq_len_longer_than_a_chunk(prepared_streams):
+    """Sequences of 2,500 tokens from chunks of 2,048: batches are the stream's consecutive windows."""
+    out, streams = prepared_streams
+    dm = TokenDataModule(data_dir=str(out), seq_len=2500, batch_size=1, num_workers=0, shuffle=False, source=None)
+    dm.setup("fit")
+    for loader, split in ((dm.train_dataloader(), "train"), (dm.val_dataloader(), "val")):
+        rows = [b[0] for b in loader]
+        assert len(rows) == (streams[split].size - 1) // 2500 >= 2
+        for i, row in enumerate(rows):
+            assert torch.equal(row, torch.from_numpy(streams[split][i * 2500 : i * 2500 + 2501]))
+
+
+def test_an_epoch_uses_every_window_once(prepared):
+    """Shuffled: each epoch a new permutation of all windows (the last partial batch dropped)."""
+    dm = TokenDataModule(data_dir=str(prepared), seq_len=32, batch_size=4, num_workers=2, source=None)
+    dm.setup("fit")
+    windows = TokenWindows(prepared / "train", 32)
+    loader = dm.train_dataloader()
+    sampler = loader.sampler
+    orders = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(windows)))
+        batches = list(loader)
+        assert len(batches) == len(loader) == len(windows) // 4
+        expect = np.stack([windows[i] for i in order[: len(batches) * 4]]).astype(np.int64)
+        assert torch.equal(torch.cat(batches), torch.from_numpy(expect))
+        orders.append(order)
+    assert orders[0] != orders[1]
+    unshuffled = TokenDataModule(data_dir=str(prepared), seq_len=32, batch_size=4, shuffle=False, source=None)
+    unshuffled.setup("fit")
+    assert list(unshuffled.train_dataloader().sampler) == list(range(len(windows)))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_shards_ranks_and_resumes_at_any_world_size(world):
+    """Ranks get disjoint, equal shares of the epoch's order; a position saved after k batches of b on
+    w ranks (k * b * w windows) resumes on any other world size with no window repeated or skipped."""
+    data = list(range(103))
+    order = WindowSampler(data, shuffle=True, seed=5).order(0).tolist()
+    shares = [list(WindowSampler(data, shuffle=True, seed=5, num_replicas=world, rank=r)) for r in range(world)]
+    assert all(len(s) == 103 // world for s in shares)
+    assert sorted(i for s in shares for i in s) == sorted(order[: 103 // world * world])
+    assert [s[0] for s in shares] == order[:world]
+    k, b = 3, 4
+    used = [i for s in shares for i in s[: k * b]]
+    for other in (1, 2, 5):
+        rest = []
+        for r in range(other):
+            sampler = WindowSampler(data, shuffle=True, seed=5, num_replicas=other, rank=r)
+            sampler.resume(0, k * b * world)
+            rest += list(sampler)
+        assert not set(used) & set(rest) and len(set(used) | set(rest)) > 103 - other
+        if other == world:
+            assert rest == [i for s in shares for i in s[k * b :]]
+
+
+def test_too_little_data_says_how_many_tokens_are_needed_and_held(prepared):
+    tokens = {s: read_meta(prepared)["splits"][s]["tokens"] for s in ("train", "val")}  # 8,152 / 5,792
+    cases = [  # (seq_len, batch_size, min_val_sequences, split, sequences needed)
+        (1100, 8, None, "train", 8),
+        (1000, 8, None, "val", 8),
+        (100, 2, 100, "val", 100),
+    ]
+    for seq_len, batch_size, min_val, split, sequences in cases:
+        assert (tokens[split] - 1) // seq_len < sequences
+        dm = TokenDataModule(data_dir=str(prepared), seq_len=seq_len, batch_size=batch_size, source=None,
+                             min_val_sequences=min_val)
+        with pytest.raises(ValueError) as err:
+            dm.setup("fit")
+        msg = str(err.value)
+        needed = sequences * seq_len + 1
+        assert f"the {split} split of {prepared} holds {tokens[split]:,} tokens" in msg
+        assert f"{sequences:,} x {seq_len} + 1 = {needed:,} tokens" in msg, msg
+        if split == "val":
+            assert f"--val-tokens {needed}" in msg
+        if min_val:
+            assert f"data.min_val_sequences={min_val}" in msg
+    with pytest.raises(ValueError, match="data.min_val_sequences"):
+        TokenDataModule(min_val_sequences=0)
+
+
+def test_embedded_corpus_val_split_is_sized_in_sequences(tmp_path, monkeypatch):
+    """Preparing the embedded corpus, the datamodule holds out enough documents for one batch of
+    its seq_len (or min_val_sequences), beyond val_fraction; a longer seq_len later is refused."""
+    monkeypatch.setattr(corpus_mod, "DEFAULT_MAX_BYTES", 80_000)
+    data = tmp_path / "pd"
+    dm = TokenDataModule(data_dir=str(data), seq_len=512, batch_size=4, val_fraction=0.01, min_val_sequences=5,
+                         num_workers=0)
+    dm.prepare_data()
+    meta = read_meta(data)
+    assert meta["val_tokens"] == 5 * 512 + 1 <= meta["splits"]["val"]["tokens"]
+    dm.setup("fit")
+    assert len(TokenWindows(data / "val", 512)) >= 5  # whole documents: a little more than asked
+    assert len(dm.val_dataloader()) >= 1 and next(iter(dm.val_dataloader())).shape == (4, 513)
+    longer = TokenDataModule(data_dir=str(data), seq_len=2048, batch_size=4, num_workers=0)
+    with pytest.raises(ValueError) as err:
+        longer.setup("fit")
+    assert f"delete {data}" in str(err.value) and "4 x 2048 + 1 = 8,193 tokens" in str(err.value)
 
 
 def test_missing_data_dir_names_the_field(tmp_path):
@@ -266,7 +451,7 @@ def test_position_state_counts_consumed_batches(prepared):
     reference = [next(it) for _ in range(6)]
     loader.consumed_batches = lambda: 3  # e.g. a fetcher that read 3 batches ahead
     state = dm.state_dict()
-    assert state["train_loader"]["num_samples_yielded"] == 12
+    assert state["train_loader"]["position"] == 12
     del it
 
     resumed = make()
@@ -277,7 +462,7 @@ def test_position_state_counts_consumed_batches(prepared):
 
 # ------------------------------------------------------------------------------------------ resume
 def _fit_and_record(data_dir: Path, root: Path, max_steps: int, ckpt_every: int | None = None, ckpt_path=None,
-                    break_restore: bool = False) -> list[str]:
+                    break_restore: bool = False, seq_len: int = 32, num_workers: int = 1) -> list[str]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -298,7 +483,8 @@ def _fit_and_record(data_dir: Path, root: Path, max_steps: int, ckpt_every: int 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = TokenDataModule(data_dir=str(data_dir), seq_len=32, batch_size=4, num_workers=1, source=None, val_batches=2)
+    dm = TokenDataModule(data_dir=str(data_dir), seq_len=seq_len, batch_size=4, num_workers=num_workers, source=None,
+                         val_batches=2)
     if break_restore:
         dm.load_state_dict = lambda state: None  # the negative control: position not restored
     callbacks = []
@@ -337,7 +523,7 @@ def test_resume_mid_epoch_sees_the_same_batches(prepared, resume_runs, tmp_path)
     assert resumed == full[k:]
     # the position is in the datamodule's state, not in Lightning's automatic loader state
     state = torch.load(ckpt, weights_only=False)
-    assert state["TokenDataModule"]["train_loader"]["num_samples_yielded"] == k * 4
+    assert state["TokenDataModule"]["train_loader"]["position"] == k * 4
     assert "combined_loader" not in state["loops"]["fit_loop"]["state_dict"]
 
 
@@ -346,3 +532,24 @@ def test_resume_without_restoring_the_position_differs(prepared, resume_runs, tm
     full, first, ckpt, n, k = resume_runs
     resumed = _fit_and_record(prepared, tmp_path, n, ckpt_path=ckpt, break_restore=True)
     assert resumed != full[k:] and resumed[0] == full[0]
+
+
+def test_resume_with_other_num_workers_is_exact(prepared, resume_runs, tmp_path):
+    """The position is in windows of the epoch's order: any num_workers resumes on the same batches."""
+    full, first, ckpt, n, k = resume_runs
+    for workers in (0, 2):
+        assert _fit_and_record(prepared, tmp_path / str(workers), n, ckpt_path=ckpt, num_workers=workers) == full[k:]
+
+
+def test_resume_across_epochs(prepared, tmp_path):
+    """Epochs of 5 batches (22 windows of 360 + 1 tokens): stopped at the end of epoch 0 (step 5) or in
+    epoch 1 (step 7), the resumed runs see the uninterrupted run's batches, epoch 2 included."""
+    assert (read_meta(prepared)["splits"]["train"]["tokens"] - 1) // 360 == 22
+    n = 13
+    full = _fit_and_record(prepared, tmp_path / "full", n, seq_len=360)
+    assert len(full) == n and len(set(full[:5])) == 5 and set(full[:5]) != set(full[5:10])  # 2 of 22 dropped
+    for k in (5, 7):
+        first = _fit_and_record(prepared, tmp_path / f"first{k}", k, ckpt_every=k, seq_len=360)
+        assert first == full[:k]
+        ckpt = tmp_path / f"first{k}" / "ckpt" / f"step={k}.ckpt"
+        assert _fit_and_record(prepared, tmp_path / f"resumed{k}", n, ckpt_path=ckpt, seq_len=360) == full[k:], k

@@ -1,36 +1,40 @@
-"""``TokenDataModule``: LitData token shards -> ``(batch_size, seq_len + 1)`` ``torch.long`` batches.
+"""``TokenDataModule``: prepared token shards -> ``(batch_size, seq_len + 1)`` ``torch.long`` batches.
+
+A split is read as one token stream across its LitData chunks (:mod:`nsa_lit.data.windows`): sequence
+``i`` is ``tokens[i * seq_len : i * seq_len + seq_len + 1]``, for any ``seq_len``.
 
 The train loader's position is part of the checkpoint (``state_dict``/``load_state_dict``), so a run
 stopped mid-epoch and resumed with ``ckpt_path=`` trains on exactly the batches the uninterrupted run
-would have seen (needs ``num_workers >= 1`` and the same ``batch_size``, ``num_workers`` and world size).
+would have seen (with the same ``batch_size`` and world size; ``num_workers`` may differ).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # offline: no PyPI version check
 
 import lightning as L
 import numpy as np
 import torch
-from litdata import StreamingDataLoader, StreamingDataset, TokensLoader
+from torch.utils.data import DataLoader
 
 from nsa_lit.data.prepare import META_FILENAME, PYTHON_DOCS, SOURCES, prepare, read_meta
 from nsa_lit.data.tokenizer import Tokenizer, load_tokenizer, parse_bpe_spec
+from nsa_lit.data.windows import TokenWindows, WindowSampler, collate_long, num_windows, tokens_for
 
-# Chunk size for the embedded corpus: a few chunks, so chunk-level shuffling and worker/rank splits
-# have something to work with; TokensLoader drops < seq_len + 1 tokens at the end of each chunk.
+__all__ = ["TokenDataModule", "TokenLoader", "collate_long", "validate_split"]
+
+# Chunk size for the embedded corpus: a few chunks per split, so that reading across chunk
+# boundaries is exercised by every run on it (chunks lose no tokens).
 EMBEDDED_CHUNK_BYTES = 512 * 1024
-STATE_VERSION = 1
-
-
-def collate_long(items: list[Any]) -> torch.Tensor:
-    """Stack uint16/uint32 token blocks into one ``torch.long`` tensor (embeddings need int64/int32)."""
-    return torch.from_numpy(np.stack([np.asarray(x) for x in items]).astype(np.int64))
+STATE_VERSION = 2
+# Lightning warns on a mid-epoch resume of a loader without ``state_dict``; ours is restored through
+# the datamodule (TokenDataModule.load_state_dict), so the warning does not apply.
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 def validate_split(split_dir: str | os.PathLike, itemsize: int | None = None) -> list[dict[str, Any]]:
@@ -67,83 +71,104 @@ def validate_split(split_dir: str | os.PathLike, itemsize: int | None = None) ->
     return chunks
 
 
-class ResumableStreamingDataLoader(StreamingDataLoader):
-    """A ``StreamingDataLoader`` whose position is saved and restored only by :class:`TokenDataModule`.
+class TokenLoader(DataLoader):
+    """A ``DataLoader`` over :class:`TokenWindows` with a :class:`WindowSampler`, whose position
+    :class:`TokenDataModule` saves and restores.
 
-    Lightning saves and restores, on its own, the state of every train loader that has
-    ``state_dict``/``load_state_dict``; that automatic path has had bugs across versions. This loader
-    hides those two methods from it (``None`` blocks a method of a ``typing.Protocol``), and offers
-    :meth:`position_state` / :meth:`load_position_state` instead, which ``TokenDataModule.state_dict``
-    / ``load_state_dict`` call: one explicit path, tested in ``tests/test_data.py``.
+    It has no ``state_dict``/``load_state_dict``: Lightning's own handling of loader state has had
+    bugs across versions, so the position takes one explicit path, the datamodule's
+    (:meth:`position_state` / :meth:`load_position_state`), tested in ``tests/test_data.py``.
 
     The saved position counts the batches the trainer has actually trained on (``consumed_batches``,
     set by the datamodule), not the batches the loader has handed out: a fetcher that reads ahead
-    (Lightning does for loaders without a length) would otherwise skip a batch on resume.
+    (Lightning does) would otherwise skip a batch on resume. Without it (outside a Trainer), the
+    batches this loader has yielded in the current epoch count.
     """
 
-    state_dict = None  # type: ignore[assignment]
-    load_state_dict = None  # type: ignore[assignment]
     consumed_batches: Callable[[], int | None] | None = None
-    max_batches: int | None = None  # stop each epoch after this many batches (validation cap)
 
-    def __iter__(self) -> Any:
-        if self.max_batches is None:
-            yield from super().__iter__()
-            return
-        for i, batch in enumerate(super().__iter__()):
-            if i >= self.max_batches:
-                break
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+
+    @property
+    def window_sampler(self) -> WindowSampler:
+        assert isinstance(self.sampler, WindowSampler)
+        return self.sampler
+
+    def __iter__(self) -> Iterator[Any]:
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
             yield batch
 
-    def __len__(self) -> int:
-        n = super().__len__()
-        return n if self.max_batches is None else min(n, self.max_batches)
-
     def position_state(self) -> dict[str, Any]:
-        """``StreamingDataLoader.state_dict()``, with the position set to the consumed batches."""
+        """Where the current epoch stands: ``epoch`` and ``position``, the windows used in it by all ranks."""
+        sampler = self.window_sampler
         consumed = self.consumed_batches() if self.consumed_batches is not None else None
-        if consumed is None or not isinstance(self.dataset, StreamingDataset):
-            return copy.deepcopy(StreamingDataLoader.state_dict(self))
         assert self.batch_size
-        num_samples = consumed * self.batch_size
-        workers = self.num_workers if self.num_workers > 0 else 1
-        return copy.deepcopy(
-            {
-                "dataset": self.dataset.state_dict(num_samples, self.num_workers, self.batch_size),
-                "current_epoch": self.current_epoch,
-                "num_samples_yielded": num_samples,
-                # batches come round-robin from the workers, starting with worker 0
-                "latest_worker_idx": (consumed - 1) % workers if consumed > 0 else 0,
-            }
-        )
+        if consumed is None:  # outside a Trainer: from the start of this iteration
+            position = sampler.start + self._yielded * self.batch_size * sampler.num_replicas
+        else:  # the trainer's count runs from the epoch's start, also after a resume
+            position = consumed * self.batch_size * sampler.num_replicas
+        return {
+            "epoch": sampler.epoch,
+            "position": position,
+            "batch_size": self.batch_size,
+            "world_size": sampler.num_replicas,
+            "num_windows": sampler.num_windows,
+            "seq_len": self.dataset.seq_len,  # type: ignore[attr-defined]
+            "shuffle": sampler.shuffle,
+            "seed": sampler.seed,
+        }
 
-    def load_position_state(self, obj: dict[str, Any]) -> None:
-        """``StreamingDataLoader.load_state_dict()``; idempotent (a fresh worker cycle each time)."""
-        self._worker_idx = None
-        StreamingDataLoader.load_state_dict(self, copy.deepcopy(obj))
+    def load_position_state(self, state: dict[str, Any], epoch: int | None = None) -> None:
+        """Start epoch ``state["epoch"]`` at ``state["position"]`` the next time this loader is iterated.
+
+        ``epoch``: the epoch the trainer is about to run (default: the saved one); the position
+        applies only if it is the saved one. A position saved with another dataset, ``seq_len``,
+        shuffle or seed applies as a count of windows already used, with a warning: the order differs.
+        """
+        sampler = self.window_sampler
+        current = {"num_windows": sampler.num_windows, "seq_len": self.dataset.seq_len,  # type: ignore[attr-defined]
+                   "shuffle": sampler.shuffle, "seed": sampler.seed}
+        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in current.items() if state.get(k) != v]
+        if changed:
+            warnings.warn(
+                f"resuming the training data from a position saved with other data settings ({', '.join(changed)}): "
+                f"{state['position']} windows of epoch {state['epoch']} count as used, but the order is not the "
+                "interrupted run's",
+                stacklevel=2,
+            )
+        sampler.set_epoch(state["epoch"] if epoch is None else epoch)
+        sampler.resume(state["epoch"], state["position"])
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Token batches from LitData shards prepared by ``python -m nsa_lit.data.prepare``.
+    """Token batches from shards prepared by ``python -m nsa_lit.data.prepare``.
 
     Batches are ``torch.long`` tensors of shape ``(batch_size, seq_len + 1)``: inputs are
-    ``batch[:, :-1]``, targets ``batch[:, 1:]``. Blocks are consecutive, non-overlapping windows of
-    the token stream (documents separated by ``eos``).
+    ``batch[:, :-1]``, targets ``batch[:, 1:]``. A split is one token stream (documents separated by
+    ``eos``) read across its chunk files; sequence ``i`` is ``tokens[i * seq_len : i * seq_len + seq_len + 1]``,
+    so consecutive sequences share one token and every token but the first is a target once an epoch.
 
     Args:
         data_dir: directory with ``train/``, ``val/`` and ``meta.json`` (written by the preparation).
         seq_len: tokens per training sequence; each sample holds ``seq_len + 1`` tokens.
         batch_size: sequences per batch, per device.
-        num_workers: DataLoader worker processes. Mid-epoch resume needs ``>= 1``; resume with the
-            same value (and the same ``batch_size`` and world size) to see exactly the same batches.
-        seed: shuffle seed of the training split.
-        shuffle: shuffle the training split (chunks and blocks; reshuffled every epoch).
+        num_workers: DataLoader worker processes (any value resumes exactly).
+        seed: shuffle seed of the training split (>= 0).
+        shuffle: shuffle the training sequences (a new permutation of all of them each epoch).
         source: ``"python-docs"``: if ``data_dir`` has no ``meta.json``, prepare the embedded corpus there
             (once; later runs reuse it). ``None``: ``data_dir`` must already be prepared.
         tokenizer: tokenizer spec (``mistral-v1``, a ``*.model``/``tokenizer.json`` path, ``bpe:<n>``, a
             Hugging Face name). Must match the one ``data_dir`` was prepared with.
         val_fraction: fraction of documents held out for validation when preparing ``source``.
-        val_batches: validate on at most this many batches (the first ones; ``None``: the whole split).
+        min_val_sequences: the validation split must hold at least this many sequences of
+            ``seq_len + 1`` tokens (``n * seq_len + 1`` tokens); ``None``: one batch on every device,
+            ``batch_size * world_size`` (also the least it may be). When preparing ``source``, documents
+            are held out until the split holds them, beyond ``val_fraction``.
+        val_batches: validate on at most this many batches per device (the first ones; ``None``: the whole split).
     """
 
     def __init__(
@@ -157,14 +182,17 @@ class TokenDataModule(L.LightningDataModule):
         source: str | None = PYTHON_DOCS,
         tokenizer: str = "mistral-v1",
         val_fraction: float = 0.05,
+        min_val_sequences: int | None = None,
         val_batches: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
+                                 ("num_workers", num_workers, 0), ("seed", seed, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
-        if val_batches is not None and (not isinstance(val_batches, int) or val_batches < 1):
-            raise ValueError(f"data.val_batches must be None or an integer >= 1, got {val_batches!r}")
+        for name, value in (("val_batches", val_batches), ("min_val_sequences", min_val_sequences)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"data.{name} must be None or an integer >= 1, got {value!r}")
         if source is not None and source not in SOURCES:
             raise ValueError(f"data.source must be one of {list(SOURCES)} or null, got {source!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -179,11 +207,12 @@ class TokenDataModule(L.LightningDataModule):
         self.source = source
         self.tokenizer = tokenizer
         self.val_fraction = val_fraction
+        self.min_val_sequences = min_val_sequences
         self.val_batches = val_batches
         self._meta: dict[str, Any] | None = None
-        self._train_dataset: StreamingDataset | None = None
-        self._val_dataset: StreamingDataset | None = None
-        self._train_loader: ResumableStreamingDataLoader | None = None
+        self._train_dataset: TokenWindows | None = None
+        self._val_dataset: TokenWindows | None = None
+        self._train_loader: TokenLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None
 
     # -------------------------------------------------------------------------------- metadata
@@ -213,6 +242,20 @@ class TokenDataModule(L.LightningDataModule):
         """The tokenizer the data was prepared with."""
         return load_tokenizer(self.tokenizer, self.data_dir)
 
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank): the trainer's, else torch.distributed's, else (1, 0)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.world_size), int(trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def val_sequences_needed(self) -> int:
+        """Sequences the validation split must hold: ``min_val_sequences``, at least one batch per device."""
+        one_batch = self.batch_size * self._world()[0]
+        return max(one_batch, self.min_val_sequences or 0)
+
     def _missing_error(self) -> FileNotFoundError:
         return FileNotFoundError(
             f"data.data_dir={self.data_dir!r}: no prepared dataset ({self.meta_path} is missing). Prepare it with "
@@ -231,7 +274,11 @@ class TokenDataModule(L.LightningDataModule):
 
     # -------------------------------------------------------------------------------- hooks
     def prepare_data(self) -> None:
-        """Prepare the embedded corpus into ``data_dir`` if it is not there yet (runs on one process)."""
+        """Prepare the embedded corpus into ``data_dir`` if it is not there yet (runs on one process).
+
+        Its validation split holds ``val_fraction`` of the documents, and more if needed for
+        :meth:`val_sequences_needed` sequences of this run's ``seq_len``.
+        """
         if self.meta_path.is_file():
             self._meta = None
             self._check_tokenizer()
@@ -239,15 +286,35 @@ class TokenDataModule(L.LightningDataModule):
         if self.source is None:
             raise self._missing_error()
         # No meta.json: nothing was prepared, or a preparation was interrupted; (re)do it.
+        val_tokens = tokens_for(self.val_sequences_needed(), self.seq_len) if self.val_fraction > 0 else 0
         prepare(
             output_dir=self.data_dir,
             source=self.source,
             tokenizer=self.tokenizer,
             val_fraction=self.val_fraction,
+            val_tokens=val_tokens,
             chunk_bytes=EMBEDDED_CHUNK_BYTES,
             overwrite=True,
         )
         self._meta = None
+
+    def _too_little_data(self, split: str, tokens: int, sequences: int, why: str) -> ValueError:
+        needed = tokens_for(sequences, self.seq_len)
+        if split == "val":
+            fix = (
+                f"delete {self.data_dir} to have it prepared again with a validation split of {needed:,} tokens"
+                if self.source is not None and self.meta.get("source") == self.source
+                else f"prepare it again with `--val-tokens {needed}` (python -m nsa_lit.data.prepare)"
+            )
+            fix += ", or lower data.min_val_sequences / data.batch_size / data.seq_len"
+        else:
+            fix = "use a smaller data.batch_size or data.seq_len (model.arch.seq_len), or more data"
+        return ValueError(
+            f"data.seq_len={self.seq_len}, data.batch_size={self.batch_size}: the {split} split of {self.data_dir} "
+            f"holds {tokens:,} tokens; {why} needs {sequences:,} sequence{'s' if sequences != 1 else ''} of "
+            "seq_len + 1 tokens, consecutive "
+            f"ones sharing one token: {sequences:,} x {self.seq_len} + 1 = {needed:,} tokens. Fix: {fix}"
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if not self.meta_path.is_file():
@@ -256,70 +323,69 @@ class TokenDataModule(L.LightningDataModule):
         self._check_tokenizer()
         meta = self.meta
         itemsize = np.dtype(meta["dtype"]).itemsize
-        block = self.seq_len + 1
+        world, _ = self._world()
+        devices = f" on each of {world} devices" if world > 1 else ""
         for split in ("train", "val"):
             tokens = int(meta["splits"][split]["tokens"])
             if split == "val" and tokens == 0:
                 continue  # prepared with val_fraction=0: no validation
-            chunks = validate_split(Path(self.data_dir) / split, itemsize)
-            if tokens < block:
-                raise ValueError(
-                    f"data.seq_len={self.seq_len}: the {split} split of {self.data_dir} has only {tokens} tokens, "
-                    f"fewer than seq_len + 1 = {block}"
-                )
-            blocks = sum(c["dim"] // block for c in chunks)
-            if blocks < self.batch_size:
-                raise ValueError(
-                    f"data.seq_len={self.seq_len}, data.batch_size={self.batch_size}: the {split} split of "
-                    f"{self.data_dir} holds {blocks} blocks of seq_len + 1 tokens, fewer than one batch"
-                )
-        self._train_dataset = self._dataset("train", shuffle=self.shuffle)
-        self._val_dataset = self._dataset("val", shuffle=False) if int(meta["splits"]["val"]["tokens"]) else None
+            validate_split(Path(self.data_dir) / split, itemsize)
+            if split == "train":
+                need, why = self.batch_size * world, f"one batch{devices}"
+            else:
+                need = self.val_sequences_needed()
+                why = f"data.min_val_sequences={self.min_val_sequences}" if need > self.batch_size * world \
+                    else f"one batch{devices}"
+            if num_windows(tokens, self.seq_len) < need:
+                raise self._too_little_data(split, tokens, need, why)
+        self._train_dataset = TokenWindows(Path(self.data_dir, "train").resolve(), self.seq_len)
+        val_tokens = int(meta["splits"]["val"]["tokens"])
+        self._val_dataset = TokenWindows(Path(self.data_dir, "val").resolve(), self.seq_len) if val_tokens else None
 
-    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
-        return StreamingDataset(
-            str(Path(self.data_dir, split).resolve()),
-            item_loader=TokensLoader(block_size=self.seq_len + 1),
-            shuffle=shuffle,
-            drop_last=True,
-            seed=self.seed,
-        )
-
-    def _loader(self, dataset: StreamingDataset) -> ResumableStreamingDataLoader:
-        return ResumableStreamingDataLoader(
+    def _loader(self, dataset: TokenWindows, shuffle: bool, limit: int | None = None) -> TokenLoader:
+        world, rank = self._world()
+        sampler = WindowSampler(dataset, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank, limit=limit)
+        return TokenLoader(
             dataset,
             batch_size=self.batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate_long,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+            persistent_workers=False,
         )
 
-    def train_dataloader(self) -> ResumableStreamingDataLoader:
+    def train_dataloader(self) -> TokenLoader:
         if self._train_dataset is None:
             self.setup("fit")
         assert self._train_dataset is not None
-        loader = self._loader(self._train_dataset)
-        if len(loader) == 0:
+        loader = self._loader(self._train_dataset, shuffle=self.shuffle)
+        if len(loader) == 0:  # setup() checked one batch per device
             raise ValueError(
-                f"data.batch_size={self.batch_size}, data.num_workers={self.num_workers}, data.seq_len={self.seq_len}: "
+                f"data.batch_size={self.batch_size}, data.seq_len={self.seq_len}: "
                 f"the train split of {self.data_dir} yields no full batch"
             )
         loader.consumed_batches = self._consumed_train_batches
+        trainer = getattr(self, "trainer", None)
+        # The epoch the trainer is about to run: Lightning creates the first iterator of a run
+        # before it calls set_epoch, so the sampler must know it now (resume at epoch > 0).
+        epoch = int(trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
+        if epoch is not None:
+            loader.window_sampler.set_epoch(epoch)
         if self._pending_train_state is not None:
-            loader.load_position_state(self._pending_train_state)
+            loader.load_position_state(self._pending_train_state, epoch=epoch)
             self._pending_train_state = None
         self._train_loader = loader
         return loader
 
-    def val_dataloader(self) -> ResumableStreamingDataLoader | list:
+    def val_dataloader(self) -> TokenLoader | list:
         if self._train_dataset is None:
             self.setup("validate")
         if self._val_dataset is None:
             return []
-        loader = self._loader(self._val_dataset)
-        loader.max_batches = self.val_batches
-        return loader
+        limit = None if self.val_batches is None else self.val_batches * self.batch_size
+        return self._loader(self._val_dataset, shuffle=False, limit=limit)
 
     def _consumed_train_batches(self) -> int | None:
         """Batches of the current epoch the trainer has trained on (``None`` outside ``Trainer.fit``)."""
@@ -340,6 +406,14 @@ class TokenDataModule(L.LightningDataModule):
         loader_state = state_dict.get("train_loader")
         if not loader_state:
             return
+        if state_dict.get("version") != STATE_VERSION:
+            warnings.warn(
+                f"the checkpoint's data position has format version {state_dict.get('version')}, not {STATE_VERSION} "
+                "(an older data loader): the current epoch's training data starts from its beginning",
+                stacklevel=2,
+            )
+            return
+        warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
         self._pending_train_state = loader_state
         if self._train_loader is not None and getattr(self, "trainer", None) is None:
             self._train_loader.load_position_state(loader_state)  # used outside a Trainer

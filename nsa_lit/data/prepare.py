@@ -10,10 +10,12 @@ Inputs: ``.txt`` files (one document per file), ``.jsonl`` (one document per lin
 recursively. ``--source python-docs`` uses the embedded corpus (:mod:`nsa_lit.data.corpus`).
 
 Each document is tokenized without special tokens and followed by ``eos``. Documents go to ``train`` or
-``val`` by a hash of their id (deterministic; at least one ``val`` document when there are two or
-more). Tokens are first streamed to a temporary flat file, then written as LitData chunks with
-``litdata.optimize(..., item_loader=TokensLoader())``; ``meta.json`` is written last, so its presence
-means the preparation finished.
+``val`` by a hash of their id (deterministic): those below ``val_fraction``, then, while ``val`` holds
+fewer than ``val_tokens`` tokens (``--val-tokens``), the next ones in hash order; at least one ``val``
+document when there are two or more. Tokens are first streamed to a temporary flat file, then written
+as LitData chunks with ``litdata.optimize(..., item_loader=TokensLoader())``; ``meta.json`` is written
+last, so its presence means the preparation finished. Training reads a split as one token stream,
+across chunk boundaries (:mod:`nsa_lit.data.windows`), so the chunk size loses no tokens.
 """
 from __future__ import annotations
 
@@ -168,16 +170,15 @@ def parse_bytes(value: int | str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- shards
-def _read_range(path: str, dtype: str, rng: tuple[int, int]) -> Iterator[np.ndarray]:
+def _read_range(dtype: str, item: tuple[str, int, int]) -> Iterator[np.ndarray]:
     """optimize() worker function: tokens [start, end) of a flat token file as one item."""
-    start, end = rng
+    path, start, end = item
     itemsize = np.dtype(dtype).itemsize
     yield np.fromfile(path, dtype=dtype, count=end - start, offset=start * itemsize)
 
 
 def _write_shards(
-    token_file: Path,
-    ranges: list[tuple[int, int]],
+    ranges: list[tuple[Path, int, int]],
     out_dir: Path,
     dtype: np.dtype,
     chunk_bytes: int,
@@ -186,13 +187,14 @@ def _write_shards(
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
     from litdata import TokensLoader, optimize
 
-    # Items are slices of the token stream (document boundaries only matter through eos). Small items
-    # fill chunks well; TokensLoader blocks never cross chunks, so each chunk loses < block_size tokens.
+    # Items are slices of the token stream (document boundaries only matter through eos); small items
+    # fill chunks well. The chunks, in index order, hold the ranges' tokens in order: training reads
+    # them as one stream, across chunk boundaries (nsa_lit.data.windows), so no token is lost here.
     item_tokens = max(1, chunk_bytes // dtype.itemsize // 16)
-    inputs: list[tuple[int, int]] = []
-    for start, end in ranges:
+    inputs: list[tuple[str, int, int]] = []
+    for path, start, end in ranges:
         for s in range(start, end, item_tokens):
-            inputs.append((s, min(end, s + item_tokens)))
+            inputs.append((str(path), s, min(end, s + item_tokens)))
     if not inputs:
         return
     # optimize() runs its workers as processes and calls multiprocessing.set_start_method(force=True),
@@ -200,7 +202,7 @@ def _write_shards(
     previous = multiprocessing.get_start_method(allow_none=True)
     try:
         optimize(
-            fn=functools.partial(_read_range, str(token_file), dtype.name),
+            fn=functools.partial(_read_range, dtype.name),
             inputs=inputs,
             output_dir=str(out_dir),
             chunk_bytes=chunk_bytes,
@@ -229,10 +231,9 @@ def read_split_tokens(split_dir: str | os.PathLike) -> np.ndarray:
     """All tokens of a prepared split, in stored order, read straight from the chunk files."""
     split_dir = Path(split_dir)
     index = json.loads((split_dir / "index.json").read_text())
-    fmt = index["config"]["data_format"][0]
-    from litdata.constants import _NUMPY_DTYPES_MAPPING
+    from nsa_lit.data.windows import index_dtype
 
-    dtype = np.dtype(_NUMPY_DTYPES_MAPPING[int(fmt.split(":")[1])])
+    dtype = index_dtype(index)
     parts = []
     for chunk in index["chunks"]:
         header = (1 + chunk["chunk_size"] + 1) * 4
@@ -262,6 +263,7 @@ def prepare(
     tokenizer: str = DEFAULT_TOKENIZER,
     text_field: str = "text",
     val_fraction: float = 0.01,
+    val_tokens: int = 0,
     chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
     num_workers: int = 1,
     overwrite: bool = False,
@@ -277,6 +279,9 @@ def prepare(
         tokenizer: tokenizer spec (see :func:`nsa_lit.data.load_tokenizer`); ``bpe:<n>`` is trained here.
         text_field: JSONL field / Parquet column holding the text.
         val_fraction: fraction of documents (by id hash) in the validation split.
+        val_tokens: at least this many tokens in the validation split: documents are added to it in
+            hash order (as if ``val_fraction`` were raised) until it holds them. The datamodule asks for
+            ``n * seq_len + 1`` to get ``n`` validation sequences. ``ValueError`` if the corpus is too small.
         chunk_bytes: LitData chunk size in bytes (int, or a string like ``"64MB"``).
         num_workers: processes used by ``litdata.optimize`` to write the shards.
         overwrite: replace an existing preparation in ``output_dir``.
@@ -293,6 +298,8 @@ def prepare(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if isinstance(val_tokens, bool) or not isinstance(val_tokens, int) or val_tokens < 0:
+        raise ValueError(f"val_tokens must be an integer >= 0, got {val_tokens!r}")
     chunk_bytes = parse_bytes(chunk_bytes)
     if source is None:
         _expand_inputs(inputs)  # fail early on missing/unsupported inputs
@@ -326,8 +333,9 @@ def prepare(
     handles = {s: open(files[s], "wb") for s in SPLITS}
     n_tokens = {s: 0 for s in SPLITS}
     n_docs = {s: 0 for s in SPLITS}
-    # The train document nearest the val threshold, moved to val if val would stay empty.
-    best: tuple[float, int, int] | None = None  # (hash, start, end) in the train token file
+    # Each train document's hash and start in the train token file (16 bytes a document): documents
+    # move to val in hash order when val would be empty or hold fewer than val_tokens tokens.
+    train_hashes = array("d")
     train_starts = array("q")
     try:
         from tqdm.auto import tqdm
@@ -336,7 +344,6 @@ def prepare(
         batch: list[tuple[str, str]] = []
 
         def flush() -> None:
-            nonlocal best
             encoded = tok.encode_batch([t for _, t in batch])
             for (doc_id, _), ids in zip(batch, encoded):
                 ids.append(tok.eos_id)
@@ -346,9 +353,8 @@ def prepare(
                 h = doc_hash(doc_id)
                 split = "val" if h < val_fraction else "train"
                 if split == "train":
+                    train_hashes.append(h)
                     train_starts.append(n_tokens["train"])
-                    if best is None or h < best[0]:
-                        best = (h, n_tokens["train"], n_tokens["train"] + arr.size)
                 arr.astype(dtype).tofile(handles[split])
                 n_tokens[split] += arr.size
                 n_docs[split] += 1
@@ -372,25 +378,44 @@ def prepare(
         _remove([tmp])
         raise ValueError(f"no non-empty documents found in {list(map(str, inputs)) or source}")
 
-    train_ranges = [(0, n_tokens["train"])]
-    val_ranges = [(0, n_tokens["val"])]
-    val_file = files["val"]
-    if n_docs["val"] == 0 and total_docs >= 2 and val_fraction > 0 and best is not None:
-        # Guarantee a non-empty validation split: move the train document nearest the threshold.
-        _, start, end = best
-        train_ranges = [(0, start), (end, n_tokens["train"])]
-        val_ranges = [(start, end)]
-        val_file = files["train"]
-        n_tokens["train"] -= end - start
-        n_tokens["val"] = end - start
+    # Documents moved from train to val (lowest hash first): enough for val_tokens, and one document
+    # if val would otherwise be empty (with two documents or more and val_fraction > 0).
+    want = max(val_tokens, 1 if val_fraction > 0 and total_docs >= 2 else 0)
+    starts = np.append(np.frombuffer(train_starts, dtype=np.int64), n_tokens["train"])  # + the end
+    moved: list[int] = []
+    if n_tokens["val"] < want:
+        have = n_tokens["val"]
+        for d in np.argsort(np.frombuffer(train_hashes, dtype=np.float64), kind="stable")[:-1].tolist():
+            moved.append(d)  # at most all train documents but one
+            have += int(starts[d + 1] - starts[d])
+            if have >= want:
+                break
+        if have < want:
+            _remove([tmp, *([out / BPE_FILENAME] if parse_bpe_spec(tokenizer) is not None else [])])
+            raise ValueError(
+                f"val_tokens={val_tokens:,}: the corpus holds {n_tokens['train'] + n_tokens['val']:,} tokens in "
+                f"{total_docs} documents, and at most {have:,} can go to the validation split while one document "
+                "stays in train: ask for fewer validation tokens, or prepare more data"
+            )
+    moved.sort()
+    val_ranges: list[tuple[Path, int, int]] = [(files["val"], 0, n_tokens["val"])]
+    train_ranges: list[tuple[Path, int, int]] = []
+    prev = 0
+    for d in moved:
+        start, end = int(starts[d]), int(starts[d + 1])
+        train_ranges.append((files["train"], prev, start))
+        val_ranges.append((files["train"], start, end))
         n_docs["train"] -= 1
-        n_docs["val"] = 1
+        n_docs["val"] += 1
+        prev = end
+    train_ranges.append((files["train"], prev, n_tokens["train"]))
+    n_tokens = {s: sum(b - a for _, a, b in r) for s, r in (("train", train_ranges), ("val", val_ranges))}
 
     # Pass 2: LitData shards.
-    for split, token_file, ranges in (("train", files["train"], train_ranges), ("val", val_file, val_ranges)):
-        ranges = [(a, b) for a, b in ranges if b > a]
+    for split, ranges in (("train", train_ranges), ("val", val_ranges)):
+        ranges = [(f, a, b) for f, a, b in ranges if b > a]
         if ranges:
-            _write_shards(token_file, ranges, out / split, dtype, chunk_bytes, num_workers)
+            _write_shards(ranges, out / split, dtype, chunk_bytes, num_workers)
     _remove([tmp])
 
     splits: dict[str, Any] = {}
@@ -412,6 +437,7 @@ def prepare(
         "source": source if source is not None else [str(p) for p in inputs],
         "text_field": text_field if source is None else None,
         "val_fraction": val_fraction,
+        "val_tokens": val_tokens,
         "chunk_bytes": chunk_bytes,
         "splits": splits,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -442,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mistral-v1 (default) | path/to/*.model | path/to/tokenizer.json | bpe:<vocab_size> | HF name")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text (default: text)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for validation (default 0.01)")
+    p.add_argument("--val-tokens", type=int, default=0,
+                   help="at least this many validation tokens: more documents (in hash order) go to val until it "
+                        "holds them; n sequences of seq_len need n * seq_len + 1 (default 0)")
     p.add_argument("--chunk-bytes", default=str(DEFAULT_CHUNK_BYTES), help="LitData chunk size, e.g. 64MB (default 64MB)")
     p.add_argument("--num-workers", type=int, default=1, help="litdata.optimize worker processes (default 1)")
     p.add_argument("--max-bytes", type=int, default=None, help="cap on the embedded corpus' text bytes")
@@ -461,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizer=args.tokenizer,
             text_field=args.text_field,
             val_fraction=args.val_fraction,
+            val_tokens=args.val_tokens,
             chunk_bytes=chunk_bytes,
             num_workers=args.num_workers,
             overwrite=args.overwrite,
