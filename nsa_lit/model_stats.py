@@ -127,7 +127,7 @@ def matmul_flops_per_token(module: torch.nn.Module) -> float:
     share = {}  # compressor Linear -> applications per token
     for attn in layers:
         spec = attn.spec
-        for name in attn._compressor_names:  # latent/keys/values: per group; RoPE key: once
+        for name in attn.compressor_names:  # latent/keys/values: per group; RoPE key: once
             groups = 1 if name == "rope_compressor" else spec.kv_heads
             for m in getattr(attn, name).modules():
                 share[m] = groups / spec.compress_stride

@@ -64,8 +64,10 @@ class Attention(nn.Module):
             self.kv = GroupedKV(cfg)
             self.rope = Rotary(dh, cfg.seq_len, cfg.rope_theta)
             cached = {"k": dh, "v": dh}  # keys and values
-        self._compressor_names = [f"{name}_compressor" for name in cached] if spec.compresses else []
-        for name, dim in zip(self._compressor_names, cached.values()):
+        # one compressor per cached tensor (k_compressor, v_compressor or latent_/rope_compressor)
+        self.compressor_names = ([f"{name}_compressor" for name in cached] if spec.compresses
+                                 else [])
+        for name, dim in zip(self.compressor_names, cached.values()):
             setattr(self, name, BlockCompressor(dim, cfg.compress_block, cfg.compress_stride,
                                                 cfg.compress_method))
         self.gate = nn.Linear(cfg.d_model, H * len(self.branches)) if len(self.branches) > 1 else None
@@ -88,7 +90,7 @@ class Attention(nn.Module):
 
     def _compress(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress the two cached tensors (``k, v`` or ``c, k_r``) ``(B, T, G, D)`` -> ``(B, N, G, D)``."""
-        first, second = (getattr(self, name) for name in self._compressor_names)
+        first, second = (getattr(self, name) for name in self.compressor_names)
         return first(a), second(b)
 
     def _absorbed_query(self, q: torch.Tensor) -> torch.Tensor:
