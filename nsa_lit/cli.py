@@ -8,10 +8,13 @@ import os
 
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
+import importlib  # noqa: E402
+
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry  # noqa: E402
 
 from nsa_lit.data import TokenDataModule  # noqa: E402
-from nsa_lit.lit_module import LanguageModel  # noqa: E402
+from nsa_lit.lit_module import LanguageModel, build_on_meta  # noqa: E402
 
 
 class NSALightningCLI(LightningCLI):
@@ -24,6 +27,33 @@ class NSALightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.arch.seq_len", "data.seq_len")
+
+    def instantiate_classes(self) -> None:
+        """Under a model-parallel strategy (FSDP2: ``nsa_lit.parallel.FSDP2Strategy`` or
+        Lightning's ``ModelParallelStrategy``) the model is built on the meta device; the
+        trainer's ``configure_model`` shards it and initialises each process's shards."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        with build_on_meta(_is_model_parallel(config.get("trainer", {}).get("strategy"))):
+            super().instantiate_classes()
+
+
+def _is_model_parallel(strategy) -> bool:
+    """Whether the configured ``trainer.strategy`` (a name, a ``class_path`` namespace or an
+    instance) is a ``ModelParallelStrategy``."""
+    if isinstance(strategy, ModelParallelStrategy):
+        return True
+    if isinstance(strategy, str):  # a name in Lightning's registry, e.g. "fsdp2"
+        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+        return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
+    class_path = getattr(strategy, "class_path", None)
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False  # jsonargparse reports a bad class_path when it instantiates it
+    return isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)
 
 
 def cli_main(args=None, run: bool = True) -> NSALightningCLI:

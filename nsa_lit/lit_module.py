@@ -7,8 +7,10 @@ clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all proc
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
@@ -20,6 +22,7 @@ from nsa_lit.config import ModelConfig
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss
 from nsa_lit.model import Transformer
 from nsa_lit.model_stats import training_flops_per_token
+from nsa_lit.parallel import FSDPConfig, materialize, parallelize
 
 
 @dataclass
@@ -72,6 +75,21 @@ def _device_peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
 
+_BUILD_ON_META = contextvars.ContextVar("nsa_lit_build_on_meta", default=False)
+
+
+@contextmanager
+def build_on_meta(enabled: bool = True):
+    """``LanguageModel``s created inside build their ``Transformer`` on the meta device (no
+    memory, no initialisation); ``configure_model`` shards it, allocates each process's shards
+    and initialises them. The CLI uses it under a model-parallel strategy."""
+    token = _BUILD_ON_META.set(enabled)
+    try:
+        yield
+    finally:
+        _BUILD_ON_META.reset(token)
+
+
 class LanguageModel(L.LightningModule):
     """Causal language model over token batches ``(B, seq_len + 1)``.
 
@@ -89,27 +107,47 @@ class LanguageModel(L.LightningModule):
     from ``nsa_lit.model_stats.training_flops_per_token`` (attention counted for what the variant
     computes). ``None``: the bf16 peak of a known CUDA device (A100 312, H100 PCIe 756,
     H100 / H200 SXM 989.5), else no MFU is logged.
+
+    ``activation_checkpointing``: recompute each block's activations in the backward pass
+    instead of keeping them (less memory, about one more forward per step).
+
+    ``fsdp``: FSDP2 settings (:class:`nsa_lit.parallel.FSDPConfig`: bf16 parameters and fp32
+    gradient reduction by default), used when the trainer's strategy is model-parallel
+    (``nsa_lit.parallel.FSDP2Strategy`` or Lightning's ``ModelParallelStrategy``): each block
+    and the root are then sharded over the processes (:func:`nsa_lit.parallel.parallelize`).
     """
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
                  compile: bool = False, peak_tflops: float | None = None,
-                 loss_chunk: int = DEFAULT_CHUNK):
+                 loss_chunk: int = DEFAULT_CHUNK, activation_checkpointing: bool = False,
+                 fsdp: FSDPConfig = FSDPConfig()):
         super().__init__()
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         arch = ModelConfig(**arch) if isinstance(arch, dict) else arch
         optim = OptimConfig(**optim) if isinstance(optim, dict) else optim
+        fsdp = FSDPConfig(**fsdp) if isinstance(fsdp, dict) else fsdp
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError("model.activation_checkpointing must be true or false, got "
+                             f"{activation_checkpointing!r}")
         if peak_tflops is not None and not peak_tflops > 0:
             raise ValueError(f"model.peak_tflops must be > 0 (or null), got {peak_tflops}")
         if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
             raise ValueError(f"model.loss_chunk must be an int >= 0, got {loss_chunk!r}")
         self.arch, self.optim, self.compile_blocks = arch, optim, compile
         self.peak_tflops, self.loss_chunk = peak_tflops, loss_chunk
+        self.activation_checkpointing, self.fsdp = activation_checkpointing, fsdp
         self.save_hyperparameters({"arch": asdict(arch), "optim": asdict(optim),
                                    "compile": compile, "peak_tflops": peak_tflops,
-                                   "loss_chunk": loss_chunk})
+                                   "loss_chunk": loss_chunk,
+                                   "activation_checkpointing": activation_checkpointing,
+                                   "fsdp": asdict(fsdp)})
         self._flops_per_token: float | None = None  # computed when MFU is first logged
-        self.model = Transformer(arch)
-        self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
+        # on the meta device under build_on_meta() (or trainer.init_module(empty_init=True)
+        # with a model-parallel strategy): configure_model then allocates and initialises it
+        with torch.device("meta") if _BUILD_ON_META.get() else nullcontext():
+            self.model = Transformer(arch)
+        with torch.device("cpu"):  # never on meta: Lightning moves it to the device
+            self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
         self.tokens_seen = 0
         self._clock: tuple[float, int] | None = None
 
@@ -120,8 +158,14 @@ class LanguageModel(L.LightningModule):
         return next_token_loss(self.model, batch, self.loss_chunk)
 
     def configure_model(self) -> None:
-        if self.compile_blocks:
-            self.model.compile_blocks()
+        """Activation checkpointing, per-block compile and (with a device mesh) FSDP2 sharding
+        (:func:`nsa_lit.parallel.parallelize`); then a model built on the meta device is
+        allocated on the strategy's device and initialised. Idempotent: Lightning calls it
+        per stage and in ``load_from_checkpoint``."""
+        parallelize(self.model, self.device_mesh, compile=self.compile_blocks,
+                    activation_checkpointing=self.activation_checkpointing, fsdp=self.fsdp)
+        trainer = self._trainer
+        materialize(self.model, trainer.strategy.root_device if trainer is not None else "cpu")
 
     # -- run length --------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -163,7 +207,10 @@ class LanguageModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm over all shards
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()

@@ -20,7 +20,12 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
@@ -80,7 +85,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        # The submodules' constructors ran their own ``reset_parameters`` (norms, latent
+        # up-projections, compressor positions, RoPE tables); the projections are set here.
+        # ``init_weights`` repeats both for a model built on the meta device.
+        self._init_projections()
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every block in place (its ``forward``; ``decode`` stays eager).
@@ -91,15 +99,32 @@ class Transformer(nn.Module):
                 block.compile(options=COMPILE_OPTIONS)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers)."""
+    def init_weights(self) -> None:
+        """Set every parameter and buffer: what a model built on the meta device needs after
+        ``to_empty`` (:func:`nsa_lit.parallel.materialize`); also works on FSDP2-sharded
+        parameters. The same distributions as the constructor: each submodule's own
+        ``reset_parameters`` (RMSNorm weights 1, latent up-projections Normal(0, init_std),
+        latent norms 1, compressor positions 0, RoPE tables), then :meth:`_init_projections`.
+        (Not the same draws: the constructor also spends random numbers on ``nn.Linear``'s own
+        initialisation, which is then overwritten.)"""
+        for module in self.modules():
+            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)):
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        self._init_projections()
+
+    @torch.no_grad()
+    def _init_projections(self) -> None:
+        """Normal(0, init_std) weights and zero biases of every ``nn.Linear`` / ``nn.Embedding``;
+        residual output projections (``attn.wo``, ``mlp.w_down``) with std / sqrt(2 n_layers)."""
         std = self.cfg.init_std
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        for block in self.blocks:
+        for block in self.blocks:  # (an activation-checkpointing wrapper forwards .attn, .mlp)
             for weight in (block.attn.wo.weight, block.mlp.w_down.weight):
                 nn.init.normal_(weight, std=std / math.sqrt(2 * self.cfg.n_layers))
 

@@ -10,11 +10,25 @@ class Rotary(nn.Module):
 
     def __init__(self, dim: int, max_len: int, theta: float = 10000.0):
         super().__init__()
-        self.dim = dim
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.dim, self.max_len, self.theta = dim, max_len, theta
+        # not in checkpoints (persistent=False): always computed, by reset_parameters
+        self.register_buffer("cos", torch.empty(max_len, (dim + 1) // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_len, (dim + 1) // 2), persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Compute the tables, always on the CPU in float32 (then copied to the buffers' device
+        and dtype), so that a model built on the meta device and materialised on a GPU has the
+        same tables as one built on the CPU."""
+        if self.cos.is_meta:
+            return
+        inv_freq = 1.0 / self.theta ** (
+            torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu") / self.dim)
+        angles = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device="cpu"),
+                             inv_freq)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate ``x (B, T, heads, dim)``; ``positions`` ``(T,)`` or per sequence ``(B, T)``,

@@ -19,12 +19,20 @@ class BlockCompressor(nn.Module):
         super().__init__()
         self.block_len, self.stride, self.method = block_len, stride, method
         if method == "mlp":
-            self.position = nn.Parameter(torch.zeros(block_len, dim))
+            self.position = nn.Parameter(torch.empty(block_len, dim))
             self.mlp = nn.Sequential(
                 nn.Linear(block_len * dim, dim), nn.SiLU(), nn.Linear(dim, dim)
             )
+            self.reset_parameters()
         elif method != "mean":
             raise ValueError(f"compress_method must be 'mlp' or 'mean', got {method!r}")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Intra-block position embeddings 0 (the MLP's ``nn.Linear`` layers are the model's
+        to set)."""
+        if self.method == "mlp":
+            nn.init.zeros_(self.position)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, G, D = x.shape

@@ -43,14 +43,21 @@ class LatentKV(nn.Module):
         self.groups = groups
         self.group_dim = cfg.latent_dim // groups
         self.rope_dim = cfg.rope_dim
-        self.norm_eps = cfg.norm_eps
+        self.norm_eps, self.init_std = cfg.norm_eps, cfg.init_std
         self.w_dkv = nn.Linear(cfg.d_model, cfg.latent_dim, bias=False)
-        self.latent_norm = nn.Parameter(torch.ones(groups, self.group_dim))
+        self.latent_norm = nn.Parameter(torch.empty(groups, self.group_dim))
         self.w_kr = nn.Linear(cfg.d_model, cfg.rope_dim, bias=False)
         self.w_uk = nn.Parameter(torch.empty(cfg.n_heads, cfg.head_dim, self.group_dim))
         self.w_uv = nn.Parameter(torch.empty(cfg.n_heads, cfg.head_dim, self.group_dim))
-        nn.init.normal_(self.w_uk, std=cfg.init_std)
-        nn.init.normal_(self.w_uv, std=cfg.init_std)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """This module's own parameters (the ``nn.Linear`` children are the model's to set):
+        latent norm weights 1, up-projections ``W_uk``, ``W_uv`` Normal(0, init_std)."""
+        nn.init.ones_(self.latent_norm)
+        nn.init.normal_(self.w_uk, std=self.init_std)
+        nn.init.normal_(self.w_uv, std=self.init_std)
 
     def forward(self, x: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, T, d_model)`` -> latent ``c (B, T, groups, group_dim)`` and rotated

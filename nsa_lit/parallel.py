@@ -1,0 +1,173 @@
+"""How a :class:`~nsa_lit.model.Transformer` is prepared for training: activation checkpointing,
+``torch.compile`` and FSDP2 sharding, in that order, in one place (torchtitan's llama3
+``parallelize``). :class:`~nsa_lit.lit_module.LanguageModel` calls :func:`parallelize` and then
+:func:`materialize` from ``configure_model``.
+
+Order, per transformer block: activation checkpointing wraps the block, ``torch.compile``
+compiles the (wrapped) block in place, ``fully_shard`` makes it one FSDP2 unit (one all-gather
+before its forward and backward, one reduce-scatter of its gradients); then ``fully_shard`` on
+the root takes what is left (embedding, final norm, LM head). Sharding happens only when the
+strategy provides a device mesh (Lightning's ``ModelParallelStrategy``, or
+:class:`FSDP2Strategy`); under DDP or on one device the model is left whole.
+
+Every step is idempotent: Lightning calls ``configure_model`` once per ``fit`` / ``validate``
+and again in ``load_from_checkpoint``.
+
+A model built on the meta device (by the CLI under a model-parallel strategy, or under
+``trainer.init_module(empty_init=True)``) is sharded while still on meta, so no process ever
+holds the whole model, and then :func:`materialize` allocates each process's shards on its
+device and runs :meth:`Transformer.init_weights` on them.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from torch import nn
+
+from nsa_lit.model import Transformer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 settings, used only under a model-parallel strategy (``model.fsdp.*``).
+
+    ``param_dtype``: the dtype parameters are all-gathered in and the blocks compute with (the
+    sharded fp32 parameters, gradients and optimiser state stay fp32): ``bfloat16`` on GPUs,
+    ``float32`` on CPUs (tests). ``reduce_dtype``: the dtype gradients are reduce-scattered
+    in; ``float32`` sums the processes' bf16 gradients without bf16 rounding.
+    ``reshard_after_forward``: free each block's gathered parameters after its forward and
+    gather them again for its backward (less memory, one more all-gather per block and step);
+    ``false`` keeps them until the backward (faster on one node, more memory)."""
+
+    param_dtype: str = "bfloat16"
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPES:
+                raise ValueError(
+                    f"model.fsdp.{name} must be one of {sorted(DTYPES)}, got {value!r}")
+        if not isinstance(self.reshard_after_forward, bool):
+            raise ValueError("model.fsdp.reshard_after_forward must be true or false, got "
+                             f"{self.reshard_after_forward!r}")
+
+    def mp_policy(self):
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # float32 parameters need no cast at all (None: FSDP2 keeps them as they are)
+        param = DTYPES[self.param_dtype]
+        return MixedPrecisionPolicy(param_dtype=None if param == torch.float32 else param,
+                                    reduce_dtype=DTYPES[self.reduce_dtype])
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as pure FSDP2 data parallelism: every process holds
+    one shard, ``data_parallel_size = num_nodes x devices`` (read from the trainer, so
+    ``--trainer.num_nodes N`` is all a multi-node run needs) and ``tensor_parallel_size = 1``
+    (``ModelParallelStrategy``'s own ``"auto"`` puts tensor parallelism inside a node, which
+    this model does not implement). Selected by ``trainer.strategy: fsdp2``. The other
+    arguments are ``ModelParallelStrategy``'s: ``save_distributed_checkpoint`` (default true:
+    each process writes its shard, the checkpoint is a directory; false: rank 0 gathers and
+    writes one file)."""
+
+    def __init__(self, data_parallel_size: Literal["auto"] | int = "auto",
+                 save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None,
+                 timeout: timedelta | None = default_pg_timeout):
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+# ``trainer.strategy: fsdp2`` (YAML / CLI) for FSDP2Strategy()
+StrategyRegistry.register(
+    "fsdp2", FSDP2Strategy, override=True,
+    description="FSDP2 over all processes (nsa_lit.parallel.FSDP2Strategy)")
+
+
+def data_parallel_mesh(mesh):
+    """The data-parallel dimension of Lightning's ``(data_parallel, tensor_parallel)`` mesh (or
+    a 1-D mesh as it is); refused when it asks for tensor parallelism."""
+    if mesh is None or mesh.ndim == 1:
+        return mesh
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
+        raise ValueError(
+            f"tensor_parallel_size={mesh['tensor_parallel'].size()}: this model has no tensor "
+            "parallelism; set the strategy's tensor_parallel_size: 1 and data_parallel_size: "
+            "num_nodes x devices (or use nsa_lit.parallel.FSDP2Strategy)")
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def parallelize(model: Transformer, mesh=None, *, compile: bool = False,
+                activation_checkpointing: bool = False, fsdp: FSDPConfig | None = None
+                ) -> Transformer:
+    """Apply, in place and at most once each: activation checkpointing of every block, then
+    ``torch.compile`` of every block (:meth:`Transformer.compile_blocks`), then -- when
+    ``mesh`` (a device mesh, e.g. ``LightningModule.device_mesh``) is given -- FSDP2's
+    ``fully_shard`` on every block and on the root, with ``fsdp``'s mixed precision."""
+    if activation_checkpointing:
+        checkpoint_blocks(model)
+    if compile:
+        model.compile_blocks()
+    if mesh is not None:
+        shard(model, data_parallel_mesh(mesh), fsdp or FSDPConfig())
+    return model
+
+
+def checkpoint_blocks(model: Transformer) -> None:
+    """Recompute each block's activations in its backward instead of keeping them (torch's
+    non-reentrant checkpoint; the block is wrapped, its state-dict keys are unchanged)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper, checkpoint_wrapper)
+
+    for i, block in enumerate(model.blocks):
+        if isinstance(block, CheckpointWrapper):
+            continue
+        if block._compiled_call_impl is not None:
+            raise RuntimeError("activation checkpointing must wrap a block before torch.compile")
+        # no dropout or other randomness in a block: no RNG state to save and restore
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def shard(model: Transformer, mesh, fsdp: FSDPConfig) -> None:
+    """``fully_shard`` every block, then the root (embedding, final norm, LM head). The loss
+    reads the root's hidden states through ``Transformer.hidden`` and the LM head's weight
+    (:mod:`nsa_lit.loss`), so ``hidden`` is registered as a forward method: it gathers the
+    root's parameters like ``forward``, and the root, as FSDP2's root, keeps them gathered
+    until its backward."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    if isinstance(model, FSDPModule):
+        return
+    kwargs = dict(mesh=mesh, mp_policy=fsdp.mp_policy())
+    for block in model.blocks:
+        fully_shard(block, reshard_after_forward=fsdp.reshard_after_forward, **kwargs)
+    fully_shard(model, **kwargs)
+    register_fsdp_forward_method(model, "hidden")
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> bool:
+    """If any parameter or buffer of ``model`` is on the meta device: allocate all of them on
+    ``device`` (only this process's shards when sharded) and initialise them with
+    ``model.init_weights()``. True if it did."""
+    if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return False
+    model.to_empty(device=device)
+    model.init_weights()
+    return True
