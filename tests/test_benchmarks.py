@@ -96,3 +96,28 @@ def test_branch_benchmark_inputs_are_what_the_layer_passes(monkeypatch, pattern,
         if inp.values_in_keys and inp.v is not None:
             assert inp.v.data_ptr() == inp.k.data_ptr()
     assert all(t.requires_grad for t in leaves)
+
+
+@pytest.mark.slow
+def test_fit_throughput_runs_the_real_cli_and_reads_the_figures_back(tmp_path, monkeypatch):
+    """``fit_throughput.py`` trains through ``main.py fit`` and times only the steps after the
+    warm-up: on CPU, the tiny config for 1 + 2 steps."""
+    import fit_throughput
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "fit.json"
+    fit_throughput.main(["--configs", str(ROOT / "configs/tiny.yaml"), "--steps", "2",
+                         "--warmup", "1", "--data_dir", str(tmp_path / "data"),
+                         "--extra", "--trainer.accelerator cpu --data.num_workers 0",
+                         "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["config"] == "configs/tiny.yaml" and row["T"] == 256 and row["timed_steps"] == 2
+    assert row["tokens_per_sec"] == pytest.approx(2 * 8 * 256 / row["seconds"])
+    assert row["logged"]["train/tokens_per_sec"] > 0 and "train/loss" in row["logged"]
+
+
+def test_fit_throughput_refuses_a_run_shorter_than_its_warmup():
+    import fit_throughput
+
+    with pytest.raises(SystemExit, match="--steps and --warmup must be >= 1"):
+        fit_throughput.main(["--steps", "0"])
