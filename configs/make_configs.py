@@ -67,9 +67,9 @@ def make_config(size: str, variant: str) -> dict:
             "limit_val_batches": 50,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "logs", "name": size, "version": variant}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": f"checkpoints/{size}/{variant}",
-                                         "every_n_train_steps": 1000, "save_last": True}}],
+            # checkpoints/<logger name>/<logger version>: checkpoints/{size}/{variant}
+            "callbacks": [{"class_path": "nsa_lit.checkpoint.RunCheckpoint",
+                           "init_args": {"every_n_train_steps": 1000, "save_last": True}}],
         },
         "model": {
             "arch": {**spec["arch"], "seq_len": 8192, **arch_overrides},

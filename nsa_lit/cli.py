@@ -1,7 +1,11 @@
 """LightningCLI entry point: ``python main.py {fit,validate} --config ...``.
 
 ``test`` and ``predict`` are LightningCLI's too but stop with Lightning's error (no test step, no
-predict loader); generate text with ``python -m nsa_lit.generate``."""
+predict loader); generate text with ``python -m nsa_lit.generate``.
+
+Checkpoint files are saved atomically (:class:`nsa_lit.checkpoint.AtomicCheckpointIO`, installed
+unless ``trainer.plugins`` gives a checkpoint IO); the configs' ``RunCheckpoint`` keeps each run's
+checkpoints in ``checkpoints/<logger name>/<logger version>``."""
 from __future__ import annotations
 
 import os
@@ -13,6 +17,7 @@ import importlib  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry  # noqa: E402
 
+from nsa_lit.checkpoint import use_atomic_checkpoint_io  # noqa: E402
 from nsa_lit.data import TokenDataModule  # noqa: E402
 from nsa_lit.lit_module import LanguageModel, build_on_meta  # noqa: E402
 
@@ -35,6 +40,11 @@ class NSALightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         with build_on_meta(_is_model_parallel(config.get("trainer", {}).get("strategy"))):
             super().instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer.strategy)
+        return trainer
 
 
 def _is_model_parallel(strategy) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from nsa_lit.cache import new_caches
+from nsa_lit.checkpoint import load_checkpoint  # noqa: F401  (nsa_lit.generate.load_checkpoint)
 from nsa_lit.config import ModelConfig
 from nsa_lit.model import Transformer
 
@@ -113,31 +114,6 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-                    ) -> tuple[Transformer, dict[str, Any]]:
-    """The model of a training checkpoint (``LanguageModel``), and the datamodule's recorded
-    hyperparameters (``{}`` if none). A checkpoint whose weights do not fit its recorded
-    ``model.arch`` raises ``ValueError``."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    arch = (ckpt.get("hyper_parameters") or {}).get("arch")
-    if arch is None:
-        raise ValueError(f"checkpoint {path}: no hyper_parameters.arch: not an nsa-lit "
-                         "LanguageModel checkpoint")
-    try:
-        cfg = ModelConfig(**arch)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint {path}: invalid model.arch: {err}") from None
-    model = Transformer(cfg)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
-             if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path}: its weights do not match its model.arch "
-                         f"config: {err}") from None
-    return model.to(map_location).eval(), ckpt.get("datamodule_hyper_parameters") or {}
-
-
 def checkpoint_tokenizer(cfg: ModelConfig, data_hparams: dict[str, Any], spec: str | None = None,
                          data_dir: str | None = None):
     """The tokenizer recorded with the data (``data.tokenizer``, ``data.data_dir``) unless

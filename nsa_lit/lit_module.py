@@ -2,8 +2,9 @@
 
 Logged to every logger: ``train/loss``, ``train/ppl``, ``train/lr``, ``train/grad_norm`` (before
 clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all processes),
-``train/mfu`` (when the accelerator's peak is known), and ``val/loss``, ``val/ppl``
-(token-weighted over the whole validation set, through torchmetrics).
+``train/mfu`` (when the accelerator's peak is known), ``train/skipped_steps`` (with
+``nonfinite_loss: skip``), and ``val/loss``, ``val/ppl`` (token-weighted over the whole validation
+set, through torchmetrics).
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
 from torchmetrics import MeanMetric
 
+from nsa_lit.checkpoint import arch_differences
 from nsa_lit.config import ModelConfig
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss
 from nsa_lit.model import Transformer
@@ -115,12 +119,28 @@ class LanguageModel(L.LightningModule):
     gradient reduction by default), used when the trainer's strategy is model-parallel
     (``nsa_lit.parallel.FSDP2Strategy`` or Lightning's ``ModelParallelStrategy``): each block
     and the root are then sharded over the processes (:func:`nsa_lit.parallel.parallelize`).
+
+    ``nonfinite_loss``: what a non-finite (NaN / inf) training loss does, decided over all
+    processes at once (one process's NaN stops or skips on every process). ``stop`` raises
+    ``FloatingPointError``. ``skip`` drops the whole optimiser step that micro-batch belongs to
+    (its gradients and those of the other micro-batches it is accumulated with are discarded
+    before the update: parameters and optimiser state are untouched; the step still counts, so
+    the schedule and the data move on), counts it in ``train/skipped_steps`` and stops with
+    ``FloatingPointError`` after ``max_consecutive_skips`` skipped steps in a row.
+
+    Resuming (``fit --ckpt_path``): the checkpoint's ``model.arch`` must equal the config's
+    (``kernel_backend`` and ``latent_form`` aside), else a ``ValueError`` names the fields that
+    differ. ``model.optim`` is the config's: its ``lr``, ``weight_decay``, ``betas`` and
+    ``eps`` replace the ones restored with the optimiser state (a change is reported), and the
+    schedule is the config's.
     """
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
                  compile: bool = False, peak_tflops: float | None = None,
                  loss_chunk: int = DEFAULT_CHUNK, activation_checkpointing: bool = False,
-                 fsdp: FSDPConfig = FSDPConfig()):
+                 fsdp: FSDPConfig = FSDPConfig(),
+                 nonfinite_loss: Literal["stop", "skip"] = "stop",
+                 max_consecutive_skips: int = 10):
         super().__init__()
         # load_from_checkpoint passes the saved hyperparameters back as plain dicts
         arch = ModelConfig(**arch) if isinstance(arch, dict) else arch
@@ -133,6 +153,13 @@ class LanguageModel(L.LightningModule):
             raise ValueError(f"model.peak_tflops must be > 0 (or null), got {peak_tflops}")
         if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
             raise ValueError(f"model.loss_chunk must be an int >= 0, got {loss_chunk!r}")
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
+        if (isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int)
+                or max_consecutive_skips < 1):
+            raise ValueError("model.max_consecutive_skips must be an int >= 1, got "
+                             f"{max_consecutive_skips!r}")
+        self.nonfinite_loss, self.max_consecutive_skips = nonfinite_loss, max_consecutive_skips
         self.arch, self.optim, self.compile_blocks = arch, optim, compile
         self.peak_tflops, self.loss_chunk = peak_tflops, loss_chunk
         self.activation_checkpointing, self.fsdp = activation_checkpointing, fsdp
@@ -140,7 +167,8 @@ class LanguageModel(L.LightningModule):
                                    "compile": compile, "peak_tflops": peak_tflops,
                                    "loss_chunk": loss_chunk,
                                    "activation_checkpointing": activation_checkpointing,
-                                   "fsdp": asdict(fsdp)})
+                                   "fsdp": asdict(fsdp), "nonfinite_loss": nonfinite_loss,
+                                   "max_consecutive_skips": max_consecutive_skips})
         self._flops_per_token: float | None = None  # computed when MFU is first logged
         # on the meta device under build_on_meta() (or trainer.init_module(empty_init=True)
         # with a model-parallel strategy): configure_model then allocates and initialises it
@@ -149,6 +177,10 @@ class LanguageModel(L.LightningModule):
         with torch.device("cpu"):  # never on meta: Lightning moves it to the device
             self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
         self.tokens_seen = 0
+        self.skipped_steps = 0  # optimiser steps dropped for a non-finite loss (whole run)
+        self._consecutive_skips = 0
+        self._step_nonfinite = False  # a micro-batch of the current optimiser step was non-finite
+        self._resumed_optim: dict | None = None  # the checkpoint's model.optim, until applied
         self._clock: tuple[float, int] | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -193,18 +225,48 @@ class LanguageModel(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); "
-                "lower model.optim.lr, check the data, or resume from an earlier checkpoint")
         self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
+        if self._any_nonfinite(loss):
+            if self.nonfinite_loss == "stop":
+                where = (f"training loss is {loss.item()}" if not torch.isfinite(loss)
+                         else "training loss is non-finite on another process")
+                raise FloatingPointError(
+                    f"{where} at step {self.global_step} (batch {batch_idx}); lower "
+                    "model.optim.lr, check the data, or resume from an earlier checkpoint")
+            # backward runs as usual (every process takes part in the same collectives); the
+            # step's gradients are discarded in on_before_optimizer_step
+            self._step_nonfinite = True
+            return loss
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
+    def _any_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is non-finite on any process (one all-reduce when there are
+        several, so that every process stops or skips together)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad > 0)
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if self.nonfinite_loss == "skip":
+            skip, self._step_nonfinite = self._step_nonfinite, False
+            self._consecutive_skips = self._consecutive_skips + 1 if skip else 0
+            self.skipped_steps += skip
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            if skip:
+                # no gradient, no update: AdamW leaves these parameters and their state alone
+                optimizer.zero_grad(set_to_none=True)
+                if self._consecutive_skips >= self.max_consecutive_skips:
+                    raise FloatingPointError(
+                        f"training loss was non-finite in {self._consecutive_skips} optimiser "
+                        f"steps in a row (model.max_consecutive_skips={self.max_consecutive_skips}"
+                        f", up to step {self.global_step}); lower model.optim.lr, check the data, "
+                        "or resume from an earlier checkpoint")
+                return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
             norm = torch.nn.utils.get_total_norm(grads)
@@ -229,6 +291,11 @@ class LanguageModel(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._clock = None
+
+    def on_train_start(self) -> None:
+        if self._resumed_optim is not None:
+            self._apply_optim_config(self._resumed_optim)
+            self._resumed_optim = None
 
     # -- validation --------------------------------------------------------------------------
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -267,6 +334,54 @@ class LanguageModel(L.LightningModule):
     # -- checkpoint --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["consecutive_skips"] = self._consecutive_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Called before any state is restored (``fit`` / ``validate`` with ``ckpt_path``,
+        ``load_from_checkpoint``): refuse a checkpoint of another architecture."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        saved_arch = hparams.get("arch")
+        if saved_arch is not None:
+            differ = arch_differences(saved_arch, self.arch)
+            if differ:
+                trainer = self._trainer
+                path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+                name = f"checkpoint {path}" if path else "the checkpoint"
+                raise ValueError(
+                    f"{name} was trained with another model.arch; differing fields: "
+                    f"{'; '.join(differ)}. Resume with the checkpoint's run config (a "
+                    "checkpoint's architecture cannot change), or start a new run under another "
+                    "logger name/version")
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self._consecutive_skips = int(checkpoint.get("consecutive_skips", 0))
+        self._resumed_optim = hparams.get("optim") or {}
+
+    def _apply_optim_config(self, saved: dict) -> None:
+        """After a resume restored the optimiser and scheduler: the config's ``lr``,
+        ``weight_decay``, ``betas`` and ``eps`` replace the restored ones (which are the
+        checkpoint's), and the learning rate is the config's schedule at the restored step.
+        A change from the checkpoint's ``model.optim`` is reported."""
+        trainer = self.trainer
+        if not trainer.optimizers:
+            return
+        changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in asdict(self.optim).items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            rank_zero_info("Resuming with model.optim changed from the checkpoint's ("
+                           + "; ".join(changed) + "): the config's values apply")
+        opt = trainer.optimizers[0]
+        scheds = [c.scheduler for c in trainer.lr_scheduler_configs]
+        sched = scheds[0] if scheds else None
+        lr = self.optim.lr
+        for i, group in enumerate(opt.param_groups):
+            group["weight_decay"] = self.optim.weight_decay if i == 0 else 0.0
+            group["betas"] = tuple(self.optim.betas)
+            group["eps"] = self.optim.eps
+            group["initial_lr"] = lr
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                group["lr"] = lr * sched.lr_lambdas[i](sched.last_epoch)
+        if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
