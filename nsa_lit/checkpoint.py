@@ -8,19 +8,29 @@
   checkpoint in memory and writes it through a temporary file in the system temp directory
   (another filesystem on most clusters: a copy, not a rename, and a full ``/tmp`` fails the save).
   Sharded FSDP2 checkpoints (``save_distributed_checkpoint: true``, a directory written by every
-  process) do not go through ``CheckpointIO`` and are not covered.
+  process) do not go through ``CheckpointIO``: :class:`~nsa_lit.parallel.FSDP2Strategy` makes
+  them atomic the same way (``<dir>.tmp`` by all processes, then renamed into place).
 * :class:`RunCheckpoint` is a ``ModelCheckpoint`` whose directory follows the run:
   ``<trainer.default_root_dir>/<root>/<logger name>/<logger version>`` (``checkpoints/340m/asa``),
   so two runs with different logger names / versions never share a directory and
   ``--ckpt_path last`` only finds its own run's ``last.ckpt``.
 * :func:`arch_differences` lists the ``model.arch`` fields in which a checkpoint and a config
   differ; ``LanguageModel.on_load_checkpoint`` refuses to resume (or validate) with any.
-* :func:`load_checkpoint` reads a training checkpoint's model alone (generation, evaluation).
+* :func:`load_checkpoint` reads a training checkpoint's model alone (generation, evaluation),
+  from a single file or a sharded directory.
+* :func:`consolidate` reads a sharded (DCP) checkpoint directory on one process, without a
+  process group, into the dict of a single-file checkpoint of this project (``state_dict`` with
+  the ``model.`` prefix, ``optimizer_states`` keyed by parameter name, ``hyper_parameters``,
+  ``datamodule_hyper_parameters``, loops, ...); ``python -m nsa_lit.checkpoint consolidate DIR
+  OUT.ckpt`` writes it, atomically, to a file that ``main.py validate``, ``nsa_lit.generate``,
+  evaluation and ``fit --ckpt_path`` load.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import sys
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -46,7 +56,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``<path>.tmp`` next to ``<path>`` (no in-memory copy of the checkpoint), the file is
     fsync'ed and renamed over ``<path>``, then the directory is fsync'ed. On failure the
     temporary file is removed and :class:`CheckpointSaveError` names the path and says the
-    previous checkpoint is intact. Remote paths (``s3://`` ...) use Lightning's save."""
+    previous checkpoint is intact. Remote paths (``s3://`` ...) use Lightning's save.
+    Loading also accepts a sharded checkpoint directory (:func:`consolidate`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None
                         ) -> None:
@@ -73,6 +84,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointSaveError(
                 f"saving checkpoint {path} failed ({type(err).__name__}: {err}); {kept}") from err
         _fsync_dir(directory)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        """Lightning's load, and a sharded checkpoint directory consolidated in memory (so
+        ``main.py validate`` / ``fit --ckpt_path DIR`` work without FSDP2 too)."""
+        if _is_local_file_protocol(path) and is_sharded_checkpoint(path):
+            return consolidate(path)
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location, weights_only)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -119,7 +139,16 @@ class RunCheckpoint(ModelCheckpoint):
     def _find_last_checkpoints(self, trainer) -> set[str]:
         # called for ckpt_path="last" before the callbacks' setup
         self._resolve_run_dir(trainer)
-        return super()._find_last_checkpoints(trainer)
+        found = super()._find_last_checkpoints(trainer)
+        # a sharded save killed between its two renames (FSDP2Strategy.save_checkpoint) leaves
+        # the complete previous checkpoint as last.ckpt.old and no last.ckpt: resume from it
+        if self.dirpath is not None and os.path.isdir(self.dirpath):
+            for name in os.listdir(self.dirpath):
+                base = name.removesuffix(".old")
+                if (name.endswith(".ckpt.old") and base.startswith(self.CHECKPOINT_NAME_LAST)
+                        and not os.path.lexists(os.path.join(self.dirpath, base))):
+                    found.add(os.path.normpath(os.path.join(self.dirpath, name)))
+        return found
 
 
 def arch_differences(saved: dict[str, Any], current: ModelConfig) -> list[str]:
@@ -137,12 +166,75 @@ def arch_differences(saved: dict[str, Any], current: ModelConfig) -> list[str]:
     return out
 
 
+# what Lightning writes into a sharded checkpoint directory besides the DCP shards
+META_FILENAME = "meta.pt"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory written by a distributed (DCP) save: DCP's ``.metadata`` and Lightning's
+    ``meta.pt``."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+            and os.path.isfile(os.path.join(path, META_FILENAME)))
+
+
+def consolidate(path: str | os.PathLike) -> dict[str, Any]:
+    """The sharded checkpoint directory ``path`` as one checkpoint dict, read on this process
+    alone (no process group needed; the whole model and optimiser state in CPU memory): the
+    layout of a single-file Lightning checkpoint of this project. Raises ``FileNotFoundError``
+    / ``ValueError`` naming ``path`` if it is not a sharded checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"checkpoint {path} is not a sharded checkpoint directory (a directory "
+                         f"with DCP's .metadata and Lightning's {META_FILENAME})")
+    shards: dict[str, Any] = {}
+    try:
+        _load_state_dict(shards, storage_reader=FileSystemReader(path),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except Exception as err:  # noqa: BLE001  (DCP raises its own CheckpointException)
+        raise ValueError(f"checkpoint {path}: cannot read its shards "
+                         f"({type(err).__name__}: {err})") from err
+    ckpt = torch.load(os.path.join(path, META_FILENAME), map_location="cpu", weights_only=False)
+    if "state_dict" not in shards:
+        raise ValueError(f"checkpoint {path}: its shards hold no state_dict")
+    ckpt["state_dict"] = shards.pop("state_dict")
+    optimizers = sorted((k for k in shards if k.startswith("optimizer_")),
+                        key=lambda k: int(k.removeprefix("optimizer_")))
+    # kept keyed by parameter name (torch.distributed.checkpoint.state_dict's full optimizer
+    # state): a plain optimizer's load_state_dict pairs the saved keys with its parameters in
+    # param_groups order, whatever they are, and FSDP2 loads name keys as they are. Integer
+    # keys would be read in model.parameters() order by Lightning's FSDP2 load and in
+    # param_groups order by a plain optimizer, which differ with this model's two groups.
+    ckpt["optimizer_states"] = [shards.pop(k) for k in optimizers]
+    ckpt.update(shards)  # anything else a save put in the shards
+    return ckpt
+
+
+def consolidate_to_file(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """:func:`consolidate` ``path`` and write it atomically to the file ``out``; returns it."""
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"output {os.fspath(out)} is a directory; give a file name "
+                                "(e.g. consolidated.ckpt)")
+    ckpt = consolidate(path)
+    AtomicCheckpointIO().save_checkpoint(ckpt, out)
+    return ckpt
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[Transformer, dict[str, Any]]:
-    """The model of a training checkpoint (``LanguageModel``), and the datamodule's recorded
-    hyperparameters (``{}`` if none). A checkpoint whose weights do not fit its recorded
-    ``model.arch`` raises ``ValueError``."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    """The model of a training checkpoint (``LanguageModel``), a single file or a sharded
+    directory (consolidated in memory), and the datamodule's recorded hyperparameters (``{}``
+    if none). A checkpoint whose weights do not fit its recorded ``model.arch`` raises
+    ``ValueError``."""
+    if os.path.isdir(path):
+        ckpt = consolidate(path)
+    else:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
     arch = (ckpt.get("hyper_parameters") or {}).get("arch")
     if arch is None:
         raise ValueError(f"checkpoint {path}: no hyper_parameters.arch: not an nsa-lit "
@@ -160,3 +252,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"checkpoint {path}: its weights do not match its model.arch "
                          f"config: {err}") from None
     return model.to(map_location).eval(), ckpt.get("datamodule_hyper_parameters") or {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nsa_lit.checkpoint",
+        description="Checkpoint tools of nsa-lit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cons = sub.add_parser(
+        "consolidate",
+        help="sharded checkpoint directory -> one checkpoint file",
+        description="Read a sharded checkpoint directory (FSDP2, save_distributed_checkpoint: "
+                    "true; e.g. checkpoints/340m/asa/last.ckpt) on this process alone and write "
+                    "it as one checkpoint file, atomically, in the layout of a single-file "
+                    "checkpoint: main.py validate --ckpt_path, python -m nsa_lit.generate "
+                    "--ckpt_path, evaluation and fit --ckpt_path load it. Needs the whole model "
+                    "and optimizer state in CPU memory.")
+    cons.add_argument("checkpoint_dir", help="the sharded checkpoint directory")
+    cons.add_argument("output", help="the checkpoint file to write (e.g. consolidated.ckpt)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = consolidate_to_file(args.checkpoint_dir, args.output)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {len(ckpt['state_dict'])} tensors, "
+          f"{len(ckpt['optimizer_states'])} optimizer state(s), "
+          f"global_step {ckpt.get('global_step')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,8 @@
 
 ``python -m nsa_lit.generate --ckpt_path P --prompt_file F [--max_new_tokens 64]
 [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] [--per_line] [--tokenizer SPEC]`` loads a
-training checkpoint and prints the continuation of each prompt (see ``docs/decoding.md``).
+training checkpoint (a file, or a sharded FSDP2 directory consolidated in memory) and prints
+the continuation of each prompt (see ``docs/decoding.md``).
 """
 from __future__ import annotations
 
@@ -142,7 +143,8 @@ def read_prompts(path: str | os.PathLike, per_line: bool) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="training checkpoint (.ckpt)")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="training checkpoint: a .ckpt file or a sharded (FSDP2) directory")
     parser.add_argument("--prompt_file", required=True, help="text file with the prompt(s)")
     parser.add_argument("--per_line", action="store_true",
                         help="each non-empty line is a prompt (decoded as one batch)")

@@ -189,6 +189,23 @@ class LanguageModel(L.LightningModule):
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         return next_token_loss(self.model, batch, self.loss_chunk)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``; a sharded (FSDP2) checkpoint directory is
+        consolidated in memory first (:func:`nsa_lit.checkpoint.consolidate`)."""
+        import io
+        import os
+
+        from nsa_lit.checkpoint import consolidate, is_sharded_checkpoint
+
+        if isinstance(checkpoint_path, (str, os.PathLike)) and is_sharded_checkpoint(
+                checkpoint_path):
+            buffer = io.BytesIO()
+            torch.save(consolidate(checkpoint_path), buffer)
+            buffer.seek(0)
+            checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def configure_model(self) -> None:
         """Activation checkpointing, per-block compile and (with a device mesh) FSDP2 sharding
         (:func:`nsa_lit.parallel.parallelize`); then a model built on the meta device is

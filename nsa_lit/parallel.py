@@ -20,7 +20,10 @@ device and runs :meth:`Transformer.init_weights` on them.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -78,7 +81,16 @@ class FSDP2Strategy(ModelParallelStrategy):
     this model does not implement). Selected by ``trainer.strategy: fsdp2``. The other
     arguments are ``ModelParallelStrategy``'s: ``save_distributed_checkpoint`` (default true:
     each process writes its shard, the checkpoint is a directory; false: rank 0 gathers and
-    writes one file)."""
+    writes one file).
+
+    Sharded saves are atomic: every process writes into ``<path>.tmp`` (a leftover one from a
+    killed save is removed first), and once all have succeeded rank 0 moves the previous
+    ``<path>`` aside to ``<path>.old``, renames ``<path>.tmp`` to ``<path>`` and deletes the old
+    one. A kill or a failure on any process during the save leaves ``<path>`` as it was; a
+    failure raises :class:`~nsa_lit.checkpoint.CheckpointSaveError` on every process.
+    (``--ckpt_path last`` takes ``last*.ckpt``, never a ``.tmp``; :class:`~nsa_lit.checkpoint.RunCheckpoint` takes
+    ``last.ckpt.old`` only when a kill between the two renames left no ``last.ckpt``, and the
+    next save puts it back first.)"""
 
     def __init__(self, data_parallel_size: Literal["auto"] | int = "auto",
                  save_distributed_checkpoint: bool = True,
@@ -92,6 +104,64 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+        if (not self._save_distributed_checkpoint or storage_options is not None
+                or not _is_local_file_protocol(filepath)):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from nsa_lit.checkpoint import CheckpointSaveError, _fsync_dir
+
+        path = os.fspath(self.broadcast(os.fspath(filepath)))
+        tmp, old = path + ".tmp", path + ".old"
+        error: BaseException | None = None
+        try:
+            if self.global_rank == 0:
+                _remove(tmp)  # a killed save's leftovers
+                if os.path.lexists(old) and not os.path.lexists(path):
+                    os.rename(old, path)  # killed between the two renames: the previous one
+        except Exception as err:  # noqa: BLE001
+            error = err
+        # all processes agree before the (collective) save, which none may enter alone
+        if self.reduce_boolean_decision(error is None, all=True):
+            try:
+                super().save_checkpoint(checkpoint, tmp)
+            except Exception as err:  # noqa: BLE001  (every process must reach the vote)
+                error = err
+        if self.reduce_boolean_decision(error is None, all=True) and self.global_rank == 0:
+            try:  # all shards and meta.pt are written: swap the new directory in
+                _remove(old)
+                if os.path.lexists(path):
+                    os.rename(path, old)
+                os.rename(tmp, path)
+                _fsync_dir(os.path.dirname(os.path.abspath(path)))
+                _remove(old)
+            except Exception as err:  # noqa: BLE001
+                error = err
+        ok = self.reduce_boolean_decision(error is None, all=True)
+        if ok:
+            return
+        if self.global_rank == 0:
+            with contextlib.suppress(OSError):
+                _remove(tmp)
+            if not os.path.lexists(path) and os.path.lexists(old):
+                with contextlib.suppress(OSError):
+                    os.rename(old, path)  # the swap failed halfway: put the old one back
+        what = (f"{type(error).__name__}: {error}" if error is not None
+                else "it failed on another process")
+        kept = ("the previous checkpoint there is unchanged" if os.path.lexists(path)
+                else "no checkpoint was written there")
+        raise CheckpointSaveError(
+            f"saving sharded checkpoint {path} failed ({what}); {kept}") from error
+
+
+def _remove(path: str) -> None:
+    """Delete a file or a directory tree if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 # ``trainer.strategy: fsdp2`` (YAML / CLI) for FSDP2Strategy()
