@@ -1,16 +1,17 @@
-"""Helpers shared by the Triton kernels: host-side ones (the dispatch uses :func:`interpreting`
-too) and ``@triton.jit`` device functions that several kernels call.
+"""Host-side helpers shared by the Triton kernels. No Triton import at module level: the
+dispatch uses :func:`interpreting` too, and ``import kernels`` must work where Triton is not
+installed (the PyTorch references run there). The ``@triton.jit`` device functions several
+kernels call are in :mod:`kernels.triton_device`.
 
-A kernel module imports shared code only from here, :mod:`kernels.blocks` (block geometry) and
-:mod:`kernels.masked_attention`, never another kernel's private names.
+A kernel module imports shared code only from here, :mod:`kernels.triton_device`,
+:mod:`kernels.blocks` (block geometry) and :mod:`kernels.masked_attention`, never another
+kernel's private names.
 """
 from __future__ import annotations
 
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -80,49 +81,3 @@ def split_descriptors(x: torch.Tensor, prefix: list[int], d1: int, d2: int):
     a = tma_descriptor(x, [*prefix, d1])
     b = tma_descriptor(x, [*prefix, d2]) if d2 else a
     return None if a is None or b is None else (a, b)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device helpers (@triton.jit)
-# ---------------------------------------------------------------------------------------------
-@triton.jit
-def load_rows(ptr, row_off, row_mask, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
-    """Rows ``row_off`` (element offsets from ``ptr``, where ``row_mask``) of a unit-stride
-    operand of width ``D``, split as :func:`split_dim` splits it: ``(rows, DA)`` and
-    ``(rows, DB)`` tiles, zeros at masked rows and at columns ``>= D``; with ``DB == 0`` the
-    second tile is the first again."""
-    da = tl.arange(0, DA)
-    xa = tl.load(ptr + row_off[:, None] + da[None, :],
-                 mask=row_mask[:, None] & (da[None, :] < D), other=0.0)
-    if DB > 0:
-        db = DA + tl.arange(0, DB)
-        xb = tl.load(ptr + row_off[:, None] + db[None, :],
-                     mask=row_mask[:, None] & (db[None, :] < D), other=0.0)
-    else:
-        xb = xa
-    return xa, xb
-
-
-@triton.jit
-def qk(qa, qb, ka, kb, DB: tl.constexpr, IEEE: tl.constexpr):
-    """Scores of split rows: ``(M, DA) x (N, DA)^T`` plus, when ``DB > 0``, ``(M, DB) x (N, DB)^T``
-    -> ``(M, N)`` float32. ``IEEE``: exact fp32 products (else the dtype's tensor-core path,
-    tf32 for fp32 inputs)."""
-    if IEEE:
-        s = tl.dot(qa, tl.trans(ka), input_precision="ieee")
-        if DB > 0:
-            s += tl.dot(qb, tl.trans(kb), input_precision="ieee")
-    else:
-        s = tl.dot(qa, tl.trans(ka))
-        if DB > 0:
-            s += tl.dot(qb, tl.trans(kb))
-    return s
-
-
-@triton.jit
-def mm(a, b, acc, IEEE: tl.constexpr):
-    """``acc + a @ b`` (float32 ``acc``); ``IEEE``: exact fp32 products."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)

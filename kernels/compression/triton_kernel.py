@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import (interpreting, load_rows, mm, num_sms, qk, row_major,
-                                  split_descriptors, split_dim, tma_descriptor)
+from kernels.triton_device import load_rows, mm, qk
+from kernels.triton_utils import (interpreting, num_sms, row_major, split_descriptors, split_dim,
+                                  tma_descriptor)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 
 from kernels.blocks import num_selection_blocks, pick_blocks
-from kernels.triton_utils import interpreting, load_rows, qk, row_major, split_dim
+from kernels.triton_device import load_rows, qk
+from kernels.triton_utils import interpreting, row_major, split_dim
 
 LOG2E = 1.4426950408889634
 MAX_NS_IN_REGISTERS = 16384
