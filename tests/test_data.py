@@ -164,40 +164,30 @@ def test_shard_dtype_codes_are_litdatas():
         index_dtype({"config": {"data_format": ["no_header_tensor:8"]}})
 
 
-def test_prepare_at_least_one_val_document(tmp_path):
-    for i in range(2):
-        (tmp_path / f"{i}.txt").write_text(f"document number {i} " * 20)
-    meta = prepare([tmp_path / "0.txt", tmp_path / "1.txt"], tmp_path / "out", val_fraction=1e-12, progress=False)
-    assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 1
-    assert read_split_tokens(tmp_path / "out" / "val").size == meta["splits"]["val"]["tokens"] > 0
-
-
-def test_prepare_val_tokens_holds_out_documents_in_hash_order(tmp_path, docs):
-    """val_tokens: after the val_fraction documents, the train documents with the lowest hashes go to
-    val until it holds val_tokens tokens; the streams are exactly those documents' tokens."""
+def test_prepare_val_tokens_tops_up_val_in_source_order(tmp_path, docs):
+    """val_tokens: besides the documents hashing below val_fraction, the documents read while val holds
+    fewer than val_tokens tokens go to val; the streams are exactly those documents' tokens."""
     expected_docs = _write_corpus(tmp_path, docs)
     inputs = [tmp_path / "corpus", tmp_path / "docs.jsonl"]
     tok = load_tokenizer("mistral-v1")
     ids = {doc_id: tok.encode(text) + [tok.eos_id] for doc_id, text in expected_docs}
-    val = [d for d, _ in expected_docs if split_of(d, 0.1) == "val"]
-    want = sum(len(ids[d]) for d in val) + 3000
+    want = 3000
     meta = prepare(inputs, tmp_path / "out", val_fraction=0.1, val_tokens=want, chunk_bytes=4096, progress=False)
 
-    have, moved = sum(len(ids[d]) for d in val), set()
-    for d in sorted((d for d, _ in expected_docs if d not in val), key=doc_hash):
-        if have >= want:
-            break
-        moved.add(d)
-        have += len(ids[d])
-    order = [d for d, _ in expected_docs]
-    expect_val = [t for d in val for t in ids[d]] + [t for d in order if d in moved for t in ids[d]]
-    expect_train = [t for d in order if d not in val and d not in moved for t in ids[d]]
-    assert meta["val_tokens"] == want and meta["splits"]["val"]["tokens"] == len(expect_val) >= want
-    assert meta["splits"]["val"]["documents"] == len(val) + len(moved) and len(moved) >= 1
-    np.testing.assert_array_equal(read_split_tokens(tmp_path / "out" / "val"), expect_val)
-    np.testing.assert_array_equal(read_split_tokens(tmp_path / "out" / "train"), expect_train)
+    val, train, topped_up = [], [], 0
+    for d, _ in expected_docs:
+        if doc_hash(d) < 0.1 or sum(len(ids[v]) for v in val) < want:
+            topped_up += doc_hash(d) >= 0.1
+            val.append(d)
+        else:
+            train.append(d)
+    assert topped_up >= 1 and train
+    assert meta["val_tokens"] == want and meta["splits"]["val"]["tokens"] == sum(len(ids[d]) for d in val) >= want
+    assert meta["splits"]["val"]["documents"] == len(val) and meta["splits"]["train"]["documents"] == len(train)
+    np.testing.assert_array_equal(read_split_tokens(tmp_path / "out" / "val"), [t for d in val for t in ids[d]])
+    np.testing.assert_array_equal(read_split_tokens(tmp_path / "out" / "train"), [t for d in train for t in ids[d]])
 
-    # more than the corpus can give: an error with the numbers, nothing written
+    # more than the corpus can give: an error with the numbers, nothing left behind
     total = sum(len(v) for v in ids.values())
     with pytest.raises(ValueError) as err:
         prepare(inputs, tmp_path / "big", val_tokens=10_000_000, progress=False)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from nsa_lit.data.manifest import check_compatible
+from nsa_lit.data.mixture import MixtureSampler, MixtureWindows
 from nsa_lit.data.prepare import META_FILENAME, PYTHON_DOCS, SOURCES, prepare, read_meta
 from nsa_lit.data.tokenizer import Tokenizer, load_tokenizer, parse_bpe_spec
 from nsa_lit.data.windows import TokenWindows, WindowSampler, collate_long, num_windows, tokens_for
@@ -69,6 +71,23 @@ def validate_split(split_dir: str | os.PathLike, itemsize: int | None = None) ->
                 "(truncated or modified; re-run the preparation with --overwrite)"
             )
     return chunks
+
+
+def _check_mixture(mixture: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """``data.mixture`` entries as ``{"path": str, "weight": float}``; errors name the entry and field."""
+    if mixture is None:
+        return None
+    if not isinstance(mixture, (list, tuple)) or not mixture:
+        raise ValueError(f"data.mixture must be a non-empty list of {{path, weight}} entries or null, got {mixture!r}")
+    entries = []
+    for i, entry in enumerate(mixture):
+        if not isinstance(entry, dict) or set(entry) != {"path", "weight"}:
+            raise ValueError(f"data.mixture[{i}] must have exactly the keys path and weight, got {entry!r}")
+        weight = entry["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
+            raise ValueError(f"data.mixture[{i}].weight must be a positive number, got {weight!r}")
+        entries.append({"path": str(entry["path"]), "weight": float(weight)})
+    return entries
 
 
 class TokenLoader(DataLoader):
@@ -120,6 +139,7 @@ class TokenLoader(DataLoader):
             "seq_len": self.dataset.seq_len,  # type: ignore[attr-defined]
             "shuffle": sampler.shuffle,
             "seed": sampler.seed,
+            "mixture": sampler.fingerprint,
         }
 
     def load_position_state(self, state: dict[str, Any], epoch: int | None = None) -> None:
@@ -127,11 +147,11 @@ class TokenLoader(DataLoader):
 
         ``epoch``: the epoch the trainer is about to run (default: the saved one); the position
         applies only if it is the saved one. A position saved with another dataset, ``seq_len``,
-        shuffle or seed applies as a count of windows already used, with a warning: the order differs.
+        shuffle, seed or mixture applies as a count of windows already used, with a warning: the order differs.
         """
         sampler = self.window_sampler
         current = {"num_windows": sampler.num_windows, "seq_len": self.dataset.seq_len,  # type: ignore[attr-defined]
-                   "shuffle": sampler.shuffle, "seed": sampler.seed}
+                   "shuffle": sampler.shuffle, "seed": sampler.seed, "mixture": sampler.fingerprint}
         changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in current.items() if state.get(k) != v]
         if changed:
             warnings.warn(
@@ -169,6 +189,9 @@ class TokenDataModule(L.LightningDataModule):
             ``batch_size * world_size`` (also the least it may be). When preparing ``source``, documents
             are held out until the split holds them, beyond ``val_fraction``.
         val_batches: validate on at most this many batches per device (the first ones; ``None``: the whole split).
+        mixture: train on several prepared datasets by weight, ``[{"path": ..., "weight": 0.7}, ...]``
+            (:mod:`nsa_lit.data.mixture`); validation uses the first entry's val split, ``data_dir``
+            is set to that entry and nothing is prepared automatically. ``None``: ``data_dir`` alone.
     """
 
     def __init__(
@@ -184,6 +207,7 @@ class TokenDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         min_val_sequences: int | None = None,
         val_batches: int | None = None,
+        mixture: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1),
@@ -197,6 +221,9 @@ class TokenDataModule(L.LightningDataModule):
             raise ValueError(f"data.source must be one of {list(SOURCES)} or null, got {source!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        self.mixture = _check_mixture(mixture)
+        if self.mixture:
+            data_dir, source = self.mixture[0]["path"], None
         self.save_hyperparameters()
         self.data_dir = str(data_dir)
         self.seq_len = seq_len
@@ -263,14 +290,42 @@ class TokenDataModule(L.LightningDataModule):
             f"or set data.source={PYTHON_DOCS} to use the embedded corpus"
         )
 
-    def _check_tokenizer(self) -> None:
-        prepared = self.meta.get("tokenizer")
+    def _check_tokenizer(self, meta: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
+        """``data.tokenizer`` is the one the data was prepared with: same spec, and (manifests of format 2)
+        the same model/vocabulary file hash, when the tokenizer can be loaded here."""
+        meta = self.meta if meta is None else meta
+        data_dir = self.data_dir if data_dir is None else data_dir
+        prepared = meta.get("tokenizer")
         if prepared != self.tokenizer:
             raise ValueError(
-                f"data.tokenizer={self.tokenizer!r}, but data.data_dir={self.data_dir!r} was prepared with "
+                f"data.tokenizer={self.tokenizer!r}, but data.data_dir={data_dir!r} was prepared with "
                 f"tokenizer {prepared!r}: set data.tokenizer={prepared!r}, or use another data_dir "
                 "(or re-prepare it with --overwrite)"
             )
+        recorded = meta.get("tokenizer_sha256")
+        if recorded is None:
+            return
+        try:
+            current = load_tokenizer(self.tokenizer, data_dir).sha256()
+        except (ImportError, ValueError, FileNotFoundError):  # e.g. a Hugging Face name offline: spec check only
+            return
+        if current != recorded:
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r}: its file here (sha256 {current[:12]}...) is not the one "
+                f"data.data_dir={data_dir!r} was prepared with (sha256 {recorded[:12]}..., meta.json): the token ids "
+                "would mean other text; prepare the data again with this tokenizer, or use the original file"
+            )
+
+    def _check_model(self, meta: dict[str, Any], data_dir: str) -> None:
+        """The manifest against the model being trained (when there is one): vocabulary and seq_len."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        arch = getattr(module, "arch", None)
+        model_seq = getattr(arch, "seq_len", None)
+        if isinstance(model_seq, int) and model_seq != self.seq_len:
+            raise ValueError(f"data.seq_len={self.seq_len} but model.arch.seq_len={model_seq}: they must be equal "
+                             "(the CLI links them; set both)")
+        vocab = getattr(arch, "vocab_size", None)
+        check_compatible(meta, data_dir, vocab_size=vocab if isinstance(vocab, int) else None, seq_len=self.seq_len)
 
     # -------------------------------------------------------------------------------- hooks
     def prepare_data(self) -> None:
@@ -322,6 +377,7 @@ class TokenDataModule(L.LightningDataModule):
         self._meta = None
         self._check_tokenizer()
         meta = self.meta
+        self._check_model(meta, self.data_dir)
         itemsize = np.dtype(meta["dtype"]).itemsize
         world, _ = self._world()
         devices = f" on each of {world} devices" if world > 1 else ""
@@ -339,12 +395,33 @@ class TokenDataModule(L.LightningDataModule):
             if num_windows(tokens, self.seq_len) < need:
                 raise self._too_little_data(split, tokens, need, why)
         self._train_dataset = TokenWindows(Path(self.data_dir, "train").resolve(), self.seq_len)
+        if self.mixture:
+            self._train_dataset = self._mixture_dataset(self._train_dataset)
         val_tokens = int(meta["splits"]["val"]["tokens"])
         self._val_dataset = TokenWindows(Path(self.data_dir, "val").resolve(), self.seq_len) if val_tokens else None
 
-    def _loader(self, dataset: TokenWindows, shuffle: bool, limit: int | None = None) -> TokenLoader:
+    def _mixture_dataset(self, first: TokenWindows) -> MixtureWindows:
+        """The mixture's train splits (the first is ``data_dir``'s, checked already), each checked like it."""
+        datasets = [first]
+        for entry in self.mixture[1:]:  # type: ignore[index]
+            path = entry["path"]
+            if not (Path(path) / META_FILENAME).is_file():
+                raise FileNotFoundError(f"data.mixture: {path} is not a prepared dataset ({META_FILENAME} is missing); "
+                                        "prepare it with python -m nsa_lit.data.prepare")
+            meta = read_meta(path)
+            self._check_tokenizer(meta, path)
+            if meta.get("tokenizer_sha256") != self.meta.get("tokenizer_sha256") or meta["vocab_size"] != self.meta["vocab_size"]:
+                raise ValueError(f"data.mixture: {path} and {self.data_dir} were prepared with different tokenizer files "
+                                 "(tokenizer_sha256 / vocab_size in meta.json differ)")
+            self._check_model(meta, path)
+            validate_split(Path(path) / "train", np.dtype(meta["dtype"]).itemsize)
+            datasets.append(TokenWindows(Path(path, "train").resolve(), self.seq_len))
+        return MixtureWindows(datasets, [e["weight"] for e in self.mixture])  # type: ignore[union-attr]
+
+    def _loader(self, dataset: TokenWindows | MixtureWindows, shuffle: bool, limit: int | None = None) -> TokenLoader:
         world, rank = self._world()
-        sampler = WindowSampler(dataset, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank, limit=limit)
+        sampler_cls = MixtureSampler if isinstance(dataset, MixtureWindows) else WindowSampler
+        sampler = sampler_cls(dataset, shuffle=shuffle, seed=self.seed, num_replicas=world, rank=rank, limit=limit)
         return TokenLoader(
             dataset,
             batch_size=self.batch_size,

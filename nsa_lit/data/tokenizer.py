@@ -16,7 +16,9 @@ Every error names the spec.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -41,8 +43,12 @@ class Tokenizer:
         bos_id: int | None,
         eos_id: int,
         encode_batch: Callable[[list[str]], list[list[int]]] | None = None,
+        source_path: Path | None = None,
+        vocab: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.spec = spec
+        self.source_path = source_path  # the model/vocabulary file, if it is one
+        self._vocab = vocab
         self._encode = encode
         self._decode = decode
         self._encode_batch = encode_batch
@@ -62,6 +68,20 @@ class Tokenizer:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         return self._decode([int(i) for i in ids])
+
+    def sha256(self) -> str:
+        """SHA-256 of the tokenizer's model file (``*.model``, ``tokenizer.json``), else of its sorted
+        vocabulary as JSON: two tokenizers with the same hash encode alike (recorded in ``meta.json``)."""
+        h = hashlib.sha256()
+        if self.source_path is not None:
+            with open(self.source_path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        elif self._vocab is not None:
+            h.update(json.dumps(sorted(self._vocab().items())).encode("utf-8"))
+        else:
+            raise ValueError(f"tokenizer {self.spec!r}: neither a model file nor a vocabulary to hash")
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         return f"Tokenizer(spec={self.spec!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -106,6 +126,7 @@ def _load_sentencepiece(path: Path, spec: str) -> Tokenizer:
         bos_id=bos if bos >= 0 else None,
         eos_id=eos,
         encode_batch=lambda texts: sp.encode(texts),
+        source_path=path,
     )
 
 
@@ -141,6 +162,7 @@ def _load_tokenizer_json(path: Path, spec: str) -> Tokenizer:
         bos_id=bos,
         eos_id=eos,
         encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
+        source_path=path,
     )
 
 
@@ -166,6 +188,7 @@ def _load_transformers(spec: str) -> Tokenizer:
         vocab_size=len(tok),
         bos_id=tok.bos_token_id,
         eos_id=tok.eos_token_id,
+        vocab=tok.get_vocab,
     )
 
 

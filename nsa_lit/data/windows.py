@@ -170,6 +170,8 @@ class WindowSampler(DistributedSampler):
     ``set_epoch`` is called by Lightning at each epoch start.
     """
 
+    fingerprint: Any = None  # what else shapes the order (a mixture's weights); saved with the position
+
     def __init__(
         self,
         dataset: Dataset,
