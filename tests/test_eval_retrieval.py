@@ -152,8 +152,24 @@ def checkpoint(tokenizer_dir, tmp_path_factory):
 def test_niah_command_end_to_end(checkpoint, tmp_path):
     args = ["niah", "--ckpt_path", str(checkpoint), "--lengths", "256,384", "--depths", "0,100",
             "--samples", "1", "--no_progress", "--device", "cpu"]
-    first = main(args + ["--out", str(tmp_path / "a")])
+    first = main(args + ["--out", str(tmp_path / "a"), "--tb_dir", str(tmp_path / "tb")])
     a = json.loads((tmp_path / "a" / "results.json").read_text())
+    # TensorBoard: every cell, each length's mean and each task's mean, at the checkpoint's step
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert len(tags) == len(retrieval.TASKS) * (2 * 2 + 2 + 1)
+    for task in retrieval.TASKS:
+        s = a["summary"][task]
+        (mean,) = events.Scalars(f"eval/niah/{task}/mean")
+        assert mean.value == pytest.approx(s["accuracy"]) and mean.step == 2
+        assert len(s["grid"]) == 2
+        for depth, row in s["grid"].items():  # depth keys "0.0", tags "depth_0"
+            for length in ("256", "384"):
+                (cell,) = events.Scalars(f"eval/niah/{task}/len_{length}/depth_{float(depth):g}")
+                assert cell.value == pytest.approx(row[length])
     assert len(a["records"]) == len(retrieval.TASKS) * 2 * 2
     assert set(first["summary"]) == set(retrieval.TASKS)
     for task in retrieval.TASKS:

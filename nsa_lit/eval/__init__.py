@@ -4,4 +4,9 @@
   ``loglikelihood`` requests), batched and length-sorted.
 - :mod:`nsa_lit.eval.retrieval`: long-context retrieval generated locally (S-NIAH-1/2/3,
   multi-key NIAH, MQAR), ``python -m nsa_lit.eval niah``.
+- :mod:`nsa_lit.eval.lm_eval_adapter`: the checkpoint as an lm-evaluation-harness model
+  (``nsa-lit``), ``python -m nsa_lit.eval lm-eval``.
+- :mod:`nsa_lit.eval.perplexity`: perplexity by context length on a held-out split,
+  ``python -m nsa_lit.eval ppl``.
+- :mod:`nsa_lit.eval.tensorboard`: any of these results as TensorBoard scalars (``--tb_dir``).
 """

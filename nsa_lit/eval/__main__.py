@@ -1,11 +1,14 @@
-"""Evaluate a checkpoint: ``python -m nsa_lit.eval niah --ckpt_path P [options]`` (docs/eval.md).
+"""Evaluate a checkpoint: ``python -m nsa_lit.eval COMMAND --ckpt_path P [options]`` (docs/eval.md).
 
 Commands:
-  niah   long-context retrieval generated locally: S-NIAH-1/2/3, multi-key NIAH, MQAR
+  niah     long-context retrieval generated locally: S-NIAH-1/2/3, multi-key NIAH, MQAR
+  lm-eval  lm-evaluation-harness tasks (default: the zero-shot commonsense list)
+  ppl      perplexity by context length on a held-out split of a prepared dataset
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,23 @@ def niah_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="where a bpe:<n> tokenizer lives (default: the checkpoint's data.data_dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _tb_option(parser)
     return parser
+
+
+def _tb_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tb_dir", default=None,
+                        help="also write the results as TensorBoard scalars here, at the "
+                             "checkpoint's global_step (e.g. the run's log dir, logs/tiny/asa)")
+
+
+def _write_tb(args: argparse.Namespace, scalars: dict) -> None:
+    if args.tb_dir:
+        from nsa_lit.eval.tensorboard import checkpoint_step, write_scalars
+
+        step = checkpoint_step(args.ckpt_path)
+        write_scalars(args.tb_dir, scalars, step)
+        print(f"wrote {len(scalars)} TensorBoard scalars to {args.tb_dir} (step {step})")
 
 
 def run_niah(args: argparse.Namespace) -> dict:
@@ -84,26 +103,195 @@ def run_niah(args: argparse.Namespace) -> dict:
         print(retrieval.text_table(task, s))
     print(f"wrote {out / 'results.json'}" + ("" if all(written["png"].values()) else
           " (no heatmap PNG: matplotlib is not installed; see heatmap_<task>.txt)"))
+    from nsa_lit.eval.tensorboard import niah_scalars
+
+    _write_tb(args, niah_scalars(written["summary"]))
     return {"out": out, **written}
 
 
+# -- lm-eval --------------------------------------------------------------------------------
+def lm_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from nsa_lit.eval.lm_eval_adapter import DEFAULT_TASKS
+
+    parser.add_argument("--ckpt_path", default=None,
+                        help="training checkpoint (.ckpt file or sharded dir); required unless "
+                             "--download_only")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help=f"comma-separated lm-eval task (or group) names (default "
+                             f"{','.join(DEFAULT_TASKS)})")
+    parser.add_argument("--limit", type=float, default=None,
+                        help="at most this many documents per task (a fraction if < 1); for "
+                             "quick checks only, the scores are not comparable")
+    parser.add_argument("--num_fewshot", type=int, default=None,
+                        help="few-shot examples (default: each task's own, 0 for these tasks)")
+    parser.add_argument("--batch_size", type=int, default=8, help="requests per forward")
+    parser.add_argument("--max_gen_toks", type=int, default=256,
+                        help="generation budget of generate_until tasks (default 256)")
+    parser.add_argument("--output_path", default=None,
+                        help="results JSON (default eval_results/lm_eval/<checkpoint name>.json)")
+    parser.add_argument("--log_samples", action="store_true",
+                        help="also store every document's requests and responses in the JSON")
+    parser.add_argument("--include_path", default=None,
+                        help="folder of extra task YAML files (your own or local copies of tasks)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the harness (few-shot sampling)")
+    parser.add_argument("--bootstrap_iters", type=int, default=1000,
+                        help="bootstrap resamples for standard errors (0: none; default 1000)")
+    parser.add_argument("--download_only", action="store_true",
+                        help="only load the tasks' datasets into the Hugging Face cache "
+                             "(HF_DATASETS_CACHE; needs network) and exit")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec (default: the checkpoint's data.tokenizer)")
+    parser.add_argument("--data_dir", default=None,
+                        help="where a bpe:<n> tokenizer lives (default: the checkpoint's "
+                             "data.data_dir)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    _tb_option(parser)
+    return parser
+
+
+def run_lm_eval(args: argparse.Namespace) -> dict:
+    from lm_eval.utils import handle_non_serializable
+
+    from nsa_lit.eval import lm_eval_adapter as adapter
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks names no task")
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    manager = adapter.task_manager(tasks, args.include_path)
+    if args.download_only:
+        adapter.load_tasks(tasks, manager)
+        print(f"datasets of {', '.join(tasks)} are in the Hugging Face cache")
+        return {}
+    if args.ckpt_path is None:
+        raise ValueError("--ckpt_path is required (unless --download_only)")
+    t0 = time.perf_counter()
+    built = adapter.load_tasks(tasks, manager)  # datasets first: a missing one fails at once
+    lm = adapter.NsaLitLM(ckpt_path=args.ckpt_path, tokenizer_spec=args.tokenizer,
+                          data_dir=args.data_dir, batch_size=args.batch_size, device=args.device,
+                          max_gen_toks=args.max_gen_toks, progress=not args.no_progress)
+    results = adapter.evaluate(lm, built, manager, limit=limit, num_fewshot=args.num_fewshot,
+                               seed=args.seed, log_samples=args.log_samples,
+                               bootstrap_iters=args.bootstrap_iters)
+    name = Path(args.ckpt_path).stem
+    results["meta"] = {"model": name, "ckpt_path": str(args.ckpt_path), "tasks": tasks,
+                       "limit": limit, "num_fewshot": args.num_fewshot, "seed": args.seed,
+                       "tokenizer": lm.tokenizer.spec, "seq_len": lm.max_length,
+                       "layer_pattern": lm.model.cfg.layer_pattern, "device": str(args.device),
+                       "seconds": round(time.perf_counter() - t0, 2)}
+    out = Path(args.output_path) if args.output_path else \
+        Path("eval_results") / "lm_eval" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=handle_non_serializable) + "\n")
+    print(adapter.text_table(results))
+    print(f"wrote {out}")
+    _write_tb(args, {f"eval/lm_eval/{task}/{metric}": value
+                     for task, metric, value, _ in adapter.summary_rows(results)})
+    return results
+
+
+# -- perplexity by length -------------------------------------------------------------------
+def ppl_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--ckpt_path", required=True,
+                        help="training checkpoint (.ckpt or sharded dir)")
+    parser.add_argument("--data_dir", default=None,
+                        help="prepared dataset (default: the checkpoint's data.data_dir)")
+    parser.add_argument("--split", default="val", help="held-out split to read (default val)")
+    parser.add_argument("--lengths", type=_ints, default=None,
+                        help="window lengths in tokens, comma-separated (default: 1024 doubling "
+                             "up to twice the training seq_len, or seq_len/4 .. 2 seq_len for a "
+                             "model trained on fewer than 2048 tokens); lengths beyond seq_len "
+                             "are extrapolation and flagged")
+    parser.add_argument("--max_tokens", type=int, default=1 << 20,
+                        help="read at most this many leading tokens of the split for every "
+                             "length (default 1048576)")
+    parser.add_argument("--first_bucket", type=int, default=128,
+                        help="position buckets [0,b), [b,2b), [2b,4b), ... (default b=128)")
+    parser.add_argument("--batch_size", type=int, default=4, help="windows per forward")
+    parser.add_argument("--output_path", default=None,
+                        help="results JSON (default eval_results/ppl/<checkpoint name>.json)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _tb_option(parser)
+    return parser
+
+
+def default_lengths(seq_len: int) -> list[int]:
+    """1024, 2048, ... up to 2 seq_len; for seq_len < 2048: seq_len/4, seq_len/2, seq_len,
+    2 seq_len."""
+    if seq_len < 2048:
+        return [max(1, seq_len // 4), max(1, seq_len // 2), seq_len, 2 * seq_len]
+    out, n = [], 1024
+    while n <= 2 * seq_len:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def run_ppl(args: argparse.Namespace) -> dict:
+    from nsa_lit.checkpoint import load_checkpoint
+    from nsa_lit.eval import perplexity
+
+    model, data_hparams = load_checkpoint(args.ckpt_path, args.device)
+    data_dir = args.data_dir or data_hparams.get("data_dir")
+    if data_dir is None:
+        raise ValueError("the checkpoint records no data.data_dir: pass --data_dir")
+    lengths = args.lengths or default_lengths(model.cfg.seq_len)
+    if args.max_tokens < 2:
+        raise ValueError(f"--max_tokens must be >= 2, got {args.max_tokens}")
+    stream = perplexity.read_split(data_dir, args.split, max(args.max_tokens, max(lengths) + 1))
+    perplexity.check_data_tokenizer(model.cfg.vocab_size, data_hparams, data_dir)
+    t0 = time.perf_counter()
+    records = perplexity.evaluate(model, stream, lengths, args.batch_size, args.max_tokens,
+                                  args.first_bucket, progress=not args.no_progress,
+                                  where=f"split {args.split!r} of {data_dir}")
+    name = Path(args.ckpt_path).stem
+    meta = {"model": name, "ckpt_path": str(args.ckpt_path), "data_dir": str(data_dir),
+            "split": args.split, "tokens_read": int(len(stream)), "max_tokens": args.max_tokens,
+            "train_seq_len": model.cfg.seq_len, "layer_pattern": model.cfg.layer_pattern,
+            "device": str(args.device), "seconds": round(time.perf_counter() - t0, 2)}
+    result = {"meta": meta, "lengths": records}
+    out = Path(args.output_path) if args.output_path else \
+        Path("eval_results") / "ppl" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(perplexity.text_table(records))
+    print(f"wrote {out}")
+    scalars = {}
+    for r in records:
+        scalars[f"eval/ppl/len_{r['length']}"] = r["ppl"]
+        for b in r["buckets"]:
+            scalars[f"eval/ppl/len_{r['length']}/pos_{b['start']}_{b['end']}"] = b["ppl"]
+    _write_tb(args, scalars)
+    return result
+
+
+COMMANDS = {
+    "niah": (niah_parser, run_niah, "long-context retrieval (S-NIAH-1/2/3, MK-NIAH, MQAR)"),
+    "lm-eval": (lm_eval_parser, run_lm_eval,
+                "lm-evaluation-harness tasks (zero-shot commonsense list by default)"),
+    "ppl": (ppl_parser, run_ppl, "perplexity by context length on a held-out split"),
+}
+
+
 def main(argv: list[str] | None = None):
-    niah_help = niah_parser(argparse.ArgumentParser(
-        prog="python -m nsa_lit.eval niah", add_help=False)).format_help()
+    epilog = "\n".join(
+        f"{name} options:\n" + build(argparse.ArgumentParser(
+            prog=f"python -m nsa_lit.eval {name}", add_help=False)).format_help()
+        for name, (build, _, _) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog="python -m nsa_lit.eval", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="niah options:\n" + niah_help)
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     sub = parser.add_subparsers(dest="command", required=True)
-    niah_parser(sub.add_parser("niah", help="long-context retrieval (S-NIAH-1/2/3, MK-NIAH, MQAR)",
-                               description="Long-context retrieval generated locally; see docs/eval.md"))
+    for name, (build, _, text) in COMMANDS.items():
+        build(sub.add_parser(name, help=text, description=f"{text}; see docs/eval.md"))
     args = parser.parse_args(argv)
-    if args.command == "niah":
-        return run_niah(args)
+    return COMMANDS[args.command][1](args)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         sys.exit(f"error: {err}")
