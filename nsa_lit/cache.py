@@ -7,6 +7,7 @@
 | NSA without selection, grouped local ``L`` | :class:`GroupedKVCache` | ring: ``max(window, compress_block)`` | if compressing |
 | ASA local ``L`` (MLA) | :class:`LatentWindowCache` | ring: ``window`` | - |
 | ASA global ``G`` (GLA) | :class:`LatentKVCache` | all | yes |
+| NSA ``N``, ``nsa_kv: per_branch`` | :class:`BranchKVCache`: one :class:`GroupedKVCache` per branch | compression: ring of ``compress_block``; selection: all; window: ring of ``window`` | compression's |
 
 Grouped caches hold rotated keys and values ``(n_kv_heads, head_dim)`` per token; latent caches hold
 the latent ``c (groups, latent_dim / groups)`` and the rotated RoPE key ``k_r (1, rope_dim)``.
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from kernels.blocks import compressed_visible, num_compressed
-from nsa_lit.config import ModelConfig
+from nsa_lit.config import Branch, ModelConfig
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -74,6 +75,11 @@ class TokenCache:
         self.longest = 0  # max(lengths), kept on the host: no device sync per step
 
     # -- what attention reads ----------------------------------------------------------------
+    def for_branch(self, branch: Branch) -> TokenCache:
+        """The cache ``branch`` reads: this one (all branches of a layer share it; compare
+        :meth:`BranchKVCache.for_branch`)."""
+        return self
+
     def attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(k, v, k_rope)`` of the raw tokens, as :mod:`kernels.decode.reference` takes them."""
         a, b = self.raw
@@ -120,11 +126,13 @@ class TokenCache:
         self.block_idx.copy_(block_idx[torch.arange(len(block_idx)), self.lengths - 1])
 
     def append(self, a: torch.Tensor, b: torch.Tensor,
-               compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None) -> None:
+               compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None,
+               advance: bool = True) -> None:
         """Write one token per sequence (``a``, ``b``: ``(B, *shape)``) at position ``lengths``.
         A compressing cache then calls ``compress`` on the last ``block_len`` raw tokens
         (``(B, block_len, *shape)`` each, returning ``(B, 1, *shape)`` each) and keeps the result
-        for the sequences whose block has just ended. ``lengths`` advances in place."""
+        for the sequences whose block has just ended. ``lengths`` advances in place, unless
+        ``advance=False`` (a :class:`BranchKVCache` advances its shared ``lengths`` once)."""
         self.reserve()
         positions = self.lengths  # advanced last, after every use below
         rows = torch.arange(len(positions), device=positions.device)
@@ -140,7 +148,8 @@ class TokenCache:
             for buf, c in zip(self.compressed, new):
                 keep = done.view(-1, *[1] * (c.dim() - 2))
                 buf[rows, i] = torch.where(keep, c[:, 0].to(buf.dtype), buf[rows, i])
-        self.lengths.add_(1)
+        if advance:
+            self.lengths.add_(1)
 
     def share_selection(self, fresh: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Query sharing: the blocks ``(B, G, top_n)`` the query at ``positions`` uses, ``fresh``
@@ -201,11 +210,94 @@ class LatentKVCache(TokenCache):
                          compress=compress, select=select, dtype=dtype, device=device)
 
 
+class BranchKVCache:
+    """NSA layers with per-branch key/values (``nsa_kv: per_branch``): one
+    :class:`GroupedKVCache` per branch of ``LayerSpec.kv_branches``, each holding that branch's
+    own rotated keys and values ``(n_kv_heads, head_dim)`` per token for ``slots[branch]``
+    tokens (``LayerSpec.branch_slots``):
+
+    * compression: a ring of the last ``compress_block`` raw tokens, from which each completed
+      block is compressed, plus the compressed tokens ``(B, num_compressed(max_len), ...)``;
+    * selection: every token, plus the kept selection for query sharing;
+    * window: a ring of the last ``window`` tokens.
+
+    All share one ``lengths`` tensor, advanced once per :meth:`append_branches`. The layer reads
+    a branch's cache through :meth:`for_branch`.
+    """
+
+    latent = False
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 slots: dict[Branch, int], *, compress: tuple[int, int] | None = None,
+                 select: tuple[int, int, int] | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        if not slots:
+            raise ValueError("a BranchKVCache needs at least one branch in `slots`")
+        self.max_len = max_len
+        self.caches: dict[Branch, GroupedKVCache] = {
+            branch: GroupedKVCache(
+                batch, max_len, n_kv_heads, head_dim, slots=n,
+                compress=compress if branch is Branch.COMPRESSION else None,
+                select=select if branch is Branch.SELECTION else None, dtype=dtype, device=device)
+            for branch, n in slots.items()}
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        for cache in self.caches.values():
+            cache.lengths = self.lengths
+
+    def for_branch(self, branch: Branch) -> GroupedKVCache:
+        """The cache of ``branch``'s own keys/values (block scoring reads compression's)."""
+        if branch not in self.caches:
+            raise KeyError(f"no per-branch cache for {branch}: this layer caches "
+                           f"{[str(b) for b in self.caches]}")
+        return self.caches[branch]
+
+    @property
+    def longest(self) -> int:
+        return next(iter(self.caches.values())).longest
+
+    @longest.setter
+    def longest(self, value: int) -> None:
+        for cache in self.caches.values():
+            cache.longest = value
+
+    def bytes_allocated(self) -> int:
+        """Bytes of every branch's cached token tensors (raw and compressed)."""
+        return sum(cache.bytes_allocated() for cache in self.caches.values())
+
+    def write_prompt(self, raw: dict[Branch, Pair], compressed: Pair | None,
+                     lengths: torch.Tensor) -> None:
+        """Prefill: each branch keeps its own keys/values ``raw[branch]`` (``(B, T, ...)`` each);
+        the compression branch also the compressed tokens."""
+        for branch, cache in self.caches.items():
+            cache.write_prompt(raw[branch], compressed if branch is Branch.COMPRESSION else None,
+                               lengths)
+
+    def keep_selection(self, block_idx: torch.Tensor) -> None:
+        self.caches[Branch.SELECTION].keep_selection(block_idx)
+
+    def append_branches(self, raw: dict[Branch, Pair],
+                        compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None
+                        ) -> None:
+        """Write one token per sequence into every branch's cache (``raw[branch] = (k, v)``,
+        ``(B, n_kv_heads, head_dim)`` each), compress the compression branch's completed blocks
+        with ``compress``, then advance ``lengths``."""
+        for branch, cache in self.caches.items():
+            cache.append(*raw[branch], compress if branch is Branch.COMPRESSION else None,
+                         advance=False)
+        self.lengths.add_(1)
+
+    def reserve(self) -> None:
+        """Host side of :meth:`append_branches` (see :meth:`TokenCache.reserve`)."""
+        for cache in self.caches.values():
+            cache.reserve()
+
+
 def layer_cache(cfg: ModelConfig, which: int | str, batch: int, max_len: int,
-                dtype: torch.dtype = torch.float32, device=None) -> TokenCache:
+                dtype: torch.dtype = torch.float32, device=None) -> TokenCache | BranchKVCache:
     """The cache that layer ``which`` (an index or a kind, see ``ModelConfig.layer``) needs to
     decode ``batch`` sequences of up to ``max_len`` tokens: what its :class:`LayerSpec` says it
-    keeps (``cache_slots``, compressed tokens, the selection for query sharing)."""
+    keeps (``cache_slots`` or, per branch, ``branch_slots``; compressed tokens; the selection for
+    query sharing)."""
     if max_len > cfg.seq_len:
         raise ValueError(f"cache max_len ({max_len}) exceeds the model's seq_len ({cfg.seq_len})")
     spec = cfg.layer(which)
@@ -213,6 +305,9 @@ def layer_cache(cfg: ModelConfig, which: int | str, batch: int, max_len: int,
     select = (spec.kv_heads, spec.top_n, spec.q_share) if spec.selects else None
     slots = spec.cache_slots(max_len)
     kw = dict(dtype=dtype, device=device)
+    if spec.kv_per_branch:
+        return BranchKVCache(batch, max_len, spec.kv_heads, spec.head_dim,
+                             spec.branch_slots(max_len), compress=compress, select=select, **kw)
     if not spec.latent:
         return GroupedKVCache(batch, max_len, spec.kv_heads, spec.head_dim, slots=slots,
                               compress=compress, select=select, **kw)
@@ -224,6 +319,6 @@ def layer_cache(cfg: ModelConfig, which: int | str, batch: int, max_len: int,
 
 
 def new_caches(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-               device=None) -> list[TokenCache]:
+               device=None) -> list[TokenCache | BranchKVCache]:
     """One cache per layer of the model; ``max_len <= cfg.seq_len``."""
     return [layer_cache(cfg, kind, batch, max_len, dtype, device) for kind in cfg.layer_kinds]

@@ -11,7 +11,8 @@
   process) do not go through ``CheckpointIO``: :class:`~nsa_lit.parallel.FSDP2Strategy` makes
   them atomic the same way (``<dir>.tmp`` by all processes, then renamed into place).
 * :class:`RunCheckpoint` is a ``ModelCheckpoint`` whose directory follows the run:
-  ``<trainer.default_root_dir>/<root>/<logger name>/<logger version>`` (``checkpoints/340m/asa``),
+  ``<trainer.default_root_dir>/<root>/<logger name>/<logger version>``
+  (``checkpoints/340m/asa/seed1234``),
   so two runs with different logger names / versions never share a directory and
   ``--ckpt_path last`` only finds its own run's ``last.ckpt``.
 * :func:`arch_differences` lists the ``model.arch`` fields in which a checkpoint and a config
@@ -115,8 +116,8 @@ def use_atomic_checkpoint_io(strategy) -> None:
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose ``dirpath`` (when not given) is the run's:
     ``<trainer.default_root_dir>/<root>/<name>/<version>`` from the first logger (a version
-    number ``n`` as ``version_n``), e.g. ``checkpoints/340m/asa``. Without a logger, or with an
-    explicit ``dirpath``, it is Lightning's ``ModelCheckpoint``. ``--ckpt_path last`` looks for
+    number ``n`` as ``version_n``), e.g. ``checkpoints/340m/asa/seed1234``. Without a logger, or
+    with an explicit ``dirpath``, it is Lightning's ``ModelCheckpoint``. ``--ckpt_path last`` looks for
     ``last.ckpt`` in this directory only."""
 
     def __init__(self, *args, root: str = "checkpoints", **kwargs):
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "consolidate",
         help="sharded checkpoint directory -> one checkpoint file",
         description="Read a sharded checkpoint directory (FSDP2, save_distributed_checkpoint: "
-                    "true; e.g. checkpoints/340m/asa/last.ckpt) on this process alone and write "
+                    "true; e.g. checkpoints/340m/asa/seed1234/last.ckpt) on this process alone and write "
                     "it as one checkpoint file, atomically, in the layout of a single-file "
                     "checkpoint: main.py validate --ckpt_path, python -m nsa_lit.generate "
                     "--ckpt_path, evaluation and fit --ckpt_path load it. Needs the whole model "

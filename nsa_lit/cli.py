@@ -5,7 +5,12 @@ predict loader); generate text with ``python -m nsa_lit.generate``.
 
 Checkpoint files are saved atomically (:class:`nsa_lit.checkpoint.AtomicCheckpointIO`, installed
 unless ``trainer.plugins`` gives a checkpoint IO); the configs' ``RunCheckpoint`` keeps each run's
-checkpoints in ``checkpoints/<logger name>/<logger version>``."""
+checkpoints in ``checkpoints/<logger name>/<logger version>``.
+
+Run identity: the configs name their logger ``<size>/<variant>`` (``340m/asa``) and leave its
+``version`` unset; a logger without a version gets ``seed<k>`` from ``seed_everything``
+(:func:`version_loggers_by_seed`), so a run logs to ``logs/340m/asa/seed1234`` and checkpoints to
+``checkpoints/340m/asa/seed1234``, and ``--seed_everything 7`` starts a separate run beside it."""
 from __future__ import annotations
 
 import os
@@ -33,6 +38,10 @@ class NSALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.arch.seq_len", "data.seq_len")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        version_loggers_by_seed(config)
+
     def instantiate_classes(self) -> None:
         """Under a model-parallel strategy (FSDP2: ``nsa_lit.parallel.FSDP2Strategy`` or
         Lightning's ``ModelParallelStrategy``) the model is built on the meta device; the
@@ -45,6 +54,23 @@ class NSALightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer.strategy)
         return trainer
+
+
+def version_loggers_by_seed(config) -> None:
+    """Give every configured logger (``trainer.logger``: one ``class_path`` / ``init_args``
+    namespace or a list of them) whose ``version`` is unset the version ``seed<k>``, ``k`` being
+    ``seed_everything`` (an int by now: LightningCLI has drawn a ``true`` seed). Loggers given
+    as ``true`` / ``false``, with an explicit version, or a run with ``seed_everything: false``
+    are left as they are."""
+    seed = config.get("seed_everything")
+    trainer = config.get("trainer") or {}
+    loggers = trainer.get("logger")
+    if isinstance(seed, bool) or not isinstance(seed, int) or loggers in (None, True, False):
+        return
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and "version" in init_args and init_args["version"] is None:
+            init_args["version"] = f"seed{seed}"
 
 
 def _is_model_parallel(strategy) -> bool:

@@ -66,7 +66,9 @@ class LayerSpec:
     ``kv_heads`` is the number of key/value heads the layer caches and its selection groups
     share: ``n_kv_heads`` (GQA) or the latent groups (MLA: 1, GLA: ``g_c``); ``group_dim`` is the
     width of one (``head_dim``, or ``latent_dim / groups``). ``forms`` gives the form each
-    branch trains in (``Form.GROUPED`` in GQA layers). Geometry fields are the config's.
+    branch trains in (``Form.GROUPED`` in GQA layers). ``kv_per_branch``: every branch has its
+    own key/value projection (NSA layers under ``nsa_kv="per_branch"``, see ``kv_branches``),
+    else all branches read one. Geometry fields are the config's.
     """
 
     kind: str
@@ -85,6 +87,7 @@ class LayerSpec:
     select_block: int
     top_n: int
     num_local_blocks: int
+    kv_per_branch: bool = False
 
     @property
     def latent(self) -> bool:
@@ -140,17 +143,41 @@ class LayerSpec:
         return self.n_heads if self.form(branch) is Form.EXPANDED else self.kv_heads
 
     @property
+    def kv_branches(self) -> tuple[Branch, ...]:
+        """The branches that own a key/value projection (and a decode cache) in a per-branch
+        layer, in this order: compression (whenever the layer compresses: selection scores blocks
+        with its compressed keys), selection, window. Empty when all branches share one."""
+        if not self.kv_per_branch:
+            return ()
+        owns = {Branch.COMPRESSION: self.compresses, Branch.SELECTION: self.selects,
+                Branch.WINDOW: Branch.WINDOW in self.branches}
+        return tuple(b for b in SPARSE_BRANCHES if owns[b])
+
+    @property
     def cache_width(self) -> int:
-        """Elements cached per token: ``2 * n_kv_heads * head_dim`` (keys and values) or
-        ``latent_dim + rope_dim`` (the latent is key and value)."""
+        """Elements cached per token of one key/value source: ``2 * n_kv_heads * head_dim``
+        (keys and values) or ``latent_dim + rope_dim`` (the latent is key and value). A
+        per-branch layer has one such source per branch of ``kv_branches``."""
         if self.latent:
             return self.kv_heads * self.group_dim + self.rope_dim
         return 2 * self.kv_heads * self.head_dim
 
+    def branch_slots(self, max_len: int) -> dict[Branch, int]:
+        """Per-branch layers: raw tokens each branch of ``kv_branches`` keeps of a sequence of
+        up to ``max_len``: compression the last ``compress_block`` (what the compressor needs
+        to compress the block ending at the newest token), selection all of them, window the
+        last ``window``. Empty for a shared layer."""
+        keep = {Branch.COMPRESSION: self.compress_block, Branch.SELECTION: max_len,
+                Branch.WINDOW: self.window}
+        return {b: min(max_len, keep[b]) for b in self.kv_branches}
+
     def cache_slots(self, max_len: int) -> int:
         """Raw tokens a decode cache keeps of a sequence of up to ``max_len``: all of them for
         full attention and selection, else the last ``window`` (and at least one compression
-        block, to compress the block ending at the newest token)."""
+        block, to compress the block ending at the newest token). A per-branch layer keeps each
+        branch's own raw tokens: the sum of :meth:`branch_slots`."""
+        if self.kv_per_branch:
+            return sum(self.branch_slots(max_len).values())
         if Branch.FULL in self.branches or self.selects:
             return max_len
         keep = max(self.window if Branch.WINDOW in self.branches else 0,
@@ -163,7 +190,11 @@ class LayerSpec:
             if self.compresses else 0
 
     def kv_elements(self, context: int) -> int:
-        """Cache elements of one sequence of ``context`` tokens: raw and compressed tokens."""
+        """Cache elements of one sequence of ``context`` tokens: raw and compressed tokens,
+        ``(cache_slots + compressed_tokens) * cache_width``. For a per-branch NSA layer with all
+        three branches, ``T = context``, ``N = compressed_tokens(T)``, width ``2 * Hk * dh``:
+        ``(T + min(T, window) + min(T, compress_block) + N) * 2 * Hk * dh`` (selection's raw
+        tokens, the window's, the compressor's last block, the compressed tokens)."""
         return (self.cache_slots(context) + self.compressed_tokens(context)) * self.cache_width
 
 
@@ -175,6 +206,8 @@ class ModelConfig:
       ``F`` full causal attention (GQA), ``N`` NSA (the ``nsa_branches``, GQA key/values),
       ``L`` local layer (sliding window; key/values from ``local_kv``),
       ``G`` global layer (compression + selection; key/values from ``global_kv``).
+    NSA layers' branches read one key/value projection (``nsa_kv="shared"``) or one each
+    (``"per_branch"``, NSA layers only).
     ASA = ``layer_pattern="LG"``, ``local_kv="latent"`` (MLA), ``global_kv="latent"`` with
     ``global_latent_groups=2`` (GLA), ``q_share=4``.
     """
@@ -204,6 +237,9 @@ class ModelConfig:
     local_latent_groups: int = 1
     global_latent_groups: int = 2
     latent_form: Literal["auto", "absorbed", "expanded"] = "auto"
+    # NSA layers: one key/value projection read by all branches ("shared"), or one per branch
+    # ("per_branch", the NSA paper's independent keys/values for compression, selection, window)
+    nsa_kv: Literal["shared", "per_branch"] = "shared"
 
     # Sparse attention branches
     window: int = 512
@@ -250,6 +286,20 @@ class ModelConfig:
         need(self.latent_form in ("auto", "absorbed", "expanded"), "latent_form",
              "must be 'auto', 'absorbed' or 'expanded'")
         need(self.compress_method in ("mlp", "mean"), "compress_method", "must be 'mlp' or 'mean'")
+        need(self.nsa_kv in ("shared", "per_branch"), "nsa_kv",
+             f"must be 'shared' or 'per_branch', got {self.nsa_kv!r}")
+        if self.nsa_kv == "per_branch":
+            others = sorted(set(self.layer_pattern) - {"N", "F"})
+            need("N" in self.layer_pattern and not others, "nsa_kv",
+                 f"'per_branch' gives each branch of an NSA layer ('N') its own key/value "
+                 f"projection; layer_pattern {self.layer_pattern!r} "
+                 + (f"has local/global layers {others}, whose branches share one key/value "
+                    f"source (a latent in ASA)" if others else "has no NSA layer"))
+            need(Branch.COMPRESSION in self.nsa_branches
+                 or Branch.SELECTION not in self.nsa_branches, "nsa_kv",
+                 "'per_branch' with selection but without the compression branch: the "
+                 "compression branch's keys, which score the blocks, would never get a gradient "
+                 "(use nsa_kv='shared' for that ablation)")
         need(self.kernel_backend in BACKENDS, "kernel_backend", f"must be one of {BACKENDS}")
 
         need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -324,7 +374,8 @@ class ModelConfig:
             q_share=self.q_share if kind == "G" else 1,  # query sharing: global layers only
             window=self.window, compress_block=self.compress_block,
             compress_stride=self.compress_stride, select_block=self.select_block,
-            top_n=self.top_n, num_local_blocks=self.num_local_blocks)
+            top_n=self.top_n, num_local_blocks=self.num_local_blocks,
+            kv_per_branch=kind == "N" and self.nsa_kv == "per_branch")
 
     @property
     def layers(self) -> list[LayerSpec]:

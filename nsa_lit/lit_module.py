@@ -5,17 +5,24 @@ clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all proc
 ``train/mfu`` (when the accelerator's peak is known), ``train/skipped_steps`` (with
 ``nonfinite_loss: skip``), and ``val/loss``, ``val/ppl`` (token-weighted over the whole validation
 set, through torchmetrics).
+
+Once per ``fit``, the run's static facts (:func:`run_facts`) go to every logger as hyperparameters
+under ``run`` (``hparams.yaml``) and as scalars at step 0: ``run/parameters``,
+``run/kv_bytes_per_token``, ``run/train_flops_per_token``, ``run/seed`` (read back by
+``python -m nsa_lit.compare``).
 """
 from __future__ import annotations
 
 import contextvars
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
@@ -25,7 +32,7 @@ from nsa_lit.checkpoint import arch_differences
 from nsa_lit.config import ModelConfig
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss
 from nsa_lit.model import Transformer
-from nsa_lit.model_stats import training_flops_per_token
+from nsa_lit.model_stats import count_parameters, kv_elements_per_token, training_flops_per_token
 from nsa_lit.parallel import FSDPConfig, materialize, parallelize
 
 
@@ -77,6 +84,22 @@ def _device_peak_tflops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
+# bytes per cached element in run/kv_bytes_per_token: decoding keeps its caches in bf16
+KV_CACHE_BYTES = 2
+
+
+def run_facts(arch: ModelConfig, seed: int | None) -> dict[str, int | float | str | None]:
+    """What identifies a run's variant and its cost, from the config alone: ``parameters``
+    (total), ``kv_bytes_per_token`` (KV cache of all layers per token of one sequence at the
+    training context ``seq_len``, bf16; the formula :mod:`nsa_lit.kv_report` checks against the
+    real decode caches), ``train_flops_per_token`` (what ``train/mfu`` divides by),
+    ``layer_pattern`` and ``seed`` (``seed_everything``; None when unseeded)."""
+    return {"parameters": count_parameters(arch)["total"],
+            "kv_bytes_per_token": kv_elements_per_token(arch, arch.seq_len) * KV_CACHE_BYTES,
+            "train_flops_per_token": training_flops_per_token(arch),
+            "layer_pattern": arch.layer_pattern, "seed": seed}
 
 
 _BUILD_ON_META = contextvars.ContextVar("nsa_lit_build_on_meta", default=False)
@@ -238,6 +261,30 @@ class LanguageModel(L.LightningModule):
                 f"{tokens_per_step} tokens, but trainer.max_steps={trainer.max_steps}: set one")
         trainer.fit_loop.epoch_loop.max_steps = steps
         trainer.fit_loop.max_epochs = -1
+
+    def on_fit_start(self) -> None:
+        self._log_run_facts()
+
+    def _log_run_facts(self) -> None:
+        """:func:`run_facts` plus the logger's ``name`` / ``version`` as the ``run``
+        hyperparameters of every logger, and the numeric facts as ``run/*`` scalars at step 0.
+        TensorBoard gets them without a second HParams session (``metrics={}``): Lightning's
+        own hyperparameter call follows and writes ``hparams.yaml`` with them included."""
+        if not self.loggers:
+            return
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything
+        facts = run_facts(self.arch, int(seed) if seed is not None else None)
+        scalars = {f"run/{k}": float(v) for k, v in facts.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for logger in self.loggers:
+            version = logger.version
+            params = {"run": {"name": logger.name, "version": version if isinstance(version, str)
+                              else f"version_{version}", **facts}}
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, metrics={})
+            else:
+                logger.log_hyperparams(params)
+            logger.log_metrics(scalars, step=0)
 
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -7,7 +7,10 @@ The cache formula counts what a decoder must keep per layer:
   * raw keys/values: ``2 * n_kv_heads * head_dim`` per token (GQA) or ``latent_dim + rope_dim``
     (latent); all tokens for full attention and selection, the last ``window`` for a
     window-only layer (or the last ``compress_block`` for a compression-only layer);
-  * compressed tokens: the same width per completed compression block.
+  * compressed tokens: the same width per completed compression block;
+  * NSA with per-branch key/values (``nsa_kv: per_branch``): each branch its own raw tokens
+    (selection all, window the last ``window``, the compressor the last ``compress_block``) plus
+    the compressed tokens (``LayerSpec.branch_slots``).
 """
 from __future__ import annotations
 

@@ -48,6 +48,34 @@ def test_overlap_weights_reproduce_nsa_formula():
     assert W[:, 1].sum() == 8.0 and W[2, 1] == 0 and W[8, 1] == 0
 
 
+@pytest.mark.parametrize("l,d,ls", [(32, 16, 64), (8, 4, 8), (16, 4, 32), (64, 64, 64)])
+def test_rebinning_follows_raw_token_overlap_not_printed_eq9_indices(l, d, ls):
+    """Weights count the raw tokens compressed token i ([i d, i d + l)) shares with selection
+    block j ([j l', (j+1) l')), divided by d. The NSA paper's printed Eq. 9,
+    p_slc[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp[(l'/d) j - m - n], has the same weights on
+    indices l'/d - 1 lower (its block 1 at the defaults reads tokens 0..4, not 3..7)."""
+    N, blocks = 40, 6
+    W = overlap_weights(N, blocks, l, d, ls)
+    for i in range(N):
+        for j in range(blocks):
+            shared = len(set(range(i * d, i * d + l)) & set(range(j * ls, (j + 1) * ls)))
+            assert W[i, j] * d == shared, (i, j)
+    eq9 = torch.zeros(N, blocks)
+    for j in range(blocks):
+        for m in range(ls // d):
+            for n in range(l // d):
+                if 0 <= (ls // d) * j - m - n < N:
+                    eq9[(ls // d) * j - m - n, j] += 1
+    shift = ls // d - 1  # l'/d - 1 (0 when blocks do not overlap and l' = d)
+    whole = [j for j in range(blocks)  # columns whose indices all lie in [0, N) both ways
+             if (ls // d) * j - (ls // d - 1) - (l // d - 1) >= 0 and (ls // d) * (j + 1) <= N]
+    assert len(whole) >= 3
+    for j in whole:
+        torch.testing.assert_close(W[:, j], torch.roll(eq9[:, j], shift), rtol=0, atol=0)
+    if shift:
+        assert not torch.equal(W, eq9)
+
+
 @pytest.mark.parametrize("q_share", [1, 4])
 @pytest.mark.parametrize("H,Hk,groups", [(4, 2, 2), (4, 1, 2), (4, 4, 2)])
 def test_selection_matches_oracle(q_share, H, Hk, groups):

@@ -99,11 +99,11 @@ def TINY_DATA():  # configs/tiny.yaml's model, smaller
     return RandomTokens(batch_size=2, seq_len=128, n=16)
 
 
-def _tiny_cli(version: str, *extra: str):
+def _tiny_cli(variant: str, *extra: str):
     from nsa_lit.cli import cli_main
 
     return cli_main(["--config", str(ROOT / "configs/tiny.yaml"), "--trainer.accelerator", "cpu",
-                     "--trainer.logger.init_args.version", version,
+                     "--trainer.logger.init_args.name", f"tiny/{variant}",
                      "--trainer.callbacks.init_args.every_n_train_steps", "1",
                      "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
                      "--model.arch.vocab_size", "64", "--model.arch.n_layers", "2",
@@ -113,24 +113,25 @@ def _tiny_cli(version: str, *extra: str):
 
 
 def test_each_run_checkpoints_in_its_own_directory_and_last_resumes_its_own(tmp_path, monkeypatch):
-    """configs/tiny.yaml with two logger versions (variants): each writes its checkpoints to
-    checkpoints/tiny/<version>; ``--ckpt_path last`` of the first run resumes the first run's
-    last.ckpt even though the other run's is newer."""
+    """configs/tiny.yaml as two variants (logger names tiny/<variant>, version seed1234 from
+    seed_everything): each writes its checkpoints to checkpoints/tiny/<variant>/seed1234;
+    ``--ckpt_path last`` of the first run resumes the first run's last.ckpt even though the
+    other run's is newer."""
     monkeypatch.chdir(tmp_path)
     runs = {"asa": 1, "nsa": 2}
-    for version, steps in runs.items():
-        extra = ["--model.arch.top_n", "3"] if version == "nsa" else []
-        cli = _tiny_cli(version, "--trainer.max_steps", str(steps), "--model.optim.token_budget",
+    for variant, steps in runs.items():
+        extra = ["--model.arch.top_n", "3"] if variant == "nsa" else []
+        cli = _tiny_cli(variant, "--trainer.max_steps", str(steps), "--model.optim.token_budget",
                         "null", *extra)
         cli.trainer.fit(cli.model, datamodule=TINY_DATA())
         [cb] = cli.trainer.checkpoint_callbacks
         assert isinstance(cb, RunCheckpoint)
-        assert Path(cb.dirpath) == tmp_path / "checkpoints" / "tiny" / version
+        assert Path(cb.dirpath) == tmp_path / "checkpoints" / "tiny" / variant / "seed1234"
         state = torch.load(Path(cb.dirpath) / "last.ckpt", weights_only=False)
         assert state["global_step"] == steps
     cli = _tiny_cli("asa", "--trainer.max_steps", "2", "--model.optim.token_budget", "null")
     cli.trainer.fit(cli.model, datamodule=TINY_DATA(), ckpt_path="last")
-    assert Path(cli.trainer.ckpt_path) == tmp_path / "checkpoints/tiny/asa/last.ckpt"
+    assert Path(cli.trainer.ckpt_path) == tmp_path / "checkpoints/tiny/asa/seed1234/last.ckpt"
     assert torch.load(cli.trainer.ckpt_path, weights_only=False)["global_step"] == 2
 
 

@@ -34,9 +34,9 @@ def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_tiny_demo_trains_logs_checkpoints_and_resumes(tmp_path):
     fit(tmp_path, 30)
     assert (tmp_path / "data/python-docs/meta.json").exists()
-    ckpt = tmp_path / "checkpoints/tiny/asa/last.ckpt"
+    ckpt = tmp_path / "checkpoints/tiny/asa/seed1234/last.ckpt"
     assert ckpt.exists()
-    logs = scalars(tmp_path / "logs/tiny/asa")
+    logs = scalars(tmp_path / "logs/tiny/asa/seed1234")
     for tag in ("train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/tokens_seen",
                 "train/tokens_per_sec", "val/loss", "val/ppl"):
         assert logs.get(tag), f"TensorBoard has no {tag}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nsa_lit.attention import Attention
-from nsa_lit.cache import LatentKVCache, LatentWindowCache, layer_cache
+from nsa_lit.cache import BranchKVCache, LatentKVCache, LatentWindowCache, layer_cache
 from nsa_lit.config import Branch, Form, KVSource, ModelConfig
 from nsa_lit.model_stats import kv_elements_per_token, load_model_config
 
@@ -35,19 +35,28 @@ def test_layer_cache_and_stats_agree_with_the_spec(path):
             assert layer.kv.groups == spec.kv_heads and layer.kv.group_dim == spec.group_dim
         else:
             assert layer.kv.n_kv_heads == spec.kv_heads
+        # per-branch key/values: one projection per branch of kv_branches, else one for all
+        assert set(getattr(layer.kv, "heads", {})) == {str(b) for b in spec.kv_branches}
         compressors = [n for n, _ in layer.named_children() if n.endswith("_compressor")]
         assert len(compressors) == (2 if spec.compresses else 0)
         # the decode cache: type, slots, compressed tokens, kept selection, bytes
         cache = layer_cache(cfg, kind, 2, context, torch.bfloat16, device="meta")
         assert cache.latent == spec.latent
-        assert cache.slots == spec.cache_slots(context)
-        assert (cache.compressed is not None) == spec.compresses
+        assert isinstance(cache, BranchKVCache) == spec.kv_per_branch
+        if spec.kv_per_branch:  # compression: compressed tokens; selection: the kept blocks
+            assert {b: c.slots for b, c in cache.caches.items()} == spec.branch_slots(context)
+            assert sum(c.slots for c in cache.caches.values()) == spec.cache_slots(context)
+        else:
+            assert cache.slots == spec.cache_slots(context)
+        cmp_cache = cache.for_branch(Branch.COMPRESSION) if spec.compresses else cache
+        assert (cmp_cache.compressed is not None) == spec.compresses
         if spec.compresses:
-            assert cache.compressed[0].shape[1] == spec.compressed_tokens(context)
-        assert (cache.block_idx is not None) == spec.selects
+            assert cmp_cache.compressed[0].shape[1] == spec.compressed_tokens(context)
+        sel_cache = cache.for_branch(Branch.SELECTION) if spec.selects else cache
+        assert (sel_cache.block_idx is not None) == spec.selects
         if spec.selects:
-            assert cache.block_idx.shape == (2, spec.kv_heads, spec.top_n)
-            assert cache.q_share == spec.q_share
+            assert sel_cache.block_idx.shape == (2, spec.kv_heads, spec.top_n)
+            assert sel_cache.q_share == spec.q_share
         assert cache.bytes_allocated() == 2 * 2 * spec.kv_elements(context)
         if spec.latent:
             assert isinstance(cache, LatentKVCache if spec.compresses else LatentWindowCache)

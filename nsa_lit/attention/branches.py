@@ -27,24 +27,28 @@ class BranchInputs:
     values_in_keys: bool = False
 
 
-def run_branches(spec: LayerSpec, inputs: dict[Form, BranchInputs], backend: str = "auto"
-                 ) -> tuple[dict[Branch, torch.Tensor], torch.Tensor | None]:
+def run_branches(spec: LayerSpec, inputs: dict[Form, BranchInputs] | dict[Branch, BranchInputs],
+                 backend: str = "auto") -> tuple[dict[Branch, torch.Tensor], torch.Tensor | None]:
     """Outputs ``(B, T, H, Dv)`` of every branch of ``spec`` in its own form's space (absorbed
     outputs are still latent), and the selected blocks ``(B, T, kv_heads, top_n)`` (or None).
-    ``inputs`` maps each form a branch uses to its inputs; blocks are scored in the compression
-    attention's form, whose log-sum-exp gives the importance."""
+    ``inputs`` maps each form a branch uses to its inputs or, in a layer with per-branch
+    key/values (``spec.kv_per_branch``), each branch of ``spec.kv_branches`` to its own. Blocks
+    are scored by the compression attention (its compressed keys and log-sum-exp)."""
+    def inputs_of(branch: Branch) -> BranchInputs:
+        return inputs[branch if spec.kv_per_branch else spec.form(branch)]
+
     outputs: dict[Branch, torch.Tensor] = {}
     block_idx = None
     scale = spec.scale
     if Branch.FULL in spec.branches:
-        inp = inputs[spec.form(Branch.FULL)]
+        inp = inputs_of(Branch.FULL)
         outputs[Branch.FULL] = kernels.causal_attention(inp.q, inp.k, inp.v, scale, backend)
     if Branch.WINDOW in spec.branches:
-        inp = inputs[spec.form(Branch.WINDOW)]
+        inp = inputs_of(Branch.WINDOW)
         outputs[Branch.WINDOW] = kernels.sliding_window_attention(
             inp.q, inp.k, inp.v, spec.window, scale, backend)
     if spec.compresses:
-        inp = inputs[spec.compressed_form]
+        inp = inputs_of(Branch.COMPRESSION)
         o_cmp, lse = kernels.compression_attention(
             inp.q, inp.k_cmp, inp.v_cmp, spec.compress_block, spec.compress_stride, scale,
             backend)
@@ -57,7 +61,7 @@ def run_branches(spec: LayerSpec, inputs: dict[Form, BranchInputs], backend: str
                 select_block=spec.select_block, top_n=spec.top_n,
                 num_local=spec.num_local_blocks, q_share=spec.q_share, scale=scale,
                 backend=backend)
-            sel = inputs[spec.form(Branch.SELECTION)]
+            sel = inputs_of(Branch.SELECTION)
             if sel.values_in_keys:
                 v, value_dim = None, sel.v.shape[-1]
             else:

@@ -1,10 +1,11 @@
-"""Key/value sources of an attention layer: grouped heads (GQA) or a shared latent (MLA/GLA)."""
+"""Key/value sources of an attention layer: grouped heads (GQA), grouped heads per branch (NSA
+with per-branch key/values) or a shared latent (MLA/GLA)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nsa_lit.config import ModelConfig
+from nsa_lit.config import Branch, ModelConfig
 from nsa_lit.rope import Rotary
 
 
@@ -93,3 +94,27 @@ class LatentKV(nn.Module):
     def expand_output(self, o_latent: torch.Tensor) -> torch.Tensor:
         """``W_uv[h] o_h``: attention output in latent space -> ``(B, T, n_heads, head_dim)``."""
         return torch.einsum("bthc,hdc->bthd", o_latent, self.w_uv.to(o_latent.dtype))
+
+
+class BranchKV(nn.Module):
+    """NSA with independent key/values per branch (``nsa_kv="per_branch"``, as in the NSA
+    paper): one :class:`GroupedKV` per branch of ``branches`` (``LayerSpec.kv_branches``), so
+    that no branch shares a key/value projection with another. The compression branch's keys
+    and values feed its compressors (and, through the compressed keys, block selection).
+
+    Cache per token: ``2 * n_kv_heads * head_dim`` per branch, for the tokens that branch keeps
+    (``LayerSpec.branch_slots``).
+    """
+
+    def __init__(self, cfg: ModelConfig, branches: tuple[Branch, ...]):
+        super().__init__()
+        if not branches:
+            raise ValueError("BranchKV needs at least one branch")
+        self.n_kv_heads, self.head_dim = cfg.n_kv_heads, cfg.head_dim
+        self.heads = nn.ModuleDict({str(b): GroupedKV(cfg) for b in branches})
+        self.branches = tuple(branches)
+
+    def forward(self, x: torch.Tensor, rope: Rotary) -> dict[Branch, tuple[torch.Tensor, torch.Tensor]]:
+        """``x (B, T, d_model)`` -> ``{branch: (k, v)}``, each ``(B, T, n_kv_heads, head_dim)``
+        (keys rotated)."""
+        return {b: self.heads[str(b)](x, rope) for b in self.branches}

@@ -15,6 +15,12 @@ branch, see ``ModelConfig.branch_form`` and ``LayerSpec.forms``):
 Both use the softmax scale ``1 / sqrt(head_dim + rope_dim)``. Branch outputs are gated in head
 space.
 
+NSA layers under ``nsa_kv="per_branch"`` (``LayerSpec.kv_per_branch``) give each branch its own
+grouped key/value projection (:class:`~nsa_lit.attention.kv.BranchKV`): the compressors compress
+the compression branch's keys/values, selection scores blocks with those compressed keys and
+attends to its own raw keys/values, the window to its own. Decoding keeps one cache per branch
+(:class:`~nsa_lit.cache.BranchKVCache`).
+
 Selection always computes the compression attention, since block importance comes from its
 probabilities; a layer without the compression *branch* (NSA ablation) just drops its output,
 so its compressors get no gradient (use ``compress_method="mean"`` there).
@@ -35,8 +41,8 @@ import kernels
 from kernels.blocks import num_selection_blocks
 from nsa_lit.attention.branches import BranchInputs, run_branches
 from nsa_lit.attention.compressor import BlockCompressor
-from nsa_lit.attention.kv import GroupedKV, LatentKV
-from nsa_lit.cache import TokenCache
+from nsa_lit.attention.kv import BranchKV, GroupedKV, LatentKV
+from nsa_lit.cache import BranchKVCache, TokenCache
 from nsa_lit.config import Branch, Form, ModelConfig
 from nsa_lit.rope import Rotary
 
@@ -61,9 +67,9 @@ class Attention(nn.Module):
             # cached tensors and their widths: the latent (one group) and the RoPE key
             cached = {"latent": spec.group_dim, "rope": cfg.rope_dim}
         else:
-            self.kv = GroupedKV(cfg)
+            self.kv = BranchKV(cfg, spec.kv_branches) if spec.kv_per_branch else GroupedKV(cfg)
             self.rope = Rotary(dh, cfg.seq_len, cfg.rope_theta)
-            cached = {"k": dh, "v": dh}  # keys and values
+            cached = {"k": dh, "v": dh}  # keys and values (the compression branch's if per-branch)
         # one compressor per cached tensor (k_compressor, v_compressor or latent_/rope_compressor)
         self.compressor_names = ([f"{name}_compressor" for name in cached] if spec.compresses
                                  else [])
@@ -76,8 +82,9 @@ class Attention(nn.Module):
     # -- projections -------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, positions: torch.Tensor | None = None):
         """Per-token projections of ``x (B, T, d_model)``, rotated at ``positions`` (``(B, T)``;
-        default ``0..T-1``). Grouped: ``q (B,T,H,dh)``, ``k``, ``v (B,T,Hk,dh)``; latent:
-        ``q (B,T,H,dh+dR)`` (RoPE part rotated), ``c (B,T,g,dc)``, ``k_r (B,T,1,dR)``."""
+        default ``0..T-1``): ``(q, kv)``. Grouped: ``q (B,T,H,dh)``, ``kv = (k, v)`` each
+        ``(B,T,Hk,dh)``; per-branch: ``kv = {branch: (k, v)}``; latent: ``q (B,T,H,dh+dR)`` (RoPE
+        part rotated), ``kv = (c (B,T,g,dc), k_r (B,T,1,dR))``."""
         B, T, _ = x.shape
         H, dh = self.cfg.n_heads, self.cfg.head_dim
         rope = self.rope if positions is None else partial(self.rope, positions=positions)
@@ -86,7 +93,7 @@ class Attention(nn.Module):
         else:
             q = self.wq(x).view(B, T, H, dh + self.cfg.rope_dim)
             q = torch.cat([q[..., :dh], rope(q[..., dh:])], dim=-1)
-        return (q, *self.kv(x, rope))
+        return q, self.kv(x, rope)
 
     def _compress(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress the two cached tensors (``k, v`` or ``c, k_r``) ``(B, T, G, D)`` -> ``(B, N, G, D)``."""
@@ -122,36 +129,39 @@ class Attention(nn.Module):
         return self.kv.expand_output(out) if self.spec.form(branch) is Form.ABSORBED else out
 
     # -- branches ----------------------------------------------------------------------------
-    def _decode_branches(self, q: torch.Tensor, cache: TokenCache,
+    def _decode_branches(self, q: torch.Tensor, cache: TokenCache | BranchKVCache,
                          positions: torch.Tensor) -> list[torch.Tensor]:
         """The branches for one query per sequence, ``q (B, H, Dq)``, against ``cache``
         (absorbed form for latent caches); outputs ``(B, H, Dv)`` in ``self.branches`` order."""
         spec, backend, scale = self.spec, self.cfg.kernel_backend, self.spec.scale
-        k, v, k_rope = cache.attention_inputs()
         outputs: dict[Branch, torch.Tensor] = {}
         if Branch.FULL in spec.branches:
+            k, v, k_rope = cache.for_branch(Branch.FULL).attention_inputs()
             outputs[Branch.FULL] = kernels.causal_decode(q, k, v, positions, scale, k_rope,
                                                          backend=backend)
         if Branch.WINDOW in spec.branches:
+            k, v, k_rope = cache.for_branch(Branch.WINDOW).attention_inputs()
             outputs[Branch.WINDOW] = kernels.window_decode(q, k, v, positions, spec.window,
                                                            scale, k_rope, backend=backend)
         if spec.compresses:
-            k_cmp, v_cmp, kr_cmp = cache.compressed_inputs()
+            k_cmp, v_cmp, kr_cmp = cache.for_branch(Branch.COMPRESSION).compressed_inputs()
             o_cmp, lse = kernels.compression_decode(
                 q, k_cmp, v_cmp, positions, spec.compress_block, spec.compress_stride, scale,
                 kr_cmp, backend=backend)
             if Branch.COMPRESSION in spec.branches:
                 outputs[Branch.COMPRESSION] = o_cmp
             if spec.selects:
+                selection = cache.for_branch(Branch.SELECTION)
                 fresh = kernels.select_blocks_decode(
                     q, k_cmp, lse, positions, num_groups=spec.kv_heads,
                     block_len=spec.compress_block, stride=spec.compress_stride,
                     select_block=spec.select_block,
-                    num_blocks=num_selection_blocks(cache.slots, spec.select_block),
+                    num_blocks=num_selection_blocks(selection.slots, spec.select_block),
                     top_n=spec.top_n,
                     num_local=spec.num_local_blocks, scale=scale, k_rope_cmp=kr_cmp,
                     backend=backend)
-                block_idx = cache.share_selection(fresh, positions)
+                block_idx = selection.share_selection(fresh, positions)
+                k, v, k_rope = selection.attention_inputs()
                 outputs[Branch.SELECTION] = kernels.selected_decode(
                     q, k, v, block_idx, positions, spec.select_block, scale, k_rope,
                     backend=backend)
@@ -171,17 +181,24 @@ class Attention(nn.Module):
         return self.wo(o.reshape(B, T, -1))
 
     # -- entry points ------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, cache: TokenCache | None = None,
+    def forward(self, x: torch.Tensor, cache: TokenCache | BranchKVCache | None = None,
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``x (B, T, d_model)`` -> ``(B, T, d_model)``. With ``cache`` (prefill), also write
         sequence ``b``'s first ``lengths[b]`` tokens (default ``T``; ``x`` right-padded) to it."""
         spec = self.spec
-        q, a, b = self._project(x)
-        cmp = self._compress(a, b) if spec.compresses else None
-        if not spec.latent:
+        q, kv = self._project(x)
+        if spec.kv_per_branch:
+            cmp = self._compress(*kv[Branch.COMPRESSION]) if spec.compresses else None
+            inputs = {br: BranchInputs(q, *pair) for br, pair in kv.items()}
+            if cmp is not None:
+                inputs[Branch.COMPRESSION] = BranchInputs(q, None, None, *cmp)
+        elif not spec.latent:
+            cmp = self._compress(*kv) if spec.compresses else None
             k_cmp, v_cmp = cmp if cmp is not None else (None, None)
-            inputs = {Form.GROUPED: BranchInputs(q, a, b, k_cmp, v_cmp)}
+            inputs = {Form.GROUPED: BranchInputs(q, *kv, k_cmp, v_cmp)}
         else:
+            a, b = kv
+            cmp = self._compress(a, b) if spec.compresses else None
             forms = spec.token_forms | ({spec.compressed_form} if spec.compresses else set())
             inputs = {f: self._latent_inputs(f, q, a, b,
                                              cmp if f is spec.compressed_form else None,
@@ -192,19 +209,24 @@ class Attention(nn.Module):
         if cache is not None:
             if lengths is None:
                 lengths = torch.full((x.shape[0],), x.shape[1], device=x.device)
-            cache.write_prompt((a, b), cmp, lengths)
+            cache.write_prompt(kv, cmp, lengths)
             if block_idx is not None:
                 cache.keep_selection(block_idx)
         return self._output(x, outs, latent=False)
 
-    def decode(self, x: torch.Tensor, cache: TokenCache) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache) -> torch.Tensor:
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
         -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
         ``cache``. Latent layers attend in the absorbed form, to the latent cache itself."""
         positions = cache.lengths.clone()  # append advances cache.lengths in place
-        q, a, b = self._project(x, positions[:, None])
+        q, kv = self._project(x, positions[:, None])
         if self.spec.latent:
             q = self._absorbed_query(q)
-        cache.append(a[:, 0], b[:, 0], self._compress if cache.compressed is not None else None)
+        if self.spec.kv_per_branch:
+            cache.append_branches({br: (k[:, 0], v[:, 0]) for br, (k, v) in kv.items()},
+                                  self._compress if self.spec.compresses else None)
+        else:
+            cache.append(kv[0][:, 0], kv[1][:, 0],
+                         self._compress if cache.compressed is not None else None)
         outs = self._decode_branches(q[:, 0], cache, positions)
         return self._output(x, [o[:, None] for o in outs], latent=self.spec.latent)
