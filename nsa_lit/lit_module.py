@@ -24,7 +24,6 @@ from typing import Literal
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.plugins.precision import MixedPrecision
 import torch
 from torchmetrics import MeanMetric
 
@@ -100,6 +99,12 @@ def run_facts(arch: ModelConfig, seed: int | None) -> dict[str, int | float | st
             "kv_bytes_per_token": kv_elements_per_token(arch, arch.seq_len) * KV_CACHE_BYTES,
             "train_flops_per_token": training_flops_per_token(arch),
             "layer_pattern": arch.layer_pattern, "seed": seed}
+
+
+def _has_loss_scaler(precision_plugin) -> bool:
+    """Whether the precision plugin scales the loss (``16-mixed``): its gradients need unscaling
+    before they are clipped, which a fused optimiser does only inside its own step."""
+    return getattr(precision_plugin, "scaler", None) is not None
 
 
 _BUILD_ON_META = contextvars.ContextVar("nsa_lit_build_on_meta", default=False)
@@ -203,6 +208,7 @@ class LanguageModel(L.LightningModule):
         self.skipped_steps = 0  # optimiser steps dropped for a non-finite loss (whole run)
         self._consecutive_skips = 0
         self._step_nonfinite = False  # a micro-batch of the current optimiser step was non-finite
+        self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, before clipping
         self._resumed_optim: dict | None = None  # the checkpoint's model.optim, until applied
         self._clock: tuple[float, int] | None = None
 
@@ -316,6 +322,7 @@ class LanguageModel(L.LightningModule):
         return bool(bad > 0)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._grad_norm = None
         if self.nonfinite_loss == "skip":
             skip, self._step_nonfinite = self._step_nonfinite, False
             self._consecutive_skips = self._consecutive_skips + 1 if skip else 0
@@ -333,10 +340,22 @@ class LanguageModel(L.LightningModule):
                 return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
+            self._grad_norm = norm = torch.nn.utils.get_total_norm(grads)
             if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm over all shards
                 norm = norm.full_tensor()
             self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Norm clipping with the total norm :meth:`on_before_optimizer_step` computed (one pass over
+        the gradients, not two), done here rather than by the precision plugin: without a loss
+        scaler (fp32, bf16-mixed) nothing needs unscaling, so the fused AdamW can be clipped, which
+        Lightning's mixed-precision plugin refuses. Other cases go to Lightning's clipping."""
+        if (gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._grad_norm is not None
+                and not _has_loss_scaler(self.trainer.precision_plugin)):
+            params = [p for p in self.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -383,9 +402,8 @@ class LanguageModel(L.LightningModule):
             [{"params": decay, "weight_decay": self.optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
-            # Lightning refuses to clip the gradients of a fused optimiser under mixed precision
-            fused=self.device.type == "cuda" and not isinstance(self.trainer.precision_plugin,
-                                                                MixedPrecision),
+            # fused unless a loss scaler (16-mixed) must unscale the gradients before clipping
+            fused=self.device.type in ("cuda", "cpu") and not _has_loss_scaler(self.trainer.precision_plugin),
         )
         total = self.trainer.max_steps
         if total is None or total < 0:

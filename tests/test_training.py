@@ -159,3 +159,39 @@ def test_chunked_loss_equals_the_full_logits_loss():
 def test_bad_loss_chunk_is_refused(bad):
     with pytest.raises(ValueError, match="model.loss_chunk"):
         LanguageModel(ModelConfig(**ARCH), loss_chunk=bad)
+
+
+@pytest.mark.parametrize("precision, fused", [("bf16-mixed", True), ("32-true", True),
+                                              pytest.param("16-mixed", False, marks=pytest.mark.gpu)])
+def test_gradients_are_clipped_by_their_norm_and_adamw_is_fused_without_a_loss_scaler(tmp_path, precision, fused):
+    """What AdamW's step receives: every gradient times min(1, 0.05 / (norm + 1e-6)), the norm
+    being the one logged as train/grad_norm. Without a loss scaler (fp32, bf16-mixed) the fused
+    AdamW runs and is clipped (Lightning's mixed-precision plugin would refuse to clip it); under
+    16-mixed the scaler must unscale first, so AdamW stays unfused and Lightning clips."""
+    model = LanguageModel(ModelConfig(**ARCH), OptimConfig(lr=1e-2, warmup_steps=1))
+    seen = []
+
+    class Capture(L.Callback):
+        raw: dict = {}
+
+        def on_train_start(self, trainer, module):
+            def post_step(opt, args, kwargs):  # the closure (backward, clipping) ran inside step()
+                seen.append((self.raw, {n: p.grad.detach().clone() for n, p in module.named_parameters()
+                                        if p.grad is not None}, opt.param_groups[0]["fused"]))
+            trainer.optimizers[0].register_step_post_hook(post_step)
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):  # runs before clipping
+            self.raw = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    accelerator = "cuda" if precision == "16-mixed" else "cpu"
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=0, precision=precision, gradient_clip_val=0.05,
+                callbacks=[Capture()], accelerator=accelerator)
+    t.fit(model, datamodule=RandomTokens())
+    assert len(seen) == 2
+    for raw, clipped, was_fused in seen:
+        assert bool(was_fused) == fused
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw.values()]))
+        assert norm > 0.05  # clipping was active
+        scale = 0.05 / (norm + 1e-6)
+        for name, g in raw.items():
+            torch.testing.assert_close(clipped[name], g * scale, rtol=1e-5, atol=1e-8)
