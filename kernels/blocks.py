@@ -52,7 +52,7 @@ def overlap_weights(
 
     Right-multiplying compression probabilities ``(..., num_compressed)`` re-bins them to
     selection-block importance ``(..., num_blocks)``. For the NSA defaults (l=32, d=16, l'=64) a
-    block's column holds the weights 1, 2, 2, 2, 1 (the NSA paper's formula); every entry times ``stride``
+    block's column holds the weights 1, 2, 2, 2, 1 (the weights of the NSA paper's Eq. 9, whose printed indices differ: see the README's selection note); every entry times ``stride``
     is an exact integer."""
     start = torch.arange(num_compressed, device=device, dtype=torch.float32)[:, None] * stride
     blk = torch.arange(num_blocks, device=device, dtype=torch.float32)[None, :] * select_block

@@ -84,7 +84,7 @@ def test_config_fits_on_cpu_shrunk(path, embedded, tmp_path, monkeypatch):
     ))
     # what differs between the configs was kept
     for key in ("layer_pattern", "local_kv", "global_kv", "global_latent_groups", "q_share", "nsa_branches",
-                "compress_method", "vocab_size"):
+                "compress_method", "nsa_kv", "vocab_size"):
         if key in arch:
             assert getattr(cli.model.arch, key) == arch[key], key
     assert cli.datamodule.seq_len == SEQ_LEN and cli.datamodule.vocab_size <= cli.model.arch.vocab_size
