@@ -18,7 +18,8 @@
 * :func:`arch_differences` lists the ``model.arch`` fields in which a checkpoint and a config
   differ; ``LanguageModel.on_load_checkpoint`` refuses to resume (or validate) with any.
 * :func:`load_checkpoint` reads a training checkpoint's model alone (generation, evaluation),
-  from a single file or a sharded directory.
+  from a single file or a sharded directory; one that does not load raises
+  :class:`CheckpointLoadError`, one line naming the path and what was expected.
 * :func:`consolidate` reads a sharded (DCP) checkpoint directory on one process, without a
   process group, into the dict of a single-file checkpoint of this project (``state_dict`` with
   the ``model.`` prefix, ``optimizer_states`` keyed by parameter name, ``hyper_parameters``,
@@ -226,32 +227,125 @@ def consolidate_to_file(path: str | os.PathLike, out: str | os.PathLike) -> dict
     return ckpt
 
 
+EXPECTED_CHECKPOINT = ("an nsa-lit training checkpoint (main.py fit): a .ckpt file or a sharded "
+                       "checkpoint directory, with state_dict and hyper_parameters.arch")
+
+
+class CheckpointLoadError(ValueError):
+    """A checkpoint that :func:`load_checkpoint` cannot load. The message is one line naming the
+    path, what is wrong and what was expected (:data:`EXPECTED_CHECKPOINT`)."""
+
+    exit_code = 2  # what a command-line tool exits with after printing it
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:limit] + '...' if len(text) > limit else text}"
+
+
+def _read_checkpoint(path: str) -> Any:
+    """The object stored at ``path`` (a sharded directory consolidated), on the CPU; every
+    failure as a :class:`CheckpointLoadError`."""
+    if not os.path.exists(path):
+        raise CheckpointLoadError(f"checkpoint {path} does not exist; expected "
+                                  f"{EXPECTED_CHECKPOINT}")
+    if os.path.isdir(path):
+        try:
+            return consolidate(path)
+        except (OSError, ValueError) as err:
+            inside = sorted(n for n in os.listdir(path) if n.endswith(".ckpt"))
+            hint = f" (it holds {', '.join(inside[:5])}: pass one of them)" if inside else ""
+            raise CheckpointLoadError(f"{' '.join(str(err).split())}{hint}; expected "
+                                      f"{EXPECTED_CHECKPOINT}") from None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise CheckpointLoadError(f"checkpoint {path} cannot be read ({_one_line(err)})") from None
+    if not head:
+        raise CheckpointLoadError(f"checkpoint {path} is empty (0 bytes); expected "
+                                  f"{EXPECTED_CHECKPOINT}")
+    try:  # on the CPU: a bad map_location must not read as a bad file
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (RuntimeError, UnpicklingError, EOFError, ...)
+        what = ("is truncated or corrupt (a torch.save archive that cannot be read: a save or copy "
+                "that did not finish?)" if head == b"PK\x03\x04" else
+                "is not a PyTorch checkpoint file")
+        raise CheckpointLoadError(f"checkpoint {path} {what}: {_one_line(err)}; expected "
+                                  f"{EXPECTED_CHECKPOINT}") from None
+
+
+def _model_parts(ckpt: Any, path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(arch, model weights without the "model." prefix)`` of a loaded checkpoint."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointLoadError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a "
+                                  f"checkpoint dict; expected {EXPECTED_CHECKPOINT}")
+    hparams = ckpt.get("hyper_parameters")
+    arch = hparams.get("arch") if isinstance(hparams, dict) else None
+    state = ckpt.get("state_dict")
+    if not isinstance(arch, dict) or not isinstance(state, dict):
+        absent = [name for name, ok in (("hyper_parameters.arch", isinstance(arch, dict)),
+                                         ("state_dict", isinstance(state, dict))) if not ok]
+        if not ckpt:
+            found = "an empty dict"
+        elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            found = ("a bare state_dict (torch.save(model.state_dict())), which does not record "
+                     "model.arch")
+        else:
+            found = f"top-level keys {_some(sorted(map(str, ckpt)), 8)}"
+        raise CheckpointLoadError(f"checkpoint {path} is of an unknown format: no "
+                                  f"{' and no '.join(absent)}; it holds {found}; "
+                                  f"expected {EXPECTED_CHECKPOINT}")
+    weights = {k.removeprefix("model."): v for k, v in state.items()
+               if isinstance(k, str) and k.startswith("model.")}
+    return arch, weights
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, comma-separated, with ``...`` when there are more."""
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def _weight_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any]) -> str | None:
+    """What differs between a model's state_dict and a checkpoint's weights, on one line."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found)
+                    if tuple(getattr(found[k], "shape", ())) != tuple(expected[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: checkpoint "
+                     f"{tuple(found[k].shape)}, model {tuple(expected[k].shape)})")
+    return "; ".join(parts) or None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[Transformer, dict[str, Any]]:
     """The model of a training checkpoint (``LanguageModel``), a single file or a sharded
-    directory (consolidated in memory), and the datamodule's recorded hyperparameters (``{}``
-    if none). A checkpoint whose weights do not fit its recorded ``model.arch`` raises
-    ``ValueError``."""
-    if os.path.isdir(path):
-        ckpt = consolidate(path)
-    else:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    arch = (ckpt.get("hyper_parameters") or {}).get("arch")
-    if arch is None:
-        raise ValueError(f"checkpoint {path}: no hyper_parameters.arch: not an nsa-lit "
-                         "LanguageModel checkpoint")
+    directory (consolidated in memory), on ``map_location``, and the datamodule's recorded
+    hyperparameters (``{}`` if none). A path that does not load (missing, not a checkpoint,
+    truncated, another format, weights that do not fit the recorded ``model.arch``) raises
+    :class:`CheckpointLoadError` (a ``ValueError``) with a one-line message naming it."""
+    path = os.fspath(path)
+    ckpt = _read_checkpoint(path)
+    arch, weights = _model_parts(ckpt, path)
     try:
         cfg = ModelConfig(**arch)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint {path}: invalid model.arch: {err}") from None
+        raise CheckpointLoadError(f"checkpoint {path}: invalid model.arch "
+                                  f"({' '.join(str(err).split())})") from None
     model = Transformer(cfg)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
-             if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path}: its weights do not match its model.arch "
-                         f"config: {err}") from None
+    mismatch = _weight_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise CheckpointLoadError(f"checkpoint {path}: its weights do not fit its model.arch: "
+                                  f"{mismatch}")
+    model.load_state_dict(weights)
     return model.to(map_location).eval(), ckpt.get("datamodule_hyper_parameters") or {}
 
 

@@ -8,5 +8,7 @@
   (``nsa-lit``), ``python -m nsa_lit.eval lm-eval``.
 - :mod:`nsa_lit.eval.perplexity`: perplexity by context length on a held-out split,
   ``python -m nsa_lit.eval ppl``.
+- :mod:`nsa_lit.eval.longbench`: LongBench's English tasks from its local data files, scored by
+  :mod:`nsa_lit.eval.longbench_metrics`, ``python -m nsa_lit.eval longbench``.
 - :mod:`nsa_lit.eval.tensorboard`: any of these results as TensorBoard scalars (``--tb_dir``).
 """

@@ -1,9 +1,12 @@
 """Evaluate a checkpoint: ``python -m nsa_lit.eval COMMAND --ckpt_path P [options]`` (docs/eval.md).
 
 Commands:
-  niah     long-context retrieval generated locally: S-NIAH-1/2/3, multi-key NIAH, MQAR
-  lm-eval  lm-evaluation-harness tasks (default: the zero-shot commonsense list)
-  ppl      perplexity by context length on a held-out split of a prepared dataset
+  niah       long-context retrieval generated locally: S-NIAH-1/2/3, multi-key NIAH, MQAR
+  lm-eval    lm-evaluation-harness tasks (default: the zero-shot commonsense list)
+  ppl        perplexity by context length on a held-out split of a prepared dataset
+  longbench  LongBench's English tasks from its local data files, each with its own metric
+
+A checkpoint that does not load stops the command with a one-line error and exit code 2.
 """
 from __future__ import annotations
 
@@ -267,11 +270,85 @@ def run_ppl(args: argparse.Namespace) -> dict:
     return result
 
 
+# -- LongBench ------------------------------------------------------------------------------
+def longbench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from nsa_lit.eval.longbench import TASKS
+
+    parser.add_argument("--ckpt_path", required=True,
+                        help="training checkpoint (.ckpt file or sharded dir)")
+    parser.add_argument("--data_dir", required=True,
+                        help="folder of LongBench's <task>.jsonl files (data.zip of the Hugging "
+                             "Face dataset THUDM/LongBench, unzipped)")
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=f"comma-separated, from {','.join(TASKS)} (default all)")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="tokens the model reads, prompt plus answer (default and maximum: "
+                             "the model's seq_len); longer prompts are cut in the middle")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="at most the first N examples of each task (quick checks only)")
+    parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
+    parser.add_argument("--output_path", default=None,
+                        help="results JSON (default eval_results/longbench/<checkpoint name>.json)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec (default: the checkpoint's data.tokenizer)")
+    parser.add_argument("--tokenizer_dir", default=None,
+                        help="where a bpe:<n> tokenizer lives (default: the checkpoint's "
+                             "data.data_dir)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    _tb_option(parser)
+    return parser
+
+
+def run_longbench(args: argparse.Namespace) -> dict:
+    from nsa_lit.checkpoint import load_checkpoint
+    from nsa_lit.eval import longbench
+    from nsa_lit.generate import checkpoint_tokenizer
+
+    tasks = longbench.parse_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max_length must be >= 1, got {args.max_length}")
+    longbench.check_files(args.data_dir, tasks)  # before the model: a missing file fails at once
+    examples = [ex for t in tasks for ex in longbench.read_task(args.data_dir, t, args.limit)]
+    model, data_hparams = load_checkpoint(args.ckpt_path, args.device)
+    tokenizer = checkpoint_tokenizer(model.cfg, data_hparams, args.tokenizer, args.tokenizer_dir)
+    seq_len = model.cfg.seq_len
+    max_length = seq_len if args.max_length is None else args.max_length
+    if max_length > seq_len:
+        raise ValueError(f"--max_length {max_length} exceeds the model's seq_len ({seq_len}): "
+                         "the model cannot read past it")
+    for t in tasks:
+        longbench.prompt_budget(t, max_length)
+    t0 = time.perf_counter()
+    records = longbench.evaluate(model, tokenizer, examples, max_length, args.batch_size,
+                                 progress=not args.no_progress)
+    summary = longbench.summarize(records)
+    name = Path(args.ckpt_path).stem
+    meta = {"model": name, "ckpt_path": str(args.ckpt_path), "data_dir": str(args.data_dir),
+            "tasks": tasks, "limit": args.limit, "max_length": max_length, "seq_len": seq_len,
+            "tokenizer": tokenizer.spec, "layer_pattern": model.cfg.layer_pattern,
+            "device": str(args.device), "seconds": round(time.perf_counter() - t0, 2)}
+    result = {"meta": meta, "average": longbench.average(summary), "summary": summary,
+              "records": records}
+    out = Path(args.output_path) if args.output_path else \
+        Path("eval_results") / "longbench" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(longbench.text_table(summary))
+    print(f"wrote {out}")
+    _write_tb(args, longbench.scalars(summary))
+    return result
+
+
 COMMANDS = {
     "niah": (niah_parser, run_niah, "long-context retrieval (S-NIAH-1/2/3, MK-NIAH, MQAR)"),
     "lm-eval": (lm_eval_parser, run_lm_eval,
                 "lm-evaluation-harness tasks (zero-shot commonsense list by default)"),
     "ppl": (ppl_parser, run_ppl, "perplexity by context length on a held-out split"),
+    "longbench": (longbench_parser, run_longbench,
+                  "LongBench's English tasks from local data files, each with its own metric"),
 }
 
 
@@ -294,4 +371,7 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
+        # one line, no traceback; exit code 2 for a checkpoint that does not load
+        # (nsa_lit.checkpoint.CheckpointLoadError.exit_code), 1 otherwise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 1))

@@ -5,7 +5,7 @@ checkpoint's ``global_step``, so pointing it at a run's log directory (``logs/ti
 them next to the training curves, and ``tensorboard --logdir logs`` compares variants tag by tag.
 Tags: ``eval/niah/<task>/len_<L>/depth_<d>``, ``eval/niah/<task>/len_<L>``,
 ``eval/niah/<task>/mean``; ``eval/ppl/len_<L>`` (and ``eval/ppl/len_<L>/pos_<a>_<b>``);
-``eval/lm_eval/<task>/<metric>``.
+``eval/lm_eval/<task>/<metric>``; ``eval/longbench/<task>`` and ``eval/longbench/average``.
 """
 from __future__ import annotations
 
