@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from nsa_lit.cache import new_caches
-from nsa_lit.checkpoint import load_checkpoint  # noqa: F401  (nsa_lit.generate.load_checkpoint)
+from nsa_lit.checkpoint import CheckpointLoadError, load_checkpoint
 from nsa_lit.config import ModelConfig
 from nsa_lit.model import Transformer
 
@@ -162,7 +163,11 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="on CUDA, run each decode step eagerly instead of as a CUDA graph")
     args = parser.parse_args(argv)
 
-    model, data_hparams = load_checkpoint(args.ckpt_path, args.device)
+    try:
+        model, data_hparams = load_checkpoint(args.ckpt_path, args.device)
+    except CheckpointLoadError as err:  # one line naming the path, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     tokenizer = checkpoint_tokenizer(model.cfg, data_hparams, args.tokenizer, args.data_dir)
     texts = read_prompts(args.prompt_file, args.per_line)
     outputs = generate(model, [tokenizer.encode(t) for t in texts], args.max_new_tokens,

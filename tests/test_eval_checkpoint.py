@@ -127,3 +127,13 @@ def test_eval_commands_print_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {path} is not a PyTorch")
+
+
+def test_generate_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("hello")
+    done = subprocess.run([sys.executable, "-m", "nsa_lit.generate", "--ckpt_path", str(tmp_path / "missing.ckpt"),
+                           "--prompt_file", str(prompt)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error:") and "missing.ckpt" in done.stderr
