@@ -1,7 +1,8 @@
-"""LightningCLI entry point: ``python main.py {fit,validate} --config ...``.
+"""LightningCLI entry point: ``python main.py {fit,validate,test} --config ...``.
 
-``test`` and ``predict`` are LightningCLI's too but stop with Lightning's error (no test step, no
-predict loader); generate text with ``python -m nsa_lit.generate``.
+``test`` scores a checkpoint on the data's held-out test split (``test/loss``, ``test/ppl``).
+LightningCLI's ``predict`` is not a subcommand here (a language model's predictions are generated
+text): ``main.py predict`` is refused with a message naming ``python -m nsa_lit.generate``.
 
 Checkpoint files are saved atomically (:class:`nsa_lit.checkpoint.AtomicCheckpointIO`, installed
 unless ``trainer.plugins`` gives a checkpoint IO); the configs' ``RunCheckpoint`` keeps each run's
@@ -18,6 +19,7 @@ import os
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
 import importlib  # noqa: E402
+import sys  # noqa: E402
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry  # noqa: E402
@@ -34,6 +36,18 @@ class NSALightningCLI(LightningCLI):
 
     def init_parser(self, **kwargs):
         return super().init_parser(**{"allow_abbrev": False, **kwargs})
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """LightningCLI's subcommands but ``predict``: ``fit``, ``validate``, ``test``."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's, with ``predict`` refused by a message that says what to use instead."""
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)) and _subcommand(argv) == "predict":
+            parser.error(PREDICT_REMOVED)
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.arch.seq_len", "data.seq_len")
@@ -54,6 +68,22 @@ class NSALightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer.strategy)
         return trainer
+
+
+PREDICT_REMOVED = ("`predict` is not a subcommand of main.py (its subcommands: fit, validate, test). Generate text "
+                   "from a checkpoint with `python -m nsa_lit.generate --ckpt_path P --prompt_file F` "
+                   "(docs/decoding.md); score it with `main.py validate` / `main.py test` or `python -m nsa_lit.eval`")
+
+
+def _subcommand(argv) -> str | None:
+    """The first positional argument of a ``main.py`` command line (after ``-c/--config FILE`` and flags)."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-c", "--config"):
+            next(args, None)
+        elif not str(arg).startswith("-"):
+            return str(arg)
+    return None
 
 
 def version_loggers_by_seed(config) -> None:

@@ -4,7 +4,8 @@ Logged to every logger: ``train/loss``, ``train/ppl``, ``train/lr``, ``train/gra
 clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all processes),
 ``train/mfu`` (when the accelerator's peak is known), ``train/skipped_steps`` (with
 ``nonfinite_loss: skip``), and ``val/loss``, ``val/ppl`` (token-weighted over the whole validation
-set, through torchmetrics).
+set, through torchmetrics); ``main.py test`` logs ``test/loss``, ``test/ppl`` over the test split the
+same way (one code path: :meth:`LanguageModel._eval_step`, :meth:`LanguageModel._log_eval`).
 
 Once per ``fit``, the run's static facts (:func:`run_facts`) go to every logger as hyperparameters
 under ``run`` (``hparams.yaml``) and as scalars at step 0: ``run/parameters``,
@@ -204,6 +205,7 @@ class LanguageModel(L.LightningModule):
             self.model = Transformer(arch)
         with torch.device("cpu"):  # never on meta: Lightning moves it to the device
             self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
+            self.test_loss = MeanMetric(nan_strategy="disable")
         self.tokens_seen = 0
         self.skipped_steps = 0  # optimiser steps dropped for a non-finite loss (whole run)
         self._consecutive_skips = 0
@@ -380,16 +382,31 @@ class LanguageModel(L.LightningModule):
             self._apply_optim_config(self._resumed_optim)
             self._resumed_optim = None
 
-    # -- validation --------------------------------------------------------------------------
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    # -- validation and test -----------------------------------------------------------------
+    def _eval_step(self, metric: MeanMetric, batch: torch.Tensor) -> None:
+        """Add a ``(B, T + 1)`` batch's mean next-token loss to ``metric``, weighted by its ``B * T``
+        targets: the epoch's value is the mean over every target token of the split."""
         loss = self._loss(batch)
-        self.val_loss.update(loss, weight=batch[:, 1:].numel())
+        metric.update(loss, weight=batch[:, 1:].numel())
+
+    def _log_eval(self, split: str, metric: MeanMetric) -> None:
+        """``<split>/loss`` (token-weighted over all processes, by the metric's own sync) and ``<split>/ppl``."""
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(self.val_loss, batch)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        self._log_eval("val", self.val_loss)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(self.test_loss, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss)
 
     # -- optimiser ---------------------------------------------------------------------------
     def configure_optimizers(self):

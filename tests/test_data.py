@@ -362,7 +362,7 @@ def test_embedded_corpus_val_split_is_sized_in_sequences(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "DEFAULT_MAX_BYTES", 80_000)
     data = tmp_path / "pd"
     dm = TokenDataModule(data_dir=str(data), seq_len=512, batch_size=4, val_fraction=0.01, min_val_sequences=5,
-                         num_workers=0)
+                         test_fraction=0.0, num_workers=0)  # no test split: this slice keeps its tokens for train
     dm.prepare_data()
     meta = read_meta(data)
     assert meta["val_tokens"] == 5 * 512 + 1 <= meta["splits"]["val"]["tokens"]
@@ -543,3 +543,31 @@ def test_resume_across_epochs(prepared, tmp_path):
         assert first == full[:k]
         ckpt = tmp_path / f"first{k}" / "ckpt" / f"step={k}.ckpt"
         assert _fit_and_record(prepared, tmp_path / f"resumed{k}", n, ckpt_path=ckpt, seq_len=360) == full[k:], k
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_data_throughput_benchmark_counts_tokens_exactly(tmp_path):
+    """``benchmarks/data_throughput.py`` on a slice of the corpus: the tokenization rows count exactly the
+    tokens of a direct tokenization (eos included) for any worker count, and the delivery rows' rates
+    and margins follow from their batch counts."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import data_throughput
+
+    out = tmp_path / "dt.json"
+    data_throughput.main(["--tokenizers", "mistral-v1", "--workers", "1,2", "--max-bytes", "20000",
+                          "--loaders", "2x64:0", "2x64:1", "--synthetic-tokens", "20K", "--seconds", "0.5",
+                          "--need", "x=1000", "--no-progress", "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    tok = load_tokenizer("mistral-v1")
+    expected = sum(len(tok.encode(text)) + 1 for _, text in python_docs_documents(max_bytes=20000))
+    assert [(r["workers"], r["tokens"]) for r in rows if r["part"] == "tokenize"] == [(1, expected), (2, expected)]
+    delivered = [r for r in rows if r["part"] == "deliver"]
+    assert [r["num_workers"] for r in delivered] == [0, 1]
+    for r in delivered:
+        assert r["batches"] >= 2 and r["tokens_per_sec"] == pytest.approx(r["batches"] * 2 * 64 / r["seconds"], rel=2e-3)
+        assert r["margin"]["x"]["per_gpu"] == pytest.approx(r["steady_tokens_per_sec"] / 1000, abs=0.06)
+        assert r["margin"]["x"]["one_rank_for_node"] == pytest.approx(r["steady_tokens_per_sec"] / 8000, abs=0.06)
+    one_process = delivered[0]["steady_tokens_per_sec"]
+    assert delivered[1]["margin"]["x"]["per_process_x_workers"] == pytest.approx(one_process / 8000, abs=0.06)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from nsa_lit.data.manifest import check_compatible
+from nsa_lit.data.manifest import check_compatible, split_tokens
 from nsa_lit.data.mixture import MixtureSampler, MixtureWindows
 from nsa_lit.data.prepare import META_FILENAME, PYTHON_DOCS, SOURCES, prepare, read_meta
 from nsa_lit.data.tokenizer import Tokenizer, load_tokenizer, parse_bpe_spec
@@ -172,8 +172,11 @@ class TokenDataModule(L.LightningDataModule):
     ``eos``) read across its chunk files; sequence ``i`` is ``tokens[i * seq_len : i * seq_len + seq_len + 1]``,
     so consecutive sequences share one token and every token but the first is a target once an epoch.
 
+    ``test_dataloader`` reads the held-out ``test`` split (``main.py test``) like ``val``: in order, whole.
+
     Args:
-        data_dir: directory with ``train/``, ``val/`` and ``meta.json`` (written by the preparation).
+        data_dir: directory with ``train/``, ``val/``, ``test/`` and ``meta.json`` (written by the
+            preparation; ``test/`` is needed by ``main.py test`` only).
         seq_len: tokens per training sequence; each sample holds ``seq_len + 1`` tokens.
         batch_size: sequences per batch, per device.
         num_workers: DataLoader worker processes (any value resumes exactly).
@@ -184,6 +187,9 @@ class TokenDataModule(L.LightningDataModule):
         tokenizer: tokenizer spec (``mistral-v1``, a ``*.model``/``tokenizer.json`` path, ``bpe:<n>``, a
             Hugging Face name). Must match the one ``data_dir`` was prepared with.
         val_fraction: fraction of documents held out for validation when preparing ``source``.
+        test_fraction: fraction of documents held out for ``main.py test`` when preparing ``source``
+            (hashed apart from val's: no document is in two splits), topped up like val to
+            ``min_val_sequences`` sequences. 0: no test split.
         min_val_sequences: the validation split must hold at least this many sequences of
             ``seq_len + 1`` tokens (``n * seq_len + 1`` tokens); ``None``: one batch on every device,
             ``batch_size * world_size`` (also the least it may be). When preparing ``source``, documents
@@ -205,6 +211,7 @@ class TokenDataModule(L.LightningDataModule):
         source: str | None = PYTHON_DOCS,
         tokenizer: str = "mistral-v1",
         val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
         min_val_sequences: int | None = None,
         val_batches: int | None = None,
         mixture: list[dict[str, Any]] | None = None,
@@ -221,6 +228,9 @@ class TokenDataModule(L.LightningDataModule):
             raise ValueError(f"data.source must be one of {list(SOURCES)} or null, got {source!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+            raise ValueError(f"data.test_fraction must be in [0, 1) with data.val_fraction + data.test_fraction < 1, "
+                             f"got {test_fraction!r} (val_fraction {val_fraction!r})")
         self.mixture = _check_mixture(mixture)
         if self.mixture:
             data_dir, source = self.mixture[0]["path"], None
@@ -234,11 +244,13 @@ class TokenDataModule(L.LightningDataModule):
         self.source = source
         self.tokenizer = tokenizer
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.min_val_sequences = min_val_sequences
         self.val_batches = val_batches
         self._meta: dict[str, Any] | None = None
         self._train_dataset: TokenWindows | None = None
         self._val_dataset: TokenWindows | None = None
+        self._test_dataset: TokenWindows | None = None
         self._train_loader: TokenLoader | None = None
         self._pending_train_state: dict[str, Any] | None = None
 
@@ -332,7 +344,8 @@ class TokenDataModule(L.LightningDataModule):
         """Prepare the embedded corpus into ``data_dir`` if it is not there yet (runs on one process).
 
         Its validation split holds ``val_fraction`` of the documents, and more if needed for
-        :meth:`val_sequences_needed` sequences of this run's ``seq_len``.
+        :meth:`val_sequences_needed` sequences of this run's ``seq_len``; its test split likewise
+        ``test_fraction`` of them, and as many sequences.
         """
         if self.meta_path.is_file():
             self._meta = None
@@ -341,13 +354,15 @@ class TokenDataModule(L.LightningDataModule):
         if self.source is None:
             raise self._missing_error()
         # No meta.json: nothing was prepared, or a preparation was interrupted; (re)do it.
-        val_tokens = tokens_for(self.val_sequences_needed(), self.seq_len) if self.val_fraction > 0 else 0
+        held_out = tokens_for(self.val_sequences_needed(), self.seq_len)
         prepare(
             output_dir=self.data_dir,
             source=self.source,
             tokenizer=self.tokenizer,
             val_fraction=self.val_fraction,
-            val_tokens=val_tokens,
+            val_tokens=held_out if self.val_fraction > 0 else 0,
+            test_fraction=self.test_fraction,
+            test_tokens=held_out if self.test_fraction > 0 else 0,
             chunk_bytes=EMBEDDED_CHUNK_BYTES,
             overwrite=True,
         )
@@ -355,13 +370,13 @@ class TokenDataModule(L.LightningDataModule):
 
     def _too_little_data(self, split: str, tokens: int, sequences: int, why: str) -> ValueError:
         needed = tokens_for(sequences, self.seq_len)
-        if split == "val":
+        if split in ("val", "test"):
             fix = (
-                f"delete {self.data_dir} to have it prepared again with a validation split of {needed:,} tokens"
-                if self.source is not None and self.meta.get("source") == self.source
-                else f"prepare it again with `--val-tokens {needed}` (python -m nsa_lit.data.prepare)"
+                f"delete {self.data_dir} to have it prepared again with a {split} split of {needed:,} tokens"
+                if self._embedded()
+                else f"prepare it again with `--{split}-tokens {needed}` (python -m nsa_lit.data.prepare)"
             )
-            fix += ", or lower data.min_val_sequences / data.batch_size / data.seq_len"
+            fix += f", or lower {'data.min_val_sequences / ' if split == 'val' else ''}data.batch_size / data.seq_len"
         else:
             fix = "use a smaller data.batch_size or data.seq_len (model.arch.seq_len), or more data"
         return ValueError(
@@ -369,6 +384,25 @@ class TokenDataModule(L.LightningDataModule):
             f"holds {tokens:,} tokens; {why} needs {sequences:,} sequence{'s' if sequences != 1 else ''} of "
             "seq_len + 1 tokens, consecutive "
             f"ones sharing one token: {sequences:,} x {self.seq_len} + 1 = {needed:,} tokens. Fix: {fix}"
+        )
+
+    def _embedded(self) -> bool:
+        """Whether ``data_dir`` holds this datamodule's ``source``, which it prepares again if deleted."""
+        return self.source is not None and self.meta.get("source") == self.source
+
+    def _no_test_split(self) -> ValueError:
+        sequences = self.batch_size * self._world()[0]
+        if self._embedded():
+            fix = f"delete {self.data_dir} to have the embedded corpus prepared again with a test split" + (
+                "" if self.test_fraction > 0 else " (after setting data.test_fraction > 0, e.g. 0.05)")
+        else:
+            fix = (f"prepare it again with a test split: `python -m nsa_lit.data.prepare <your inputs> --output "
+                   f"{self.data_dir} --overwrite --test-fraction 0.01 --test-sequences {sequences} --seq-len "
+                   f"{self.seq_len}` (plus your other options; test documents then leave the train split)")
+        return ValueError(
+            f"data.data_dir={self.data_dir!r} has no test split ({self.meta_path} lists no test tokens: prepared "
+            f"before test splits existed, or with a test fraction of 0), so `main.py test` has nothing to run on. "
+            f"Fix: {fix}; or score the validation split with `main.py validate`"
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -381,12 +415,15 @@ class TokenDataModule(L.LightningDataModule):
         itemsize = np.dtype(meta["dtype"]).itemsize
         world, _ = self._world()
         devices = f" on each of {world} devices" if world > 1 else ""
-        for split in ("train", "val"):
-            tokens = int(meta["splits"][split]["tokens"])
+        testing = stage == "test"
+        if testing and split_tokens(meta, "test") == 0:
+            raise self._no_test_split()
+        for split in ("train", "val", "test") if testing else ("train", "val"):
+            tokens = split_tokens(meta, split)
             if split == "val" and tokens == 0:
                 continue  # prepared with val_fraction=0: no validation
             validate_split(Path(self.data_dir) / split, itemsize)
-            if split == "train":
+            if split in ("train", "test"):
                 need, why = self.batch_size * world, f"one batch{devices}"
             else:
                 need = self.val_sequences_needed()
@@ -397,8 +434,14 @@ class TokenDataModule(L.LightningDataModule):
         self._train_dataset = TokenWindows(Path(self.data_dir, "train").resolve(), self.seq_len)
         if self.mixture:
             self._train_dataset = self._mixture_dataset(self._train_dataset)
-        val_tokens = int(meta["splits"]["val"]["tokens"])
-        self._val_dataset = TokenWindows(Path(self.data_dir, "val").resolve(), self.seq_len) if val_tokens else None
+        self._val_dataset = self._held_out("val")
+        self._test_dataset = self._held_out("test") if testing else None
+
+    def _held_out(self, split: str) -> TokenWindows | None:
+        """The ``val`` or ``test`` split's windows, ``None`` if it holds no tokens."""
+        if split_tokens(self.meta, split) == 0:
+            return None
+        return TokenWindows(Path(self.data_dir, split).resolve(), self.seq_len)
 
     def _mixture_dataset(self, first: TokenWindows) -> MixtureWindows:
         """The mixture's train splits (the first is ``data_dir``'s, checked already), each checked like it."""
@@ -463,6 +506,13 @@ class TokenDataModule(L.LightningDataModule):
             return []
         limit = None if self.val_batches is None else self.val_batches * self.batch_size
         return self._loader(self._val_dataset, shuffle=False, limit=limit)
+
+    def test_dataloader(self) -> TokenLoader:
+        """The held-out test split, in order, every full batch (``main.py test``)."""
+        if self._test_dataset is None:
+            self.setup("test")
+        assert self._test_dataset is not None
+        return self._loader(self._test_dataset, shuffle=False)
 
     def _consumed_train_batches(self) -> int | None:
         """Batches of the current epoch the trainer has trained on (``None`` outside ``Trainer.fit``)."""

@@ -3,8 +3,9 @@
 Written last by the preparation (and by ``merge``), atomically: its presence means the dataset is
 complete. Fields (format version 2; docs/data.md has the table): ``format_version``, ``tokenizer``
 (spec), ``tokenizer_sha256`` (of its model/vocabulary file), ``vocab_size``, ``bos_id``, ``eos_id``,
-``dtype``, ``sources`` (each source's description), ``splits.{train,val}.{documents,tokens,chunks}``,
-``max_tokens``, ``shard``, ``skipped`` (bad input counts) and the preparation options.
+``dtype``, ``sources`` (each source's description), ``splits.{train,val,test}.{documents,tokens,chunks}``
+(``test`` is absent from preparations made before the test split existed: :func:`split_tokens` reads
+it as empty), ``max_tokens``, ``shard``, ``skipped`` (bad input counts) and the preparation options.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 META_FILENAME = "meta.json"
 FORMAT_VERSION = 2
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -28,6 +29,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
     """``<data_dir>/meta.json`` as a dict."""
     return json.loads((Path(data_dir) / META_FILENAME).read_text())
+
+
+def split_tokens(meta: dict[str, Any], split: str) -> int:
+    """Tokens of ``split`` in a manifest; 0 for a split it does not list (``test`` before it existed)."""
+    return int(meta.get("splits", {}).get(split, {}).get("tokens", 0))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

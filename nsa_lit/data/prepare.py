@@ -1,4 +1,4 @@
-"""Tokenize a corpus once into LitData token shards: ``<output>/train``, ``<output>/val``, ``<output>/meta.json``.
+"""Tokenize a corpus once into LitData token shards: ``<output>/{train,val,test}`` and ``<output>/meta.json``.
 
 Usage::
 
@@ -12,9 +12,11 @@ This module orchestrates; the corpora are :mod:`nsa_lit.data.sources` (one modul
 tokenization is :mod:`nsa_lit.data.tokenize_pool`, the manifest :mod:`nsa_lit.data.manifest`.
 
 Per document, in the source's order: skipped unless its id hashes into this ``--shard``; tokenized
-(no special tokens) and followed by ``eos``; put in ``val`` if its id hashes below ``val_fraction``
-or while ``val`` holds fewer than ``val_tokens`` tokens, else in ``train``, which stops at exactly
-``max_tokens`` tokens (the last document is truncated). Tokens go to flat part files in
+(no special tokens) and followed by ``eos``; put in ``val`` if its id hashes below ``val_fraction``,
+in ``test`` if it hashes into ``[val_fraction, val_fraction + test_fraction)`` (so no document is in
+two splits), else in ``val`` while it holds fewer than ``val_tokens`` tokens, then in ``test`` while
+it holds fewer than ``test_tokens``, else in ``train``, which stops at exactly ``max_tokens`` tokens
+(the last document is truncated). Tokens go to flat part files in
 ``<output>/.prepare_tmp``; each finished part is recorded in ``progress.json`` (rewritten
 atomically) with the number of source documents read, so an interrupted run started again with
 the same settings keeps the finished parts and reads on from there. Then the parts are written as
@@ -42,13 +44,14 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # offline: no PyPI 
 
 import numpy as np
 
-from nsa_lit.data.manifest import (FORMAT_VERSION, META_FILENAME, SPLITS, read_meta, token_dtype, write_json_atomic,
-                                   write_meta)
+from nsa_lit.data.manifest import (FORMAT_VERSION, META_FILENAME, SPLITS, read_meta, split_tokens, token_dtype,
+                                   write_json_atomic, write_meta)
 from nsa_lit.data.sources import InputProblems, Source, get_source, registry
 from nsa_lit.data.tokenize_pool import encode_ordered, start_method
 from nsa_lit.data.tokenizer import BPE_FILENAME, DEFAULT_TOKENIZER, Tokenizer, load_tokenizer, parse_bpe_spec, train_bpe
 
-__all__ = ["prepare", "merge", "read_meta", "read_split_tokens", "doc_hash", "shard_of", "split_of", "token_dtype",
+__all__ = ["prepare", "merge", "read_meta", "read_split_tokens", "doc_hash", "shard_of", "split_of", "hashed_split",
+           "token_dtype",
            "parse_count", "PYTHON_DOCS", "SOURCES", "META_FILENAME"]
 
 PYTHON_DOCS = "python-docs"
@@ -76,9 +79,20 @@ def shard_of(doc_id: str, num_shards: int) -> int:
     return int.from_bytes(_digest(doc_id)[8:16], "big") % num_shards
 
 
-def split_of(doc_id: str, val_fraction: float) -> str:
-    """``val`` if the id hashes below ``val_fraction`` (before any ``val_tokens`` top-up), else ``train``."""
-    return "val" if doc_hash(doc_id) < val_fraction else "train"
+def split_of(doc_id: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """The split a document's id hashes to, before any ``val_tokens`` / ``test_tokens`` top-up:
+    ``val`` below ``val_fraction``, ``test`` in ``[val_fraction, val_fraction + test_fraction)``,
+    else ``train``."""
+    return hashed_split(doc_hash(doc_id), val_fraction, test_fraction) or "train"
+
+
+def hashed_split(h: float, val_fraction: float, test_fraction: float) -> str | None:
+    """``val`` / ``test`` for a document hash ``h`` in their ranges, ``None`` otherwise (train or a top-up)."""
+    if h < val_fraction:
+        return "val"
+    if h < val_fraction + test_fraction:
+        return "test"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -292,6 +306,8 @@ def prepare(
     text_field: str = "text",
     val_fraction: float = 0.01,
     val_tokens: int = 0,
+    test_fraction: float = 0.0,
+    test_tokens: int = 0,
     max_tokens: int | str | None = None,
     shard: str | tuple[int, int] = (0, 1),
     chunk_bytes: int | str = DEFAULT_CHUNK_BYTES,
@@ -302,7 +318,7 @@ def prepare(
     part_tokens: int = DEFAULT_PART_TOKENS,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize ``inputs`` (or ``source``) into ``<output_dir>/{train,val}`` + ``meta.json``; returns the meta.
+    """Tokenize ``inputs`` (or ``source``) into ``<output_dir>/{train,val,test}`` + ``meta.json``; returns the meta.
 
     Args:
         inputs: local files, directories or globs (:mod:`nsa_lit.data.sources.files`).
@@ -312,6 +328,9 @@ def prepare(
         val_fraction: documents whose id hashes below it go to ``val``.
         val_tokens: ``val`` gets further documents, in source order, while it holds fewer tokens
             (``n`` sequences of ``seq_len`` need ``n * seq_len + 1``); with ``--shard i/n``, shard i's share.
+        test_fraction: documents whose id hashes in ``[val_fraction, val_fraction + test_fraction)`` go to
+            ``test``, the held-out split of ``main.py test`` (0: no test split; the command line's default is 0.01).
+        test_tokens: like ``val_tokens``, for ``test`` (topped up after ``val``).
         max_tokens: exact ``train`` token budget (``"15B"``); the last document is truncated. With
             ``--shard i/n``, shard i's exact share (the shares sum to ``max_tokens``). ``None``: everything.
         shard: ``"i/n"``: only documents whose id hashes to slice ``i`` of ``n`` (combine with :func:`merge`).
@@ -327,10 +346,14 @@ def prepare(
     src = resolve_source(inputs, source, text_field=text_field, max_bytes=max_bytes)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1, got "
+                         f"test_fraction={test_fraction}, val_fraction={val_fraction}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if isinstance(val_tokens, bool) or not isinstance(val_tokens, int) or val_tokens < 0:
-        raise ValueError(f"val_tokens must be an integer >= 0, got {val_tokens!r}")
+    for name, value in (("val_tokens", val_tokens), ("test_tokens", test_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     budget_total = None if max_tokens is None else parse_count(max_tokens, "max_tokens")
     shard_i, shard_n = parse_shard(shard)
     if shard_n > 1 and parse_bpe_spec(tokenizer) is not None:
@@ -339,7 +362,7 @@ def prepare(
                          "<dir>/tokenizer.json as --tokenizer to every shard")
     chunk_bytes = parse_bytes(chunk_bytes)
     budget = None if budget_total is None else share(budget_total, shard_i, shard_n)
-    val_target = share(val_tokens, shard_i, shard_n)
+    targets = {"val": share(val_tokens, shard_i, shard_n), "test": share(test_tokens, shard_i, shard_n)}
     if part_tokens < 1:
         raise ValueError(f"part_tokens must be >= 1, got {part_tokens}")
 
@@ -352,7 +375,8 @@ def prepare(
                                   "pass --overwrite (overwrite=True) to replace it")
         _remove([out / META_FILENAME, tmp])
     settings = {"source": src.describe(), "tokenizer": tokenizer, "val_fraction": val_fraction,
-                "val_tokens": val_tokens, "max_tokens": budget_total, "shard": [shard_i, shard_n],
+                "val_tokens": val_tokens, "test_fraction": test_fraction, "test_tokens": test_tokens,
+                "max_tokens": budget_total, "shard": [shard_i, shard_n],
                 "strict": strict, "format_version": FORMAT_VERSION}
     state: dict[str, Any] | None = None
     if (tmp / _PROGRESS).is_file():
@@ -364,7 +388,7 @@ def prepare(
             warnings.warn(f"{out}: discarding an unfinished preparation made with other settings", stacklevel=2)
             state = None
     if state is None:  # a fresh start: whatever an earlier, unfinished run left goes
-        _remove([tmp, out / "train", out / "val", *([out / BPE_FILENAME] if bpe else [])])
+        _remove([tmp, *(out / split for split in SPLITS), *([out / BPE_FILENAME] if bpe else [])])
     out.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(exist_ok=True)
     problems = InputProblems(strict=strict)
@@ -380,7 +404,7 @@ def prepare(
             raise RuntimeError(f"{out / BPE_FILENAME} changed since the interrupted run: delete {out} and start again")
     elif bpe:
         problems.muted = True  # counted in the tokenizing pass
-        texts = (t for d, t in documents() if split_of(d, val_fraction) == "train")
+        texts = (t for d, t in documents() if split_of(d, val_fraction, test_fraction) == "train")
         tok = train_bpe(tokenizer, texts, out)
         problems.muted = False
     else:
@@ -401,23 +425,26 @@ def prepare(
         # leftovers of an interrupted run: part files that progress.json does not list
         listed = {parts.path(k, s).name for k in range(len(state["parts"])) for s in SPLITS}
         _remove(p for p in tmp.glob("part-*.bin") if p.name not in listed)
-        _tokenize(src, documents, problems, state, parts, tok, budget, val_fraction, val_target, part_tokens,
-                  num_workers, out, progress)
+        _tokenize(src, documents, problems, state, parts, tok, budget, (val_fraction, test_fraction), targets,
+                  part_tokens, num_workers, out, progress)
 
     totals = state["totals"]
-    if totals["val"]["tokens"] < val_target:
-        have = totals["train"]["tokens"] + totals["val"]["tokens"]
-        _remove([tmp])
-        raise ValueError(f"val_tokens={val_tokens:,}: the corpus holds {have:,} tokens in "
-                         f"{totals['train']['documents'] + totals['val']['documents']} documents, and only "
-                         f"{totals['val']['tokens']:,} went to the validation split before reading stopped "
-                         f"({'--max-tokens reached' if budget is not None and totals['train']['tokens'] >= budget else 'end of the source'}"
-                         f"{f'; shard {shard_i}/{shard_n} needs {val_target:,}' if shard_n > 1 else ''}): ask for fewer "
-                         "validation tokens, or prepare more data")
+    for split, asked in (("val", val_tokens), ("test", test_tokens)):
+        if totals[split]["tokens"] < targets[split]:
+            have = sum(totals[s]["tokens"] for s in SPLITS)
+            _remove([tmp])
+            stop = "--max-tokens reached" if budget is not None and totals["train"]["tokens"] >= budget \
+                else "end of the source"
+            raise ValueError(f"{split}_tokens={asked:,}: the corpus holds {have:,} tokens in "
+                             f"{sum(totals[s]['documents'] for s in SPLITS)} documents, and only "
+                             f"{totals[split]['tokens']:,} went to the {split} split before reading stopped ({stop}"
+                             f"{f'; shard {shard_i}/{shard_n} needs {targets[split]:,}' if shard_n > 1 else ''}): "
+                             f"ask for fewer {split} tokens, or prepare more data")
     if totals["train"]["tokens"] == 0:
         _remove([tmp])
         raise ValueError(f"no training tokens: {src.describe()} gave {totals['val']['documents']} non-empty "
-                         f"documents to val and none to train (shard {shard_i}/{shard_n})")
+                         f"documents to val, {totals['test']['documents']} to test and none to train "
+                         f"(shard {shard_i}/{shard_n})")
     if budget is not None and totals["train"]["tokens"] < budget:
         warnings.warn(f"max_tokens={budget_total:,}: the corpus gave only {totals['train']['tokens']:,} training "
                       f"tokens{f' to shard {shard_i}/{shard_n} (its share: {budget:,})' if shard_n > 1 else ''}",
@@ -451,6 +478,8 @@ def prepare(
         "text_field": description.get("text_field"),
         "val_fraction": val_fraction,
         "val_tokens": val_tokens,
+        "test_fraction": test_fraction,
+        "test_tokens": test_tokens,
         "max_tokens": budget_total,
         "shard": [shard_i, shard_n],
         "chunk_bytes": chunk_bytes,
@@ -468,9 +497,11 @@ def prepare(
 
 
 def _tokenize(src: Source, documents: Any, problems: InputProblems, state: dict[str, Any], parts: _Parts,
-              tok: Tokenizer, budget: int | None, val_fraction: float, val_target: int, part_tokens: int,
-              num_workers: int, out: Path, progress: bool) -> None:
-    """Read on from ``state["documents_read"]``, tokenize, write parts; mark ``state["tokenized"]``."""
+              tok: Tokenizer, budget: int | None, fractions: tuple[float, float], targets: dict[str, int],
+              part_tokens: int, num_workers: int, out: Path, progress: bool) -> None:
+    """Read on from ``state["documents_read"]``, tokenize, write parts; mark ``state["tokenized"]``.
+
+    ``fractions``: (val, test) hash fractions; ``targets``: the least tokens of ``val`` and ``test``."""
     from tqdm.auto import tqdm
 
     start = int(state["documents_read"])
@@ -493,8 +524,10 @@ def _tokenize(src: Source, documents: Any, problems: InputProblems, state: dict[
                 break
             before = totals["train"]["tokens"]
             for doc_id, ids in zip(doc_ids, encoded):
-                if doc_hash(doc_id) < val_fraction or totals["val"]["tokens"] < val_target:
-                    parts.write("val", ids, True)
+                held_out = hashed_split(doc_hash(doc_id), *fractions) or next(
+                    (s for s in ("val", "test") if totals[s]["tokens"] < targets[s]), None)
+                if held_out is not None:
+                    parts.write(held_out, ids, True)
                     continue
                 if budget is not None:
                     room = budget - totals["train"]["tokens"]
@@ -551,7 +584,7 @@ def merge(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], *,
             raise ValueError(f"merge: shards of {n} must each appear once (duplicated: {dupes}, missing: {missing})")
     if (out / META_FILENAME).exists() and not overwrite:
         raise FileExistsError(f"{out} already holds a prepared dataset ({META_FILENAME}); pass --overwrite")
-    _remove([out / META_FILENAME, out / "train", out / "val"])
+    _remove([out / META_FILENAME, *(out / split for split in SPLITS)])
     out.mkdir(parents=True, exist_ok=True)
     splits: dict[str, Any] = {}
     for split in SPLITS:
@@ -574,9 +607,10 @@ def merge(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], *,
         if chunks:
             write_json_atomic(out / split / "index.json", {"chunks": chunks, "config": config,
                                                           "updated_at": str(time.time())})
-        splits[split] = {"documents": sum(m["splits"][split]["documents"] for m in metas),
+        # ``test`` is absent from manifests written before the test split existed: empty there
+        splits[split] = {"documents": sum(m["splits"].get(split, {}).get("documents", 0) for m in metas),
                          "tokens": sum(c["dim"] for c in chunks), "chunks": len(chunks)}
-        expected = sum(m["splits"][split]["tokens"] for m in metas)
+        expected = sum(split_tokens(m, split) for m in metas)
         if splits[split]["tokens"] != expected:
             raise RuntimeError(f"merge: {split} holds {splits[split]['tokens']} tokens, the inputs' manifests say {expected}")
     if parse_bpe_spec(first["tokenizer"]) is not None:
@@ -588,6 +622,8 @@ def merge(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], *,
         "sources": [s for m in metas for s in m.get("sources", [])],
         "source": first.get("source"),
         "val_tokens": first.get("val_tokens", 0) if sharded else sum(m.get("val_tokens", 0) for m in metas),
+        "test_fraction": first.get("test_fraction", 0.0),
+        "test_tokens": first.get("test_tokens", 0) if sharded else sum(m.get("test_tokens", 0) for m in metas),
         "max_tokens": first.get("max_tokens") if sharded else
         (sum(budgets) if all(b is not None for b in budgets) else None),
         "shard": [0, 1],
@@ -608,7 +644,8 @@ MERGE_USAGE = "python -m nsa_lit.data.prepare merge OUTPUT INPUT [INPUT ...] [--
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m nsa_lit.data.prepare",
-        description="Tokenize a corpus into LitData token shards (<output>/train, <output>/val, <output>/meta.json).",
+        description="Tokenize a corpus into LitData token shards (<output>/train, <output>/val, <output>/test, "
+                    "<output>/meta.json).",
         epilog=f"Merge prepared datasets (e.g. the --shard outputs) into one: {MERGE_USAGE}. "
                "An interrupted preparation resumes when run again with the same options.",
     )
@@ -628,7 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this many validation tokens: further documents go to val until it holds them")
     p.add_argument("--val-sequences", type=int, default=None,
                    help="at least this many validation sequences of --seq-len (sets --val-tokens to N * seq_len + 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for --val-sequences")
+    p.add_argument("--test-fraction", type=float, default=0.01,
+                   help="fraction of documents held out for `main.py test`, disjoint from val (default 0.01; 0: none)")
+    p.add_argument("--test-tokens", type=int, default=0,
+                   help="at least this many test tokens: further documents go to test (after val) until it holds them")
+    p.add_argument("--test-sequences", type=int, default=None,
+                   help="at least this many test sequences of --seq-len (sets --test-tokens to N * seq_len + 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for --val-sequences / --test-sequences")
     p.add_argument("--num-workers", type=int, default=1, help="tokenization processes (default 1)")
     p.add_argument("--shard", default="0/1", help="i/n: prepare only slice i of n of the documents, by id hash")
     p.add_argument("--chunk-bytes", default=str(DEFAULT_CHUNK_BYTES), help="LitData chunk size, e.g. 64MB (default 64MB)")
@@ -666,6 +709,15 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _held_out_tokens(tokens: int, sequences: int | None, seq_len: int | None, split: str) -> int:
+    """``--{split}-tokens``, raised to ``--{split}-sequences N`` sequences of ``--seq-len`` (``N * seq_len + 1``)."""
+    if sequences is None:
+        return tokens
+    if seq_len is None or seq_len < 1:
+        raise ValueError(f"--{split}-sequences needs --seq-len (the model's sequence length)")
+    return max(tokens, sequences * seq_len + 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
@@ -676,23 +728,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         s = meta["splits"]
-        print(f"wrote {margs.output}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens "
-              f"from {len(margs.inputs)} datasets")
+        print(f"wrote {margs.output}: train {s['train']['tokens']:,} tokens, val {s['val']['tokens']:,} tokens, "
+              f"test {s['test']['tokens']:,} tokens from {len(margs.inputs)} datasets")
         return 0
     args = build_parser().parse_args(argv)
     try:
-        val_tokens = args.val_tokens
-        if args.val_sequences is not None:
-            if args.seq_len is None or args.seq_len < 1:
-                raise ValueError("--val-sequences needs --seq-len (the model's sequence length)")
-            val_tokens = max(val_tokens, args.val_sequences * args.seq_len + 1)
+        val_tokens = _held_out_tokens(args.val_tokens, args.val_sequences, args.seq_len, "val")
+        test_tokens = _held_out_tokens(args.test_tokens, args.test_sequences, args.seq_len, "test")
         name = args.source or "files"
         src = get_source(name).from_args(args)
         chunk_bytes: int | str = int(args.chunk_bytes) if args.chunk_bytes.isdigit() else args.chunk_bytes
         if name != "files" and args.inputs:
             raise ValueError(f"--source {name} takes no positional inputs (got {args.inputs})")
         meta = prepare((), args.output, source=src, tokenizer=args.tokenizer,
-                       val_fraction=args.val_fraction, val_tokens=val_tokens, max_tokens=args.max_tokens,
+                       val_fraction=args.val_fraction, val_tokens=val_tokens, test_fraction=args.test_fraction,
+                       test_tokens=test_tokens, max_tokens=args.max_tokens,
                        shard=args.shard, chunk_bytes=chunk_bytes, num_workers=args.num_workers,
                        overwrite=args.overwrite, strict=args.strict, part_tokens=args.part_tokens,
                        progress=not args.no_progress)
@@ -703,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = meta["skipped"]
     print(
         f"wrote {args.output}: train {s['train']['documents']} docs / {s['train']['tokens']:,} tokens, "
-        f"val {s['val']['documents']} docs / {s['val']['tokens']:,} tokens "
+        f"val {s['val']['documents']} docs / {s['val']['tokens']:,} tokens, "
+        f"test {s['test']['documents']} docs / {s['test']['tokens']:,} tokens "
         f"({meta['tokenizer']}, vocab {meta['vocab_size']}, {meta['dtype']}) in {meta['seconds']} s"
         + (f"; skipped {skipped['files']} files, {skipped['records']} records (see warnings)" if any(skipped.values()) else "")
     )
