@@ -2,7 +2,9 @@
 
 One YAML per (size, variant) under ``configs/<size>/``; every file is complete (no includes), so
 each experiment is one ``--config`` away. Edit the tables here, not the generated files:
-``tests/test_configs.py`` fails when they drift apart.
+``tests/test_configs.py`` fails when they drift apart. Sizes: the paper's 340M and 1.3B models,
+and ``study``, a ~40M model at 2,048 tokens for the one-GPU study (``python -m nsa_lit.study``,
+docs/study.md).
 """
 from __future__ import annotations
 
@@ -20,6 +22,25 @@ SIZES = {
                            n_kv_heads=8, latent_dim=512, rope_dim=32),
                  lr=2.0e-4, token_budget=100_000_000_000),
 }
+
+# The one-GPU study (docs/study.md): 6 layers of 512 (8 heads x 64; 6 layers so that both LG and
+# LLG divide them), the 340M model's grouping (4 query heads per key/value head, latent
+# 4 x head_dim) and the NSA branches scaled to 2,048 tokens: blocks as in the NSA paper
+# (32 / 16 / 64), top-8 selection blocks (block 0, the 2 local ones and 5 chosen: 512 of 2,048
+# tokens) and a 256-token window, so that a needle more than 256 tokens back is reached only
+# through compression and selection.
+STUDY_ARCH = dict(n_layers=6, d_model=512, n_heads=8, head_dim=64, mlp_hidden=1408, n_kv_heads=2,
+                  latent_dim=256, rope_dim=32, seq_len=2048, window=256, compress_block=32,
+                  compress_stride=16, select_block=64, top_n=8, num_local_blocks=2)
+STUDY_BATCH = 16  # sequences of 2,048 tokens per step: 32,768 tokens
+STUDY_STEPS = 300  # token_budget = 300 steps (9.8M tokens); python -m nsa_lit.study --tokens changes it
+STUDY = dict(arch=STUDY_ARCH, lr=1.0e-3, token_budget=STUDY_STEPS * STUDY_BATCH * 2048,
+             warmup_steps=30, compile=False,
+             trainer=dict(precision="bf16-mixed", accumulate_grad_batches=1, log_every_n_steps=5,
+                          val_check_interval=50, check_val_every_n_epoch=None,
+                          limit_val_batches=8, every_n_train_steps=100),
+             data=dict(data_dir="data/study-python-docs", source="python-docs",
+                       tokenizer="mistral-v1", batch_size=STUDY_BATCH, num_workers=4))
 
 ASA = dict(layer_pattern="LG", local_kv="latent", global_kv="latent", global_latent_groups=2,
            q_share=4)
@@ -44,9 +65,9 @@ FLA_NSA_340M = dict(layer_pattern="N", n_heads=32, n_kv_heads=2, head_dim=64, co
 # variant -> (model.arch overrides, or a function of the size's arch giving them; sizes it is
 # written for; one-line description)
 VARIANTS = {
-    "full": (dict(layer_pattern="F"), ("340m", "1.3b"), "full causal attention (GQA) baseline"),
-    "nsa": (dict(layer_pattern="N"), ("340m", "1.3b"), "NSA: compression + selection + window, GQA"),
-    "asa": (ASA, ("340m", "1.3b"), "ASA: MLA local / GLA global layers, 1:1, q_share 4"),
+    "full": (dict(layer_pattern="F"), ("340m", "1.3b", "study"), "full causal attention (GQA) baseline"),
+    "nsa": (dict(layer_pattern="N"), ("340m", "1.3b", "study"), "NSA: compression + selection + window, GQA"),
+    "asa": (ASA, ("340m", "1.3b", "study"), "ASA: MLA local / GLA global layers, 1:1, q_share 4"),
     "nsa_no_compression": (dict(layer_pattern="N", nsa_branches=["selection", "window"],
                                 compress_method="mean"), ("340m",),
                            "NSA without the compression branch (mean-pooled keys still rank blocks)"),
@@ -64,7 +85,7 @@ VARIANTS = {
                        "ASA with plain MLA (one latent head) instead of GLA on global layers"),
     "asa_no_q_share": (dict(ASA, q_share=1), ("340m",), "ASA without query sharing of selected blocks"),
     "asa_gl": (dict(ASA, layer_pattern="GL"), ("340m",), "ASA with global-first order"),
-    "asa_llg": (dict(ASA, layer_pattern="LLG"), ("340m",), "ASA with 2 local : 1 global layers"),
+    "asa_llg": (dict(ASA, layer_pattern="LLG"), ("340m", "study"), "ASA with 2 local : 1 global layers"),
     "asa_lllg": (dict(ASA, layer_pattern="LLLG"), ("340m",), "ASA with 3 local : 1 global layers"),
     # KV-cache baselines: the ASA / NSA ratio depends on NSA's key/value heads
     "nsa_paper_groups": (nsa_paper_groups, ("340m", "1.3b"),
@@ -77,6 +98,8 @@ VARIANTS = {
 
 
 def make_config(size: str, variant: str) -> dict:
+    if size == "study":
+        return make_study_config(variant)
     spec = SIZES[size]
     arch_overrides, _, _ = VARIANTS[variant]
     if callable(arch_overrides):
@@ -110,8 +133,49 @@ def make_config(size: str, variant: str) -> dict:
     }
 
 
+def make_study_config(variant: str) -> dict:
+    """The study's run of ``variant``: bf16 on one GPU, no gradient accumulation, validation every
+    50 steps (counted across epochs: the embedded corpus is a few dozen steps long at 2,048 tokens)."""
+    arch_overrides = VARIANTS[variant][0]
+    trainer = STUDY["trainer"]
+    return {
+        "seed_everything": 1,
+        "trainer": {
+            "accelerator": "auto",
+            "devices": 1,
+            "precision": trainer["precision"],
+            "gradient_clip_val": 1.0,
+            "accumulate_grad_batches": trainer["accumulate_grad_batches"],
+            "log_every_n_steps": trainer["log_every_n_steps"],
+            "val_check_interval": trainer["val_check_interval"],
+            "check_val_every_n_epoch": trainer["check_val_every_n_epoch"],
+            "limit_val_batches": trainer["limit_val_batches"],
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": "logs", "name": f"study/{variant}", "version": None}},
+            "callbacks": [{"class_path": "nsa_lit.checkpoint.RunCheckpoint",
+                           "init_args": {"every_n_train_steps": trainer["every_n_train_steps"],
+                                         "save_last": True}}],
+        },
+        "model": {
+            "arch": {**STUDY["arch"], **arch_overrides},
+            "optim": {"lr": STUDY["lr"], "warmup_steps": STUDY["warmup_steps"],
+                      "token_budget": STUDY["token_budget"]},
+            "compile": STUDY["compile"],
+        },
+        "data": dict(STUDY["data"]),
+    }
+
+
 def render(size: str, variant: str) -> str:
     description = VARIANTS[variant][2]
+    if size == "study":
+        return (f"# study {variant}: {description}.\n"
+                f"# Generated by configs/make_configs.py; edit the tables there. The one-GPU study\n"
+                f"# (docs/study.md): python -m nsa_lit.study runs every variant and seed.\n"
+                f"# 16 x 2048 tokens a step, {STUDY_STEPS} steps; the embedded corpus, prepared on first use.\n"
+                f"# Alone: python main.py fit --config configs/study/{variant}.yaml\n"
+                f"# (logs/study/{variant}/seed<k>, checkpoints/study/{variant}/seed<k>).\n"
+                + yaml.safe_dump(make_config(size, variant), sort_keys=False))
     header = (f"# {size} {variant}: {description}.\n"
               f"# Generated by configs/make_configs.py; edit the tables there.\n"
               f"# 8 x 8192 tokens x accumulate 8 = 0.5M tokens per step on one GPU: on N GPUs set\n"
