@@ -43,17 +43,21 @@ def niah_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None,
                         help="output folder (default eval_results/niah/<checkpoint name>)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer spec (default: the checkpoint's data.tokenizer)")
-    parser.add_argument("--data_dir", default=None,
-                        help="where a bpe:<n> tokenizer lives (default: the checkpoint's data.data_dir)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    _tb_option(parser)
+    _shared_options(parser)
     return parser
 
 
-def _tb_option(parser: argparse.ArgumentParser) -> None:
+def _shared_options(parser: argparse.ArgumentParser, tokenizer_dir: str | None = "--data_dir") -> None:
+    """The options every command ends with: the checkpoint's tokenizer (``--tokenizer`` and,
+    unless ``tokenizer_dir`` is None, the flag naming where a bpe:<n> tokenizer lives), the
+    device, progress bars and TensorBoard scalars."""
+    if tokenizer_dir is not None:
+        parser.add_argument("--tokenizer", default=None,
+                            help="tokenizer spec (default: the checkpoint's data.tokenizer)")
+        parser.add_argument(tokenizer_dir, default=None,
+                            help="where a bpe:<n> tokenizer lives (default: the checkpoint's data.data_dir)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--tb_dir", default=None,
                         help="also write the results as TensorBoard scalars here, at the "
                              "checkpoint's global_step (e.g. the run's log dir, logs/tiny/asa)")
@@ -142,14 +146,7 @@ def lm_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--download_only", action="store_true",
                         help="only load the tasks' datasets into the Hugging Face cache "
                              "(HF_DATASETS_CACHE; needs network) and exit")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer spec (default: the checkpoint's data.tokenizer)")
-    parser.add_argument("--data_dir", default=None,
-                        help="where a bpe:<n> tokenizer lives (default: the checkpoint's "
-                             "data.data_dir)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    _tb_option(parser)
+    _shared_options(parser)
     return parser
 
 
@@ -214,9 +211,7 @@ def ppl_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward")
     parser.add_argument("--output_path", default=None,
                         help="results JSON (default eval_results/ppl/<checkpoint name>.json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    _tb_option(parser)
+    _shared_options(parser, tokenizer_dir=None)
     return parser
 
 
@@ -289,14 +284,7 @@ def longbench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--batch_size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--output_path", default=None,
                         help="results JSON (default eval_results/longbench/<checkpoint name>.json)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer spec (default: the checkpoint's data.tokenizer)")
-    parser.add_argument("--tokenizer_dir", default=None,
-                        help="where a bpe:<n> tokenizer lives (default: the checkpoint's "
-                             "data.data_dir)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    _tb_option(parser)
+    _shared_options(parser, tokenizer_dir="--tokenizer_dir")
     return parser
 
 
