@@ -294,5 +294,5 @@ def test_checkpoint_mismatch_is_refused(checkpoint, tmp_path):
     ckpt["hyper_parameters"]["arch"]["d_model"] = 48
     bad = tmp_path / "bad.ckpt"
     torch.save(ckpt, bad)
-    with pytest.raises(ValueError, match="weights do not match its model.arch"):
+    with pytest.raises(ValueError, match="weights do not fit its model.arch"):
         gen.load_checkpoint(bad)
