@@ -40,8 +40,10 @@ def fill_randomly(caches, context: int) -> None:
     ``lengths = context``, and the next step opening a query-sharing group (``context`` is a
     multiple of the selection block)."""
     for cache in caches:
-        for buf in list(cache.raw) + list(cache.compressed or ()):
-            buf.normal_()
+        parts = cache.caches.values() if hasattr(cache, "caches") else [cache]  # per-branch NSA
+        for part in parts:
+            for buf in list(part.raw) + list(part.compressed or ()):
+                buf.normal_()
         cache.lengths.fill_(context)
         cache.longest = context
 

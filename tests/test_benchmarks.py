@@ -23,6 +23,20 @@ def test_decode_benchmark_runs_on_cpu(tmp_path, capsys):
     assert row["cache_bytes"] > 0 and "tokens/s" in capsys.readouterr().out
 
 
+def test_decode_benchmark_runs_nsa_with_per_branch_key_values(tmp_path):
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    config["model"]["arch"].update(layer_pattern="N", nsa_kv="per_branch")
+    path = tmp_path / "nsa_per_branch.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "decode.json"
+    decode.main(["--configs", str(path), "--contexts", "96", "--batches", "1", "--steps", "2",
+                 "--warmup", "1", "--device", "cpu", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["tokens_per_sec"] > 0 and row["cache_bytes"] > 0
+
+
 def test_decode_benchmark_refuses_graphs_without_cuda():
     with pytest.raises(SystemExit, match="graph needs CUDA"):
         decode.main(["--device", "cpu", "--modes", "graph"])
