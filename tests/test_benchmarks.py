@@ -135,3 +135,27 @@ def test_fit_throughput_refuses_a_run_shorter_than_its_warmup():
 
     with pytest.raises(SystemExit, match="--steps and --warmup must be >= 1"):
         fit_throughput.main(["--steps", "0"])
+
+
+@pytest.mark.slow
+def test_loss_check_repeats_exactly_on_cpu_and_catches_a_changed_run(tmp_path, monkeypatch, capsys):
+    """``loss_check.py``: 3 steps of the tiny config (2 micro-batches each) twice in fp32 on CPU
+    repeat exactly (noise 0); the same run passes against that record; a run with another
+    learning rate is reported as changed (exit 1) from its second step on."""
+    import loss_check
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--steps", "3", "--data_dir", str(tmp_path / "data")]
+    cpu = "--trainer.accelerator cpu --data.num_workers 0 --trainer.accumulate_grad_batches 2"
+    ref = tmp_path / "ref.json"
+    assert loss_check.main([*common, "--repeat", "2", "--extra", cpu, "--out", str(ref)]) == 0
+    record = json.loads(ref.read_text())
+    assert len(record["losses"]) == 3 and record["noise"] == 0.0
+    assert [r["losses"] for r in record["results"]] == [record["losses"]] * 2
+    assert loss_check.main([*common, "--extra", cpu, "--reference", str(ref)]) == 0
+    changed = tmp_path / "changed.json"
+    assert loss_check.main([*common, "--extra", cpu + " --model.optim.lr 0.03", "--reference", str(ref),
+                            "--out", str(changed)]) == 1
+    verdict = json.loads(changed.read_text())["reference"]
+    assert not verdict["passed"] and verdict["rtol"] == 1e-6 and verdict["worst_step"] >= 2
+    assert "CHANGED" in capsys.readouterr().out
