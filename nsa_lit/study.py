@@ -308,7 +308,7 @@ def write_report(study: Study, runs: list[Run], compare_table: str, seconds: dic
         lines += [f"| {label} | {s['fit']:.0f} | {s['niah']:.0f} | {s['ppl']:.0f} |"
                   for label, s in seconds.items()]
         lines.append("")
-    lines += ["## Command", "", "```bash", "python -m nsa_lit.study " + " ".join(argv), "```", ""]
+    lines += ["## Command", "", "```bash", "python -m nsa_lit.study " + shlex.join(argv), "```", ""]
     path = study.results / "study.md"
     path.write_text("\n".join(lines))
     return path
