@@ -27,6 +27,27 @@ def cache_state(cache):
     return state
 
 
+def decode_matches_forward(model: Transformer, prompts: torch.Tensor, T: int, name: str):
+    """Random tokens ``(len(prompts), T)``: prefill sequence ``b``'s first ``prompts[b]`` tokens into
+    fresh float64 caches, then decode one token a step to ``T``; every prefill and decode logit must
+    equal the training forward's. Returns ``(tokens, caches, positions)`` (positions all ``T``)."""
+    cfg = model.cfg
+    B = len(prompts)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T))
+    full = model(tokens)
+    caches = new_caches(cfg, B, T, torch.float64)
+    prefill = model(tokens[:, : int(prompts.max())], caches, prompts)
+    for b, n in enumerate(prompts.tolist()):
+        torch.testing.assert_close(prefill[b, :n], full[b, :n], rtol=0, atol=1e-12)
+    rows, pos = torch.arange(B), prompts.clone()
+    while int(pos.max()) < T:
+        logits = model.decode(tokens[rows, pos], caches)
+        torch.testing.assert_close(logits, full[rows, pos], rtol=0, atol=1e-10,
+                                   msg=lambda m: f"{name} at positions {pos.tolist()}: {m}")
+        pos += 1
+    return tokens, caches, pos
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 @torch.no_grad()
 def test_decode_gives_the_full_forward_logits_at_every_position(name):
@@ -35,18 +56,7 @@ def test_decode_gives_the_full_forward_logits_at_every_position(name):
     and the window's ring wrap-around; and the decoded caches equal a prefill of the whole text."""
     cfg = config(name)
     model = Transformer(cfg).double()
-    tokens = torch.randint(0, cfg.vocab_size, (3, T))
-    full = model(tokens)
-    caches = new_caches(cfg, 3, T, torch.float64)
-    prefill = model(tokens[:, : int(PROMPTS.max())], caches, PROMPTS)
-    for b, n in enumerate(PROMPTS.tolist()):
-        torch.testing.assert_close(prefill[b, :n], full[b, :n], rtol=0, atol=1e-12)
-    rows, pos = torch.arange(3), PROMPTS.clone()
-    while int(pos.max()) < T:
-        logits = model.decode(tokens[rows, pos], caches)
-        torch.testing.assert_close(logits, full[rows, pos], rtol=0, atol=1e-10,
-                                   msg=lambda m: f"{name} at positions {pos.tolist()}: {m}")
-        pos += 1
+    tokens, caches, pos = decode_matches_forward(model, PROMPTS, T, name)
     reference = new_caches(cfg, 3, T, torch.float64)
     model(tokens, reference, pos)
     for layer, (got, want) in enumerate(zip(caches, reference)):
@@ -249,19 +259,25 @@ class ToyData(L.LightningDataModule):
         return DataLoader(self.data, batch_size=4)
 
 
+def train_tiny_checkpoint(tmp, tokenizer: str, tokenizer_dir, *, vocab_size: int, seq_len: int,
+                          data_vocab: int = 300, steps: int = 2):
+    """A tiny ASA model trained ``steps`` steps on :class:`ToyData` (whose hyperparameters name
+    ``tokenizer`` in ``tokenizer_dir``), saved as ``tmp/tiny.ckpt``: ``(path, LanguageModel)``."""
+    module = LanguageModel(config("asa", vocab_size=vocab_size, seq_len=seq_len), OptimConfig(warmup_steps=1))
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    trainer.fit(module, datamodule=ToyData(tokenizer, str(tokenizer_dir), vocab_size=data_vocab))
+    path = tmp / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     train_bpe("bpe:300", iter(["the quick brown fox jumps over the lazy dog"] * 50), tmp)
-    arch = config("asa", vocab_size=320, seq_len=32)
-    model = LanguageModel(arch, OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp)
-    trainer.fit(model, datamodule=ToyData("bpe:300", str(tmp)))
-    path = tmp / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path, model.model
+    path, module = train_tiny_checkpoint(tmp, "bpe:300", tmp, vocab_size=320, seq_len=32)
+    return path, module.model
 
 
 def test_predict_generates_from_a_prompt_file(checkpoint, tmp_path, capsys):

@@ -7,7 +7,6 @@ import math
 import random
 import re
 
-import lightning as L
 import pytest
 import torch
 
@@ -16,9 +15,8 @@ from nsa_lit.data.tokenizer import train_bpe
 from nsa_lit.eval.__main__ import main
 from nsa_lit.eval.lm_eval_adapter import NsaLitLM, TaskDataError, evaluate, load_tasks
 from nsa_lit.generate import generate
-from nsa_lit.lit_module import LanguageModel, OptimConfig
 from nsa_lit.model import Transformer
-from test_decode import ToyData
+from test_decode import train_tiny_checkpoint
 from test_model import config
 
 WORDS = ("red green blue cat dog bird runs sleeps eats fish apple the a is on under tree house "
@@ -227,15 +225,8 @@ def test_missing_dataset_names_the_task(task_manager, task_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    module = LanguageModel(config("asa", vocab_size=320, seq_len=64), OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp)
-    trainer.fit(module, datamodule=ToyData("bpe:300", str(tokenizer_dir), vocab_size=300))
-    path = tmp / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "bpe:300", tokenizer_dir, vocab_size=320,
+                                 seq_len=64, steps=1)[0]
 
 
 def test_command_writes_results_and_table(checkpoint, task_dir, tmp_path, capsys):

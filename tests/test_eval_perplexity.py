@@ -5,7 +5,6 @@ import json
 import math
 import random
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -14,9 +13,8 @@ from nsa_lit.checkpoint import load_checkpoint
 from nsa_lit.data.prepare import prepare
 from nsa_lit.eval import perplexity
 from nsa_lit.eval.__main__ import main
-from nsa_lit.lit_module import LanguageModel, OptimConfig
 from nsa_lit.model import Transformer
-from test_decode import ToyData
+from test_decode import train_tiny_checkpoint
 from test_model import config
 
 WORDS = "alpha beta gamma delta river stone light shadow quick slow runs falls over under".split()
@@ -41,14 +39,8 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(data_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    module = LanguageModel(config("asa", vocab_size=320, seq_len=64), OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
-    trainer.fit(module, datamodule=ToyData("bpe:300", str(data_dir), vocab_size=300))
-    path = tmp / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "bpe:300", data_dir, vocab_size=320,
+                                 seq_len=64, steps=1)[0]
 
 
 @torch.no_grad()

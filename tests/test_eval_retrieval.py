@@ -8,7 +8,6 @@ keeps room for its queries, so it is at most ``MQAR_SHOWN + 2`` pairs shorter.
 """
 import json
 
-import lightning as L
 import pytest
 
 from nsa_lit.checkpoint import load_checkpoint
@@ -17,9 +16,7 @@ from nsa_lit.data.tokenizer import train_bpe
 from nsa_lit.eval import retrieval
 from nsa_lit.eval.__main__ import main
 from nsa_lit.generate import checkpoint_tokenizer
-from nsa_lit.lit_module import LanguageModel, OptimConfig
-from test_decode import ToyData
-from test_model import config
+from test_decode import train_tiny_checkpoint
 
 LENGTHS = [256, 512]
 DEPTHS = [0, 25, 50, 75, 100]
@@ -138,15 +135,8 @@ def test_unknown_task_and_bad_depth_are_refused(tokenizer):
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    model = LanguageModel(config("asa", vocab_size=640, seq_len=512), OptimConfig(warmup_steps=1))
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp)
-    trainer.fit(model, datamodule=ToyData("bpe:600", str(tokenizer_dir), vocab_size=600))
-    path = tmp / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), "bpe:600", tokenizer_dir, vocab_size=640,
+                                 seq_len=512, data_vocab=600)[0]
 
 
 def test_niah_command_end_to_end(checkpoint, tmp_path):

@@ -10,10 +10,11 @@ import yaml
 from kernels.blocks import num_compressed
 from nsa_lit import kv_report
 from nsa_lit.attention import Attention, BranchKV, GroupedKV
-from nsa_lit.cache import BranchKVCache, GroupedKVCache, layer_cache, new_caches
+from nsa_lit.cache import BranchKVCache, GroupedKVCache, layer_cache
 from nsa_lit.config import Branch, ModelConfig
 from nsa_lit.model import Transformer
 from nsa_lit.model_stats import count_parameters, load_model_config
+from test_decode import decode_matches_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(vocab_size=97, n_layers=2, d_model=32, n_heads=4, head_dim=8, n_kv_heads=2,
@@ -154,18 +155,7 @@ def test_decode_gives_the_full_forward_logits(name):
     cfg = per_branch(name)
     model = Transformer(cfg).double()
     T, prompts = 64, torch.tensor([20, 31, 45])  # decode across blocks and the ring wrap
-    tokens = torch.randint(0, cfg.vocab_size, (3, T))
-    full = model(tokens)
-    caches = new_caches(cfg, 3, T, torch.float64)
-    prefill = model(tokens[:, : int(prompts.max())], caches, prompts)
-    for b, n in enumerate(prompts.tolist()):
-        torch.testing.assert_close(prefill[b, :n], full[b, :n], rtol=0, atol=1e-12)
-    rows, pos = torch.arange(3), prompts.clone()
-    while int(pos.max()) < T:
-        logits = model.decode(tokens[rows, pos], caches)
-        torch.testing.assert_close(logits, full[rows, pos], rtol=0, atol=1e-10,
-                                   msg=lambda m: f"{name} at {pos.tolist()}: {m}")
-        pos += 1
+    tokens, caches, pos = decode_matches_forward(model, prompts, T, name)
     # the first layer's caches against its projections of the embedded tokens
     attn = model.blocks[0].attn
     kv = attn.kv(model.blocks[0].attn_norm(model.embed(tokens)), attn.rope)
