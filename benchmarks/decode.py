@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ from nsa_lit.cache import new_caches  # noqa: E402
 from nsa_lit.decode_graph import GraphedDecode  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config  # noqa: E402
-from results_log import ResultsLog  # noqa: E402
+from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
@@ -112,12 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     if "graph" in modes and args.warmup < 2:
         raise SystemExit("--warmup must be >= 2 with graphs (a graph is captured on the second step)")
 
-    record = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python3 benchmarks/decode.py"] + (argv if argv is not None else sys.argv[1:])),
-    }
+    record = run_record(
+        "decode.py", argv,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        dtype=str(dtype))
     log = ResultsLog(record, f"{'config':24} {'context':>8} {'batch':>5} {'mode':>5} "
                              f"{'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}", args.out)
     runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches

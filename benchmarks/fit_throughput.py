@@ -21,9 +21,7 @@ micro-batch and loss, compiled as the config says, fused AdamW) in the same proc
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import shlex
 import sys
 import time
@@ -35,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_lit.cli import cli_main  # noqa: E402
 from nsa_lit.model_stats import training_flops_per_token  # noqa: E402
-from results_log import ResultsLog  # noqa: E402
+from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
@@ -127,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--raw needs a CUDA device")
     extra = shlex.split(args.extra)
 
-    record = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "python": platform.python_version(),
-              "peak_tflops": args.peak_tflops,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python3 benchmarks/fit_throughput.py"]
-                                  + (argv if argv is not None else sys.argv[1:]))}
+    record = run_record("fit_throughput.py", argv, peak_tflops=args.peak_tflops)
     log = ResultsLog(record, f"{'config':24} {'path':>5} {'T':>6} {'ms/step':>9} {'tokens/s':>10} "
                              f"{'MFU':>6} {'fit/raw':>7}", args.out)
     for config in args.configs:

@@ -22,14 +22,11 @@ data order or the optimiser shows up as a larger difference within a few steps.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 
-import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fit_throughput import ROOT, fit_args  # noqa: E402
 from nsa_lit.cli import cli_main  # noqa: E402
-from results_log import ResultsLog, results_path  # noqa: E402
+from results_log import ResultsLog, results_path, run_record  # noqa: E402
 
 NOISE_FACTOR = 5.0
 
@@ -105,13 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             reference = json.load(f)
     extra = shlex.split(args.extra)
 
-    record = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "python": platform.python_version(),
-              "config": os.path.relpath(os.path.abspath(args.config), ROOT), "steps": args.steps,
-              "extra": extra,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python3 benchmarks/loss_check.py"]
-                                  + (argv if argv is not None else sys.argv[1:]))}
+    record = run_record("loss_check.py", argv, config=os.path.relpath(os.path.abspath(args.config), ROOT),
+                        steps=args.steps, extra=extra)
     log = ResultsLog(record, f"{'run':>4} {'first loss':>11} {'last loss':>10}", args.out)
     runs = []
     for i in range(args.repeat):

@@ -5,6 +5,24 @@ from __future__ import annotations
 import json
 import os
 
+def run_record(script: str, argv: list[str] | None, device: str | None = None, **fields) -> dict:
+    """What a results record starts with: ``device`` (default: the CUDA device's name, else
+    ``"cpu"``), the torch and Python versions, ``fields``, the UTC date and the command as run
+    (``python3 benchmarks/<script>`` and ``argv``, default the process's arguments)."""
+    import datetime
+    import platform
+    import sys
+
+    import torch
+
+    if device is None:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    args = argv if argv is not None else sys.argv[1:]
+    return {"device": device, "torch": torch.__version__, "python": platform.python_version(), **fields,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([f"python3 benchmarks/{script}", *args])}
+
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

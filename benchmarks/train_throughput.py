@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
 import sys
 import time
 
@@ -31,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
-from results_log import ResultsLog  # noqa: E402
+from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
@@ -95,12 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/train_throughput.py needs a CUDA device")
 
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "python": platform.python_version(), "tokens_per_step": args.tokens,
-              "peak_tflops": args.peak_tflops,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python3 benchmarks/train_throughput.py"]
-                                  + (argv if argv is not None else sys.argv[1:]))}
+    record = run_record("train_throughput.py", argv, tokens_per_step=args.tokens,
+                        peak_tflops=args.peak_tflops)
     log = ResultsLog(record, f"{'config':24} {'T':>6} {'mode':>8} {'ms/step':>9} {'tokens/s':>10} "
                              f"{'MFU':>6} {'peak GiB':>9}", args.out)
     for config, T, mode in [(c, T, m) for c in args.configs for T in args.T for m in modes]:
