@@ -225,7 +225,6 @@ class LanguageModel(L.LightningModule):
         """Lightning's ``load_from_checkpoint``; a sharded (FSDP2) checkpoint directory is
         consolidated in memory first (:func:`nsa_lit.checkpoint.consolidate`)."""
         import io
-        import os
 
         from nsa_lit.checkpoint import consolidate, is_sharded_checkpoint
 
