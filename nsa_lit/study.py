@@ -66,7 +66,7 @@ class Study:
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
     tokens: int | None = None
     data_dir: Path | None = None
-    niah_lengths: list[int] = field(default_factory=lambda: [512, 1024, 1920])
+    niah_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     niah_depths: list[float] = field(default_factory=lambda: [0, 25, 50, 75, 100])
     niah_samples: int = 5
     niah_batch_size: int = 32
@@ -369,8 +369,8 @@ def parse_args(argv: list[str] | None = None) -> Study:
     p.add_argument("--data_dir", type=Path, default=None,
                    help="prepared dataset (default: the config's data/study-python-docs, the "
                         "embedded corpus, prepared by the first run)")
-    p.add_argument("--niah_lengths", type=_ints, default=[512, 1024, 1920],
-                   help="S-NIAH prompt lengths (default 512,1024,1920: prompt and answer fit 2,048)")
+    p.add_argument("--niah_lengths", type=_ints, default=[512, 1024, 2048],
+                   help="S-NIAH lengths, prompt plus answer (default 512,1024,2048)")
     p.add_argument("--niah_depths", type=_floats, default=[0, 25, 50, 75, 100],
                    help="needle depths in percent (default 0,25,50,75,100)")
     p.add_argument("--niah_samples", type=int, default=5, help="prompts per task, length and depth (default 5)")

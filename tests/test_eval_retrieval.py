@@ -3,8 +3,8 @@
 Tolerances: a needle starts at the haystack sentence boundary nearest to ``depth`` percent of
 the haystack, so it sits within half the longest haystack sentence (MQAR: key-value pair) of the
 requested token position, plus the distractor needles placed before it (multi-key NIAH). A
-NIAH prompt is at most the requested length and at most one sentence shorter; an MQAR prompt
-keeps room for its queries, so it is at most ``MQAR_SHOWN + 2`` pairs shorter.
+NIAH prompt plus its answer is at most the requested length and at most one sentence shorter;
+an MQAR prompt keeps room for its queries, so it is at most ``MQAR_SHOWN + 2`` pairs shorter.
 """
 import json
 
@@ -68,13 +68,15 @@ def test_prompts_are_deterministic_from_the_seed(tokenizer):
 @pytest.mark.parametrize("task", retrieval.TASKS)
 def test_needle_depth_and_haystack_length(tokenizer, task):
     for s in retrieval.build_samples(tokenizer, [task], LENGTHS, DEPTHS, 1, seed=3):
-        assert len(s.prompt) <= s.length
+        total = len(s.prompt) + retrieval.answer_tokens(tokenizer, s)
+        assert total <= s.length  # the length counts the answer, as RULER's does
         slack = s.max_piece * (retrieval.MQAR_SHOWN + 2 if task == "mqar" else 1)
-        assert len(s.prompt) > s.length - slack, (len(s.prompt), s.length, slack)
+        assert total > s.length - slack, (total, s.length, slack)
         text = tokenizer.decode(s.prompt[s.needle_pos:]).lstrip()
         if task == "mqar":
             assert text.startswith(f"{s.extra['key']}: {s.answer}.")
             filler, tolerance = s.haystack_tokens, s.max_piece  # depth 100: the last pair
+            spread = 0
         else:
             needle = text[: text.index(s.answer) + len(s.answer) + 1]
             if task == "s-niah-1":
@@ -85,10 +87,11 @@ def test_needle_depth_and_haystack_length(tokenizer, task):
             filler = s.haystack_tokens - needles * needle_tokens  # haystack sentences only
             # distractors placed before the needle push it by up to their length
             tolerance = s.max_piece / 2 + (needles - 1) * (needle_tokens + 4)
+            spread = (needles - 1) * 4  # distractors up to 4 tokens longer: less filler
         target = s.haystack_start + s.depth / 100 * filler
         assert abs(s.needle_pos - target) <= tolerance + 1, (task, s.length, s.depth)
         half = s.max_piece if task == "mqar" else s.max_piece / 2
-        assert abs(s.needle_depth - s.depth) <= 100 * half / filler + 1e-9
+        assert abs(s.needle_depth - s.depth) <= 100 * half / (filler - spread) + 1e-9
 
 
 def _fake_generate(tokenizer, samples, right: bool):
@@ -96,7 +99,7 @@ def _fake_generate(tokenizer, samples, right: bool):
     calls = []
 
     def generate(model, prompts, max_new_tokens):
-        calls.append(max_new_tokens)
+        calls.append((max_new_tokens, [tuple(p) for p in prompts]))
         out = []
         for p in prompts:
             answer = answers[tuple(p)]
@@ -112,10 +115,14 @@ def _fake_generate(tokenizer, samples, right: bool):
 @pytest.mark.parametrize("right", [True, False])
 def test_exact_match_scoring(tokenizer, tmp_path, right):
     samples = retrieval.build_samples(tokenizer, retrieval.TASKS, [256], [0, 100], 2, seed=0)
+    by_prompt = {tuple(s.prompt): s for s in samples}
     generate, calls = _fake_generate(tokenizer, samples, right)
     records = retrieval.evaluate(None, tokenizer, samples, batch_size=3, generate_fn=generate)
     assert [r["correct"] for r in records] == [right] * len(samples)
-    assert max(calls) == max(retrieval.answer_tokens(tokenizer, s) for s in samples)
+    # each batch generates exactly its prompts' answer tokens (answers of one length together)
+    for budget, prompts in calls:
+        assert {retrieval.answer_tokens(tokenizer, by_prompt[p]) for p in prompts} == {budget}
+    assert sum(len(p) for _, p in calls) == len(samples)
     written = retrieval.write_outputs(tmp_path, {"model": "fake"}, records)
     for task in retrieval.TASKS:
         s = written["summary"][task]
@@ -140,7 +147,7 @@ def checkpoint(tokenizer_dir, tmp_path_factory):
 
 
 def test_niah_command_end_to_end(checkpoint, tmp_path):
-    args = ["niah", "--ckpt_path", str(checkpoint), "--lengths", "256,384", "--depths", "0,100",
+    args = ["niah", "--ckpt_path", str(checkpoint), "--lengths", "256,512", "--depths", "0,100",
             "--samples", "1", "--no_progress", "--device", "cpu"]
     first = main(args + ["--out", str(tmp_path / "a"), "--tb_dir", str(tmp_path / "tb")])
     a = json.loads((tmp_path / "a" / "results.json").read_text())
@@ -157,7 +164,7 @@ def test_niah_command_end_to_end(checkpoint, tmp_path):
         assert mean.value == pytest.approx(s["accuracy"]) and mean.step == 2
         assert len(s["grid"]) == 2
         for depth, row in s["grid"].items():  # depth keys "0.0", tags "depth_0"
-            for length in ("256", "384"):
+            for length in ("256", "512"):
                 (cell,) = events.Scalars(f"eval/niah/{task}/len_{length}/depth_{float(depth):g}")
                 assert cell.value == pytest.approx(row[length])
     assert len(a["records"]) == len(retrieval.TASKS) * 2 * 2
@@ -166,7 +173,7 @@ def test_niah_command_end_to_end(checkpoint, tmp_path):
         if first["png"][task]:
             assert (tmp_path / "a" / f"heatmap_{task}.png").stat().st_size > 0
         assert "depth" in (tmp_path / "a" / f"heatmap_{task}.txt").read_text()
-    assert a["meta"]["seq_len"] == 512 and a["meta"]["seed"] == 0
+    assert a["meta"]["seq_len"] == 512 and a["meta"]["seed"] == 0  # length 512 = seq_len fits
     # a second run of two tasks: the same prompts and the same greedy answers
     main(args + ["--tasks", "s-niah-2,mqar", "--out", str(tmp_path / "b")])
     b = json.loads((tmp_path / "b" / "results.json").read_text())
@@ -174,7 +181,7 @@ def test_niah_command_end_to_end(checkpoint, tmp_path):
     # the records are those of the prompts build_samples gives
     model, data = load_checkpoint(checkpoint)
     tok = checkpoint_tokenizer(model.cfg, data)
-    samples = retrieval.build_samples(tok, retrieval.TASKS, [256, 384], [0, 100], 1, 0)
+    samples = retrieval.build_samples(tok, retrieval.TASKS, [256, 512], [0, 100], 1, 0)
     assert [(len(s.prompt), s.answer) for s in samples] == \
         [(r["prompt_tokens"], r["answer"]) for r in a["records"]]
     with pytest.raises(ValueError, match=r"length\(s\) 600 do not fit .*seq_len \(512\)"):

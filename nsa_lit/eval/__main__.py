@@ -32,8 +32,8 @@ def niah_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     parser.add_argument("--ckpt_path", required=True, help="training checkpoint (.ckpt)")
     parser.add_argument("--lengths", type=_ints, default=[1024, 2048, 4096, 8192],
-                        help="prompt lengths in tokens, comma-separated (default 1024,2048,4096,8192); "
-                             "each plus the answer must fit the model's seq_len")
+                        help="lengths in tokens, prompt + answer, comma-separated (default "
+                             "1024,2048,4096,8192); at most the model's seq_len")
     parser.add_argument("--depths", type=_floats, default=[0, 25, 50, 75, 100],
                         help="needle depths in percent of the haystack (default 0,25,50,75,100)")
     parser.add_argument("--tasks", default=",".join(TASKS),
@@ -60,7 +60,7 @@ def _shared_options(parser: argparse.ArgumentParser, tokenizer_dir: str | None =
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--tb_dir", default=None,
                         help="also write the results as TensorBoard scalars here, at the "
-                             "checkpoint's global_step (e.g. the run's log dir, logs/tiny/asa)")
+                             "checkpoint's global_step (the run's log dir, e.g. logs/tiny/asa/seed1234)")
 
 
 def _write_tb(args: argparse.Namespace, scalars: dict) -> None:
@@ -95,7 +95,7 @@ def run_niah(args: argparse.Namespace) -> dict:
         raise ValueError(
             f"length(s) {', '.join(map(str, too_long))} do not fit the model: prompt plus answer "
             f"reach {longest} tokens, more than its seq_len ({seq_len}); the model cannot read "
-            f"past seq_len, so pass --lengths up to about {seq_len - 48}")
+            f"past seq_len, so pass --lengths up to {seq_len}")
     records = retrieval.evaluate(model, tokenizer, samples, args.batch_size,
                                  progress=not args.no_progress)
     seconds = time.perf_counter() - t0

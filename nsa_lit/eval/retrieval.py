@@ -13,7 +13,9 @@ Tasks (templates after RULER's NIAH and Zoology's multi-query associative recall
 The essay haystack is prose from the embedded corpus (:func:`nsa_lit.data.corpus.python_docs_documents`,
 the Python documentation), split into sentences. A prompt is built from separately encoded
 pieces (instructions, haystack sentences, needle, question), so every token position is known:
-the haystack fills the requested length to within one sentence (the prompt never exceeds it),
+the haystack fills the requested length to within one sentence (``length`` counts the prompt
+and the answer's tokens, as RULER counts the generated tokens in its length: a prompt of length
+``seq_len`` fits the model),
 and the needle (the queried pair, for MQAR) starts at the sentence boundary nearest to
 ``depth`` percent of the haystack. Every random choice (needle values, key words, where in the
 corpus the haystack starts, distractor places) comes from ``random.Random`` seeded with
@@ -50,7 +52,7 @@ class Sample:
     """One prompt and its answer, with where the needle went."""
 
     task: str
-    length: int               # requested prompt length (tokens)
+    length: int               # requested length (tokens): prompt + answer <= length
     depth: float              # requested needle depth (percent of the haystack)
     index: int                # sample number within the (task, length, depth) cell
     prompt: list[int]
@@ -158,7 +160,7 @@ def _build(task: str, length: int, depth: float, index: int, seed: int, encode: 
     head = encode(intro)
     tail = encode(" " + question)
     needle_ids = [encode(" " + n) for n in needles]
-    budget = length - len(head) - len(tail) - sum(map(len, needle_ids))
+    budget = length - len(head) - len(tail) - sum(map(len, needle_ids)) - len(encode(" " + answer))
     sentence = _filler(task, rng)
     hay: list[list[int]] = []
     used = misses = i = 0
@@ -174,8 +176,8 @@ def _build(task: str, length: int, depth: float, index: int, seed: int, encode: 
         if i > 10 * length:
             raise RuntimeError("haystack does not grow: the tokenizer encodes sentences to nothing")
     if budget < 0:
-        raise ValueError(f"{task}: length {length} is too short for the instructions, needle "
-                         f"and question ({length - budget} tokens)")
+        raise ValueError(f"{task}: length {length} is too short for the instructions, needle, "
+                         f"question and answer ({length - budget} tokens)")
     # the queried needle goes to the sentence boundary nearest to depth% of the haystack
     bounds = [0]
     for piece in hay:
@@ -207,7 +209,7 @@ def _build_mqar(length: int, depth: float, index: int, rng: random.Random, encod
     pairs: list[list[int]] = []
     seen: set[str] = set()
     values: dict[str, str] = {}
-    query_cost = 0
+    query_cost = answer_cost = 0
     used = 0
     while True:
         key = _mqar_key(rng)
@@ -217,9 +219,11 @@ def _build_mqar(length: int, depth: float, index: int, rng: random.Random, encod
             continue
         value = _number(rng)
         piece = encode(f" {key}: {value}.")
-        # room for this pair plus the queries (each query about as long as a pair)
+        # room for this pair, the queries (each about as long as a pair) and the answer
         query_cost = max(query_cost, len(piece))
-        if used + len(piece) + len(head) + len(recall) + (MQAR_SHOWN + 1) * query_cost > length:
+        answer_cost = max(answer_cost, len(encode(" " + value)))
+        if (used + len(piece) + len(head) + len(recall) + (MQAR_SHOWN + 1) * query_cost
+                + answer_cost > length):
             break
         seen.add(key)
         keys.append(key)
@@ -270,13 +274,14 @@ def exact_match(prediction: str, answer: str) -> bool:
 def evaluate(model, tokenizer, samples: Sequence[Sample], batch_size: int = 8,
              progress: bool = False, generate_fn: Callable | None = None) -> list[dict[str, Any]]:
     """Greedy answers and exact-match scores, one record per sample (in the order of
-    ``samples``). Samples of one task are decoded together in batches of ``batch_size``; ``generate_fn`` (default
+    ``samples``). Samples of one task whose answers have the same number of tokens are decoded together in
+    batches of ``batch_size``, each generating exactly its answers' tokens; ``generate_fn`` (default
     :func:`nsa_lit.generate.generate`) is a test hook."""
     if generate_fn is None:
         from nsa_lit.generate import generate as generate_fn
-    groups: dict[str, list[Sample]] = {}
-    for s in samples:  # one task's answers have the same number of tokens, or about
-        groups.setdefault(s.task, []).append(s)
+    groups: dict[tuple[str, int], list[Sample]] = {}
+    for s in samples:  # a batch generates exactly its answers' tokens: prompt + answer <= length
+        groups.setdefault((s.task, answer_tokens(tokenizer, s)), []).append(s)
     batches = [g[i: i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     bar = None
     if progress:
@@ -285,10 +290,10 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], batch_size: int = 8,
         bar = tqdm(total=len(samples), desc="niah", unit="prompt")
     records = []
     for batch in batches:
-        budget = max(answer_tokens(tokenizer, s) for s in batch)
+        budget = answer_tokens(tokenizer, batch[0])
         outputs = generate_fn(model, [s.prompt for s in batch], budget)
         for s, out in zip(batch, outputs):  # (records are re-ordered below)
-            out = list(out)[: answer_tokens(tokenizer, s)]
+            out = list(out)[:budget]
             prediction = tokenizer.decode([t for t in out if t != tokenizer.eos_id])
             record = {k: v for k, v in asdict(s).items() if k != "prompt"}
             record.update(prompt_tokens=len(s.prompt), needle_depth=round(s.needle_depth, 2),

@@ -1,8 +1,8 @@
 """Evaluation results as TensorBoard scalars, beside (or inside) a training run's logs.
 
 Every evaluation command takes ``--tb_dir DIR``: its numbers are written there as scalars at the
-checkpoint's ``global_step``, so pointing it at a run's log directory (``logs/tiny/asa``) puts
-them next to the training curves, and ``tensorboard --logdir logs`` compares variants tag by tag.
+checkpoint's ``global_step``, so pointing it at a run's log directory
+(``logs/tiny/asa/seed1234``) puts them next to the training curves, and ``tensorboard --logdir logs`` compares variants tag by tag.
 Tags: ``eval/niah/<task>/len_<L>/depth_<d>``, ``eval/niah/<task>/len_<L>``,
 ``eval/niah/<task>/mean``; ``eval/ppl/len_<L>`` (and ``eval/ppl/len_<L>/pos_<a>_<b>``);
 ``eval/lm_eval/<task>/<metric>``; ``eval/longbench/<task>`` and ``eval/longbench/average``.
@@ -17,10 +17,15 @@ import torch
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
-    """The ``global_step`` recorded in a checkpoint file (0 for a sharded directory or when
-    absent); reads the file memory-mapped, without loading the tensors."""
+    """The ``global_step`` recorded in a checkpoint file, or in a sharded checkpoint directory's
+    ``meta.pt`` (0 when absent); reads a file memory-mapped, without loading the tensors."""
+    from nsa_lit.checkpoint import META_FILENAME
+
     if os.path.isdir(path):
-        return 0
+        meta = os.path.join(path, META_FILENAME)
+        if not os.path.isfile(meta):
+            return 0
+        path = meta
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # not a zip checkpoint: mmap unsupported
