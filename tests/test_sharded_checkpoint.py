@@ -182,6 +182,10 @@ def test_consolidated_checkpoint_gives_the_sharded_models_logits(run, tmp_path, 
     for source in (out, ck / "step=4.ckpt"):
         module = LanguageModel.load_from_checkpoint(source, map_location="cpu").eval()
         torch.testing.assert_close(_logits(module.model), expected, rtol=0, atol=0)
+    # evaluation's --tb_dir writes at the step of either form (the directory's from meta.pt)
+    from nsa_lit.eval.tensorboard import checkpoint_step
+
+    assert checkpoint_step(out) == checkpoint_step(ck / "step=4.ckpt") == 4
 
 
 def test_failed_sharded_save_leaves_the_previous_checkpoint(run):
