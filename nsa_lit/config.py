@@ -332,8 +332,18 @@ class ModelConfig:
         if self.uses_branch(Branch.SELECTION):
             need(self.seq_len % self.select_block == 0, "seq_len",
                  f"must be a multiple of select_block ({self.select_block}), got {self.seq_len}")
-            need(self.select_block % self.q_share == 0, "q_share",
-                 f"must divide select_block ({self.select_block}), got {self.q_share}")
+            if "G" in self.layer_pattern:  # query sharing applies to global layers only
+                need(self.select_block % self.q_share == 0, "q_share",
+                     f"must divide select_block ({self.select_block}), got {self.q_share}")
+            need(self.num_local_blocks >= 1, "num_local_blocks",
+                 "must be >= 1 when a layer selects blocks: the query's current block is always "
+                 f"selected, got {self.num_local_blocks}")
+            need(self.compress_method == "mean" or all(
+                Branch.COMPRESSION in spec.branches for spec in specs
+                if Branch.SELECTION in spec.branches), "compress_method",
+                 "must be 'mean' when a layer selects blocks without the compression branch: "
+                 "the compressor MLPs that score the blocks would never get a gradient (they "
+                 "would score with random weights), got 'mlp'")
             need(self.top_n >= 1 + self.num_local_blocks, "top_n",
                  f"must be >= 1 + num_local_blocks ({1 + self.num_local_blocks}): the first and "
                  f"the local blocks are always selected")

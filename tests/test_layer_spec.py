@@ -110,6 +110,12 @@ SMALL = dict(vocab_size=97, n_layers=2, d_model=32, n_heads=4, head_dim=8, n_kv_
     (dict(seq_len=60), r"`seq_len`: must be a multiple of select_block \(8\)"),
     (dict(top_n=1), r"`top_n`: must be >= 1 \+ num_local_blocks \(2\)"),
     (dict(compress_block=6), r"`compress_block`: must be a multiple of compress_stride \(4\)"),
+    # the query's current block is always selected (DESIGN: selection)
+    (dict(num_local_blocks=0, top_n=3), r"`num_local_blocks`: must be >= 1 when a layer selects"),
+    (dict(layer_pattern="N", num_local_blocks=0), r"`num_local_blocks`: must be >= 1"),
+    # selection without compression scores blocks with compressor MLPs no loss trains
+    (dict(layer_pattern="N", nsa_branches=["selection", "window"]),
+     r"`compress_method`: must be 'mean' when a layer selects blocks without the compression"),
 ])
 def test_degenerate_configs_fail_naming_the_field_and_bound(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -118,6 +124,9 @@ def test_degenerate_configs_fail_naming_the_field_and_bound(overrides, message):
 
 @pytest.mark.parametrize("overrides", [
     dict(layer_pattern="F", window=64, top_n=8, latent_dim=64),  # fields no layer reads
+    dict(layer_pattern="N", q_share=3),  # query sharing: global layers only
+    dict(layer_pattern="N", nsa_branches=["selection", "window"], compress_method="mean"),
+    dict(layer_pattern="N", nsa_branches=["compression", "window"], num_local_blocks=0),
     dict(layer_pattern="N", nsa_branches=["compression", "selection"], window=64),
     dict(local_kv="grouped", global_kv="grouped", latent_dim=64),
     dict(layer_pattern="L", top_n=8),
