@@ -51,7 +51,7 @@ SMOKE_ARCH = dict(n_layers=6, d_model=64, n_heads=4, head_dim=16, n_kv_heads=2, 
                   latent_dim=32, rope_dim=8, seq_len=256, window=64, compress_block=16,
                   compress_stride=8, select_block=32, top_n=4)
 SMOKE_TRAINER = {"accelerator": "cpu", "precision": "32-true", "log_every_n_steps": 1}
-SMOKE = dict(batch_size=2, steps=4, val_every=2, niah_lengths=(128, 192), niah_depths=(0, 50, 100),
+SMOKE = dict(batch_size=2, steps=4, val_every=2, niah_lengths=(192, 256), niah_depths=(0, 50, 100),
              niah_samples=1, ppl_lengths=(128, 256, 512), ppl_max_tokens=2048)
 
 
@@ -130,13 +130,41 @@ class Schedule:
         return self.steps * self.tokens_per_step
 
 
+def fit_override(fit_args: list[str], option: str) -> str | None:
+    """The value the last ``OPTION V`` / ``OPTION=V`` of ``fit_args`` gives ``option``."""
+    value = None
+    for i, arg in enumerate(fit_args):
+        if arg == option and i + 1 < len(fit_args):
+            value = fit_args[i + 1]
+        elif arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def schedule(study: Study, variant: str) -> Schedule:
+    """The steps of a run: from the config (or ``--smoke``'s settings), with the sequence
+    length, batch size, accumulation and validation interval that ``--fit_args`` sets."""
     doc = yaml.safe_load(study.config(variant).read_text())
-    seq_len = SMOKE_ARCH["seq_len"] if study.smoke else doc["model"]["arch"]["seq_len"]
-    batch = SMOKE["batch_size"] if study.smoke else doc["data"]["batch_size"]
-    accumulate = doc["trainer"].get("accumulate_grad_batches", 1)
+
+    def setting(option: str, default: int) -> int:
+        value = fit_override(study.fit_args, option)
+        if value is None:
+            return int(default)
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"--fit_args {option} {value}: the study needs a whole number (it "
+                             "sets the steps from tokens per step and validation interval)") from None
+
+    seq_len = setting("--model.arch.seq_len",
+                      SMOKE_ARCH["seq_len"] if study.smoke else doc["model"]["arch"]["seq_len"])
+    batch = setting("--data.batch_size",
+                    SMOKE["batch_size"] if study.smoke else doc["data"]["batch_size"])
+    accumulate = setting("--trainer.accumulate_grad_batches",
+                         doc["trainer"].get("accumulate_grad_batches", 1))
     per_step = seq_len * batch * accumulate
-    val_every = SMOKE["val_every"] if study.smoke else doc["trainer"]["val_check_interval"]
+    val_every = setting("--trainer.val_check_interval",
+                        SMOKE["val_every"] if study.smoke else doc["trainer"]["val_check_interval"])
     if study.tokens is not None:
         steps = math.ceil(study.tokens / per_step / val_every) * val_every
     elif study.smoke:
@@ -332,7 +360,8 @@ def run_study(study: Study, argv: list[str] | None = None) -> dict:
         print(f"[{i}/{len(runs)}] {run.label}: " + ", ".join(
             f"{k} {v:.0f} s" for k, v in seconds[run.label].items()), flush=True)
     study.results.mkdir(parents=True, exist_ok=True)
-    result = compare_main([str(study.out / "logs" / "study"), "--out", str(study.results), "--eval",
+    # the runs named here only (another invocation's runs, maybe unfinished, stay out)
+    result = compare_main([*(str(r.log_dir) for r in runs), "--out", str(study.results), "--eval",
                            *(f"{r.label}={r.niah_dir / 'results.json'}" for r in runs)])
     report = write_report(study, runs, result["table"], seconds, argv or [])
     print(f"wrote {report}")

@@ -231,3 +231,49 @@ def test_missing_or_empty_log_directories_and_clashing_runs_are_refused(tmp_path
     two = write_run(tmp_path / "two/a/seed1", synthetic([3.0], [2.5]))
     with pytest.raises(RunDataError, match=f"runs {one} and {two} are both a/seed1"):
         load_runs([tmp_path / "one", tmp_path / "two"])
+
+
+# -- what fit did not log ------------------------------------------------------------------------
+def test_validate_outside_fit_and_replayed_steps_do_not_move_the_curves(tmp_path):
+    """A ``main.py validate`` event file (val/* only, at step 0) adds no validation point; a
+    step logged again after a resume keeps its latest value; a directory with evaluation
+    scalars only is not a run."""
+    import time
+
+    logs = tmp_path / "logs"
+    run_dir = write_run(logs / "syn/a/seed1", synthetic([3.0, 2.5, 2.25, 2.0], [2.75, 2.5]))
+    time.sleep(0.01)  # the resumed run writes later: steps 2 and 3 again
+    write_run(run_dir, {"train/loss": [(2, 2.125), (3, 1.875)],
+                        "train/tokens_seen": [(2, 300.0), (3, 400.0)], "val/loss": [(3, 2.375)]})
+    write_run(run_dir, {"val/loss": [(0, 1.0)], "val/ppl": [(0, math.e)], "test/loss": [(0, 1.5)],
+                        "eval/niah/s-niah-1/mean": [(3, 0.5)]})  # validate, test, --tb_dir
+    write_run(logs / "syn/evals-only", {"eval/ppl/len_512": [(3, 40.0)]})
+    skipped = []
+    (run,) = load_runs([logs], skipped)
+    assert skipped == [logs / "syn/evals-only"]
+    assert run.scalars["train/loss"] == [(0, 3.0), (1, 2.5), (2, 2.125), (3, 1.875)]
+    assert run.scalars["val/loss"] == [(1, 2.75), (3, 2.375)]
+    assert "test/loss" not in run.scalars and run.scalars["eval/niah/s-niah-1/mean"] == [(3, 0.5)]
+    summary = summarize([run])["syn/a"]["metrics"]
+    assert summary["best_val_loss"]["values"] == [2.375]
+    write_run(tmp_path / "only-evals/x", {"eval/ppl/len_512": [(3, 40.0)]})
+    with pytest.raises(RunDataError, match="no training run in it"):
+        load_runs([tmp_path / "only-evals"])
+
+
+def test_lm_eval_results_show_each_tasks_main_metric(tmp_path):
+    logs = tmp_path / "logs"
+    write_run(logs / "syn/a/seed1", synthetic([3.0], [2.5]))
+    results = {"results": {
+        "wikitext": {"alias": "wikitext", "word_perplexity,none": 35.25,
+                     "word_perplexity_stderr,none": "N/A", "byte_perplexity,none": 1.9,
+                     "bits_per_byte,none": 0.93},
+        "hellaswag": {"acc,none": 0.3, "acc_stderr,none": 0.01, "acc_norm,none": 0.325},
+        "boolq": {"acc,none": 0.6}},
+        "config": {"ckpt_path": "checkpoints/syn/a/seed1/last.ckpt"}}
+    path = tmp_path / "lm_eval.json"
+    path.write_text(json.dumps(results))
+    result = compare([str(logs)], [str(path)], tmp_path / "out")
+    header, _, row = result["table"].splitlines()
+    assert header.endswith("| wikitext word_perplexity | hellaswag acc_norm (%) | boolq acc (%) |")
+    assert row.endswith("| 35.25 | 32.5 | 60.0 |")

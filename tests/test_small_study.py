@@ -50,6 +50,18 @@ def test_tokens_round_up_to_whole_validation_intervals(tmp_path):
     assert st.schedule(study, "asa").steps == config("asa")["model"]["optim"]["token_budget"] // 32768 == 300
 
 
+def test_fit_args_that_change_the_tokens_per_step_change_the_steps(tmp_path):
+    study = st.Study(out=tmp_path, results=tmp_path / "r", tokens=3_000_000,
+                     fit_args=["--data.batch_size", "8", "--trainer.val_check_interval=25"])
+    sched = st.schedule(study, "asa")  # 8 x 2048 tokens a step, validation every 25 steps
+    assert (sched.tokens_per_step, sched.val_every, sched.steps) == (8 * 2048, 25, 200)
+    study.fit_args = ["--trainer.accumulate_grad_batches", "2", "--data.batch_size", "8"]
+    assert st.schedule(study, "asa").tokens_per_step == 2 * 8 * 2048
+    study.fit_args = ["--trainer.val_check_interval", "0.5"]
+    with pytest.raises(ValueError, match="--trainer.val_check_interval 0.5: the study needs"):
+        st.schedule(study, "asa")
+
+
 def test_fit_command_names_the_run_and_checkpoints_only_at_the_end(tmp_path):
     study = st.Study(out=tmp_path, results=tmp_path / "r", tokens=3_000_000)
     argv = st.fit_argv(st.Run(study, "nsa", 2))

@@ -23,7 +23,10 @@ from nsa_lit.compare.runs import RunDataError, attach_evals, load_runs
 def compare(logdirs: list[str], evals: list[str], out: str | Path) -> dict[str, Any]:
     """Write the comparison of the runs under ``logdirs`` (with the evaluation results
     ``evals``) into ``out``; returns ``{"summary", "table", "files"}``."""
-    runs = load_runs(logdirs)
+    skipped: list[Path] = []
+    runs = load_runs(logdirs, skipped)
+    for path in skipped:
+        print(f"skipped {path}: no training scalars (evaluation scalars only)", file=sys.stderr)
     attach_evals(runs, evals)
     summary = summarize(runs)
     table = markdown_table(summary)

@@ -75,7 +75,8 @@ def run_values(run: Run) -> dict[str, float]:
         if run.facts.get(fact) is not None:
             out[fact] = float(run.facts[fact])
     for task, summary in run.evals.items():
-        out[EVAL_PREFIX + task] = float(summary["accuracy"])
+        out[EVAL_PREFIX + task] = float(summary["accuracy"] if "accuracy" in summary
+                                        else summary["value"])
     return {k: float(v) for k, v in out.items()}
 
 
@@ -119,10 +120,18 @@ def _cell(stat: dict[str, Any] | None, column: Column, runs: int) -> str:
 
 
 def eval_columns(summary: dict[str, dict[str, Any]]) -> list[Column]:
-    """One column per evaluation task any variant has, accuracy in percent."""
+    """One column per evaluation task any variant has: accuracy in percent, a perplexity (an
+    lm-eval metric that is not a fraction, e.g. ``wikitext word_perplexity``) as it is."""
+    from nsa_lit.eval.lm_eval_tasks import is_fraction
+
     tasks = dict.fromkeys(k for e in summary.values() for k in e["metrics"]
                           if k.startswith(EVAL_PREFIX))
-    return [Column(k, f"{k.removeprefix(EVAL_PREFIX)} (%)", _percent) for k in tasks]
+    columns = []
+    for key in tasks:
+        name = key.removeprefix(EVAL_PREFIX)
+        columns.append(Column(key, f"{name} (%)", _percent) if is_fraction(name)
+                       else Column(key, name, _fixed(2)))
+    return columns
 
 
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:

@@ -80,20 +80,50 @@ class Run:
         return out
 
 
+# the scalars a validation or test outside training (``main.py validate`` / ``test`` with the
+# run's config, which log into the run's directory at step 0) would add to the curves
+EVAL_OUTSIDE_FIT = ("val/", "test/")
+
+
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the event files in ``run_dir`` (all of them: a resumed run appends
-    files), ``tag -> [(step, value), ...]`` sorted by step."""
+    files), ``tag -> [(step, value), ...]`` sorted by step, one point a step.
+
+    - A step logged more than once (a run resumed from a checkpoint older than its last logged
+      step logs those steps again) keeps its latest write (the event's wall time).
+    - A file without ``train/`` scalars was not written by ``fit``: its ``val/*`` and ``test/*``
+      points (``main.py validate`` / ``test`` logging into the run's directory at step 0) are
+      left out; its other scalars (``eval/*`` from ``--tb_dir``) are kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    acc.Reload()
-    return {tag: sorted((e.step, float(e.value)) for e in acc.Scalars(tag))
-            for tag in acc.Tags()["scalars"]}
+    latest: dict[str, dict[int, tuple[float, float]]] = {}  # tag -> step -> (wall time, value)
+    for path in sorted(run_dir.glob(EVENT_GLOB)):
+        if not path.is_file():
+            continue
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        fit = any(tag.startswith("train/") for tag in tags)
+        for tag in tags:
+            if not fit and tag.startswith(EVAL_OUTSIDE_FIT):
+                continue
+            points = latest.setdefault(tag, {})
+            for e in acc.Scalars(tag):
+                if e.step not in points or e.wall_time >= points[e.step][0]:
+                    points[e.step] = (e.wall_time, float(e.value))
+    return {tag: sorted((step, value) for step, (_, value) in points.items())
+            for tag, points in latest.items()}
 
 
 def find_run_dirs(logdir: Path) -> list[Path]:
     """Directories under (or equal to) ``logdir`` holding event files, sorted."""
     return sorted({p.parent for p in logdir.rglob(EVENT_GLOB) if p.is_file()})
+
+
+def is_training_run(scalars: dict[str, list[tuple[int, float]]]) -> bool:
+    """Whether a directory's scalars come from a training run (any ``train/`` tag), not only
+    from evaluations written there (``--tb_dir``)."""
+    return any(tag.startswith("train/") for tag in scalars)
 
 
 def _path_identity(run_dir: Path, logdir: Path) -> tuple[str, str]:
@@ -145,10 +175,12 @@ def read_run(run_dir: Path, logdir: Path) -> Run:
     return Run(path=run_dir, variant=variant, version=version, scalars=scalars, facts=facts)
 
 
-def load_runs(logdirs: list[str | Path]) -> list[Run]:
-    """Every run under each log directory, in the order given (sorted within one). Raises
-    :class:`RunDataError` for a missing directory, one without event files, a run lacking a
-    :data:`REQUIRED_TAGS` tag, or two directories claiming the same variant and version."""
+def load_runs(logdirs: list[str | Path], skipped: list[Path] | None = None) -> list[Run]:
+    """Every run under each log directory, in the order given (sorted within one). A directory
+    whose event files hold no ``train/`` scalar (evaluation scalars only) is not a run: it is
+    left out and appended to ``skipped``. Raises :class:`RunDataError` for a missing directory,
+    one without runs, a run lacking a :data:`REQUIRED_TAGS` tag, or two directories claiming the
+    same variant and version."""
     runs: list[Run] = []
     seen: dict[str, Path] = {}
     for logdir in map(Path, logdirs):
@@ -158,8 +190,14 @@ def load_runs(logdirs: list[str | Path]) -> list[Run]:
         if not run_dirs:
             raise RunDataError(f"log directory {logdir}: no TensorBoard event files "
                                f"({EVENT_GLOB}) in it or below it")
+        found = 0
         for run_dir in run_dirs:
             run = read_run(run_dir, logdir)
+            if not is_training_run(run.scalars):
+                if skipped is not None:
+                    skipped.append(run_dir)
+                continue
+            found += 1
             for tag in REQUIRED_TAGS:
                 run.series(tag)
             if run.label in seen and seen[run.label] != run_dir:
@@ -168,6 +206,9 @@ def load_runs(logdirs: list[str | Path]) -> list[Run]:
                     "in separate commands or give one another logger name or version")
             seen[run.label] = run_dir
             runs.append(run)
+        if not found:
+            raise RunDataError(f"log directory {logdir}: no training run in it or below it (its "
+                               f"event files hold no train/ scalars)")
     return runs
 
 
@@ -176,8 +217,11 @@ def read_eval(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
     """``(meta, scores)`` of an evaluation results file (or a directory holding
     ``results.json``). ``scores``: ``task -> summary`` where a summary has ``accuracy`` (and,
     for retrieval, ``grid[depth][length]``, ``lengths``, ``depths``): the ``summary`` of
-    ``python -m nsa_lit.eval niah``, or lm-evaluation-harness's ``results`` (each task's
-    first ``acc,...`` / ``acc_norm,...`` / other numeric metric that is not a stderr)."""
+    ``python -m nsa_lit.eval niah``, or lm-evaluation-harness's ``results``: each task's main
+    metric (:func:`nsa_lit.eval.lm_eval_tasks.summary_metric`) as ``"<task> <metric>"`` with
+    ``accuracy`` when it is a fraction, ``value`` when not (a perplexity)."""
+    from nsa_lit.eval.lm_eval_tasks import is_fraction, summary_metric
+
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
@@ -194,11 +238,10 @@ def read_eval(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
     for task, metrics in (doc.get("results") or {}).items():
         if not isinstance(metrics, dict):
             continue
-        numeric = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool) and "stderr" not in k]
-        if numeric:
-            key, value = next(((k, v) for k, v in numeric if k.split(",")[0] == "acc"), numeric[0])
-            scores[f"{task} {key.split(',')[0]}"] = {"accuracy": float(value)}
+        picked = summary_metric(task, metrics)
+        if picked:
+            metric, value = picked
+            scores[f"{task} {metric}"] = {"accuracy" if is_fraction(metric) else "value": value}
     if not scores:
         raise RunDataError(f"evaluation results {path}: no task scores (expected `summary` "
                            "with per-task `accuracy`, or lm-eval's `results`)")

@@ -118,7 +118,7 @@ def run_niah(args: argparse.Namespace) -> dict:
 
 # -- lm-eval --------------------------------------------------------------------------------
 def lm_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from nsa_lit.eval.lm_eval_adapter import DEFAULT_TASKS
+    from nsa_lit.eval.lm_eval_tasks import DEFAULT_TASKS
 
     parser.add_argument("--ckpt_path", default=None,
                         help="training checkpoint (.ckpt file or sharded dir); required unless "

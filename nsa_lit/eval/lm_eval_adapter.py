@@ -32,13 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from nsa_lit.eval.likelihood import loglikelihood as score_loglikelihood
-
-# the standard zero-shot commonsense list (issue 20)
-DEFAULT_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy",
-                 "arc_challenge", "social_iqa", "boolq")
-# the metric shown first for each task in the summary table (all metrics are in the JSON)
-MAIN_METRIC = {"wikitext": "word_perplexity", "lambada_openai": "acc", "hellaswag": "acc_norm",
-               "arc_challenge": "acc_norm", "arc_easy": "acc_norm", "piqa": "acc_norm"}
+from nsa_lit.eval.lm_eval_tasks import DEFAULT_TASKS, main_metric  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +303,11 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float |
 def text_table(results: dict[str, Any]) -> str:
     """One line per task and metric, the task's main metric first (marked ``*``)."""
     rows = summary_rows(results)
-    rows.sort(key=lambda r: (r[0], r[1] != MAIN_METRIC.get(r[0], "acc"), r[1]))
+    rows.sort(key=lambda r: (r[0], r[1] != main_metric(r[0]), r[1]))
     width = max([len(r[0]) for r in rows] + [4])
     lines = [f"{'task':<{width}}  {'metric':<18} {'value':>10} {'stderr':>8}"]
     for task, metric, value, stderr in rows:
-        mark = "*" if metric == MAIN_METRIC.get(task, "acc") else " "
+        mark = "*" if metric == main_metric(task) else " "
         err = f"{stderr:8.4f}" if stderr is not None else f"{'':>8}"
         lines.append(f"{task:<{width}} {mark}{metric:<18} {value:10.4f} {err}")
     return "\n".join(lines)
