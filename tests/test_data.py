@@ -311,7 +311,8 @@ def test_an_epoch_uses_every_window_once(prepared):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sampler_shards_ranks_and_resumes_at_any_world_size(world):
     """Ranks get disjoint, equal shares of the epoch's order; a position saved after k batches of b on
-    w ranks (k * b * w windows) resumes on any other world size with no window repeated or skipped."""
+    w ranks (k * b * w windows) resumes on any other world size with no window repeated or skipped
+    (but the fewer than world size windows left over), every rank the same number of windows."""
     data = list(range(103))
     order = WindowSampler(data, shuffle=True, seed=5).order(0).tolist()
     shares = [list(WindowSampler(data, shuffle=True, seed=5, num_replicas=world, rank=r)) for r in range(world)]
@@ -325,8 +326,11 @@ def test_sampler_shards_ranks_and_resumes_at_any_world_size(world):
         for r in range(other):
             sampler = WindowSampler(data, shuffle=True, seed=5, num_replicas=other, rank=r)
             sampler.resume(0, k * b * world)
-            rest += list(sampler)
-        assert not set(used) & set(rest) and len(set(used) | set(rest)) > 103 - other
+            rest.append(list(sampler))
+        assert len({len(share) for share in rest}) == 1  # equal shares: no rank ends early
+        rest = [i for share in rest for i in share]
+        left = 103 // other * other - k * b * world
+        assert sorted(rest) == sorted(order[k * b * world: k * b * world + left // other * other])
         if other == world:
             assert rest == [i for s in shares for i in s[k * b :]]
 
@@ -571,3 +575,69 @@ def test_data_throughput_benchmark_counts_tokens_exactly(tmp_path):
         assert r["margin"]["x"]["one_rank_for_node"] == pytest.approx(r["steady_tokens_per_sec"] / 8000, abs=0.06)
     one_process = delivered[0]["steady_tokens_per_sec"]
     assert delivered[1]["margin"]["x"]["per_process_x_workers"] == pytest.approx(one_process / 8000, abs=0.06)
+
+
+def _fit_windows(data_dir: Path, root: Path, max_steps: int, batch_size: int, ckpt_every=None,
+                 ckpt_path=None) -> list[tuple[int, int]]:
+    """``(epoch, window index)`` of every sequence a Trainer trained on, in order."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    windows = TokenWindows(Path(data_dir) / "train", 32)
+    index = {windows[i].astype(np.int64).tobytes(): i for i in range(len(windows))}
+
+    class Toy(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[int, int]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen += [(self.current_epoch, index[row.numpy().tobytes()]) for row in batch]
+            return self.p.pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = TokenDataModule(data_dir=str(data_dir), seq_len=32, batch_size=batch_size, num_workers=0,
+                         source=None)
+    callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1,
+                                 filename="{step}")] if ckpt_every else []
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        default_root_dir=root, limit_val_batches=0, num_sanity_val_steps=0)
+    model = Toy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_resume_with_another_batch_size_neither_repeats_nor_skips(prepared, tmp_path, batch_size):
+    """Stopped after 5 batches of 4 (20 windows) and resumed with batches of 2 or 8: epoch 0 goes on
+    with window 20 of its order to the last full batch, epoch 1 starts at its beginning, and a
+    checkpoint of the resumed run saves the windows actually used."""
+    n = len(TokenWindows(Path(prepared) / "train", 32))
+    order = [WindowSampler(list(range(n)), shuffle=True, seed=42).order(e).tolist() for e in (0, 1)]
+    first = _fit_windows(prepared, tmp_path / "first", 5, 4, ckpt_every=5)
+    assert first == [(0, i) for i in order[0][:20]]
+    ckpt = tmp_path / "first" / "ckpt" / "step=5.ckpt"
+    rest = (n - 20) // batch_size  # batches left in epoch 0
+    resumed = _fit_windows(prepared, tmp_path / "resumed", 5 + rest + 2, batch_size, ckpt_every=5 + 3,
+                           ckpt_path=ckpt)
+    assert [i for e, i in resumed if e == 0] == order[0][20: 20 + rest * batch_size]
+    assert [i for e, i in resumed if e == 1] == order[1][: 2 * batch_size]
+    saved = torch.load(tmp_path / "resumed" / "ckpt" / "step=8.ckpt", weights_only=False)
+    assert saved["TokenDataModule"]["train_loader"]["position"] == 20 + 3 * batch_size
+
+
+def test_auto_prepare_too_small_for_the_held_out_splits_names_the_run_fields(tmp_path):
+    """The embedded corpus cannot hold 8 validation and 8 test sequences of 65,536 tokens: the error
+    says it in the datamodule's fields, not in prepare()'s arguments."""
+    dm = TokenDataModule(data_dir=str(tmp_path / "d"), seq_len=65536, batch_size=8, source="python-docs")
+    with pytest.raises(ValueError, match=r"^data.seq_len=65536, data.batch_size=8: the python-docs corpus "
+                                         r"cannot hold validation and test splits of 8 sequences .*Fix: lower "
+                                         r"data.batch_size, model.arch.seq_len"):
+        dm.prepare_data()
+    assert not (tmp_path / "d" / "meta.json").exists()

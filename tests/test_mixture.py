@@ -153,3 +153,18 @@ def test_mixture_config_errors_name_the_entry(two_datasets, tmp_path):
                                                              {"path": str(tmp_path / "nope"), "weight": 1}])
     with pytest.raises(FileNotFoundError, match="data.mixture: .*nope"):
         dm.setup("fit")
+
+
+def test_a_mixture_entrys_data_errors_name_its_field(two_datasets, tmp_path):
+    import shutil
+
+    a, b = two_datasets
+    other = tmp_path / "other"
+    shutil.copytree(b, other)
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "tokenizer": "bpe:999"}))
+    dm = TokenDataModule(seq_len=16, batch_size=4, num_workers=0, mixture=[
+        {"path": str(a), "weight": 1}, {"path": str(other), "weight": 1}])
+    with pytest.raises(ValueError, match=r"but data.mixture\[1\].path='.*other' was prepared with "
+                                         r"tokenizer 'bpe:999'"):
+        dm.setup("fit")

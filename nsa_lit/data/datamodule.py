@@ -20,6 +20,7 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # offline: no PyPI 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from nsa_lit.data.manifest import check_compatible, split_tokens
@@ -109,6 +110,9 @@ class TokenLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._yielded = 0
+        # (epoch, position, batches): the resumed epoch's position and the trainer's batch count
+        # there; later batches add batch_size x world_size windows each, whatever the saved ones held
+        self._anchor: tuple[int, int, int] | None = None
 
     @property
     def window_sampler(self) -> WindowSampler:
@@ -126,13 +130,20 @@ class TokenLoader(DataLoader):
         sampler = self.window_sampler
         consumed = self.consumed_batches() if self.consumed_batches is not None else None
         assert self.batch_size
+        per_batch = self.batch_size * sampler.num_replicas
         if consumed is None:  # outside a Trainer: from the start of this iteration
-            position = sampler.start + self._yielded * self.batch_size * sampler.num_replicas
-        else:  # the trainer's count runs from the epoch's start, also after a resume
-            position = consumed * self.batch_size * sampler.num_replicas
+            consumed = self._yielded
+            position = sampler.start + self._yielded * per_batch
+        elif self._anchor is not None and self._anchor[0] == sampler.epoch:
+            # resumed in this epoch: the trainer's count includes the batches before the resume
+            _, at, batches = self._anchor
+            position = at + (consumed - batches) * per_batch
+        else:  # the trainer's count runs from the epoch's start
+            position = consumed * per_batch
         return {
             "epoch": sampler.epoch,
             "position": position,
+            "batches": consumed,
             "batch_size": self.batch_size,
             "world_size": sampler.num_replicas,
             "num_windows": sampler.num_windows,
@@ -142,12 +153,17 @@ class TokenLoader(DataLoader):
             "mixture": sampler.fingerprint,
         }
 
-    def load_position_state(self, state: dict[str, Any], epoch: int | None = None) -> None:
+    def load_position_state(self, state: dict[str, Any], epoch: int | None = None,
+                            batches: int | None = None) -> None:
         """Start epoch ``state["epoch"]`` at ``state["position"]`` the next time this loader is iterated.
 
         ``epoch``: the epoch the trainer is about to run (default: the saved one); the position
-        applies only if it is the saved one. A position saved with another dataset, ``seq_len``,
-        shuffle, seed or mixture applies as a count of windows already used, with a warning: the order differs.
+        applies only if it is the saved one. ``batches``: the trainer's batch count of the epoch at
+        the resume (default: the saved one); later positions add ``batch_size x world_size``
+        windows a batch to ``state["position"]``, so a run resumed with another batch size or
+        world size goes on counting windows exactly. A position saved with another dataset,
+        ``seq_len``, shuffle, seed or mixture applies as a count of windows already used, with a
+        warning: the order differs.
         """
         sampler = self.window_sampler
         current = {"num_windows": sampler.num_windows, "seq_len": self.dataset.seq_len,  # type: ignore[attr-defined]
@@ -162,6 +178,10 @@ class TokenLoader(DataLoader):
             )
         sampler.set_epoch(state["epoch"] if epoch is None else epoch)
         sampler.resume(state["epoch"], state["position"])
+        if batches is None:
+            batches = state.get("batches", state["position"] // max(
+                1, state.get("batch_size", 1) * state.get("world_size", 1)))
+        self._anchor = (int(state["epoch"]), int(state["position"]), int(batches))
 
 
 class TokenDataModule(L.LightningDataModule):
@@ -302,16 +322,18 @@ class TokenDataModule(L.LightningDataModule):
             f"or set data.source={PYTHON_DOCS} to use the embedded corpus"
         )
 
-    def _check_tokenizer(self, meta: dict[str, Any] | None = None, data_dir: str | None = None) -> None:
+    def _check_tokenizer(self, meta: dict[str, Any] | None = None, data_dir: str | None = None,
+                         field: str = "data.data_dir") -> None:
         """``data.tokenizer`` is the one the data was prepared with: same spec, and (manifests of format 2)
-        the same model/vocabulary file hash, when the tokenizer can be loaded here."""
+        the same model/vocabulary file hash, when the tokenizer can be loaded here. ``field``: the
+        config field naming ``data_dir`` (a mixture entry's ``data.mixture[i].path``)."""
         meta = self.meta if meta is None else meta
         data_dir = self.data_dir if data_dir is None else data_dir
         prepared = meta.get("tokenizer")
         if prepared != self.tokenizer:
             raise ValueError(
-                f"data.tokenizer={self.tokenizer!r}, but data.data_dir={data_dir!r} was prepared with "
-                f"tokenizer {prepared!r}: set data.tokenizer={prepared!r}, or use another data_dir "
+                f"data.tokenizer={self.tokenizer!r}, but {field}={data_dir!r} was prepared with "
+                f"tokenizer {prepared!r}: set data.tokenizer={prepared!r}, or use other data in {field} "
                 "(or re-prepare it with --overwrite)"
             )
         recorded = meta.get("tokenizer_sha256")
@@ -324,11 +346,11 @@ class TokenDataModule(L.LightningDataModule):
         if current != recorded:
             raise ValueError(
                 f"data.tokenizer={self.tokenizer!r}: its file here (sha256 {current[:12]}...) is not the one "
-                f"data.data_dir={data_dir!r} was prepared with (sha256 {recorded[:12]}..., meta.json): the token ids "
+                f"{field}={data_dir!r} was prepared with (sha256 {recorded[:12]}..., meta.json): the token ids "
                 "would mean other text; prepare the data again with this tokenizer, or use the original file"
             )
 
-    def _check_model(self, meta: dict[str, Any], data_dir: str) -> None:
+    def _check_model(self, meta: dict[str, Any], data_dir: str, field: str = "data.data_dir") -> None:
         """The manifest against the model being trained (when there is one): vocabulary and seq_len."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
         arch = getattr(module, "arch", None)
@@ -337,7 +359,8 @@ class TokenDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len={self.seq_len} but model.arch.seq_len={model_seq}: they must be equal "
                              "(the CLI links them; set both)")
         vocab = getattr(arch, "vocab_size", None)
-        check_compatible(meta, data_dir, vocab_size=vocab if isinstance(vocab, int) else None, seq_len=self.seq_len)
+        check_compatible(meta, data_dir, vocab_size=vocab if isinstance(vocab, int) else None, seq_len=self.seq_len,
+                         field=field)
 
     # -------------------------------------------------------------------------------- hooks
     def prepare_data(self) -> None:
@@ -354,18 +377,30 @@ class TokenDataModule(L.LightningDataModule):
         if self.source is None:
             raise self._missing_error()
         # No meta.json: nothing was prepared, or a preparation was interrupted; (re)do it.
-        held_out = tokens_for(self.val_sequences_needed(), self.seq_len)
-        prepare(
-            output_dir=self.data_dir,
-            source=self.source,
-            tokenizer=self.tokenizer,
-            val_fraction=self.val_fraction,
-            val_tokens=held_out if self.val_fraction > 0 else 0,
-            test_fraction=self.test_fraction,
-            test_tokens=held_out if self.test_fraction > 0 else 0,
-            chunk_bytes=EMBEDDED_CHUNK_BYTES,
-            overwrite=True,
-        )
+        sequences = self.val_sequences_needed()
+        held_out = tokens_for(sequences, self.seq_len)
+        try:
+            prepare(
+                output_dir=self.data_dir,
+                source=self.source,
+                tokenizer=self.tokenizer,
+                val_fraction=self.val_fraction,
+                val_tokens=held_out if self.val_fraction > 0 else 0,
+                test_fraction=self.test_fraction,
+                test_tokens=held_out if self.test_fraction > 0 else 0,
+                chunk_bytes=EMBEDDED_CHUNK_BYTES,
+                overwrite=True,
+            )
+        except ValueError as err:  # phrased in prepare()'s arguments: say it in this run's fields
+            if not str(err).startswith(("val_tokens=", "test_tokens=")):
+                raise
+            raise ValueError(
+                f"data.seq_len={self.seq_len}, data.batch_size={self.batch_size}: the {self.source} "
+                f"corpus cannot hold validation{' and test' if self.test_fraction > 0 else ''} "
+                f"splits of {sequences:,} sequences ({held_out:,} tokens each) beside a training "
+                f"split ({err}). Fix: lower data.batch_size, model.arch.seq_len or "
+                f"data.min_val_sequences, or set data.test_fraction 0 (no test split), or train "
+                "on a larger prepared dataset (data.data_dir)") from None
         self._meta = None
 
     def _too_little_data(self, split: str, tokens: int, sequences: int, why: str) -> ValueError:
@@ -402,7 +437,8 @@ class TokenDataModule(L.LightningDataModule):
         return ValueError(
             f"data.data_dir={self.data_dir!r} has no test split ({self.meta_path} lists no test tokens: prepared "
             f"before test splits existed, or with a test fraction of 0), so `main.py test` has nothing to run on. "
-            f"Fix: {fix}; or score the validation split with `main.py validate`"
+            f"Fix: {fix}; or score the validation split with `main.py validate`. A checkpoint trained on this "
+            "preparation must not be scored on the new test split: its documents are in this train split"
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -446,17 +482,18 @@ class TokenDataModule(L.LightningDataModule):
     def _mixture_dataset(self, first: TokenWindows) -> MixtureWindows:
         """The mixture's train splits (the first is ``data_dir``'s, checked already), each checked like it."""
         datasets = [first]
-        for entry in self.mixture[1:]:  # type: ignore[index]
+        for i, entry in enumerate(self.mixture[1:], 1):  # type: ignore[index]
             path = entry["path"]
+            field = f"data.mixture[{i}].path"
             if not (Path(path) / META_FILENAME).is_file():
                 raise FileNotFoundError(f"data.mixture: {path} is not a prepared dataset ({META_FILENAME} is missing); "
                                         "prepare it with python -m nsa_lit.data.prepare")
             meta = read_meta(path)
-            self._check_tokenizer(meta, path)
+            self._check_tokenizer(meta, path, field)
             if meta.get("tokenizer_sha256") != self.meta.get("tokenizer_sha256") or meta["vocab_size"] != self.meta["vocab_size"]:
                 raise ValueError(f"data.mixture: {path} and {self.data_dir} were prepared with different tokenizer files "
                                  "(tokenizer_sha256 / vocab_size in meta.json differ)")
-            self._check_model(meta, path)
+            self._check_model(meta, path, field)
             validate_split(Path(path) / "train", np.dtype(meta["dtype"]).itemsize)
             datasets.append(TokenWindows(Path(path, "train").resolve(), self.seq_len))
         return MixtureWindows(datasets, [e["weight"] for e in self.mixture])  # type: ignore[union-attr]
@@ -494,8 +531,11 @@ class TokenDataModule(L.LightningDataModule):
         if epoch is not None:
             loader.window_sampler.set_epoch(epoch)
         if self._pending_train_state is not None:
-            loader.load_position_state(self._pending_train_state, epoch=epoch)
-            self._pending_train_state = None
+            state, self._pending_train_state = self._pending_train_state, None
+            batches = None
+            if trainer is not None and epoch == state["epoch"]:
+                batches = self._recount_resumed_batches(trainer, state, loader)
+            loader.load_position_state(state, epoch=epoch, batches=batches)
         self._train_loader = loader
         return loader
 
@@ -513,6 +553,30 @@ class TokenDataModule(L.LightningDataModule):
             self.setup("test")
         assert self._test_dataset is not None
         return self._loader(self._test_dataset, shuffle=False)
+
+    def _recount_resumed_batches(self, trainer, state: dict[str, Any], loader: TokenLoader) -> int:
+        """The restored trainer's batch count of the resumed epoch, in batches of this run.
+
+        Lightning restores the count of batches the interrupted run trained in the epoch and
+        ends the epoch when it reaches ``len(loader)``. With another ``batch_size x world_size``
+        those batches held another number of windows: the count is set to the batches of this
+        run that the used windows fill (``position // (batch_size x world_size)``), so the epoch
+        ends when its windows run out, neither early nor late. (With gradient accumulation the
+        first optimiser step after such a resume may accumulate fewer batches.)"""
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        per_batch = self.batch_size * loader.window_sampler.num_replicas
+        if state.get("batch_size", self.batch_size) * state.get("world_size", 1) == per_batch:
+            return int(progress.processed)
+        batches = int(state["position"]) // per_batch
+        rank_zero_info(f"resuming epoch {state['epoch']} with {per_batch} sequences a batch over "
+                       f"all ranks (the checkpoint's run had {state.get('batch_size')} x "
+                       f"{state.get('world_size')}): {state['position']} windows used, the epoch "
+                       f"goes on from batch {batches}")
+        # shift every counter alike: Lightning reads where the save happened from their offsets
+        shift = batches - int(progress.processed)
+        for name in ("ready", "started", "processed", "completed"):
+            setattr(progress, name, getattr(progress, name) + shift)
+        return batches
 
     def _consumed_train_batches(self) -> int | None:
         """Batches of the current epoch the trainer has trained on (``None`` outside ``Trainer.fit``)."""

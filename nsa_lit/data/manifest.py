@@ -51,8 +51,9 @@ def write_meta(data_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
 
 
 def check_compatible(meta: dict[str, Any], data_dir: str | os.PathLike, *, vocab_size: int | None = None,
-                     seq_len: int | None = None) -> None:
-    """Raise ``ValueError`` if a model of ``vocab_size`` / ``seq_len`` cannot train on this dataset.
+                     seq_len: int | None = None, field: str = "data.data_dir") -> None:
+    """Raise ``ValueError`` if a model of ``vocab_size`` / ``seq_len`` cannot train on this dataset
+    (``field``: the config field that names ``data_dir``, in the messages).
 
     Checked: a known ``format_version``; ``dtype`` holds every id of ``vocab_size`` (meta's);
     the tokenizer's vocabulary is not larger than the model's (ids would index past the embedding);
@@ -67,7 +68,7 @@ def check_compatible(meta: dict[str, Any], data_dir: str | os.PathLike, *, vocab
         raise ValueError(f"{data_dir}/{META_FILENAME}: dtype {meta['dtype']} cannot hold ids of vocab_size {data_vocab}")
     if vocab_size is not None and data_vocab > vocab_size:
         raise ValueError(
-            f"data.data_dir={str(data_dir)!r} was prepared with tokenizer {meta.get('tokenizer')!r} of "
+            f"{field}={str(data_dir)!r} was prepared with tokenizer {meta.get('tokenizer')!r} of "
             f"{data_vocab:,} tokens (meta.json vocab_size), more than the model's vocabulary, "
             f"model.arch.vocab_size={vocab_size:,}: ids >= {vocab_size:,} have no embedding. Set "
             f"model.arch.vocab_size >= {data_vocab}, or prepare the data with the model's tokenizer"
@@ -76,7 +77,7 @@ def check_compatible(meta: dict[str, Any], data_dir: str | os.PathLike, *, vocab
         tokens = int(meta["splits"]["train"]["tokens"])
         if tokens < seq_len + 1:
             raise ValueError(
-                f"data.data_dir={str(data_dir)!r}: the train split holds {tokens:,} tokens, fewer than one sequence "
+                f"{field}={str(data_dir)!r}: the train split holds {tokens:,} tokens, fewer than one sequence "
                 f"of data.seq_len={seq_len} (= model.arch.seq_len; seq_len + 1 = {seq_len + 1:,} tokens): prepare "
                 "more data or lower the sequence length"
             )

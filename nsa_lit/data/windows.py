@@ -213,7 +213,10 @@ class WindowSampler(DistributedSampler):
             if epoch == self.epoch:
                 start = min(position, self.total_size)
         self.start = start
-        indices = self.order(self.epoch)[start + self.rank : self.total_size : self.num_replicas]
+        # every rank the same count, also from a position saved at another world size (one
+        # rank ending its epoch a batch early would leave the others waiting in a collective)
+        stop = start + (self.total_size - start) // self.num_replicas * self.num_replicas
+        indices = self.order(self.epoch)[start + self.rank : stop : self.num_replicas]
         return (int(i) for i in indices)
 
     def __len__(self) -> int:
