@@ -65,3 +65,23 @@ def test_refuses_what_it_cannot_score():
         loglikelihood(model, [([1], [2] * 65)])
     with pytest.raises(ValueError, match="outside"):
         loglikelihood(model, [([1], [200])])
+
+
+def test_text_requests_are_encoded_as_lm_eval_encodes_them(monkeypatch):
+    """``loglikelihood_text``: the context's trailing whitespace joins the continuation, the whole
+    text is encoded and the context's tokens split off (SentencePiece: no lone word-boundary
+    token before the continuation); an empty context is EOS."""
+    from nsa_lit.data import load_tokenizer
+    from nsa_lit.eval import likelihood
+
+    tok = load_tokenizer("mistral-v1")
+    seen = []
+    monkeypatch.setattr(likelihood, "loglikelihood", lambda model, pairs, **kw: seen.extend(pairs))
+    likelihood.loglikelihood_text(None, tok, [("The capital of France is", " Paris"),
+                                              ("Question: 2 + 2 =\n", "4"), ("", "Hello")])
+    ctx = tok.encode("The capital of France is")
+    assert seen[0] == (ctx, tok.encode("The capital of France is Paris")[len(ctx):])
+    assert len(seen[0][1]) == 1  # " Paris" is one token in the running text
+    ctx = tok.encode("Question: 2 + 2 =")
+    assert seen[1] == (ctx, tok.encode("Question: 2 + 2 =\n4")[len(ctx):])
+    assert seen[2] == ([tok.eos_id], tok.encode("Hello"))

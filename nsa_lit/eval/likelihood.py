@@ -94,14 +94,19 @@ def loglikelihood(model: Transformer, requests: Sequence[tuple[Sequence[int], Se
 
 def loglikelihood_text(model: Transformer, tokenizer, requests: Sequence[tuple[str, str]],
                        **kwargs) -> list[LoglikelihoodResult]:
-    """:func:`loglikelihood` of ``(context, continuation)`` strings, each encoded on its own (as
-    lm-eval does after moving the context's trailing spaces to the continuation); an empty
-    context becomes the tokenizer's EOS token."""
+    """:func:`loglikelihood` of ``(context, continuation)`` strings, encoded as lm-eval encodes a
+    causal model's request: the context's trailing whitespace moves to the continuation, the
+    whole text is encoded and the context's own tokens are split off (so a word-boundary token
+    is the context's, as in the running text); an empty context becomes the tokenizer's EOS
+    token and the continuation is encoded alone."""
     pairs = []
     for context, continuation in requests:
-        spaces = len(context) - len(context.rstrip(" "))
+        if not context:
+            pairs.append(([tokenizer.eos_id], tokenizer.encode(continuation)))
+            continue
+        spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        ctx = tokenizer.encode(context) if context else [tokenizer.eos_id]
-        pairs.append((ctx, tokenizer.encode(continuation)))
+        ctx = tokenizer.encode(context)
+        pairs.append((ctx, tokenizer.encode(context + continuation)[len(ctx):]))
     return loglikelihood(model, pairs, **kwargs)
