@@ -400,6 +400,12 @@ def test_truncated_or_missing_chunk_is_a_corrupt_shard(prepared, tmp_path):
     with pytest.raises(ValueError, match="corrupt shard") as err:
         dm.setup("fit")
     assert chunk.name in str(err.value)
+    # a whole split of another preparation: every chunk intact, the token count not meta.json's
+    shutil.rmtree(data / "train")
+    shutil.copytree(prepared / "val", data / "train")
+    with pytest.raises(ValueError, match=r"corrupt shard: .*train/index.json lists [\d,]+ tokens, the "
+                                         r"dataset's meta.json [\d,]+ for this split"):
+        dm.setup("fit")
 
 
 def test_tokenizer_mismatch_and_seq_len_errors(prepared):

@@ -40,10 +40,13 @@ STATE_VERSION = 2
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
-def validate_split(split_dir: str | os.PathLike, itemsize: int | None = None) -> list[dict[str, Any]]:
-    """Check that every chunk listed in ``index.json`` exists with the byte size the index implies.
+def validate_split(split_dir: str | os.PathLike, itemsize: int | None = None,
+                   tokens: int | None = None) -> list[dict[str, Any]]:
+    """Check that every chunk listed in ``index.json`` exists with the byte size the index implies,
+    and (``tokens``: ``meta.json``'s count for the split) that the chunks hold that many tokens.
 
-    Raises ``ValueError`` ("corrupt shard ...") naming the missing or truncated file. Returns the chunk list.
+    Raises ``ValueError`` ("corrupt shard ...") naming the missing or truncated file, or the split
+    whose index disagrees with ``meta.json``. Returns the chunk list.
     """
     split_dir = Path(split_dir)
     index_path = split_dir / "index.json"
@@ -71,6 +74,12 @@ def validate_split(split_dir: str | os.PathLike, itemsize: int | None = None) ->
                 f"corrupt shard: {path} has {size} bytes, {index_path} implies {expected} "
                 "(truncated or modified; re-run the preparation with --overwrite)"
             )
+    dims = [chunk.get("dim") for chunk in chunks]
+    if tokens is not None and None not in dims and sum(dims) != tokens:
+        raise ValueError(
+            f"corrupt shard: {index_path} lists {sum(dims):,} tokens, the dataset's meta.json "
+            f"{tokens:,} for this split (the directory was replaced or mixed with another "
+            "preparation; re-run the preparation with --overwrite)")
     return chunks
 
 
@@ -458,7 +467,7 @@ class TokenDataModule(L.LightningDataModule):
             tokens = split_tokens(meta, split)
             if split == "val" and tokens == 0:
                 continue  # prepared with val_fraction=0: no validation
-            validate_split(Path(self.data_dir) / split, itemsize)
+            validate_split(Path(self.data_dir) / split, itemsize, tokens)
             if split in ("train", "test"):
                 need, why = self.batch_size * world, f"one batch{devices}"
             else:
@@ -494,7 +503,7 @@ class TokenDataModule(L.LightningDataModule):
                 raise ValueError(f"data.mixture: {path} and {self.data_dir} were prepared with different tokenizer files "
                                  "(tokenizer_sha256 / vocab_size in meta.json differ)")
             self._check_model(meta, path, field)
-            validate_split(Path(path) / "train", np.dtype(meta["dtype"]).itemsize)
+            validate_split(Path(path) / "train", np.dtype(meta["dtype"]).itemsize, split_tokens(meta, "train"))
             datasets.append(TokenWindows(Path(path, "train").resolve(), self.seq_len))
         return MixtureWindows(datasets, [e["weight"] for e in self.mixture])  # type: ignore[union-attr]
 
