@@ -229,3 +229,35 @@ def test_cli_budget_shard_val_sequences(corpus, tmp_path, capsys):
     assert meta["val_tokens"] == 3 * 64 + 1 and meta["splits"]["val"]["tokens"] >= (3 * 64 + 1) // 2
     assert prepare_main([str(root / "docs.jsonl"), "-o", str(tmp_path / "p"), "--val-sequences", "3"]) == 2
     assert "--seq-len" in capsys.readouterr().err
+
+
+def test_a_resumed_preparation_counts_each_bad_record_once(corpus, tmp_path, monkeypatch):
+    """With tokenizer workers the documents are read ahead of what is written; a checkpoint of the
+    preparation records the input problems of the documents up to its position only, so the
+    resumed run's ``skipped`` counts equal an uninterrupted run's."""
+    root, docs, ids, _ = corpus
+    monkeypatch.setattr("nsa_lit.data.prepare._ENCODE_BATCH", 4)
+    lines = (root / "docs.jsonl").read_text().splitlines()
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    # a broken record after every 5th document: 18 of them among the 90 documents
+    (noisy / "docs.jsonl").write_text("\n".join(
+        x for i, line in enumerate(lines) for x in ([line, "{broken"] if i % 5 == 4 else [line])) + "\n")
+    reference = prepare([noisy / "docs.jsonl"], tmp_path / "ref", val_fraction=VAL_FRACTION, part_tokens=150,
+                        chunk_bytes=2048, num_workers=2, progress=False)
+    assert reference["skipped"]["records"] == 18
+    src = _Interrupted([noisy / "docs.jsonl"])
+    src.fail_after = 70
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source=src, output_dir=out, val_fraction=VAL_FRACTION, part_tokens=150, chunk_bytes=2048,
+                num_workers=2, progress=False)
+    progress = json.loads((out / ".prepare_tmp" / "progress.json").read_text())
+    read = progress["documents_read"]
+    # the broken records after the first `read` documents but the one right after the last
+    assert 0 < read < 70 and progress["problems"]["counts"]["records"] == (read - 1) // 5
+    src.fail_after = None
+    meta = prepare(source=src, output_dir=out, val_fraction=VAL_FRACTION, part_tokens=150, chunk_bytes=2048,
+                   num_workers=2, progress=False)
+    assert meta["skipped"] == reference["skipped"]
+    assert meta["splits"] == reference["splits"]

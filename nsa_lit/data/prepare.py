@@ -251,8 +251,9 @@ class _Parts:
     def open_tokens(self) -> int:
         return sum(c["tokens"] for c in self.current.values())
 
-    def close(self, documents_read: int, problems: InputProblems) -> None:
-        """Finish the open part (if any) and record it with the stream position; rewrite progress.json."""
+    def close(self, documents_read: int, problems: dict[str, Any]) -> None:
+        """Finish the open part (if any) and record it with the stream position and the input
+        problems counted up to it (``InputProblems.state()``); rewrite progress.json."""
         if self.handles:
             for f in self.handles.values():
                 f.flush()
@@ -262,7 +263,7 @@ class _Parts:
             self.progress["parts"].append({s: dict(self.current[s]) for s in SPLITS})
             self.current = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
         self.progress["documents_read"] = documents_read
-        self.progress["problems"] = problems.state()
+        self.progress["problems"] = problems
         write_json_atomic(self.tmp / _PROGRESS, self.progress)
 
     def discard_open(self) -> None:
@@ -280,8 +281,11 @@ def _remove(paths: Iterable[Path]) -> None:
 
 
 def _batches(documents: Iterator[tuple[str, str]], start: int, shard: tuple[int, int],
-             ) -> Iterator[tuple[tuple[list[str], int], list[str]]]:
-    """((doc ids, documents read after the batch), texts) of this shard's documents after the first ``start``."""
+             problems: InputProblems) -> Iterator[tuple[tuple[list[str], int, dict], list[str]]]:
+    """((doc ids, documents read after the batch, the input problems counted by then), texts) of
+    this shard's documents after the first ``start``. The problems are those of the documents up
+    to the batch's last: the tokenizer pool reads batches ahead, and a checkpoint of the
+    preparation must not count the problems of documents it will read again on resume."""
     read = start
     ids: list[str] = []
     texts: list[str] = []
@@ -292,9 +296,9 @@ def _batches(documents: Iterator[tuple[str, str]], start: int, shard: tuple[int,
         ids.append(doc_id)
         texts.append(text)
         if len(texts) >= _ENCODE_BATCH:
-            yield (ids, read), texts
+            yield (ids, read, problems.state()), texts
             ids, texts = [], []
-    yield (ids, read), texts  # the last (possibly empty) batch carries the final position
+    yield (ids, read, problems.state()), texts  # the last (possibly empty) batch: the final position
 
 
 def prepare(
@@ -515,11 +519,12 @@ def _tokenize(src: Source, documents: Any, problems: InputProblems, state: dict[
     totals = state["totals"]
     bar = tqdm(desc=f"tokenizing ({tok.spec})", unit="tok", unit_scale=True, disable=not progress,
                dynamic_ncols=True, total=budget, initial=totals["train"]["tokens"])
-    read = start
+    read, counted = start, problems.state()
     done = budget is not None and totals["train"]["tokens"] >= budget
-    results = encode_ordered(_batches(stream, start, tuple(state["settings"]["shard"])), tok, num_workers, out)
+    results = encode_ordered(_batches(stream, start, tuple(state["settings"]["shard"]), problems), tok,
+                             num_workers, out)
     try:
-        for (doc_ids, read), encoded in results:
+        for (doc_ids, read, counted), encoded in results:
             if done:
                 break
             before = totals["train"]["tokens"]
@@ -538,7 +543,7 @@ def _tokenize(src: Source, documents: Any, problems: InputProblems, state: dict[
                 parts.write("train", ids, True)
             bar.update(totals["train"]["tokens"] - before)
             if parts.open_tokens >= part_tokens and not done:
-                parts.close(read, problems)
+                parts.close(read, counted)
     except BaseException:
         parts.discard_open()  # unrecorded: the next run redoes it
         raise
@@ -546,7 +551,7 @@ def _tokenize(src: Source, documents: Any, problems: InputProblems, state: dict[
         bar.close()
         if hasattr(results, "close"):
             results.close()
-    parts.close(read, problems)
+    parts.close(read, counted)
     state["tokenized"] = True
     write_json_atomic(parts.tmp / _PROGRESS, state)
 
