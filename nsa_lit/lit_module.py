@@ -149,19 +149,24 @@ class LanguageModel(L.LightningModule):
     (``nsa_lit.parallel.FSDP2Strategy`` or Lightning's ``ModelParallelStrategy``): each block
     and the root are then sharded over the processes (:func:`nsa_lit.parallel.parallelize`).
 
-    ``nonfinite_loss``: what a non-finite (NaN / inf) training loss does, decided over all
-    processes at once (one process's NaN stops or skips on every process). ``stop`` raises
-    ``FloatingPointError``. ``skip`` drops the whole optimiser step that micro-batch belongs to
-    (its gradients and those of the other micro-batches it is accumulated with are discarded
-    before the update: parameters and optimiser state are untouched; the step still counts, so
-    the schedule and the data move on), counts it in ``train/skipped_steps`` and stops with
-    ``FloatingPointError`` after ``max_consecutive_skips`` skipped steps in a row.
+    ``nonfinite_loss``: what a non-finite (NaN / inf) training loss, or a non-finite gradient
+    norm with a finite loss, does, decided over all processes at once (one process's NaN stops
+    or skips on every process). ``stop`` raises ``FloatingPointError``. ``skip`` drops the whole
+    optimiser step that micro-batch belongs to (its gradients and those of the other micro-batches
+    it is accumulated with are discarded before the update: parameters and optimiser state are
+    untouched; the step still counts, so the schedule and the data move on), counts it in
+    ``train/skipped_steps`` and stops with ``FloatingPointError`` after ``max_consecutive_skips``
+    skipped steps in a row.
 
     Resuming (``fit --ckpt_path``): the checkpoint's ``model.arch`` must equal the config's
     (``kernel_backend`` and ``latent_form`` aside), else a ``ValueError`` names the fields that
     differ. ``model.optim`` is the config's: its ``lr``, ``weight_decay``, ``betas`` and
     ``eps`` replace the ones restored with the optimiser state (a change is reported), and the
-    schedule is the config's.
+    schedule is the config's. With a ``token_budget`` the schedule runs over tokens: a run
+    resumed with another batch size, accumulation or world size trains the tokens left
+    (``max_steps`` = the restored step + the steps of the new size that hold them) and its
+    learning rate goes on from where the tokens seen put it in the schedule (steps of the
+    tokens per step the run started with).
     """
 
     def __init__(self, arch: ModelConfig = ModelConfig(), optim: OptimConfig = OptimConfig(),
@@ -211,6 +216,11 @@ class LanguageModel(L.LightningModule):
         self._consecutive_skips = 0
         self._step_nonfinite = False  # a micro-batch of the current optimiser step was non-finite
         self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, before clipping
+        self._skipping = False  # the current optimiser step is dropped (skip mode)
+        self._tokens_per_step: int | None = None  # with a token budget: this run's, set in setup
+        # with a token budget: (step, tokens seen, tokens per step the schedule counts in) of the
+        # resume, or None (the schedule's steps are the optimiser steps)
+        self._schedule_anchor: tuple[int, int, int] | None = None
         self._resumed_optim: dict | None = None  # the checkpoint's model.optim, until applied
         self._clock: tuple[float, int] | None = None
 
@@ -268,6 +278,35 @@ class LanguageModel(L.LightningModule):
                 f"{tokens_per_step} tokens, but trainer.max_steps={trainer.max_steps}: set one")
         trainer.fit_loop.epoch_loop.max_steps = steps
         trainer.fit_loop.max_epochs = -1
+        self._tokens_per_step = tokens_per_step
+
+    def _resume_token_budget(self, checkpoint: dict) -> None:
+        """On a resume with a token budget: train the tokens left, counting the schedule in the
+        tokens per step the run started with (saved in the checkpoint), whatever this launch's."""
+        trainer = self._trainer
+        if (trainer is None or self._tokens_per_step is None or self.optim.token_budget is None
+                or "global_step" not in checkpoint):
+            return
+        step, tokens = int(checkpoint["global_step"]), self.tokens_seen
+        reference = int(checkpoint.get("schedule_tokens_per_step") or self._tokens_per_step)
+        left = max(0, self.optim.token_budget - tokens)
+        steps = step + math.ceil(left / self._tokens_per_step)
+        if reference != self._tokens_per_step or steps != trainer.max_steps:
+            rank_zero_info(
+                f"resuming at step {step} with {tokens:,} of model.optim.token_budget="
+                f"{self.optim.token_budget:,} tokens seen, {self._tokens_per_step:,} tokens a step "
+                f"(the schedule counts steps of {reference:,}): training to step {steps}")
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        self._schedule_anchor = (step, tokens, reference)
+
+    def schedule_step(self, step: int) -> float:
+        """The step of the learning-rate schedule at optimiser step ``step``: ``step`` itself, or
+        after a resume with a token budget, the tokens seen by then in steps of the tokens per
+        step the run started with."""
+        if self._schedule_anchor is None or self._tokens_per_step is None:
+            return step
+        step0, tokens0, reference = self._schedule_anchor
+        return (tokens0 + (step - step0) * self._tokens_per_step) / reference
 
     def on_fit_start(self) -> None:
         self._log_run_facts()
@@ -323,40 +362,59 @@ class LanguageModel(L.LightningModule):
         return bool(bad > 0)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._grad_norm = None
+        self._grad_norm, self._skipping = None, False
+        skip, self._step_nonfinite = self._step_nonfinite, False
+        norm = None
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not skip:
+            self._grad_norm = norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm over all shards
+                norm = norm.full_tensor()
+            # a finite loss with a non-finite gradient (an overflow in backward) is a fault too:
+            # clipping would turn the inf into NaN weights (the norm is the same on every process)
+            if not bool(torch.isfinite(norm)):
+                if self.nonfinite_loss == "stop":
+                    raise FloatingPointError(
+                        f"gradient norm is {norm.item()} at step {self.global_step} (the loss was "
+                        "finite); lower model.optim.lr, check the data, or resume from an earlier "
+                        "checkpoint")
+                skip = True
         if self.nonfinite_loss == "skip":
-            skip, self._step_nonfinite = self._step_nonfinite, False
             self._consecutive_skips = self._consecutive_skips + 1 if skip else 0
             self.skipped_steps += skip
             self.log("train/skipped_steps", float(self.skipped_steps))
             if skip:
                 # no gradient, no update: AdamW leaves these parameters and their state alone
                 optimizer.zero_grad(set_to_none=True)
+                self._grad_norm, self._skipping = None, True
                 if self._consecutive_skips >= self.max_consecutive_skips:
                     raise FloatingPointError(
-                        f"training loss was non-finite in {self._consecutive_skips} optimiser "
-                        f"steps in a row (model.max_consecutive_skips={self.max_consecutive_skips}"
-                        f", up to step {self.global_step}); lower model.optim.lr, check the data, "
-                        "or resume from an earlier checkpoint")
+                        f"training loss or gradient norm was non-finite in "
+                        f"{self._consecutive_skips} optimiser steps in a row "
+                        f"(model.max_consecutive_skips={self.max_consecutive_skips}, up to step "
+                        f"{self.global_step}); lower model.optim.lr, check the data, or resume "
+                        "from an earlier checkpoint")
                 return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            self._grad_norm = norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2): the norm over all shards
-                norm = norm.full_tensor()
+        if norm is not None:
             self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Norm clipping with the total norm :meth:`on_before_optimizer_step` computed (one pass over
-        the gradients, not two), done here rather than by the precision plugin: without a loss
-        scaler (fp32, bf16-mixed) nothing needs unscaling, so the fused AdamW can be clipped, which
-        Lightning's mixed-precision plugin refuses. Other cases go to Lightning's clipping."""
-        if (gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._grad_norm is not None
-                and not _has_loss_scaler(self.trainer.precision_plugin)):
-            params = [p for p in self.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
+        """Clipping done here rather than by the precision plugin: without a loss scaler (fp32,
+        bf16-mixed) nothing needs unscaling, so the fused AdamW can be clipped, which Lightning's
+        mixed-precision plugin refuses. Norm clipping uses the total norm
+        :meth:`on_before_optimizer_step` computed (one pass over the gradients, not two); a
+        dropped step (skip mode) has no gradients to clip. With a loss scaler (16-mixed, AdamW
+        not fused) Lightning's clipping unscales first."""
+        if _has_loss_scaler(self.trainer.precision_plugin):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self._skipping or not gradient_clip_val:
+            return
+        params = [p for p in self.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        elif self._grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -424,14 +482,19 @@ class LanguageModel(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
+        if self._schedule_anchor is not None:  # the whole budget in the schedule's steps
+            total = math.ceil(self.optim.token_budget / self._schedule_anchor[2])
         warmup, min_ratio = self.optim.warmup_steps, self.optim.min_lr_ratio
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(step, warmup, total, min_ratio))
+            opt, lambda step: lr_factor(self.schedule_step(step), warmup, total, min_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoint --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        if self._tokens_per_step is not None:  # the unit of the schedule's steps (token budget)
+            checkpoint["schedule_tokens_per_step"] = (self._schedule_anchor[2] if self._schedule_anchor
+                                                      else self._tokens_per_step)
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["consecutive_skips"] = self._consecutive_skips
 
@@ -455,6 +518,7 @@ class LanguageModel(L.LightningModule):
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         self._consecutive_skips = int(checkpoint.get("consecutive_skips", 0))
         self._resumed_optim = hparams.get("optim") or {}
+        self._resume_token_budget(checkpoint)
 
     def _apply_optim_config(self, saved: dict) -> None:
         """After a resume restored the optimiser and scheduler: the config's ``lr``,

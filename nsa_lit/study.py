@@ -119,11 +119,13 @@ class Run:
 @dataclass(frozen=True)
 class Schedule:
     """Steps of one run: ``steps`` optimiser steps of ``tokens_per_step``, validation every
-    ``val_every`` steps (``steps`` a multiple of it, so the last validation sees the final model)."""
+    ``val_every`` steps (``steps`` a multiple of it, so the last validation sees the final model),
+    ``accumulate`` micro-batches a step (Lightning counts the validation interval in those)."""
 
     tokens_per_step: int
     steps: int
     val_every: int
+    accumulate: int = 1
 
     @property
     def tokens(self) -> int:
@@ -171,7 +173,7 @@ def schedule(study: Study, variant: str) -> Schedule:
         steps = SMOKE["steps"]
     else:
         steps = math.ceil(doc["model"]["optim"]["token_budget"] / per_step / val_every) * val_every
-    return Schedule(per_step, steps, val_every)
+    return Schedule(per_step, steps, val_every, accumulate)
 
 
 def data_dir(study: Study, variant: str) -> Path:
@@ -189,7 +191,7 @@ def fit_argv(run: Run) -> list[str]:
             "--seed_everything", str(run.seed),
             "--trainer.default_root_dir", str(study.out),  # checkpoints/ under it
             "--trainer.logger.init_args.save_dir", str(study.out / "logs"),
-            "--trainer.val_check_interval", str(sched.val_every),
+            "--trainer.val_check_interval", str(sched.val_every * sched.accumulate),
             # one checkpoint, at the end: last.ckpt is the trained model
             "--trainer.callbacks.init_args.every_n_train_steps", str(sched.steps),
             "--trainer.enable_progress_bar", "false",
@@ -202,7 +204,20 @@ def fit_argv(run: Run) -> list[str]:
                  "--data.val_batches", "1",
                  "--data.num_workers", "0", "--trainer.enable_model_summary", "false",
                  "--trainer.num_sanity_val_steps", "0"]
-    return argv + study.fit_args
+    # --fit_args' validation interval is in optimiser steps and already in the schedule
+    return argv + _without_option(study.fit_args, "--trainer.val_check_interval")
+
+
+def _without_option(args: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = i + 1 < len(args)
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def niah_argv(run: Run) -> list[str]:

@@ -7,6 +7,8 @@
 # G = nodes x GPUS_PER_NODE processes, each GPU takes a micro-batch of MICRO_BATCH sequences
 # (at most MAX_MICRO_BATCH, default 8: what fits a 340M/1.3B model at 8k with bf16) and
 # accumulates ACCUM of them, MICRO_BATCH x ACCUM x G = GLOBAL_BATCH. G must divide GLOBAL_BATCH.
+# Validation every VAL_EVERY_STEPS optimiser steps (default 1000, the configs'): Lightning counts
+# val_check_interval in micro-batches, so it is passed as VAL_EVERY_STEPS x ACCUM.
 #
 # A rank that dies ends the whole job step (srun --kill-on-bad-exit). Every submission passes
 # --ckpt_path last: the first starts fresh (Lightning warns that there is no last checkpoint),
@@ -22,6 +24,7 @@ CONFIG=${1:?usage: sbatch --nodes=N scripts/slurm_fsdp2.sh CONFIG [main.py fit o
 shift
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}
+VAL_EVERY_STEPS=${VAL_EVERY_STEPS:-1000}
 MAX_MICRO_BATCH=${MAX_MICRO_BATCH:-8}
 NODES=${SLURM_NNODES:-1}
 
@@ -41,4 +44,5 @@ echo "nodes=$NODES gpus/node=$GPUS_PER_NODE micro-batch=$MICRO_BATCH accumulatio
 srun --kill-on-bad-exit=1 python3 main.py fit --config "$CONFIG" \
   --trainer.strategy fsdp2 --trainer.num_nodes "$NODES" --trainer.devices "$GPUS_PER_NODE" \
   --data.batch_size "$MICRO_BATCH" --trainer.accumulate_grad_batches "$ACCUM" \
+  --trainer.val_check_interval "$((VAL_EVERY_STEPS * ACCUM))" \
   --ckpt_path last "$@"

@@ -101,3 +101,48 @@ def test_skipped_steps_survive_a_checkpoint(tmp_path):
 def test_bad_fault_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         LanguageModel(ModelConfig(**ARCH), **kw)
+
+
+class InfGrad(Flaky):
+    """A finite loss whose backward leaves an inf in one gradient at the given optimiser steps."""
+
+    def __init__(self, inf_steps=(), **kwargs):
+        super().__init__(**kwargs)
+        self.inf_steps = set(inf_steps)
+
+    def on_after_backward(self):
+        if self.global_step in self.inf_steps:
+            next(p for p in self.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_skip_under_every_precision_with_clipping(precision):
+    """bf16-mixed (the paper configs: fused AdamW, clipping done by the module) drops the step as
+    fp32 does: no clipping of gradients that are gone, no error from Lightning's clipping."""
+    t, snaps = run(Flaky(bad={1}, nonfinite_loss="skip"), 3, precision=precision)
+    assert t.global_step == 3 and snaps.skipped == [0, 1, 1]
+    assert same(snaps.params[1], snaps.params[0]) and not same(snaps.params[2], snaps.params[1])
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_or_stops():
+    t, snaps = run(InfGrad(inf_steps={1}, nonfinite_loss="skip"), 3)
+    assert snaps.skipped == [0, 1, 1] and same(snaps.params[1], snaps.params[0])
+    assert all(torch.isfinite(p).all() for p in snaps.params[2].values())
+    with pytest.raises(FloatingPointError, match=r"gradient norm is inf at step 1 \(the loss was finite\)"):
+        run(InfGrad(inf_steps={1}), 3)
+
+
+def test_clipping_by_value_with_the_fused_optimiser():
+    """``gradient_clip_algorithm: value`` under bf16-mixed (fused AdamW): clipped by the module."""
+    model = Flaky()
+    grads = []
+    model.on_before_optimizer_step = lambda opt: None  # no norm: value clipping needs none
+    clip = model.configure_gradient_clipping
+
+    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads.append(max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None))
+
+    model.configure_gradient_clipping = spy
+    run(model, 2, precision="bf16-mixed", gradient_clip_algorithm="value")
+    assert len(grads) == 2 and max(grads) <= 1.0

@@ -40,4 +40,6 @@ def test_micro_batch_times_accumulation_times_gpus_is_the_global_batch(tmp_path,
     assert int(_option(args, "--data.batch_size")) == micro
     assert int(_option(args, "--trainer.accumulate_grad_batches")) == accum
     assert micro * accum * nodes * gpus == 64
+    # validation every 1000 optimiser steps, in Lightning's micro-batches
+    assert int(_option(args, "--trainer.val_check_interval")) == 1000 * accum
     assert _option(args, "--ckpt_path") == "last" and args[-2:] == ["--trainer.max_steps", "5"]

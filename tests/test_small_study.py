@@ -55,8 +55,13 @@ def test_fit_args_that_change_the_tokens_per_step_change_the_steps(tmp_path):
                      fit_args=["--data.batch_size", "8", "--trainer.val_check_interval=25"])
     sched = st.schedule(study, "asa")  # 8 x 2048 tokens a step, validation every 25 steps
     assert (sched.tokens_per_step, sched.val_every, sched.steps) == (8 * 2048, 25, 200)
-    study.fit_args = ["--trainer.accumulate_grad_batches", "2", "--data.batch_size", "8"]
+    study.fit_args = ["--trainer.accumulate_grad_batches", "2", "--data.batch_size", "8",
+                      "--trainer.val_check_interval", "25"]
     assert st.schedule(study, "asa").tokens_per_step == 2 * 8 * 2048
+    # validation every 25 optimiser steps: 50 of Lightning's micro-batches, the option not passed again
+    argv = st.fit_argv(st.Run(study, "asa", 1))
+    assert argv[argv.index("--trainer.val_check_interval") + 1] == "50"
+    assert argv.count("--trainer.val_check_interval") == 1
     study.fit_args = ["--trainer.val_check_interval", "0.5"]
     with pytest.raises(ValueError, match="--trainer.val_check_interval 0.5: the study needs"):
         st.schedule(study, "asa")

@@ -195,3 +195,46 @@ def test_gradients_are_clipped_by_their_norm_and_adamw_is_fused_without_a_loss_s
         scale = 0.05 / (norm + 1e-6)
         for name, g in raw.items():
             torch.testing.assert_close(clipped[name], g * scale, rtol=1e-5, atol=1e-8)
+
+
+class LrLog(L.Callback):
+    """The learning rate each optimiser step uses and the tokens seen before it."""
+
+    def __init__(self):
+        self.points = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.points.append((pl_module.tokens_seen, trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_a_resume_with_another_batch_size_trains_the_token_budget_on_its_schedule(tmp_path, batch_size):
+    """Budget 24 steps of 4 x 32 tokens; stopped after 6 steps and resumed with batches of 2 or 8:
+    the run ends with the budget's tokens (no more, no fewer), and the learning rate at every
+    later step is the uninterrupted schedule's at the same tokens seen."""
+    budget, warmup = 24 * 4 * 32, 4
+    optim = OptimConfig(lr=1e-2, warmup_steps=warmup, token_budget=budget)
+    first = LanguageModel(ModelConfig(**ARCH), optim)
+    t = trainer(tmp_path, limit_val_batches=0, max_steps=-1)
+    t.fit_loop.epoch_loop.max_steps = -1
+    stopper = L.Callback()
+    stopper.on_train_batch_end = lambda tr, *a: setattr(tr, "should_stop", tr.global_step >= 6)
+    t.callbacks.append(stopper)
+    t.fit(first, datamodule=RandomTokens(n=400))
+    assert t.global_step == 6
+    ckpt = tmp_path / "6.ckpt"
+    t.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=False)["schedule_tokens_per_step"] == 4 * 32
+
+    log = LrLog()
+    resumed = LanguageModel(ModelConfig(**ARCH), optim)
+    t2 = trainer(tmp_path / "r", limit_val_batches=0, callbacks=[log])
+    t2.fit(resumed, datamodule=RandomTokens(batch_size=batch_size, n=400), ckpt_path=ckpt)
+    assert resumed.tokens_seen == budget
+    assert t2.global_step == 6 + (budget - 6 * 128) // (batch_size * 32)
+    total = math.ceil(budget / 128)
+    for tokens, lr in log.points:
+        assert lr == pytest.approx(1e-2 * lr_factor(tokens / 128, warmup, total, 0.1)), tokens
+    t2.save_checkpoint(tmp_path / "end.ckpt")  # a later resume still counts in the first size
+    assert torch.load(tmp_path / "end.ckpt", weights_only=False)["schedule_tokens_per_step"] == 128
