@@ -109,20 +109,26 @@ def time_tokenization(texts: list[str], spec: str, workers: int, data_dir: Path,
 # ---------------------------------------------------------------------------------------------- delivery
 def synthetic_dataset(root: Path, tokens: int, tokenizer: str = "mistral-v1", seed: int = 0) -> Path:
     """A prepared dataset of ``tokens`` random ids of ``tokenizer``'s vocabulary: ``train/`` as
-    ``prepare`` writes it (64 MB LitData chunks), no val/test, a manifest naming the tokenizer."""
-    tok = load_tokenizer(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
+    ``prepare`` writes it (64 MB LitData chunks), no val/test, a manifest naming the tokenizer
+    (a ``bpe:<n>`` spec: its vocabulary size alone, no tokenizer file)."""
+    bpe_vocab = parse_bpe_spec(tokenizer)
+    if bpe_vocab is not None:
+        spec, sha, vocab, bos, eos = tokenizer, None, bpe_vocab, None, None
+    else:
+        tok = load_tokenizer(tokenizer)
+        spec, sha, vocab, bos, eos = tok.spec, tok.sha256(), tok.vocab_size, tok.bos_id, tok.eos_id
+    dtype = token_dtype(vocab)
     root.mkdir(parents=True, exist_ok=True)
     flat = root / "tokens.bin"
     rng = np.random.default_rng(seed)
     with open(flat, "wb") as f:
         for start in range(0, tokens, 1 << 24):
-            rng.integers(0, tok.vocab_size, size=min(1 << 24, tokens - start), dtype=dtype).tofile(f)
+            rng.integers(0, vocab, size=min(1 << 24, tokens - start), dtype=dtype).tofile(f)
     _write_shards([(flat, tokens)], root / "train", dtype, 64 * 2**20)
     flat.unlink()
     write_meta(root, {
-        "format_version": FORMAT_VERSION, "tokenizer": tok.spec, "tokenizer_sha256": tok.sha256(),
-        "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "dtype": dtype.name,
+        "format_version": FORMAT_VERSION, "tokenizer": spec, "tokenizer_sha256": sha,
+        "vocab_size": vocab, "bos_id": bos, "eos_id": eos, "dtype": dtype.name,
         "sources": [{"source": "synthetic", "tokens": tokens, "seed": seed}], "source": "synthetic",
         "splits": {"train": {"documents": 0, "tokens": tokens, "chunks": len(list((root / "train").glob("*.bin")))},
                    "val": {"documents": 0, "tokens": 0, "chunks": 0},

@@ -9,8 +9,14 @@ precision, compile, batch size and gradient accumulation, its datamodule and Lig
 times the last ``--steps`` optimiser steps (wall clock between two CUDA synchronisations) and
 counts the tokens ``LanguageModel`` saw in them; MFU is those tokens/s x
 ``training_flops_per_token`` / ``--peak_tflops``. The model's own logged ``train/tokens_per_sec``
-and ``train/mfu`` of the last step are read back beside it. The data is the embedded corpus
-(prepared once under ``--data_dir``) unless ``--extra`` names other data.
+and ``train/mfu`` of the last step are read back beside it.
+
+The data: a synthetic prepared dataset of random token ids (``data_throughput.synthetic_dataset``,
+under ``--data_dir``), sized so that every timed step lies in the first epoch. (The embedded
+corpus holds about 60 sequences of 8k: one epoch of a 340M config is less than one optimiser
+step of 8 x 8 sequences, so Lightning would step on each epoch's partial accumulation and
+restart the loader's workers every step.) ``--data_dir`` naming a prepared dataset trains on it;
+a run whose timed steps cross an epoch boundary is flagged (``epochs_crossed``) either way.
 
 ``--raw`` also times ``benchmarks/train_throughput.py``'s raw loop (the same model config, T,
 micro-batch and loss, compiled as the config says, fused AdamW) in the same process, and reports
@@ -23,8 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -45,50 +53,78 @@ def _synchronize() -> None:
 
 
 class StepTimer(Callback):
-    """Wall time and tokens of the optimiser steps after the first ``warmup`` ones."""
+    """Wall time, tokens and epoch boundaries of the optimiser steps after the first ``warmup``."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
-        self.start: tuple[float, int, int] | None = None  # (time, tokens_seen, global_step)
-        self.seconds = self.tokens = self.steps = 0
+        # (time, tokens_seen, global_step, epoch)
+        self.start: tuple[float, int, int, int] | None = None
+        self.seconds = self.tokens = self.steps = self.epochs = 0
 
-    def _mark(self, trainer, pl_module) -> tuple[float, int, int]:
+    def _mark(self, trainer, pl_module) -> tuple[float, int, int, int]:
         _synchronize()
-        return time.perf_counter(), pl_module.tokens_seen, trainer.global_step
+        return time.perf_counter(), pl_module.tokens_seen, trainer.global_step, trainer.current_epoch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.start is None and trainer.global_step >= self.warmup:
             self.start = self._mark(trainer, pl_module)
+        elif self.start is not None:  # (the loop counts one more epoch once it stops)
+            self.epochs = trainer.current_epoch - self.start[3]
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.start is None:
             raise RuntimeError(f"the run ended after {trainer.global_step} steps, before the "
                                f"{self.warmup} warm-up steps were done")
         end = self._mark(trainer, pl_module)
-        self.seconds, self.tokens, self.steps = (b - a for a, b in zip(self.start, end))
+        self.seconds, self.tokens, self.steps = (b - a for a, b in zip(self.start[:3], end[:3]))
 
 
 def fit_args(config: str, steps: int, data_dir: str, extra: list[str]) -> list[str]:
     """``main.py fit`` options (without the subcommand: the CLI only builds, the caller fits) of
-    a timed run of ``config``: ``steps`` optimiser steps on the embedded corpus, no validation,
-    checkpoints or loggers (``extra`` is appended last)."""
+    a timed run of ``config``: ``steps`` optimiser steps on the prepared dataset ``data_dir``, no
+    validation, checkpoints or loggers (``extra`` is appended last)."""
     return ["--config", config, "--model.optim.token_budget", "null",
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
             "--trainer.callbacks", "[]", "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false",
-            "--data.source", "python-docs", "--data.data_dir", data_dir, *extra]
+            "--data.source", "null", "--data.data_dir", data_dir, *extra]
+
+
+def synthetic_data(root: str, sequences: int, seq_len: int, tokenizer: str) -> tuple[str, int]:
+    """A synthetic prepared dataset under ``root`` holding ``sequences`` training sequences of
+    ``seq_len`` (made, or remade larger, when the one there holds fewer); ``(path, tokens)``."""
+    from data_throughput import synthetic_dataset
+
+    from nsa_lit.data.manifest import read_meta
+
+    path = os.path.join(root, f"synthetic-{tokenizer.replace(':', '-').replace('/', '-')}")
+    tokens = sequences * seq_len + 1
+    meta = os.path.join(path, "meta.json")
+    if os.path.isfile(meta) and read_meta(path)["splits"]["train"]["tokens"] >= tokens:
+        return path, read_meta(path)["splits"]["train"]["tokens"]
+    shutil.rmtree(path, ignore_errors=True)
+    synthetic_dataset(Path(path), tokens, tokenizer)
+    return path, tokens
 
 
 def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list[str],
-                peak_tflops: float) -> dict:
+                peak_tflops: float, prepared: bool = False) -> dict:
+    """One timed ``main.py fit`` of ``config``: on synthetic data made to hold every step in one
+    epoch under ``data_dir``, or (``prepared``) on the dataset ``data_dir`` is."""
     timer = StepTimer(warmup)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cli = cli_main(fit_args(config, warmup + steps, data_dir, extra), run=False)
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    data = {"data": data_dir}
+    if not prepared:  # sized to this run's sequences per step (batch, accumulation, world)
+        per_step = dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        dm.data_dir, tokens = synthetic_data(data_dir, (warmup + steps + 1) * per_step,
+                                             model.arch.seq_len, dm.tokenizer)
+        data = {"data": f"synthetic, {tokens:,} tokens", "data_dir": dm.data_dir}
+    trainer.callbacks.append(timer)
+    trainer.fit(model, datamodule=dm)
     rate = timer.tokens / timer.seconds
     flops = training_flops_per_token(model.arch)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()
@@ -97,7 +133,8 @@ def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list
             "T": model.arch.seq_len, "batch": dm.batch_size,
             "accumulate": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
             "compile": model.compile_blocks, "loss_chunk": model.loss_chunk,
-            "timed_steps": timer.steps, "seconds": timer.seconds, "tokens_per_sec": rate,
+            "timed_steps": timer.steps, "epochs_crossed": timer.epochs, **data,
+            "seconds": timer.seconds, "tokens_per_sec": rate,
             "ms_per_step": 1e3 * timer.seconds / timer.steps, "flops_per_token": flops,
             "mfu": rate * flops / (peak_tflops * 1e12),
             "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
@@ -110,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     parser.add_argument("--steps", type=int, default=20, help="timed optimiser steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed optimiser steps first")
-    parser.add_argument("--data_dir", default=os.path.join(ROOT, "data", "python-docs-mistral"),
-                        help="where the embedded corpus is prepared (once)")
+    parser.add_argument("--data_dir", default=None,
+                        help="a prepared dataset to train on (default: synthetic random tokens, "
+                             "made under --synthetic_dir to hold every timed step in one epoch)")
+    parser.add_argument("--synthetic_dir", default=os.path.join(ROOT, "data", "benchmark"),
+                        help="where the synthetic dataset is made (default data/benchmark)")
     parser.add_argument("--extra", default="", help="more main.py fit options, one string")
     parser.add_argument("--raw", action="store_true",
                         help="also time train_throughput.py's raw loop on the same shapes (CUDA)")
@@ -130,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'MFU':>6} {'fit/raw':>7}", args.out)
     for config in args.configs:
         try:
-            row = measure_fit(config, args.steps, args.warmup, args.data_dir, extra,
-                              args.peak_tflops)
+            row = measure_fit(config, args.steps, args.warmup, args.data_dir or args.synthetic_dir,
+                              extra, args.peak_tflops, prepared=args.data_dir is not None)
             log.add(row, f"{row['config']:24} {'fit':>5} {row['T']:>6} {row['ms_per_step']:>9.1f} "
-                         f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%}")
+                         f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%}"
+                         + (f"  (crossed {row['epochs_crossed']} epoch boundaries: the loader "
+                            "restarted inside the timed steps)" if row["epochs_crossed"] else ""))
         except Exception as err:  # one failing run must not lose the others
             log.add({"config": config, "path": "fit", "error": f"{type(err).__name__}: {err}"[:300]},
                     f"{config:24} fit error: {type(err).__name__}: {str(err)[:60]}")
