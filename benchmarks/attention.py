@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
-import platform
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -48,10 +46,11 @@ from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the 
     visible_causal,
     visible_window,
 )
-from results_log import ResultsLog  # noqa: E402
+from results_log import ResultsLog, run_record  # noqa: E402
 
 BWD_FLOP_FACTOR = 2.5
 DEFAULT_T = (8192, 16384, 32768, 65536)
+BENCH_REP_MS = 1000  # timed calls per measurement: ~1 s, at least 10 samples of a 100 ms call
 
 
 @dataclass
@@ -133,9 +132,10 @@ def flex_window_case(cfg: ModelConfig, kind: str, kv_heads: int | None = None):
     def build(T: int, B: int) -> Bench:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        global _FLEX
-        if "_FLEX" not in globals():
-            _FLEX = torch.compile(flex_attention, dynamic=False)
+        # a fresh compile per (case, T): each shape and mask adds a dynamo cache entry, and past
+        # its recompile limit (8) dynamo would silently run FlexAttention eagerly
+        torch._dynamo.reset()
+        flex = torch.compile(flex_attention, dynamic=False)
 
         spec = layer_spec(cfg, kind, T)
         H, Hk = spec.n_heads, kv_heads or spec.attention_heads(Branch.WINDOW)
@@ -148,7 +148,7 @@ def flex_window_case(cfg: ModelConfig, kind: str, kv_heads: int | None = None):
         mask = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device="cuda")
         q, k, v = _randn(B, H, T, Dqk), _randn(B, Hk, T, Dqk), _randn(B, Hk, T, Dv)
         return Bench(
-            fwd=lambda: _FLEX(q, k, v, block_mask=mask, scale=spec.scale, enable_gqa=Hk != H),
+            fwd=lambda: flex(q, k, v, block_mask=mask, scale=spec.scale, enable_gqa=Hk != H),
             inputs=[q, k, v],
             flops_fwd=attention_flops(B * T, H, Dqk, Dv, visible_window(T, window)),
             shape=dict(H=H, Hk=Hk, Dqk=Dqk, Dv=Dv, window=window),
@@ -353,8 +353,9 @@ def measure(bench: Bench) -> tuple[float, float]:
             grad = output_grads(out)
         torch.autograd.grad(out, bench.inputs, grad)
 
-    fwd_ms = triton.testing.do_bench(bench.fwd, return_mode="median")
-    fwd_bwd_ms = triton.testing.do_bench(fwd_bwd, return_mode="median")
+    # rep (ms of timed calls) large enough for several samples of a 100 ms call at 64k
+    fwd_ms = triton.testing.do_bench(bench.fwd, rep=BENCH_REP_MS, return_mode="median")
+    fwd_bwd_ms = triton.testing.do_bench(fwd_bwd, rep=BENCH_REP_MS, return_mode="median")
     return fwd_ms, fwd_bwd_ms
 
 
@@ -372,18 +373,6 @@ def profile(bench: Bench, top: int, iters: int = 5) -> str:
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top,
                                      max_name_column_width=60)
-
-
-def environment() -> dict:
-    import triton
-
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if T <= 0 or args.tokens % T:
             raise SystemExit(f"--tokens={args.tokens} must be a multiple of every T (T={T})")
 
-    record = {**environment(), "tokens": args.tokens, "bwd_flop_factor": BWD_FLOP_FACTOR}
+    record = run_record("attention.py", argv, tokens=args.tokens, bwd_flop_factor=BWD_FLOP_FACTOR)
     print(f"# {record['device']}, torch {record['torch']}, triton {record['triton']}", flush=True)
     log = ResultsLog(record, f"{'case':<18} {'T':>6} {'B':>3} {'fwd ms':>9} {'TFLOP/s':>8} "
                              f"{'f+b ms':>9} {'TFLOP/s':>8}", args.out)

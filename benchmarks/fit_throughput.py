@@ -18,9 +18,9 @@ step of 8 x 8 sequences, so Lightning would step on each epoch's partial accumul
 restart the loader's workers every step.) ``--data_dir`` naming a prepared dataset trains on it;
 a run whose timed steps cross an epoch boundary is flagged (``epochs_crossed``) either way.
 
-``--raw`` also times ``benchmarks/train_throughput.py``'s raw loop (the same model config, T,
-micro-batch and loss, compiled as the config says, fused AdamW) in the same process, and reports
-``fit / raw``. ``--extra`` passes more ``main.py fit`` options to every run (e.g.
+``--raw`` also times ``benchmarks/train_throughput.py``'s raw loop first (the fit run's model
+config with its overrides, T, micro-batch, accumulation and loss, compiled as the config says,
+fused AdamW, random tokens) in the same process, and reports ``fit / raw``. ``--extra`` passes more ``main.py fit`` options to every run (e.g.
 ``--extra="--data.batch_size 8 --trainer.accumulate_grad_batches 1"``). ``--out NAME`` writes
 ``benchmarks/results/NAME.json``.
 """
@@ -79,16 +79,18 @@ class StepTimer(Callback):
         self.seconds, self.tokens, self.steps = (b - a for a, b in zip(self.start[:3], end[:3]))
 
 
-def fit_args(config: str, steps: int, data_dir: str, extra: list[str]) -> list[str]:
+def fit_args(config: str, steps: int, data_dir: str, extra: list[str],
+             source: str | None = None) -> list[str]:
     """``main.py fit`` options (without the subcommand: the CLI only builds, the caller fits) of
-    a timed run of ``config``: ``steps`` optimiser steps on the prepared dataset ``data_dir``, no
-    validation, checkpoints or loggers (``extra`` is appended last)."""
+    a timed run of ``config``: ``steps`` optimiser steps on the prepared dataset ``data_dir``
+    (``source``: the corpus prepared there on first use, e.g. ``python-docs``), no validation,
+    checkpoints or loggers (``extra`` is appended last)."""
     return ["--config", config, "--model.optim.token_budget", "null",
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
             "--trainer.callbacks", "[]", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false",
-            "--data.source", "null", "--data.data_dir", data_dir, *extra]
+            "--trainer.enable_progress_bar", "false", "--trainer.devices", "1",
+            "--data.source", source or "null", "--data.data_dir", data_dir, *extra]
 
 
 def synthetic_data(root: str, sequences: int, seq_len: int, tokenizer: str) -> tuple[str, int]:
@@ -109,14 +111,27 @@ def synthetic_data(root: str, sequences: int, seq_len: int, tokenizer: str) -> t
 
 
 def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list[str],
-                peak_tflops: float, prepared: bool = False) -> dict:
+                peak_tflops: float, prepared: bool = False, raw: bool = False) -> list[dict]:
     """One timed ``main.py fit`` of ``config``: on synthetic data made to hold every step in one
-    epoch under ``data_dir``, or (``prepared``) on the dataset ``data_dir`` is."""
+    epoch under ``data_dir``, or (``prepared``) on the dataset ``data_dir`` is. With ``raw``,
+    first the raw loop (``train_throughput.measure``) on the fit run's model config, micro-batch
+    and accumulation, while the fit run's model is still on the CPU. Returns the rows, raw
+    first."""
     timer = StepTimer(warmup)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     cli = cli_main(fit_args(config, warmup + steps, data_dir, extra), run=False)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    rows = []
+    if raw:
+        from train_throughput import measure
+
+        rows.append({**measure(config, model.arch.seq_len, dm.batch_size * model.arch.seq_len,
+                               "compiled" if model.compile_blocks else "eager", steps, warmup,
+                               peak_tflops, model.loss_chunk, trainer.accumulate_grad_batches,
+                               model.arch), "path": "raw"})
+        torch._dynamo.reset()  # the fit run compiles its own blocks from scratch
+        torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     data = {"data": data_dir}
     if not prepared:  # sized to this run's sequences per step (batch, accumulation, world)
         per_step = dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
@@ -129,8 +144,8 @@ def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list
     flops = training_flops_per_token(model.arch)
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()
               if k in ("train/tokens_per_sec", "train/mfu", "train/loss")}
-    return {"config": os.path.relpath(config, ROOT), "layer_pattern": model.arch.layer_pattern,
-            "T": model.arch.seq_len, "batch": dm.batch_size,
+    row = {"config": os.path.relpath(config, ROOT), "layer_pattern": model.arch.layer_pattern,
+            "T": model.arch.seq_len, "batch": dm.batch_size, "world_size": trainer.world_size,
             "accumulate": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
             "compile": model.compile_blocks, "loss_chunk": model.loss_chunk,
             "timed_steps": timer.steps, "epochs_crossed": timer.epochs, **data,
@@ -139,7 +154,10 @@ def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list
             "mfu": rate * flops / (peak_tflops * 1e12),
             "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
                              if torch.cuda.is_available() else None),
-            "logged": logged, "extra": extra}
+            "logged": logged, "extra": extra, "path": "fit"}
+    if rows:
+        rows[0]["fit_over_raw"] = rate / rows[0]["tokens_per_sec"]
+    return rows + [row]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,27 +188,22 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'MFU':>6} {'fit/raw':>7}", args.out)
     for config in args.configs:
         try:
-            row = measure_fit(config, args.steps, args.warmup, args.data_dir or args.synthetic_dir,
-                              extra, args.peak_tflops, prepared=args.data_dir is not None)
-            log.add(row, f"{row['config']:24} {'fit':>5} {row['T']:>6} {row['ms_per_step']:>9.1f} "
-                         f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%}"
-                         + (f"  (crossed {row['epochs_crossed']} epoch boundaries: the loader "
-                            "restarted inside the timed steps)" if row["epochs_crossed"] else ""))
+            rows = measure_fit(config, args.steps, args.warmup, args.data_dir or args.synthetic_dir,
+                               extra, args.peak_tflops, prepared=args.data_dir is not None,
+                               raw=args.raw)
         except Exception as err:  # one failing run must not lose the others
-            log.add({"config": config, "path": "fit", "error": f"{type(err).__name__}: {err}"[:300]},
-                    f"{config:24} fit error: {type(err).__name__}: {str(err)[:60]}")
+            log.add({"config": config, "error": f"{type(err).__name__}: {err}"[:300]},
+                    f"{config:24} error: {type(err).__name__}: {str(err)[:60]}")
             continue
-        if args.raw:
-            from train_throughput import measure
-
-            raw = measure(config, row["T"], row["batch"] * row["T"],
-                          "compiled" if row["compile"] else "eager", args.steps, args.warmup,
-                          args.peak_tflops, row["loss_chunk"])
-            raw["fit_over_raw"] = row["tokens_per_sec"] / raw["tokens_per_sec"]
-            log.add({**raw, "path": "raw"},
-                    f"{raw['config']:24} {'raw':>5} {raw['T']:>6} {raw['ms_per_step']:>9.1f} "
-                    f"{raw['tokens_per_sec']:>10.0f} {raw['mfu']:>6.1%} {raw['fit_over_raw']:>7.3f}")
-        torch.cuda.empty_cache()
+        finally:
+            torch.cuda.empty_cache()
+        for row in rows:
+            ratio = f" {row['fit_over_raw']:>7.3f}" if "fit_over_raw" in row else ""
+            crossed = (f"  (crossed {row['epochs_crossed']} epoch boundaries: the loader "
+                       "restarted inside the timed steps)" if row.get("epochs_crossed") else "")
+            log.add(row, f"{row['config']:24} {row['path']:>5} {row['T']:>6} "
+                         f"{row['ms_per_step']:>9.1f} {row['tokens_per_sec']:>10.0f} "
+                         f"{row['mfu']:>6.1%}{ratio}{crossed}")
     log.summary()
     return 0
 

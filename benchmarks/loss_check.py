@@ -48,7 +48,8 @@ class StepLosses(Callback):
         self._step = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._micro.append(float(outputs["loss"]))
+        # Lightning hands back the micro-batch's loss divided by the accumulation count
+        self._micro.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
         if trainer.global_step == self._step:  # an accumulating micro-batch: no step yet
             return
         self._step = trainer.global_step
@@ -58,7 +59,7 @@ class StepLosses(Callback):
 
 def run_losses(config: str, steps: int, data_dir: str, extra: list[str]) -> list[float]:
     recorder = StepLosses()
-    cli = cli_main(fit_args(config, steps, data_dir, extra), run=False)
+    cli = cli_main(fit_args(config, steps, data_dir, extra, source="python-docs"), run=False)
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if len(recorder.losses) != steps:

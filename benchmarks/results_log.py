@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 def run_record(script: str, argv: list[str] | None, device: str | None = None, **fields) -> dict:
     """What a results record starts with: ``device`` (default: the CUDA device's name, else
@@ -18,9 +19,35 @@ def run_record(script: str, argv: list[str] | None, device: str | None = None, *
     if device is None:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     args = argv if argv is not None else sys.argv[1:]
-    return {"device": device, "torch": torch.__version__, "python": platform.python_version(), **fields,
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "lightning"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    return {"device": device, **versions, **_git_state(), **fields,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([f"python3 benchmarks/{script}", *args])}
+            "command": shlex.join([f"python3 benchmarks/{script}", *args])}
+
+
+def _git_state() -> dict:
+    """``commit`` (and ``dirty``: uncommitted changes to tracked files) of the repository the
+    scripts run from, when it is a git checkout with git installed."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode:
+            return {}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

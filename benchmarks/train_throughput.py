@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nsa_lit.config import ModelConfig  # noqa: E402
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
@@ -36,19 +37,26 @@ DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("as
 
 
 def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int,
-            peak_tflops: float, loss_chunk: int) -> dict:
-    cfg = dataclasses.replace(load_model_config(config_path), seq_len=T)
+            peak_tflops: float, loss_chunk: int, accumulate: int = 1,
+            arch: ModelConfig | None = None) -> dict:
+    """Time ``steps`` optimiser steps, each of ``accumulate`` micro-batches of ``tokens`` tokens
+    (different random tokens each), of ``config_path``'s model (or ``arch``, e.g. a fit run's
+    with its overrides) at ``T``. Dynamo starts afresh: an earlier T would make it compile this
+    one with dynamic shapes."""
+    cfg = dataclasses.replace(arch or load_model_config(config_path), seq_len=T)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = Transformer(cfg).cuda()
     if mode == "compiled":
         model.compile_blocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch = torch.randint(0, cfg.vocab_size, (tokens // T, T + 1), device="cuda")
+    batches = torch.randint(0, cfg.vocab_size, (accumulate, tokens // T, T + 1), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as Lightning's bf16-mixed
-            loss = next_token_loss(model, batch, loss_chunk)
-        loss.backward()
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):  # as Lightning's bf16-mixed
+                loss = next_token_loss(model, batch, loss_chunk)
+            (loss / accumulate).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -63,11 +71,12 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     flops = training_flops_per_token(cfg, T)
+    rate = tokens * accumulate / seconds
     return {"config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
-            "T": T, "batch": tokens // T, "mode": mode, "steps": steps, "loss_chunk": loss_chunk,
-            "ms_per_step": 1e3 * seconds, "tokens_per_sec": tokens / seconds,
+            "T": T, "batch": tokens // T, "accumulate": accumulate, "mode": mode, "steps": steps,
+            "loss_chunk": loss_chunk, "ms_per_step": 1e3 * seconds, "tokens_per_sec": rate,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "flops_per_token": flops, "mfu": tokens / seconds * flops / (peak_tflops * 1e12),
+            "flops_per_token": flops, "mfu": rate * flops / (peak_tflops * 1e12),
             "params": sum(p.numel() for p in model.parameters())}
 
 

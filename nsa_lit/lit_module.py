@@ -76,7 +76,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 # dense bf16 peaks (TFLOP/s) by CUDA device name (first match wins), for train/mfu
-_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.5, "H200": 989.5, "A100": 312.0}
+_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.5,
+                "H200": 989.5, "A100": 312.0}
 
 
 def _device_peak_tflops(device: torch.device) -> float | None:

@@ -1,5 +1,6 @@
 """The benchmark scripts' CPU-checkable parts: a decode smoke run and argument checks."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def test_loss_check_repeats_exactly_on_cpu_and_catches_a_changed_run(tmp_path, m
     record = json.loads(ref.read_text())
     assert len(record["losses"]) == 3 and record["noise"] == 0.0
     assert [r["losses"] for r in record["results"]] == [record["losses"]] * 2
+    # the step's loss itself (not divided by the accumulation): near ln(4096) at the start
+    assert abs(record["losses"][0] - math.log(4096)) < 1.0
     assert loss_check.main([*common, "--extra", cpu, "--reference", str(ref)]) == 0
     changed = tmp_path / "changed.json"
     assert loss_check.main([*common, "--extra", cpu + " --model.optim.lr 0.03", "--reference", str(ref),

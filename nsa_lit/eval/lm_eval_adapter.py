@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from nsa_lit.eval.likelihood import loglikelihood as score_loglikelihood
-from nsa_lit.eval.lm_eval_tasks import DEFAULT_TASKS, main_metric  # noqa: F401  (re-exported)
+from nsa_lit.eval.lm_eval_tasks import main_metric
 
 log = logging.getLogger(__name__)
 
