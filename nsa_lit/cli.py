@@ -52,8 +52,21 @@ class NSALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.arch.seq_len", "data.seq_len")
 
+    def _set_seed(self) -> None:
+        """LightningCLI's; remembers whether ``seed_everything`` was fixed (an int) or not
+        (``true``: drawn anew each launch, ``false``: none), which names the run."""
+        self.seed_fixed = not isinstance(self._get(self.config, "seed_everything"), bool)
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last" and not getattr(
+                self, "seed_fixed", True):
+            raise ValueError(
+                "--ckpt_path last resumes the run of this seed (logs and checkpoints of "
+                "<name>/seed<k>), but seed_everything is not an integer: each launch would be a "
+                "new run and start from scratch. Set --seed_everything to the run's seed (its "
+                "checkpoint directory's seed<k>)")
         version_loggers_by_seed(config)
 
     def instantiate_classes(self) -> None:

@@ -198,3 +198,16 @@ def test_resume_applies_the_configs_optimiser_settings(tmp_path, caplog, how):
     sched = t.lr_scheduler_configs[0].scheduler
     assert sched.base_lrs == [4e-3, 4e-3]
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(4e-3 * lr_factor(4, 1, 4, 0.1))
+
+
+@pytest.mark.parametrize("seed", ["true", "false"])
+def test_resuming_last_needs_the_runs_seed(tmp_path, monkeypatch, seed):
+    """``--ckpt_path last`` finds the run by its seed: with a seed drawn anew each launch (or
+    none) it would silently start a new run, so it is refused before anything is built."""
+    from nsa_lit.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--ckpt_path last resumes the run of this seed.*not an integer"):
+        cli_main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--trainer.accelerator", "cpu",
+                  "--seed_everything", seed, "--ckpt_path", "last"])
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "data").exists()
