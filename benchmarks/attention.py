@@ -41,7 +41,7 @@ from bench_configs import (  # noqa: E402
 from nsa_lit.config import Branch, Form, LayerSpec, ModelConfig  # noqa: E402
 from nsa_lit.model_stats import (  # noqa: E402  (FLOP counting shared with the library)
     attention_flops,
-    layer_attention_flops,
+    attention_flop_parts,
     matmul_flops_per_token,
     visible_causal,
     visible_window,
@@ -56,12 +56,25 @@ BENCH_REP_MS = 1000  # timed calls per measurement: ~1 s, at least 10 samples of
 @dataclass
 class Bench:
     """One built problem: ``fwd()`` returns the output (or the outputs of branches a layer mixes
-    later); gradients flow to ``inputs``."""
+    later); gradients flow to ``inputs``. ``flops_fwd_bwd``: forward + backward FLOPs, counted by
+    kind of work (default: all of ``flops_fwd`` is attention, :func:`fwd_bwd_flops`)."""
 
     fwd: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]]
     inputs: list[torch.Tensor]
     flops_fwd: float
     shape: dict = field(default_factory=dict)
+    flops_fwd_bwd: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.flops_fwd_bwd is None:
+            self.flops_fwd_bwd = fwd_bwd_flops(attention=self.flops_fwd)
+
+
+def fwd_bwd_flops(attention: float = 0.0, matmul: float = 0.0, scoring: float = 0.0) -> float:
+    """Forward + backward FLOPs from forward FLOPs by kind: attention ``1 + BWD_FLOP_FACTOR``
+    (flash backward recomputes the scores), matrix products 3 (two products per weight
+    backward), block scoring 1 (no gradient)."""
+    return attention * (1 + BWD_FLOP_FACTOR) + 3.0 * matmul + scoring
 
 
 @dataclass
@@ -231,7 +244,7 @@ def branches_case(cfg: ModelConfig, kind: str):
     """The attention branches of ``cfg``'s layer ``kind`` as the layer runs them
     (:func:`nsa_lit.attention.branches.run_branches`: for a global layer, compression, block
     selection and selected attention), without projections; one output per branch, each in its
-    form's space (absorbed outputs before ``W_uv``). FLOPs: ``layer_attention_flops``."""
+    form's space (absorbed outputs before ``W_uv``). FLOPs: ``attention_flop_parts``."""
     def build(T: int, B: int) -> Bench:
         from nsa_lit.attention.branches import run_branches
 
@@ -249,8 +262,9 @@ def branches_case(cfg: ModelConfig, kind: str):
                      block_len=spec.compress_block, stride=spec.compress_stride,
                      select_block=spec.select_block, top_n=spec.top_n,
                      num_local=spec.num_local_blocks, q_share=spec.q_share)
-        return Bench(fwd=fwd, inputs=leaves, flops_fwd=layer_attention_flops(spec, T) * B * T,
-                     shape=shape)
+        trained, scoring = attention_flop_parts(spec, T)
+        return Bench(fwd=fwd, inputs=leaves, flops_fwd=(trained + scoring) * B * T, shape=shape,
+                     flops_fwd_bwd=fwd_bwd_flops(attention=trained, scoring=scoring) * B * T)
 
     return build
 
@@ -266,13 +280,16 @@ def layer_case(cfg: ModelConfig, kind: str, compiled: bool = False):
         layer = Attention(dataclasses.replace(cfg, seq_len=T), kind).to(DEVICE, torch.bfloat16)
         spec = layer.spec
         x = _randn(B, T, cfg.d_model)
-        flops = (matmul_flops_per_token(layer) + layer_attention_flops(spec, T)) * B * T
+        trained, scoring = attention_flop_parts(spec, T)
+        matmul = matmul_flops_per_token(layer)
+        flops = (matmul + trained + scoring) * B * T
         if compiled:
             # a fresh compiler cache per case: dynamo's recompile limit (8 per code object)
             # would otherwise send later layers and shapes of one run back to eager code
             torch._dynamo.reset()
         run = torch.compile(layer, options=COMPILE_OPTIONS) if compiled else layer
         return Bench(fwd=lambda: run(x), inputs=[x, *layer.parameters()], flops_fwd=flops,
+                     flops_fwd_bwd=fwd_bwd_flops(trained, matmul, scoring) * B * T,
                      shape=dict(kind=kind, branches=[str(b) for b in spec.branches],
                                 kv=str(spec.kv), compiled=compiled,
                                 layer_pattern=cfg.layer_pattern, latent_form=cfg.latent_form))
@@ -412,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(0)  # the same inputs (and, for ASA, block picks) every run
                 bench = case.build(T, B)
                 fwd_ms, fb_ms = measure(bench)
-                flops_fb = bench.flops_fwd * (1 + BWD_FLOP_FACTOR)
+                flops_fb = bench.flops_fwd_bwd
                 row.update(shape=bench.shape, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms,
                            flops_fwd=bench.flops_fwd, flops_fwd_bwd=flops_fb,
                            fwd_tflops=bench.flops_fwd / fwd_ms * 1e-9,

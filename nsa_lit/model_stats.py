@@ -69,7 +69,7 @@ def attention_flops(tokens: int, heads: int, dqk: int, dv: int, visible: float) 
     return 2.0 * visible * (dqk + dv) * heads * tokens
 
 
-def _attention_parts(spec: LayerSpec, T: int) -> tuple[float, float]:
+def attention_flop_parts(spec: LayerSpec, T: int) -> tuple[float, float]:
     """Forward attention FLOPs per token of one layer, split into what is differentiated (the
     branch outputs) and what runs without gradient (block-importance scores, and the
     compression attention when only selection needs its log-sum-exp)."""
@@ -100,7 +100,7 @@ def layer_attention_flops(spec: LayerSpec, T: int, training: bool = False) -> fl
     compression attention that selection needs even without the compression branch. Forward
     only, or with ``training`` the forward and backward (3x for what gets gradients, 1x for the
     scoring that runs without). Projections are :func:`matmul_flops_per_token`'s."""
-    trained, scoring = _attention_parts(spec, T)
+    trained, scoring = attention_flop_parts(spec, T)
     return 3.0 * trained + scoring if training else trained + scoring
 
 

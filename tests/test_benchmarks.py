@@ -1,4 +1,5 @@
 """The benchmark scripts' CPU-checkable parts: a decode smoke run and argument checks."""
+import dataclasses
 import json
 import math
 import sys
@@ -172,3 +173,32 @@ def test_loss_check_repeats_exactly_on_cpu_and_catches_a_changed_run(tmp_path, m
     verdict = json.loads(changed.read_text())["reference"]
     assert not verdict["passed"] and verdict["rtol"] == 1e-6 and verdict["worst_step"] >= 2
     assert "CHANGED" in capsys.readouterr().out
+
+
+def test_forward_backward_flops_count_each_kind_of_work_once(monkeypatch):
+    """Attention's backward counts 2.5 forwards, matrix products 2, the block scoring (no
+    gradient) none: a sparse case's and a layer case's figures add up from those parts."""
+    from nsa_lit.model_stats import attention_flop_parts, matmul_flops_per_token
+
+    assert attention.fwd_bwd_flops(attention=2.0, matmul=5.0, scoring=7.0) == 2.0 * 3.5 + 15.0 + 7.0
+    monkeypatch.setattr(attention, "DEVICE", "cpu")
+    T, B = 64, 2
+    by_name = {c.name: c for c in attention.CASES}
+    for name in ("asa-global", "layer-asa-global"):
+        case = by_name[name]
+        cfg = dataclasses.replace(case.cfg, d_model=64, n_heads=4, head_dim=16, latent_dim=32,
+                                  rope_dim=8, mlp_hidden=64, seq_len=T, window=16,
+                                  compress_block=8, compress_stride=4, select_block=8, top_n=3,
+                                  num_local_blocks=1, kernel_backend="reference")
+        bench = (attention.branches_case if name == "asa-global" else attention.layer_case)(
+            cfg, "G")(T, B)
+        spec = attention.layer_spec(cfg, "G", T)
+        trained, scoring = attention_flop_parts(spec, T)
+        matmul = 0.0
+        if name.startswith("layer"):
+            from nsa_lit.attention import Attention
+
+            matmul = matmul_flops_per_token(Attention(cfg, "G"))
+        assert bench.flops_fwd == pytest.approx((trained + scoring + matmul) * B * T)
+        assert bench.flops_fwd_bwd == pytest.approx((3.5 * trained + scoring + 3 * matmul) * B * T)
+        assert scoring > 0
