@@ -62,21 +62,21 @@ Design
 (``B x N x H x (Dk + Dr)``: 1.3 GB at 32k context, batch 64), so a small kernel computes the
 group probabilities ``p_g[b, g, i] = sum_{h in g} exp(q_h . k_i * scale - lse_h)`` straight from the
 compressed cache (``_group_probs_kernel``, one program per (sequence, group, key tile), heads of
-the group as MMA rows); re-binning (one fp32 matmul against the cached overlap matrix) and the
-top-n pick stay in PyTorch (``kernels.blocks.pick_blocks``, ``Ns <= seq_len / l'``
-scores per row).
+the group as MMA rows); a second (``_pick_kernel``, one program per (sequence, group)) re-bins
+them to selection blocks from the few compressed tokens that overlap each block (no dense
+overlap matrix) and picks the top-n as ``kernels.blocks.pick_blocks`` does: two launches per
+step instead of a matrix product and some 25 small PyTorch operations (a decode step at batch 1
+is bound by its launches).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.blocks import overlap_weights, pick_blocks
 from kernels.triton_utils import interpreting, num_sms
 
 LOG2E = 1.4426950408889634
@@ -359,6 +359,53 @@ def _group_probs_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _pick_kernel(PG, POS, OUT, N, NS, G, block_len, stride, select_block, num_local,
+                 TOP_N: tl.constexpr, TOP_P: tl.constexpr, NSP: tl.constexpr, R: tl.constexpr):
+    """The blocks of one (sequence, group), ``OUT[b, g, :TOP_N]``: selection block ``j``'s
+    importance ``sum_i PG[b, g, i] * overlap(i, j) / stride`` over the (at most ``R``)
+    compressed tokens ``i`` that share raw tokens with it (``kernels.blocks.overlap_weights``
+    without its dense matrix), then ``kernels.blocks.pick_blocks``: the visible blocks
+    (``<= POS[b] // select_block``), the forced ones (block 0 and the ``num_local`` ending with
+    the query's) first, then the highest importance (ties: the lower index); ascending, ``-1``
+    padding last."""
+    pid = tl.program_id(0)
+    b = pid // G
+    pos = tl.load(POS + b).to(tl.int64)
+    cur = pos // select_block
+    j = tl.arange(0, NSP)
+    j64 = j.to(tl.int64)
+    lo = j64 * select_block
+    hi = lo + select_block
+    # the first compressed token that reaches into block j: i * stride + block_len > lo
+    first = tl.where(lo - block_len < 0, 0, (lo - block_len) // stride + 1)
+    row = PG + pid.to(tl.int64) * N
+    score = tl.zeros([NSP], tl.float32)
+    for r in tl.static_range(R):
+        i = first + r
+        start = i * stride
+        w = tl.minimum(start + block_len, hi) - tl.maximum(start, lo)
+        ok = (i < N) & (w > 0) & (j < NS)
+        p = tl.load(row + i, mask=ok, other=0.0)
+        score += p * (tl.maximum(w, 0).to(tl.float32) / stride)
+    live = j < NS
+    visible = live & (j64 <= cur)
+    forced = visible & ((j == 0) | (j64 > cur - num_local))
+    score = tl.where(forced, float("inf"), score)
+    score = tl.where(visible, score, float("-inf"))
+    t = tl.arange(0, TOP_P)
+    picks = tl.full([TOP_P], NS + 1, tl.int32)  # past TOP_N: sorted last, never stored
+    for k in tl.static_range(TOP_N):
+        best = tl.max(score, 0)
+        at = tl.argmax(score, 0, tie_break_left=True)
+        pick = tl.where(best == float("-inf"), NS, at)  # none left: padding (-1 below)
+        picks = tl.where(t == k, pick, picks)
+        score = tl.where(j == at, float("-inf"), score)
+    picks = tl.sort(picks, 0)
+    picks = tl.where(picks >= NS, -1, picks)
+    tl.store(OUT + pid.to(tl.int64) * TOP_N + t, picks.to(tl.int64), mask=t < TOP_N)
+
+
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(x), 1)))
 
@@ -586,17 +633,11 @@ def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: flo
                    block_idx=block_idx.to(torch.int64).contiguous(), sel_block=select_block)[0]
 
 
-@lru_cache(maxsize=64)
-def _overlap(n: int, num_blocks: int, block_len: int, stride: int, select_block: int,
-             device: torch.device) -> torch.Tensor:
-    return overlap_weights(n, num_blocks, block_len, stride, select_block, device)
-
-
 def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len: int,
                          stride: int, select_block: int, num_blocks: int, top_n: int,
                          num_local: int, scale: float, k_rope_cmp=None) -> torch.Tensor:
-    """See :func:`kernels.decode.reference.select_blocks_decode`: group probabilities by a
-    Triton kernel, re-binning and the top-n pick in PyTorch."""
+    """See :func:`kernels.decode.reference.select_blocks_decode`: group probabilities by one
+    Triton kernel, re-binning and the top-n pick by another."""
     B, H, _, Hk, Dk, Dr, _, _ = _check(q, k_cmp, k_cmp, k_rope_cmp, positions, kname="k_cmp",
                                        vname="k_cmp", rname="k_rope_cmp", scale=scale)
     G = _need_int("num_groups", num_groups)
@@ -637,8 +678,11 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
             DR=Dr, DRP=_pow2(Dr) if Dr else 16, IEEE=fp32, num_warps=warps,
             num_stages=1 if interpreting() else 2,
         )
-    weights = _overlap(N, int(num_blocks), int(block_len), int(stride), int(select_block),
-                       q.device)
-    importance = pg @ weights
-    current = (positions // int(select_block))[:, None]
-    return pick_blocks(importance, current, top_n=int(top_n), num_local=int(num_local))
+    out = torch.empty((B, G, int(top_n)), device=q.device, dtype=torch.int64)
+    if B:
+        _pick_kernel[(B * G,)](
+            pg, positions.contiguous(), out, N, int(num_blocks), G, int(block_len), int(stride),
+            int(select_block), int(num_local), TOP_N=int(top_n), TOP_P=_pow2(top_n, 2),
+            NSP=_pow2(num_blocks), R=-(-(int(select_block) + int(block_len)) // int(stride)) + 1,
+            num_warps=4)
+    return out

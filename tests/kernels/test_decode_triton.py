@@ -223,6 +223,28 @@ def test_select_blocks_decode(name):
     assert got.dtype == torch.int64 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("geometry", [(32, 16, 64, 16, 2), (16, 16, 16, 4, 1), (48, 16, 32, 5, 3)])
+def test_select_blocks_decode_at_the_nsa_geometry(geometry):
+    """The pick kernel's in-kernel re-binning and top-n equal the reference's overlap matrix and
+    ``pick_blocks`` at the NSA defaults (l=32, d=16, l'=64, top-16, 2 local blocks: the 1,2,2,2,1
+    weights), at l = d = l', and at an l' that is not a multiple of l: positions with fewer
+    visible blocks than top_n (padding), exactly top_n, and many more."""
+    l, d, sb, top_n, num_local = geometry
+    max_len = 64 * sb
+    pos = torch.tensor([0, l - 1, sb * top_n - 1, sb * top_n + 3, max_len // 2 + 7, max_len - 1],
+                       device=DEV)
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    q, k, _, kr = make("gla", len(pos), num_compressed(max_len, l, d), gen=gen)
+    scale = q.shape[-1] ** -0.5
+    _, lse = ref.compression_decode(q, k, k, pos, l, d, scale, k_rope_cmp=kr)
+    kw = dict(num_groups=2, block_len=l, stride=d, select_block=sb, num_blocks=max_len // sb,
+              top_n=top_n, num_local=num_local, scale=scale, k_rope_cmp=kr)
+    got = tk.select_blocks_decode(q, k, lse, pos, **kw)
+    want = ref.select_blocks_decode(q, k, lse, pos, **kw)
+    assert torch.equal(got, want)
+    assert (got[0] == -1).sum() > 0 and (got[-1] >= 0).all()  # padded early, full late
+
+
 def test_dispatch_picks_the_decode_kernels():
     pos = torch.tensor([2, 13], device=DEV)
     q, k, v, kr = make("mla", 2, 8)
