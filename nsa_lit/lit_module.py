@@ -288,17 +288,26 @@ class LanguageModel(L.LightningModule):
         if (trainer is None or self._tokens_per_step is None or self.optim.token_budget is None
                 or "global_step" not in checkpoint):
             return
-        step, tokens = int(checkpoint["global_step"]), self.tokens_seen
         reference = int(checkpoint.get("schedule_tokens_per_step") or self._tokens_per_step)
+        if reference == self._tokens_per_step and not checkpoint.get("schedule_anchored"):
+            return  # the run's own size throughout: its steps are the schedule's (exact resume)
+        step, tokens = int(checkpoint["global_step"]), self.tokens_seen
         left = max(0, self.optim.token_budget - tokens)
         steps = step + math.ceil(left / self._tokens_per_step)
-        if reference != self._tokens_per_step or steps != trainer.max_steps:
-            rank_zero_info(
-                f"resuming at step {step} with {tokens:,} of model.optim.token_budget="
-                f"{self.optim.token_budget:,} tokens seen, {self._tokens_per_step:,} tokens a step "
-                f"(the schedule counts steps of {reference:,}): training to step {steps}")
+        rank_zero_info(
+            f"resuming at step {step} with {tokens:,} of model.optim.token_budget="
+            f"{self.optim.token_budget:,} tokens seen, {self._tokens_per_step:,} tokens a step "
+            f"(the schedule counts steps of {reference:,}): training to step {steps}")
         trainer.fit_loop.epoch_loop.max_steps = steps
         self._schedule_anchor = (step, tokens, reference)
+
+    def _schedule_total(self, steps: int) -> int:
+        """The schedule's length: ``steps`` (the run's), or after a resume with another size the
+        whole budget in steps of the size the run started with. Read when the scheduler asks: a
+        model-parallel strategy builds the optimiser before the checkpoint is read."""
+        if self._schedule_anchor is None:
+            return steps
+        return math.ceil(self.optim.token_budget / self._schedule_anchor[2])
 
     def schedule_step(self, step: int) -> float:
         """The step of the learning-rate schedule at optimiser step ``step``: ``step`` itself, or
@@ -373,7 +382,8 @@ class LanguageModel(L.LightningModule):
                 norm = norm.full_tensor()
             # a finite loss with a non-finite gradient (an overflow in backward) is a fault too:
             # clipping would turn the inf into NaN weights (the norm is the same on every process)
-            if not bool(torch.isfinite(norm)):
+            # (under 16-mixed an inf/NaN norm is the loss scaler's overflow signal: it skips)
+            if not _has_loss_scaler(self.trainer.precision_plugin) and not bool(torch.isfinite(norm)):
                 if self.nonfinite_loss == "stop":
                     raise FloatingPointError(
                         f"gradient norm is {norm.item()} at step {self.global_step} (the loss was "
@@ -483,11 +493,9 @@ class LanguageModel(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
-        if self._schedule_anchor is not None:  # the whole budget in the schedule's steps
-            total = math.ceil(self.optim.token_budget / self._schedule_anchor[2])
         warmup, min_ratio = self.optim.warmup_steps, self.optim.min_lr_ratio
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: lr_factor(self.schedule_step(step), warmup, total, min_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(
+            self.schedule_step(step), warmup, self._schedule_total(total), min_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -496,6 +504,7 @@ class LanguageModel(L.LightningModule):
         if self._tokens_per_step is not None:  # the unit of the schedule's steps (token budget)
             checkpoint["schedule_tokens_per_step"] = (self._schedule_anchor[2] if self._schedule_anchor
                                                       else self._tokens_per_step)
+            checkpoint["schedule_anchored"] = self._schedule_anchor is not None
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["consecutive_skips"] = self._consecutive_skips
 

@@ -105,6 +105,33 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """Lightning's, but a single-file checkpoint of another strategy (the plain one: its
+        optimiser state keyed by integer ids, in the optimiser's parameter-group order) is
+        rekeyed by this run's optimiser's own parameter groups. Lightning would number the
+        parameters in ``module.parameters()`` order, which this model's two weight-decay groups
+        do not follow: the states would land on the wrong parameters (a shape error, or worse)."""
+        from lightning.fabric.strategies import model_parallel as fabric_model_parallel
+
+        orders = iter([optimizer_parameter_names(self.model, optimizer)
+                       for optimizer in self.optimizers])
+        lightning_rekey = fabric_model_parallel._rekey_optimizer_state_if_needed
+
+        def rekey(state: dict, module: nn.Module) -> dict:
+            names = next(orders)
+            ids = list(state["state"]) + [p for g in state["param_groups"] for p in g["params"]]
+            if not ids or not isinstance(ids[0], int):
+                return lightning_rekey(state, module)
+            return {"state": {names[i]: s for i, s in state["state"].items()},
+                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                     for g in state["param_groups"]]}
+
+        fabric_model_parallel._rekey_optimizer_state_if_needed = rekey
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        finally:
+            fabric_model_parallel._rekey_optimizer_state_if_needed = lightning_rekey
+
     def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
         from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
@@ -154,6 +181,13 @@ class FSDP2Strategy(ModelParallelStrategy):
                 else "no checkpoint was written there")
         raise CheckpointSaveError(
             f"saving sharded checkpoint {path} failed ({what}); {kept}") from error
+
+
+def optimizer_parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names (in ``module``) of ``optimizer``'s parameters, in its parameter-group order:
+    the order of a plain ``state_dict()``'s integer ids."""
+    names = {id(p): name for name, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def _remove(path: str) -> None:

@@ -251,3 +251,48 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def test_a_plain_single_file_checkpoint_resumes_under_fsdp2(tmp_path):
+    """Going from one GPU to FSDP2 (README): the plain strategy's checkpoint keys AdamW's state
+    by integer ids in param-group order (weight-decayed matrices first); FSDP2 loads each
+    parameter's own state (one process here)."""
+    import lightning as L
+    import torch.distributed as dist
+
+    from nsa_lit.config import ModelConfig
+    from nsa_lit.lit_module import LanguageModel, OptimConfig
+    from nsa_lit.parallel import FSDP2Strategy, optimizer_parameter_names
+    from test_training import ARCH, RandomTokens, trainer
+
+    if dist.is_initialized():
+        pytest.skip("a process group of another test is still initialised")
+    optim = OptimConfig(lr=1e-2, warmup_steps=2)
+    t = trainer(tmp_path, limit_val_batches=0, max_steps=3)
+    first = LanguageModel(ModelConfig(**ARCH), optim)
+    t.fit(first, datamodule=RandomTokens())
+    t.save_checkpoint(tmp_path / "3.ckpt")
+    saved = torch.load(tmp_path / "3.ckpt", weights_only=False)["optimizer_states"][0]
+    names = optimizer_parameter_names(first, t.optimizers[0])
+    expected = {names[i]: s["exp_avg_sq"] for i, s in saved["state"].items()}
+
+    class Loaded(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            opt = trainer.optimizers[0]
+            self.state = {n: opt.state[p]["exp_avg_sq"].full_tensor().clone()
+                          for n, p in zip(optimizer_parameter_names(pl_module, opt),
+                                          (p for g in opt.param_groups for p in g["params"]))}
+
+    loaded = Loaded()
+    try:
+        t2 = trainer(tmp_path / "r", limit_val_batches=0, max_steps=4, strategy=FSDP2Strategy(),
+                     callbacks=[loaded])
+        t2.fit(LanguageModel(ModelConfig(**ARCH), optim), datamodule=RandomTokens(),
+               ckpt_path=tmp_path / "3.ckpt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert t2.global_step == 4 and loaded.state.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded.state[name].float(), value.float(), rtol=0, atol=0,
+                                   msg=name)

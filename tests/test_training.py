@@ -208,15 +208,37 @@ class LrLog(L.Callback):
             self.points.append((pl_module.tokens_seen, trainer.optimizers[0].param_groups[0]["lr"]))
 
 
-@pytest.mark.parametrize("batch_size", [2, 8])
-def test_a_resume_with_another_batch_size_trains_the_token_budget_on_its_schedule(tmp_path, batch_size):
+@pytest.mark.parametrize("batch_size, strategy", [(2, "plain"), (8, "plain"), (8, "fsdp2")])
+def test_a_resume_with_another_batch_size_trains_the_token_budget_on_its_schedule(tmp_path, batch_size,
+                                                                                  strategy):
     """Budget 24 steps of 4 x 32 tokens; stopped after 6 steps and resumed with batches of 2 or 8:
     the run ends with the budget's tokens (no more, no fewer), and the learning rate at every
-    later step is the uninterrupted schedule's at the same tokens seen."""
+    later step is the uninterrupted schedule's at the same tokens seen. Also under FSDP2 (one
+    process), whose strategy builds the optimiser before it reads the checkpoint."""
+    import torch.distributed as dist
+
+    from nsa_lit.parallel import FSDP2Strategy
+
+    if strategy == "fsdp2" and dist.is_initialized():
+        pytest.skip("a process group of another test is still initialised")
+    try:
+        _resume_with_another_batch_size(tmp_path, batch_size, strategy == "fsdp2", FSDP2Strategy)
+    finally:
+        if strategy == "fsdp2" and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _saved(path):
+    """A checkpoint's top-level entries (a sharded one's from its ``meta.pt``)."""
+    return torch.load(path / "meta.pt" if path.is_dir() else path, weights_only=False)
+
+
+def _resume_with_another_batch_size(tmp_path, batch_size, fsdp2, FSDP2Strategy):
     budget, warmup = 24 * 4 * 32, 4
     optim = OptimConfig(lr=1e-2, warmup_steps=warmup, token_budget=budget)
     first = LanguageModel(ModelConfig(**ARCH), optim)
-    t = trainer(tmp_path, limit_val_batches=0, max_steps=-1)
+    kw = dict(strategy=FSDP2Strategy()) if fsdp2 else {}
+    t = trainer(tmp_path, limit_val_batches=0, max_steps=-1, **kw)
     t.fit_loop.epoch_loop.max_steps = -1
     stopper = L.Callback()
     stopper.on_train_batch_end = lambda tr, *a: setattr(tr, "should_stop", tr.global_step >= 6)
@@ -225,11 +247,12 @@ def test_a_resume_with_another_batch_size_trains_the_token_budget_on_its_schedul
     assert t.global_step == 6
     ckpt = tmp_path / "6.ckpt"
     t.save_checkpoint(ckpt)
-    assert torch.load(ckpt, weights_only=False)["schedule_tokens_per_step"] == 4 * 32
+    assert _saved(ckpt)["schedule_tokens_per_step"] == 4 * 32
 
     log = LrLog()
     resumed = LanguageModel(ModelConfig(**ARCH), optim)
-    t2 = trainer(tmp_path / "r", limit_val_batches=0, callbacks=[log])
+    t2 = trainer(tmp_path / "r", limit_val_batches=0, callbacks=[log],
+                 **(dict(strategy=FSDP2Strategy()) if fsdp2 else {}))
     t2.fit(resumed, datamodule=RandomTokens(batch_size=batch_size, n=400), ckpt_path=ckpt)
     assert resumed.tokens_seen == budget
     assert t2.global_step == 6 + (budget - 6 * 128) // (batch_size * 32)
@@ -237,4 +260,4 @@ def test_a_resume_with_another_batch_size_trains_the_token_budget_on_its_schedul
     for tokens, lr in log.points:
         assert lr == pytest.approx(1e-2 * lr_factor(tokens / 128, warmup, total, 0.1)), tokens
     t2.save_checkpoint(tmp_path / "end.ckpt")  # a later resume still counts in the first size
-    assert torch.load(tmp_path / "end.ckpt", weights_only=False)["schedule_tokens_per_step"] == 128
+    assert _saved(tmp_path / "end.ckpt")["schedule_tokens_per_step"] == 128
