@@ -26,3 +26,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_process_group():
+    """For a test that runs a one-process FSDP2 trainer in the pytest process: the process group
+    is destroyed and the environment Lightning set for it (``MASTER_PORT`` and the ranks) is
+    restored afterwards, so that later tests' processes pick their own port."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group of another test is still initialised")
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

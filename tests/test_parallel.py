@@ -253,20 +253,17 @@ if __name__ == "__main__":
     main()
 
 
-def test_a_plain_single_file_checkpoint_resumes_under_fsdp2(tmp_path):
+def test_a_plain_single_file_checkpoint_resumes_under_fsdp2(tmp_path, one_process_group):
     """Going from one GPU to FSDP2 (README): the plain strategy's checkpoint keys AdamW's state
     by integer ids in param-group order (weight-decayed matrices first); FSDP2 loads each
     parameter's own state (one process here)."""
     import lightning as L
-    import torch.distributed as dist
 
     from nsa_lit.config import ModelConfig
     from nsa_lit.lit_module import LanguageModel, OptimConfig
     from nsa_lit.parallel import FSDP2Strategy, optimizer_parameter_names
     from test_training import ARCH, RandomTokens, trainer
 
-    if dist.is_initialized():
-        pytest.skip("a process group of another test is still initialised")
     optim = OptimConfig(lr=1e-2, warmup_steps=2)
     t = trainer(tmp_path, limit_val_batches=0, max_steps=3)
     first = LanguageModel(ModelConfig(**ARCH), optim)
@@ -284,14 +281,10 @@ def test_a_plain_single_file_checkpoint_resumes_under_fsdp2(tmp_path):
                                           (p for g in opt.param_groups for p in g["params"]))}
 
     loaded = Loaded()
-    try:
-        t2 = trainer(tmp_path / "r", limit_val_batches=0, max_steps=4, strategy=FSDP2Strategy(),
-                     callbacks=[loaded])
-        t2.fit(LanguageModel(ModelConfig(**ARCH), optim), datamodule=RandomTokens(),
-               ckpt_path=tmp_path / "3.ckpt")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    t2 = trainer(tmp_path / "r", limit_val_batches=0, max_steps=4, strategy=FSDP2Strategy(),
+                 callbacks=[loaded])
+    t2.fit(LanguageModel(ModelConfig(**ARCH), optim), datamodule=RandomTokens(),
+           ckpt_path=tmp_path / "3.ckpt")
     assert t2.global_step == 4 and loaded.state.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(loaded.state[name].float(), value.float(), rtol=0, atol=0,
