@@ -8,9 +8,11 @@ their run-to-run noise, and the comparison against a recorded reference.
 A run is ``--steps`` optimiser steps of ``main.py fit`` (the config's precision, compile, batch
 and data order; the seed fixed by the config; no validation, checkpoints or loggers), the same
 options as ``fit_throughput.py``. Each step's training loss (the mean over its micro-batches) is
-recorded. ``--repeat R`` runs it R times in this process and reports the noise: the largest
-relative difference of a step's loss between two repeats. fp32 on a CPU repeats exactly; bf16
-kernels on a GPU (atomics, split reductions, autotuned tiles) do not.
+recorded. ``--repeat R`` runs it R times, each in a fresh process (its own compilation and
+kernel autotuning, as a later check against the reference will have), and reports the noise: the
+largest relative difference of a step's loss between two repeats. fp32 on a CPU repeats exactly;
+bf16 kernels on a GPU (atomics, split reductions, autotuned tiles) do not. ``--in_process`` runs
+the repeats in this process instead (faster, but shared compiled code understates the noise).
 
 ``--reference FILE`` compares the (first) run with the losses recorded in FILE and exits with 1
 when a step differs by more than ``--rtol`` relative. The tolerance is written down, torchtitan's
@@ -80,6 +82,23 @@ def tolerance(reference: dict, rtol: float | None, min_rtol: float) -> float:
     return max(NOISE_FACTOR * float(reference.get("noise") or 0.0), min_rtol)
 
 
+def run_in_new_process(args: argparse.Namespace, i: int) -> list[float]:
+    """One run's losses, computed by this script in a fresh Python process."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, f"run{i}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config, "--steps",
+               str(args.steps), "--data_dir", args.data_dir, "--extra", args.extra,
+               "--one_run", out]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"run {i} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=os.path.join(ROOT, "configs/340m/asa.yaml"))
@@ -94,21 +113,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min_rtol", type=float, default=1e-6,
                         help="the least default tolerance, for references that repeat exactly")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
+    parser.add_argument("--in_process", action="store_true",
+                        help="run the repeats in this process (default: a fresh process each)")
+    parser.add_argument("--one_run", help=argparse.SUPPRESS)  # a repeat's process: losses -> file
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeat < 1:
         raise SystemExit("--steps and --repeat must be >= 1")
+    extra = shlex.split(args.extra)
+    if args.one_run:
+        with open(args.one_run, "w") as f:
+            json.dump(run_losses(args.config, args.steps, args.data_dir, extra), f)
+        return 0
     reference = None
     if args.reference:
         with open(results_path(args.reference)) as f:
             reference = json.load(f)
-    extra = shlex.split(args.extra)
 
     record = run_record("loss_check.py", argv, config=os.path.relpath(os.path.abspath(args.config), ROOT),
-                        steps=args.steps, extra=extra)
+                        steps=args.steps, extra=extra,
+                        repeats_in=("one process" if args.in_process or args.repeat == 1
+                                    else "a process each"))
     log = ResultsLog(record, f"{'run':>4} {'first loss':>11} {'last loss':>10}", args.out)
     runs = []
     for i in range(args.repeat):
-        losses = run_losses(args.config, args.steps, args.data_dir, extra)
+        if args.in_process or args.repeat == 1:
+            losses = run_losses(args.config, args.steps, args.data_dir, extra)
+        else:
+            losses = run_in_new_process(args, i)
         runs.append(losses)
         log.add({"run": i, "losses": losses}, f"{i:>4} {losses[0]:>11.5f} {losses[-1]:>10.5f}")
     record["losses"] = runs[0]
