@@ -12,7 +12,7 @@ counts the tokens ``LanguageModel`` saw in them; MFU is those tokens/s x
 and ``train/mfu`` of the last step are read back beside it.
 
 The data: a synthetic prepared dataset of random token ids (``data_throughput.synthetic_dataset``,
-under ``--data_dir``), sized so that every timed step lies in the first epoch. (The embedded
+under ``--synthetic_dir``), sized so that every timed step lies in the first epoch. (The embedded
 corpus holds about 60 sequences of 8k: one epoch of a 340M config is less than one optimiser
 step of 8 x 8 sequences, so Lightning would step on each epoch's partial accumulation and
 restart the loader's workers every step.) ``--data_dir`` naming a prepared dataset trains on it;
@@ -102,9 +102,10 @@ def synthetic_data(root: str, sequences: int, seq_len: int, tokenizer: str) -> t
 
     path = os.path.join(root, f"synthetic-{tokenizer.replace(':', '-').replace('/', '-')}")
     tokens = sequences * seq_len + 1
-    meta = os.path.join(path, "meta.json")
-    if os.path.isfile(meta) and read_meta(path)["splits"]["train"]["tokens"] >= tokens:
-        return path, read_meta(path)["splits"]["train"]["tokens"]
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        held = read_meta(path)["splits"]["train"]["tokens"]
+        if held >= tokens:
+            return path, held
     shutil.rmtree(path, ignore_errors=True)
     synthetic_dataset(Path(path), tokens, tokenizer)
     return path, tokens

@@ -313,7 +313,7 @@ class LanguageModel(L.LightningModule):
         """The step of the learning-rate schedule at optimiser step ``step``: ``step`` itself, or
         after a resume with a token budget, the tokens seen by then in steps of the tokens per
         step the run started with."""
-        if self._schedule_anchor is None or self._tokens_per_step is None:
+        if self._schedule_anchor is None:  # (set only with a token budget: tokens per step known)
             return step
         step0, tokens0, reference = self._schedule_anchor
         return (tokens0 + (step - step0) * self._tokens_per_step) / reference

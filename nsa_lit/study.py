@@ -132,15 +132,27 @@ class Schedule:
         return self.steps * self.tokens_per_step
 
 
+def split_option(args: list[str], option: str) -> tuple[str | None, list[str]]:
+    """``(value, rest)``: the value the last ``OPTION V`` / ``OPTION=V`` of ``args`` gives
+    ``option`` (None if none does), and ``args`` without any of them."""
+    value, rest, i = None, [], 0
+    while i < len(args):
+        if args[i] == option:  # (a last one without a value is dropped)
+            if i + 1 < len(args):
+                value = args[i + 1]
+            i += 2
+            continue
+        if args[i].startswith(option + "="):
+            value = args[i].split("=", 1)[1]
+        else:
+            rest.append(args[i])
+        i += 1
+    return value, rest
+
+
 def fit_override(fit_args: list[str], option: str) -> str | None:
     """The value the last ``OPTION V`` / ``OPTION=V`` of ``fit_args`` gives ``option``."""
-    value = None
-    for i, arg in enumerate(fit_args):
-        if arg == option and i + 1 < len(fit_args):
-            value = fit_args[i + 1]
-        elif arg.startswith(option + "="):
-            value = arg.split("=", 1)[1]
-    return value
+    return split_option(fit_args, option)[0]
 
 
 def schedule(study: Study, variant: str) -> Schedule:
@@ -205,19 +217,7 @@ def fit_argv(run: Run) -> list[str]:
                  "--data.num_workers", "0", "--trainer.enable_model_summary", "false",
                  "--trainer.num_sanity_val_steps", "0"]
     # --fit_args' validation interval is in optimiser steps and already in the schedule
-    return argv + _without_option(study.fit_args, "--trainer.val_check_interval")
-
-
-def _without_option(args: list[str], option: str) -> list[str]:
-    out, skip = [], False
-    for i, arg in enumerate(args):
-        if skip:
-            skip = False
-        elif arg == option:
-            skip = i + 1 < len(args)
-        elif not arg.startswith(option + "="):
-            out.append(arg)
-    return out
+    return argv + split_option(study.fit_args, "--trainer.val_check_interval")[1]
 
 
 def niah_argv(run: Run) -> list[str]:

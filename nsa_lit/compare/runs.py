@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import yaml
@@ -103,7 +103,7 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
         acc.Reload()
         tags = acc.Tags()["scalars"]
-        fit = any(tag.startswith("train/") for tag in tags)
+        fit = is_training_run(tags)
         for tag in tags:
             if not fit and tag.startswith(EVAL_OUTSIDE_FIT):
                 continue
@@ -120,10 +120,11 @@ def find_run_dirs(logdir: Path) -> list[Path]:
     return sorted({p.parent for p in logdir.rglob(EVENT_GLOB) if p.is_file()})
 
 
-def is_training_run(scalars: dict[str, list[tuple[int, float]]]) -> bool:
-    """Whether a directory's scalars come from a training run (any ``train/`` tag), not only
-    from evaluations written there (``--tb_dir``)."""
-    return any(tag.startswith("train/") for tag in scalars)
+def is_training_run(tags: Iterable[str]) -> bool:
+    """Whether scalar tags (an event file's, or a directory's ``tag -> points``) come from a
+    training run (any ``train/`` tag), not only from evaluations (``main.py validate`` /
+    ``test``, ``--tb_dir``)."""
+    return any(tag.startswith("train/") for tag in tags)
 
 
 def _path_identity(run_dir: Path, logdir: Path) -> tuple[str, str]:
