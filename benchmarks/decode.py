@@ -8,7 +8,9 @@ caches of ``context + warmup + steps`` tokens filled with random entries up to `
 content does not change the work a step does), then ``steps`` timed calls of ``model.decode``
 (one new token per sequence, every layer, LM head included), in each ``--modes``: ``graph``
 replays the step as one CUDA graph (:class:`nsa_lit.decode_graph.GraphedDecode`, what
-``generate`` does on CUDA), ``eager`` launches every kernel from Python. Reports tokens/s
+``generate`` does on CUDA), ``eager`` launches every kernel from Python, ``compiled`` compiles
+each block's step (``Transformer.compile_decode``: fewer, fused kernels) and, on CUDA, replays
+it as a CUDA graph; its compilation happens in the warm-up steps (``warmup_s``). Reports tokens/s
 (batch x steps / seconds), ms per step and the cache bytes. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
@@ -64,14 +66,19 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
     caches = new_caches(cfg, batch, max_len, dtype=dtype, device=device)
     fill_randomly(caches, context)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device)
-    if mode == "graph":
+    if mode == "compiled":
+        torch._dynamo.reset()  # Block.decode's code is shared by every model: fresh limits
+        model.compile_decode()
+    if mode == "graph" or (mode == "compiled" and device.type == "cuda"):
         step = GraphedDecode(model, caches)  # warm-up calls 1 and 2 run eagerly and capture
     else:
         def step(tokens):
             return model.decode(tokens, caches)
+    start = time.perf_counter()
     for _ in range(warmup):
         tokens = step(tokens).argmax(-1)
     sync(device)
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         tokens = step(tokens).argmax(-1)
@@ -82,7 +89,7 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
         "context": context, "batch": batch, "mode": mode, "steps": steps,
         "ms_per_step": 1e3 * seconds / steps, "tokens_per_sec": batch * steps / seconds,
         "cache_bytes": sum(c.bytes_allocated() for c in caches),
-        "kernel_backend": cfg.kernel_backend,
+        "kernel_backend": cfg.kernel_backend, "warmup_s": warmup_s,
     }
 
 
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=4,
                         help="untimed steps first (>= 2 with graphs)")
     parser.add_argument("--modes", default=None,
-                        help="comma-separated graph,eager (default: both on CUDA, eager elsewhere)")
+                        help="comma-separated graph,eager,compiled (default: graph,eager on CUDA, eager "
+                             "elsewhere; graph needs CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 elsewhere")
@@ -106,16 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
     modes = (args.modes or ("graph,eager" if device.type == "cuda" else "eager")).split(",")
-    if not set(modes) <= {"graph", "eager"} or (device.type != "cuda" and "graph" in modes):
-        raise SystemExit(f"--modes must be graph and/or eager (graph needs CUDA), got {args.modes}")
-    if "graph" in modes and args.warmup < 2:
+    if not set(modes) <= {"graph", "eager", "compiled"} or (device.type != "cuda" and "graph" in modes):
+        raise SystemExit(f"--modes must be among graph,eager,compiled (graph needs CUDA), got {args.modes}")
+    if device.type == "cuda" and {"graph", "compiled"} & set(modes) and args.warmup < 2:
         raise SystemExit("--warmup must be >= 2 with graphs (a graph is captured on the second step)")
 
     record = run_record(
         "decode.py", argv,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         dtype=str(dtype))
-    log = ResultsLog(record, f"{'config':24} {'context':>8} {'batch':>5} {'mode':>5} "
+    log = ResultsLog(record, f"{'config':24} {'context':>8} {'batch':>5} {'mode':>8} "
                              f"{'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}", args.out)
     runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches
             for m in modes]
@@ -123,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = measure(config, context, batch, args.steps, args.warmup, device, dtype,
                           mode)
-            line = (f"{row['config']:24} {context:>8} {batch:>5} {mode:>5} "
+            line = (f"{row['config']:24} {context:>8} {batch:>5} {mode:>8} "
                     f"{row['ms_per_step']:>9.2f} {row['tokens_per_sec']:>10.1f} "
                     f"{row['cache_bytes'] / 2**20:>10.1f}")
         except torch.OutOfMemoryError as err:
             row = {"config": config, "context": context, "batch": batch, "mode": mode,
                    "error": f"out of memory: {err}"[:300]}
-            line = f"{config:24} {context:>8} {batch:>5} {mode:>5} out of memory"
+            line = f"{config:24} {context:>8} {batch:>5} {mode:>8} out of memory"
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

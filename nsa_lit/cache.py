@@ -158,8 +158,11 @@ class TokenCache:
         self.block_idx.copy_(torch.where(opens, fresh, self.block_idx))
         return self.block_idx
 
+    @torch.compiler.disable
     def reserve(self) -> None:
-        """Host side of :meth:`append`: check that one more token fits, advance ``longest``."""
+        """Host side of :meth:`append`: check that one more token fits, advance ``longest``.
+        Opaque to ``torch.compile`` (a compiled decode step would otherwise specialise on
+        ``longest`` and recompile every step)."""
         self._check_room(self.longest + 1)
         self.longest += 1
 

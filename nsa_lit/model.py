@@ -91,12 +91,24 @@ class Transformer(nn.Module):
         self._init_projections()
 
     def compile_blocks(self) -> None:
-        """``torch.compile`` every block in place (its ``forward``; ``decode`` stays eager).
+        """``torch.compile`` every block in place (its ``forward``; :meth:`compile_decode` compiles ``decode``).
         The attention kernels are opaque to the compiler (:mod:`kernels.dispatch`), which fuses
         the PyTorch code around them."""
         for block in self.blocks:
             if block._compiled_call_impl is None:  # Lightning configures the model per stage
                 block.compile(options=COMPILE_OPTIONS)
+
+    def compile_decode(self) -> None:
+        """``torch.compile`` every block's one-token step (:meth:`Block.decode`) in place: the
+        compiler fuses the projections' elementwise tails, RoPE, the latent norm, the cache
+        writes, the compressor of the block that ends and the gated output into a few kernels
+        per layer, between the opaque attention kernels. Decoding launches about half as many
+        kernels; under a CUDA graph (:class:`~nsa_lit.decode_graph.GraphedDecode`) that is most
+        of a small batch's step time. Compiles on the first step (a few seconds per layer kind);
+        layers of one kind share the compiled code."""
+        for block in self.blocks:
+            if "decode" not in vars(block):  # not compiled yet (an instance attribute once it is)
+                block.decode = torch.compile(block.decode, options=COMPILE_OPTIONS)
 
     @torch.no_grad()
     def init_weights(self) -> None:

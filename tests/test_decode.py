@@ -101,6 +101,38 @@ def test_decode_updates_the_caches_in_place(name):
         assert cache.lengths.tolist() == [29, 25] and cache.longest == 29
 
 
+@torch.no_grad()
+def test_compiled_decode_equals_eager_and_compiles_once():
+    """``compile_decode``: the same logits and caches as the eager step, across compression
+    block ends, query-sharing groups and the window's wrap-around, and no recompilation as the
+    positions advance (the host bookkeeping, ``reserve``, stays outside the compiled code)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = config("asa")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    prompts = torch.tensor([5, 14])
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    caches = [new_caches(cfg, 2, 40) for _ in range(2)]
+    for c in caches:
+        model(tokens[:, :14], c, prompts)
+    eager = [model.decode(tokens[:, 14 + i], caches[0]) for i in range(20)]
+    model.compile_decode()
+    graphs = []
+    for i in range(20):
+        torch.testing.assert_close(model.decode(tokens[:, 14 + i], caches[1]), eager[i],
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+        graphs.append(counters["stats"]["unique_graphs"])
+    for a, b in zip(caches[0], caches[1]):
+        for name, t in cache_state(a).items():
+            torch.testing.assert_close(cache_state(b)[name], t, rtol=1e-5, atol=1e-5)
+        assert b.longest == a.longest == 34
+    assert graphs[-1] == graphs[2] > 0, graphs  # compiled in the first steps, then reused
+    torch._dynamo.reset()
+
+
 def test_graphed_decode_needs_cuda():
     from nsa_lit.decode_graph import GraphedDecode
 

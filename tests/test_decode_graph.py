@@ -49,6 +49,33 @@ def test_graph_replays_equal_eager_steps(name, backend):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["asa", "nsa", "full"])
+@torch.no_grad()
+def test_compiled_graphed_decode_equals_eager_steps(name):
+    """``compile_decode`` under the graph (``decode.py --modes compiled``) against an uncompiled
+    copy of the model decoded eagerly: the same logits at every step, the same caches."""
+    torch._dynamo.reset()
+    model, compiled = _model(name, "triton"), _model(name, "triton")
+    compiled.compile_decode()
+    tokens = torch.randint(0, 512, (3, T), device="cuda")
+    eager, graphed = (new_caches(model.cfg, 3, T, torch.float32, "cuda") for _ in range(2))
+    for caches in (eager, graphed):
+        model(tokens[:, : int(PROMPTS.max())], caches, PROMPTS.cuda())
+    step = GraphedDecode(compiled, graphed)
+    rows, pos = torch.arange(3, device="cuda"), PROMPTS.cuda().clone()
+    for i in range(T - int(PROMPTS.max())):
+        want = model.decode(tokens[rows, pos], eager)
+        got = step(tokens[rows, pos])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{name} step {i}: {m}")
+        pos += 1
+    for a, b in zip(eager, graphed):
+        assert a.longest == b.longest == T
+        for x, y in zip([*a.raw, *(a.compressed or ())], [*b.raw, *(b.compressed or ())]):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ["asa", "nsa"])
 def test_generate_with_and_without_graphs(name):
     model = _model(name, "triton")
