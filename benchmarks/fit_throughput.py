@@ -31,6 +31,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,8 +85,11 @@ def fit_args(config: str, steps: int, data_dir: str, extra: list[str],
     """``main.py fit`` options (without the subcommand: the CLI only builds, the caller fits) of
     a timed run of ``config``: ``steps`` optimiser steps on the prepared dataset ``data_dir``
     (``source``: the corpus prepared there on first use, e.g. ``python-docs``), no validation,
-    checkpoints or loggers (``extra`` is appended last)."""
+    checkpoints or loggers (``extra`` is appended last). The run's directory, where
+    LightningCLI saves its ``config.yaml``, is a fixed one under the system's temporary directory,
+    not the working directory."""
     return ["--config", config, "--model.optim.token_budget", "null",
+            "--trainer.default_root_dir", os.path.join(tempfile.gettempdir(), "nsa-lit-benchmark"),
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
             "--trainer.callbacks", "[]", "--trainer.logger", "false",
