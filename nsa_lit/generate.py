@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eager", action="store_true",
                         help="on CUDA, run each decode step eagerly instead of as a CUDA graph")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each block's decode step first (Transformer.compile_decode: "
+                             "fewer, fused kernels a step; costs a compilation)")
     args = parser.parse_args(argv)
 
     try:
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> list[str]:
         sys.exit(err.exit_code)
     tokenizer = checkpoint_tokenizer(model.cfg, data_hparams, args.tokenizer, args.data_dir)
     texts = read_prompts(args.prompt_file, args.per_line)
+    if args.compile:
+        model.compile_decode()
     outputs = generate(model, [tokenizer.encode(t) for t in texts], args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        eos_id=tokenizer.eos_id, seed=args.seed,

@@ -331,6 +331,17 @@ def test_predict_generates_from_a_prompt_file(checkpoint, tmp_path, capsys):
         gen.main(["--ckpt_path", str(path), "--prompt_file", str(empty)])
 
 
+def test_predict_with_compiled_decode_steps_writes_the_same_text(checkpoint, tmp_path):
+    path, _ = checkpoint
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the quick brown\nover the lazy dog\n")
+    args = ["--ckpt_path", str(path), "--prompt_file", str(prompts), "--per_line",
+            "--max_new_tokens", "12", "--device", "cpu"]
+    torch._dynamo.reset()
+    assert gen.main(args + ["--compile"]) == gen.main(args)
+    torch._dynamo.reset()
+
+
 def test_checkpoint_mismatch_is_refused(checkpoint, tmp_path):
     path, _ = checkpoint
     model, data = gen.load_checkpoint(path)
