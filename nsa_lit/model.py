@@ -102,10 +102,9 @@ class Transformer(nn.Module):
         """``torch.compile`` every block's one-token step (:meth:`Block.decode`) in place: the
         compiler fuses the projections' elementwise tails, RoPE, the latent norm, the cache
         writes, the compressor of the block that ends and the gated output into a few kernels
-        per layer, between the opaque attention kernels. Decoding launches about half as many
-        kernels; under a CUDA graph (:class:`~nsa_lit.decode_graph.GraphedDecode`) that is most
-        of a small batch's step time. Compiles on the first step (a few seconds per layer kind);
-        layers of one kind share the compiled code."""
+        per layer, between the opaque attention kernels, so a step launches fewer kernels (what
+        a small batch's step under a CUDA graph, :class:`~nsa_lit.decode_graph.GraphedDecode`,
+        is bound by). Compiles on the first step; layers of one kind share the compiled code."""
         for block in self.blocks:
             if "decode" not in vars(block):  # not compiled yet (an instance attribute once it is)
                 block.decode = torch.compile(block.decode, options=COMPILE_OPTIONS)
