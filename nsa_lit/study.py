@@ -111,6 +111,16 @@ class Run:
     def ppl_json(self) -> Path:
         return self.study.out / "eval" / "ppl" / self.variant / f"seed{self.seed}.json"
 
+    @property
+    def record_json(self) -> Path:
+        """Where the run was trained and evaluated, and the seconds each part took
+        (:func:`train_and_evaluate` writes it last): a report written later, on another
+        machine, still names the device."""
+        return self.study.out / "eval" / "runs" / self.variant / f"seed{self.seed}.json"
+
+    def record(self) -> dict | None:
+        return json.loads(self.record_json.read_text()) if self.record_json.is_file() else None
+
     def done(self) -> bool:
         return (self.niah_dir / "results.json").is_file() and self.ppl_json.is_file() \
             and self.log_dir.is_dir()
@@ -253,9 +263,12 @@ def train_and_evaluate(run: Run) -> dict[str, float]:
     from nsa_lit.cli import cli_main
     from nsa_lit.eval.__main__ import main as eval_main
 
+    import torch
+
     for path in (run.log_dir, run.ckpt_dir, run.niah_dir):
         shutil.rmtree(path, ignore_errors=True)
     run.ppl_json.unlink(missing_ok=True)
+    run.record_json.unlink(missing_ok=True)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     saved_argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads fit_argv alone
@@ -274,7 +287,18 @@ def train_and_evaluate(run: Run) -> dict[str, float]:
         eval_main(argv)
         _free_memory()
         seconds[name] = time.perf_counter() - start
+    run.record_json.parent.mkdir(parents=True, exist_ok=True)
+    run.record_json.write_text(json.dumps({
+        "run": run.label, "device": _device_name(),
+        "finished": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "torch": torch.__version__, "seconds": seconds}, indent=1))
     return seconds
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 # -- perplexity table ----------------------------------------------------------------------------
@@ -312,23 +336,23 @@ def corpus_tokens(path: Path) -> int | None:
     return int(json.loads(meta.read_text())["splits"]["train"]["tokens"])
 
 
-def write_report(study: Study, runs: list[Run], compare_table: str, seconds: dict[str, dict],
-                 argv: list[str]) -> Path:
-    """``<results>/study.md``: the settings, the comparison table, the perplexity table, the
-    seconds each run took here, and the command."""
-    import torch
-
+def write_report(study: Study, runs: list[Run], compare_table: str, argv: list[str]) -> Path:
+    """``<results>/study.md``: the settings, the comparison table, the perplexity table, where
+    each run was trained and evaluated and the seconds it took (its record; runs done before
+    records existed are listed as not recorded), and the command."""
     sched = schedule(study, study.variants[0])
     data = data_dir(study, study.variants[0])
     mixed = any(a.startswith("--data.mixture") for a in study.fit_args)
     train_tokens = None if mixed else corpus_tokens(data)
     epochs = f", {sched.tokens / train_tokens:.3g} epochs of it" if train_tokens else ""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    records = {run.label: run.record() for run in runs}
+    devices = sorted({r["device"] for r in records.values() if r})
     lines = [
         f"# Small study{' (smoke)' if study.smoke else ''}: {', '.join(study.variants)}",
         "",
         f"Written by `python -m nsa_lit.study` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-        f"({device}). Runs: {len(runs)} ({', '.join(study.variants)} x seeds "
+        f"({_device_name()}); runs trained and evaluated on "
+        f"{', '.join(devices) if devices else 'devices not recorded'}. Runs: {len(runs)} ({', '.join(study.variants)} x seeds "
         f"{', '.join(map(str, study.seeds))}); each {sched.steps} steps of {sched.tokens_per_step:,} "
         f"tokens = {sched.tokens:,} tokens of "
         + ("the mixture of `--fit_args`" if mixed else f"`{data}`")
@@ -345,12 +369,16 @@ def write_report(study: Study, runs: list[Run], compare_table: str, seconds: dic
         "`*`: longer than the training context (extrapolated).",
         "",
     ]
-    if seconds:
-        lines += ["## Seconds per run (this invocation)", "", "| run | fit | niah | ppl |",
-                  "|---|---|---|---|"]
-        lines += [f"| {label} | {s['fit']:.0f} | {s['niah']:.0f} | {s['ppl']:.0f} |"
-                  for label, s in seconds.items()]
-        lines.append("")
+    lines += ["## Seconds per run", "", "| run | device | finished | fit | niah | ppl |",
+              "|---|---|---|---|---|---|"]
+    for label, r in records.items():
+        if r is None:
+            lines.append(f"| {label} | not recorded | | | | |")
+        else:
+            s = r["seconds"]
+            lines.append(f"| {label} | {r['device']} | {r['finished']} | {s['fit']:.0f} | "
+                         f"{s['niah']:.0f} | {s['ppl']:.0f} |")
+    lines.append("")
     lines += ["## Command", "", "```bash", "python -m nsa_lit.study " + shlex.join(argv), "```", ""]
     path = study.results / "study.md"
     path.write_text("\n".join(lines))
@@ -365,20 +393,19 @@ def run_study(study: Study, argv: list[str] | None = None) -> dict:
     for variant in study.variants:
         study.config(variant)  # an unknown variant fails before any work
     runs = [Run(study, v, s) for v in study.variants for s in study.seeds]
-    seconds: dict[str, dict] = {}
     for i, run in enumerate(runs, 1):
         if run.done() and not study.redo:
             print(f"[{i}/{len(runs)}] {run.label}: done, skipped (--redo to run it again)", flush=True)
             continue
         print(f"[{i}/{len(runs)}] {run.label}: {schedule(study, run.variant).tokens:,} tokens", flush=True)
-        seconds[run.label] = train_and_evaluate(run)
+        seconds = train_and_evaluate(run)
         print(f"[{i}/{len(runs)}] {run.label}: " + ", ".join(
-            f"{k} {v:.0f} s" for k, v in seconds[run.label].items()), flush=True)
+            f"{k} {v:.0f} s" for k, v in seconds.items()), flush=True)
     study.results.mkdir(parents=True, exist_ok=True)
     # the runs named here only (another invocation's runs, maybe unfinished, stay out)
     result = compare_main([*(str(r.log_dir) for r in runs), "--out", str(study.results), "--eval",
                            *(f"{r.label}={r.niah_dir / 'results.json'}" for r in runs)])
-    report = write_report(study, runs, result["table"], seconds, argv or [])
+    report = write_report(study, runs, result["table"], argv or [])
     print(f"wrote {report}")
     return {**result, "report": report}
 

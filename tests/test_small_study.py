@@ -6,6 +6,7 @@ few minutes on 2 busy cores), and a second invocation finds every run done.
 """
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -142,10 +143,18 @@ def test_smoke_study_end_to_end(tmp_path, monkeypatch, capsys):
     assert "| variant | ppl @128 | ppl @256 | ppl @512* |" in report
     for variant in st.VARIANTS:
         assert f"| {variant} | " in report
+    assert "runs trained and evaluated on CPU." in report
+    for label in labels:
+        assert f"| {label} | CPU | " in report
 
-    # a second invocation finds every run done and only compares again
+    # a second invocation finds every run done and only compares again, from the logs and
+    # evaluations alone (as on another machine, without the checkpoints); a run done before
+    # runs were recorded is listed as such
+    shutil.rmtree(out / "checkpoints")
+    st.Run(st.Study(out=out, results=out / "results"), "nsa", 1).record_json.unlink()
     capsys.readouterr()
     again = st.main(["--smoke", "--out", str(out)])
     printed = capsys.readouterr().out
     assert printed.count("done, skipped") == len(labels)
     assert again["table"] == result["table"]
+    assert "| study/nsa/seed1 | not recorded |" in again["report"].read_text()
