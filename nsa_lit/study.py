@@ -260,10 +260,10 @@ def _free_memory() -> None:
 def train_and_evaluate(run: Run) -> dict[str, float]:
     """Fit from scratch (the run's old logs and checkpoints deleted), then both evaluations.
     Returns the seconds each step took."""
+    import torch
+
     from nsa_lit.cli import cli_main
     from nsa_lit.eval.__main__ import main as eval_main
-
-    import torch
 
     for path in (run.log_dir, run.ckpt_dir, run.niah_dir):
         shutil.rmtree(path, ignore_errors=True)
@@ -352,8 +352,8 @@ def write_report(study: Study, runs: list[Run], compare_table: str, argv: list[s
         "",
         f"Written by `python -m nsa_lit.study` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
         f"({_device_name()}); runs trained and evaluated on "
-        f"{', '.join(devices) if devices else 'devices not recorded'}. Runs: {len(runs)} ({', '.join(study.variants)} x seeds "
-        f"{', '.join(map(str, study.seeds))}); each {sched.steps} steps of {sched.tokens_per_step:,} "
+        f"{', '.join(devices) if devices else 'devices not recorded'}. Runs: {len(runs)} "
+        f"({', '.join(study.variants)} x seeds {', '.join(map(str, study.seeds))}); each {sched.steps} steps of {sched.tokens_per_step:,} "
         f"tokens = {sched.tokens:,} tokens of "
         + ("the mixture of `--fit_args`" if mixed else f"`{data}`")
         + (f" ({train_tokens:,} training tokens{epochs})" if train_tokens else "") + ".",
