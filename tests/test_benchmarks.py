@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -202,3 +203,33 @@ def test_forward_backward_flops_count_each_kind_of_work_once(monkeypatch):
         assert bench.flops_fwd == pytest.approx((trained + scoring + matmul) * B * T)
         assert bench.flops_fwd_bwd == pytest.approx((3.5 * trained + scoring + 3 * matmul) * B * T)
         assert scoring > 0
+
+
+def test_speed_check_runs_the_parts_asked_for_and_reports_failures(tmp_path):
+    """``speed_check.sh OUT PARTS`` runs only PARTS' commands, every one even after a failure,
+    and exits non-zero when any failed (a stand-in ``python3`` records the commands)."""
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    fake = bin_dir / "python3"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *decode.py*) exit 1;; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = ROOT / "benchmarks" / "speed_check.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "decode,loss"], env=env,
+                          capture_output=True, text=True)
+    def programs():  # what each recorded python3 call ran: a script, or -m's module
+        words = [call.split() for call in log.read_text().splitlines()]
+        return [w[1] if w[0] == "-m" else w[0] for w in words]
+
+    calls = log.read_text().splitlines()
+    assert programs() == ["pytest", "benchmarks/decode.py", "benchmarks/loss_check.py"], calls
+    assert "--modes graph,compiled" in calls[1] and "--repeat 2" in calls[2]
+    assert done.returncode == 1  # decode.py failed; the loss check still ran
+    log.unlink()
+    ok = subprocess.run(["bash", str(script), str(tmp_path / "out"), "fit"], env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0
+    assert programs() == ["benchmarks/fit_throughput.py"]

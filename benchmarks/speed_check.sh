@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The real paths' speed on a GPU, in parts that each fit one 10-minute call: decoding (the decode
+# GPU tests, then tokens/s of CUDA-graph steps eager and compiled at 32k), training through
+# `main.py fit` against the raw loop (340M ASA / full / NSA at 8k), and the fixed 20-step loss
+# check (two repeats, each in its own process: the run-to-run noise a speed change must stay
+# within). Every step runs even if one fails; the exit status is non-zero when any did.
+#   bash benchmarks/speed_check.sh OUTDIR [decode,fit,loss]
+set -u
+status=0
+check() { [ "$1" -eq 0 ] || status=1; }
+out=${1:-/tmp/speed_check}; parts=${2:-decode,fit,loss}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+cd "$repo"
+if [[ ",$parts," == *",decode,"* ]]; then
+  python3 -m pytest -q -m gpu tests/test_decode_graph.py tests/kernels/test_decode_triton.py \
+    2>&1 | tee "$out/decode_tests.log" | tail -5
+  check "${PIPESTATUS[0]}"
+  python3 benchmarks/decode.py --contexts 32768 --batches 1 64 --modes graph,compiled \
+    --out "$out/decode-32k.json" 2>&1 | tee "$out/decode.log" | tail -10
+  check "${PIPESTATUS[0]}"
+fi
+if [[ ",$parts," == *",fit,"* ]]; then
+  python3 benchmarks/fit_throughput.py --configs configs/340m/asa.yaml configs/340m/full.yaml \
+    configs/340m/nsa.yaml --steps 6 --warmup 2 --raw --out "$out/fit-8k.json" 2>&1 \
+    | tee "$out/fit.log" | tail -10
+  check "${PIPESTATUS[0]}"
+fi
+if [[ ",$parts," == *",loss,"* ]]; then
+  python3 benchmarks/loss_check.py --config configs/340m/asa.yaml --steps 20 --repeat 2 \
+    --extra "--trainer.accumulate_grad_batches 1" --out "$out/loss-check-asa.json" 2>&1 \
+    | tee "$out/loss.log" | tail -8
+  check "${PIPESTATUS[0]}"
+fi
+exit "$status"
