@@ -91,8 +91,8 @@ class Transformer(nn.Module):
         self._init_projections()
 
     def compile_blocks(self) -> None:
-        """``torch.compile`` every block in place (its ``forward``; :meth:`compile_decode` compiles ``decode``).
-        The attention kernels are opaque to the compiler (:mod:`kernels.dispatch`), which fuses
+        """``torch.compile`` every block in place (its ``forward``; :meth:`compile_decode`
+        compiles ``decode``). The attention kernels are opaque to the compiler (:mod:`kernels.dispatch`), which fuses
         the PyTorch code around them."""
         for block in self.blocks:
             if block._compiled_call_impl is None:  # Lightning configures the model per stage

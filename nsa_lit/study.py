@@ -353,8 +353,8 @@ def write_report(study: Study, runs: list[Run], compare_table: str, argv: list[s
         f"Written by `python -m nsa_lit.study` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
         f"({_device_name()}); runs trained and evaluated on "
         f"{', '.join(devices) if devices else 'devices not recorded'}. Runs: {len(runs)} "
-        f"({', '.join(study.variants)} x seeds {', '.join(map(str, study.seeds))}); each {sched.steps} steps of {sched.tokens_per_step:,} "
-        f"tokens = {sched.tokens:,} tokens of "
+        f"({', '.join(study.variants)} x seeds {', '.join(map(str, study.seeds))}); "
+        f"each {sched.steps} steps of {sched.tokens_per_step:,} tokens = {sched.tokens:,} tokens of "
         + ("the mixture of `--fit_args`" if mixed else f"`{data}`")
         + (f" ({train_tokens:,} training tokens{epochs})" if train_tokens else "") + ".",
         "",
