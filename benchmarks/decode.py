@@ -10,8 +10,14 @@ content does not change the work a step does), then ``steps`` timed calls of ``m
 replays the step as one CUDA graph (:class:`nsa_lit.decode_graph.GraphedDecode`, what
 ``generate`` does on CUDA), ``eager`` launches every kernel from Python, ``compiled`` compiles
 each block's step (``Transformer.compile_decode``: fewer, fused kernels) and, on CUDA, replays
-it as a CUDA graph; its compilation happens in the warm-up steps (``warmup_s``). Reports tokens/s
-(batch x steps / seconds), ms per step and the cache bytes. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+it as a CUDA graph; its compilation happens in the warm-up steps (``warmup_s``). A step's work
+depends on its plan (``nsa_lit.cache.StepPlan``: whether a compression block ends, whether a
+query-sharing group opens), which repeats every 16 tokens at 340M; the graph modes capture one
+graph per plan in the warm-up (a capture in the timed steps is flagged), and the default 32 timed
+steps are two such periods. Reports tokens/s (batch x steps / seconds), ms per step and the cache
+bytes. ``--kernels`` also profiles 16 more steps outside any graph (eager, or the compiled step in
+``compiled`` mode) and records the GPU kernels they launch per step: their number, their summed
+time and the most expensive names. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from nsa_lit.model_stats import load_model_config  # noqa: E402
 from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROFILED_STEPS = 16  # --kernels: one period of the 340M step plans
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
 
 
@@ -46,7 +53,27 @@ def fill_randomly(caches, context: int) -> None:
             for buf in list(part.raw) + list(part.compressed or ()):
                 buf.normal_()
         cache.lengths.fill_(context)
-        cache.longest = context
+        cache.longest = cache.shortest = context
+
+
+def kernel_profile(step, tokens: torch.Tensor, steps: int = 16, top: int = 12) -> dict:
+    """The GPU kernels of ``steps`` calls ``tokens = step(tokens).argmax(-1)``, per step: count,
+    summed milliseconds, and the ``top`` names by time as ``[name, count, total_us]``."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens = step(tokens).argmax(-1)
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name, [event.name[:90], 0, 0.0])
+            entry[1] += 1
+            entry[2] += event.time_range.elapsed_us()
+    rows = sorted(kernels.values(), key=lambda r: -r[2])
+    return {"kernels_per_step": sum(r[1] for r in rows) / steps,
+            "kernel_ms_per_step": sum(r[2] for r in rows) / 1e3 / steps,
+            "top_kernels": [[n, c / steps, round(t / steps, 1)] for n, c, t in rows[:top]]}
 
 
 def sync(device: torch.device) -> None:
@@ -56,10 +83,11 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
-            device: torch.device, dtype: torch.dtype, mode: str = "eager") -> dict:
+            device: torch.device, dtype: torch.dtype, mode: str = "eager",
+            kernels: bool = False) -> dict:
     cfg = load_model_config(config_path)
     select = cfg.select_block
-    max_len = -(-(context + warmup + steps) // select) * select
+    max_len = -(-(context + warmup + steps + PROFILED_STEPS) // select) * select
     cfg = dataclasses.replace(cfg, seq_len=max(cfg.seq_len, max_len))
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=device, dtype=dtype).eval()
@@ -79,17 +107,27 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
         tokens = step(tokens).argmax(-1)
     sync(device)
     warmup_s = time.perf_counter() - start
+    graphs = len(getattr(step, "graphs", ()))
     start = time.perf_counter()
     for _ in range(steps):
         tokens = step(tokens).argmax(-1)
     sync(device)
     seconds = time.perf_counter() - start
+    graphed = {}
+    if hasattr(step, "graphs"):  # GraphedDecode: one graph per step plan; none new while timed
+        graphed = {"graphs": len(step.graphs), "captured_while_timed": len(step.graphs) > graphs}
+        if graphed["captured_while_timed"]:
+            print(f"warning: {config_path} captured a graph in the timed steps: raise --warmup",
+                  file=sys.stderr)
+    profiled = {}
+    if kernels and device.type == "cuda":  # one more step, outside the graph
+        profiled = kernel_profile(lambda t: model.decode(t, caches), tokens, PROFILED_STEPS)
     return {
         "config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
         "context": context, "batch": batch, "mode": mode, "steps": steps,
         "ms_per_step": 1e3 * seconds / steps, "tokens_per_sec": batch * steps / seconds,
         "cache_bytes": sum(c.bytes_allocated() for c in caches),
-        "kernel_backend": cfg.kernel_backend, "warmup_s": warmup_s,
+        "kernel_backend": cfg.kernel_backend, "warmup_s": warmup_s, **graphed, **profiled,
     }
 
 
@@ -99,14 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=4,
-                        help="untimed steps first (>= 2 with graphs)")
+    parser.add_argument("--warmup", type=int, default=40,
+                        help="untimed steps first (>= 2 with graphs; each step plan runs eagerly "
+                             "once, then is captured: the 340M plans repeat every 16 steps)")
     parser.add_argument("--modes", default=None,
                         help="comma-separated graph,eager,compiled (default: graph,eager on CUDA, eager "
                              "elsewhere; graph needs CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also profile 16 steps' GPU kernels (per step: count, time, top names; CUDA)")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -130,10 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     for config, context, batch, mode in runs:
         try:
             row = measure(config, context, batch, args.steps, args.warmup, device, dtype,
-                          mode)
+                          mode, args.kernels)
             line = (f"{row['config']:24} {context:>8} {batch:>5} {mode:>8} "
                     f"{row['ms_per_step']:>9.2f} {row['tokens_per_sec']:>10.1f} "
                     f"{row['cache_bytes'] / 2**20:>10.1f}")
+            if "kernels_per_step" in row:
+                line += (f"  {row['kernels_per_step']:.0f} kernels, "
+                         f"{row['kernel_ms_per_step']:.2f} ms of GPU time")
         except torch.OutOfMemoryError as err:
             row = {"config": config, "context": context, "batch": batch, "mode": mode,
                    "error": f"out of memory: {err}"[:300]}

@@ -15,10 +15,15 @@ Compressed tokens are the layer's own compressors applied to the cached raw toke
 blocks complete. Every sequence of the batch has its own length, hence its own positions, block
 boundaries and ring offset. What a layer keeps is its ``LayerSpec``'s (``cache_slots``,
 ``compressed_tokens``, ``cache_width``); ``LayerSpec.kv_elements`` counts the same elements.
+
+When every sequence is at the same position (one prompt, or prompts of one length), the host knows
+what the next step does (:class:`StepPlan`): whether a compression block ends, whether a
+query-sharing group opens. The step then skips the compressor and the block scoring when they would
+be thrown away, instead of computing them and masking the result per sequence.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -26,6 +31,23 @@ from kernels.blocks import compressed_visible, num_compressed
 from nsa_lit.config import Branch, ModelConfig
 
 Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class StepPlan(NamedTuple):
+    """What a layer's next decode step does, as far as the host knows it (``None``: it depends on
+    the sequence, and the step computes it for all and keeps it where it applies).
+
+    * ``compress``: a compression block ends at the new token, so it is compressed and appended
+      (``False`` also for a cache that does not compress);
+    * ``select``: the new token opens a query-sharing group, so blocks are chosen afresh rather
+      than kept (``False`` also for a cache without selection).
+
+    Known whenever all sequences share one position. A plan is a few booleans, so a compiled step
+    specialises on it (one compilation per plan) and :class:`~nsa_lit.decode_graph.GraphedDecode`
+    captures one graph per plan."""
+
+    compress: bool | None = None
+    select: bool | None = None
 
 
 class TokenCache:
@@ -41,7 +63,8 @@ class TokenCache:
 
     Decoding updates ``lengths`` and ``block_idx`` in place (their storage never changes), so a
     decode step can be captured as a CUDA graph (:mod:`nsa_lit.decode_graph`); the host-side
-    ``longest`` is advanced by :meth:`reserve`, which a graph replay must call itself.
+    ``longest`` and ``shortest`` (the largest and smallest of ``lengths``) are advanced by
+    :meth:`reserve`, which a graph replay must call itself.
     """
 
     latent = False  # latent layout: raw = (c, k_r), the latent is key and value
@@ -72,7 +95,8 @@ class TokenCache:
                           torch.full((batch, select[0], select[1]), -1, dtype=torch.long,
                                      device=device))
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        self.longest = 0  # max(lengths), kept on the host: no device sync per step
+        # max(lengths) and min(lengths), kept on the host: no device sync per step
+        self.longest = self.shortest = 0
 
     # -- what attention reads ----------------------------------------------------------------
     def for_branch(self, branch: Branch) -> TokenCache:
@@ -118,53 +142,76 @@ class TokenCache:
             for buf, new in zip(self.compressed, compressed):
                 buf[b, i] = new[b, i].to(buf.dtype)
         self.lengths.copy_(lengths)
-        self.longest = longest
+        self.longest, self.shortest = longest, int(lengths.min())
 
     def keep_selection(self, block_idx: torch.Tensor) -> None:
         """Prefill: keep the blocks of each sequence's last prompt token from ``block_idx
         (B, T, G, top_n)``, which query sharing gave the first query of its group."""
         self.block_idx.copy_(block_idx[torch.arange(len(block_idx)), self.lengths - 1])
 
+    def plan(self) -> StepPlan:
+        """The next step's :class:`StepPlan`, from the host-side lengths: known when every
+        sequence is at one position, else ``None`` where it depends on the sequence."""
+        known = self.shortest == self.longest
+        compress: bool | None = False
+        if self.compressed is not None and self.compressed[0].shape[1] > 0:
+            block_len, stride = self.compress
+            start = self.longest - block_len + 1  # first token of the block ending here
+            compress = (start >= 0 and start % stride == 0) if known else None
+        select = (self.longest % self.q_share == 0 if known else None) if self.q_share else False
+        return StepPlan(compress, select)
+
     def append(self, a: torch.Tensor, b: torch.Tensor,
                compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None,
-               advance: bool = True) -> None:
+               advance: bool = True, plan: StepPlan = StepPlan()) -> None:
         """Write one token per sequence (``a``, ``b``: ``(B, *shape)``) at position ``lengths``.
         A compressing cache then calls ``compress`` on the last ``block_len`` raw tokens
         (``(B, block_len, *shape)`` each, returning ``(B, 1, *shape)`` each) and keeps the result
-        for the sequences whose block has just ended. ``lengths`` advances in place, unless
-        ``advance=False`` (a :class:`BranchKVCache` advances its shared ``lengths`` once)."""
+        for the sequences whose block has just ended: for all of them when ``plan.compress``
+        (the :meth:`plan` of this step), for none (without compressing) when it is ``False``.
+        ``lengths`` advances in place, unless ``advance=False`` (a :class:`BranchKVCache`
+        advances its shared ``lengths`` once)."""
         self.reserve()
         positions = self.lengths  # advanced last, after every use below
         rows = torch.arange(len(positions), device=positions.device)
         for buf, new in zip(self.raw, (a, b)):
             buf[rows, positions % self.slots] = new.to(buf.dtype)
-        if self.compressed is not None and self.compressed[0].shape[1] > 0:
+        if (self.compressed is not None and self.compressed[0].shape[1] > 0
+                and plan.compress is not False):
             block_len, stride = self.compress
             start = positions - block_len + 1  # first token of the block ending here
             slots = (start[:, None] + torch.arange(block_len, device=start.device)) % self.slots
             new = compress(*(buf[rows[:, None], slots] for buf in self.raw))
-            done = (start >= 0) & (start % stride == 0)
             i = (start // stride).clamp(0, self.compressed[0].shape[1] - 1)
+            done = None if plan.compress else (start >= 0) & (start % stride == 0)
             for buf, c in zip(self.compressed, new):
-                keep = done.view(-1, *[1] * (c.dim() - 2))
-                buf[rows, i] = torch.where(keep, c[:, 0].to(buf.dtype), buf[rows, i])
+                c = c[:, 0].to(buf.dtype)
+                if done is not None:
+                    c = torch.where(done.view(-1, *[1] * (c.dim() - 1)), c, buf[rows, i])
+                buf[rows, i] = c
         if advance:
             self.lengths.add_(1)
 
-    def share_selection(self, fresh: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def share_selection(self, fresh: torch.Tensor, positions: torch.Tensor,
+                        opens: bool | None = None) -> torch.Tensor:
         """Query sharing: the blocks ``(B, G, top_n)`` the query at ``positions`` uses, ``fresh``
-        (its own choice) when it opens a group of ``q_share`` queries, else the kept ones."""
-        opens = (positions % self.q_share == 0)[:, None, None]
-        self.block_idx.copy_(torch.where(opens, fresh, self.block_idx))
+        (its own choice) when it opens a group of ``q_share`` queries, else the kept ones.
+        ``opens=True`` (the step's ``plan.select``): every sequence opens one."""
+        if opens:
+            self.block_idx.copy_(fresh)
+        else:
+            opens = (positions % self.q_share == 0)[:, None, None]
+            self.block_idx.copy_(torch.where(opens, fresh, self.block_idx))
         return self.block_idx
 
     @torch.compiler.disable
     def reserve(self) -> None:
-        """Host side of :meth:`append`: check that one more token fits, advance ``longest``.
-        Opaque to ``torch.compile`` (a compiled decode step would otherwise specialise on
-        ``longest`` and recompile every step)."""
+        """Host side of :meth:`append`: check that one more token fits, advance ``longest`` and
+        ``shortest``. Opaque to ``torch.compile`` (a compiled decode step would otherwise
+        specialise on them and recompile every step)."""
         self._check_room(self.longest + 1)
         self.longest += 1
+        self.shortest += 1
 
     def _check_room(self, length: int) -> None:
         if length > self.max_len:
@@ -263,6 +310,23 @@ class BranchKVCache:
         for cache in self.caches.values():
             cache.longest = value
 
+    @property
+    def shortest(self) -> int:
+        return next(iter(self.caches.values())).shortest
+
+    @shortest.setter
+    def shortest(self, value: int) -> None:
+        for cache in self.caches.values():
+            cache.shortest = value
+
+    def plan(self) -> StepPlan:
+        """The compression branch's ``compress`` and the selection branch's ``select`` (see
+        :meth:`TokenCache.plan`)."""
+        compression = self.caches.get(Branch.COMPRESSION)
+        selection = self.caches.get(Branch.SELECTION)
+        return StepPlan(compression.plan().compress if compression else False,
+                        selection.plan().select if selection else False)
+
     def bytes_allocated(self) -> int:
         """Bytes of every branch's cached token tensors (raw and compressed)."""
         return sum(cache.bytes_allocated() for cache in self.caches.values())
@@ -279,14 +343,15 @@ class BranchKVCache:
         self.caches[Branch.SELECTION].keep_selection(block_idx)
 
     def append_branches(self, raw: dict[Branch, Pair],
-                        compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None
-                        ) -> None:
+                        compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None,
+                        plan: StepPlan = StepPlan()) -> None:
         """Write one token per sequence into every branch's cache (``raw[branch] = (k, v)``,
         ``(B, n_kv_heads, head_dim)`` each), compress the compression branch's completed blocks
-        with ``compress``, then advance ``lengths``."""
+        with ``compress`` (as ``plan`` says, see :meth:`TokenCache.append`), then advance
+        ``lengths``."""
         for branch, cache in self.caches.items():
             cache.append(*raw[branch], compress if branch is Branch.COMPRESSION else None,
-                         advance=False)
+                         advance=False, plan=plan)
         self.lengths.add_(1)
 
     def reserve(self) -> None:

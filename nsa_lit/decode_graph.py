@@ -1,28 +1,35 @@
-"""A decode step captured as one CUDA graph: one launch per token instead of hundreds.
+"""A decode step captured as a CUDA graph: one launch per token instead of hundreds.
 
 Eager decoding of a 24-layer model launches a few thousand small kernels per step, and at batch
 sizes that fit on one GPU the step is bound by Python and launch overhead, not by the GPU.
-:class:`GraphedDecode` records ``model.decode(tokens, caches)`` once and replays it. Replays are
+:class:`GraphedDecode` records ``model.decode(tokens, caches)`` and replays it. Replays are
 exact: the graph runs the same kernels on the same tensors. This works because a decode step has
 no host synchronisation and only updates the caches in place (``TokenCache`` keeps the storage of
 ``lengths`` and ``block_idx``); the host-side bookkeeping a replay skips (``TokenCache.reserve``:
-the room check and ``longest``) is done here before each replay.
+the room check, ``longest`` and ``shortest``) is done here before each replay.
+
+A step's work depends on its :class:`~nsa_lit.cache.StepPlan` (whether a compression block ends,
+whether a query-sharing group opens; known on the host when every sequence is at one position),
+so there is one graph per plan of the whole model: for the 340M ASA config three, which repeat
+every 16 tokens (a compression block ends, a query-sharing group opens, neither). Prompts of
+different lengths have one plan: the masked step that does everything.
 """
 from __future__ import annotations
 
 import torch
 
-from nsa_lit.cache import TokenCache
+from nsa_lit.cache import StepPlan, TokenCache
 from nsa_lit.model import Transformer
 
 
 class GraphedDecode:
     """``step(tokens (B,)) -> logits (B, vocab_size)``, like ``model.decode(tokens, caches)``.
 
-    The first call runs eagerly (it compiles the kernels); the second captures the step into a
-    CUDA graph, and every later call replays it. The returned logits are a tensor the next call
-    overwrites: use (or copy) them before stepping again. The graph is bound to ``caches`` and the
-    batch size; make a new ``GraphedDecode`` for new caches.
+    The first step of each plan (``tuple(cache.plan() for cache in caches)``) runs eagerly (it
+    compiles the kernels); the second captures it into a CUDA graph, and every later step of
+    that plan replays it. The returned logits are a tensor a later call overwrites: use (or
+    copy) them before stepping again. The graphs are bound to ``caches`` and the batch size;
+    make a new ``GraphedDecode`` for new caches.
     """
 
     def __init__(self, model: Transformer, caches: list[TokenCache]):
@@ -32,33 +39,35 @@ class GraphedDecode:
         self.model, self.caches = model, caches
         self.batch = len(caches[0].lengths)
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=device)
-        self.logits: torch.Tensor | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.warm = False  # the first (eager) step has run
+        # per plan: the captured graph and the logits tensor it writes
+        self.graphs: dict[tuple[StepPlan, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.warm: set[tuple[StepPlan, ...]] = set()  # plans whose eager first step has run
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape != (self.batch,):
             raise ValueError(f"tokens must be ({self.batch},) (the captured batch), got "
                              f"{tuple(tokens.shape)}")
-        if not self.warm:  # eager: compiles every kernel the step launches
+        plan = tuple(cache.plan() for cache in self.caches)
+        if plan not in self.warm:  # eager: compiles every kernel this plan's step launches
             logits = self.model.decode(tokens, self.caches)
-            self.warm = True
+            self.warm.add(plan)
             return logits
         self.tokens.copy_(tokens)
-        if self.graph is None:
-            self._capture()
+        if plan not in self.graphs:
+            self.graphs[plan] = self._capture()
         for cache in self.caches:
             cache.reserve()
-        self.graph.replay()
-        return self.logits
+        graph, logits = self.graphs[plan]
+        graph.replay()
+        return logits
 
     __call__ = step
 
-    def _capture(self) -> None:
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record one step. Capturing runs no kernel, but its Python runs once: undo the host
         bookkeeping it did (the replay that follows does its own)."""
-        longest = [cache.longest for cache in self.caches]
+        host = [(cache.longest, cache.shortest) for cache in self.caches]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.device(self.tokens.device):
@@ -66,6 +75,6 @@ class GraphedDecode:
                 with torch.cuda.graph(graph):
                     logits = self.model.decode(self.tokens, self.caches)
         finally:
-            for cache, n in zip(self.caches, longest):
-                cache.longest = n
-        self.graph, self.logits = graph, logits
+            for cache, (longest, shortest) in zip(self.caches, host):
+                cache.longest, cache.shortest = longest, shortest
+        return graph, logits

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa_lit.attention import Attention
-from nsa_lit.cache import TokenCache
+from nsa_lit.cache import StepPlan, TokenCache
 from nsa_lit.config import ModelConfig
 
 
@@ -58,9 +58,10 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache, lengths)
         return x + self.mlp(self.mlp_norm(x))
 
-    def decode(self, x: torch.Tensor, cache: TokenCache) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: TokenCache, plan: StepPlan = StepPlan()
+               ) -> torch.Tensor:
         """One token per sequence, ``x (B, 1, d_model)``; see :meth:`Attention.decode`."""
-        x = x + self.attn.decode(self.attn_norm(x), cache)
+        x = x + self.attn.decode(self.attn_norm(x), cache, plan)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -161,5 +162,5 @@ class Transformer(nn.Module):
         logits ``(B, vocab_size)``; appends the token to every cache."""
         x = self.embed(tokens.long()[:, None])
         for block, cache in zip(self.blocks, caches):
-            x = block.decode(x, cache)
+            x = block.decode(x, cache, cache.plan())
         return self.lm_head(self.norm(x))[:, 0]

@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader
 
 from nsa_lit import generate as gen
 from nsa_lit import kv_report
-from nsa_lit.cache import (GroupedKVCache, LatentKVCache, LatentWindowCache, layer_cache,
-                           new_caches)
+from nsa_lit.cache import (GroupedKVCache, LatentKVCache, LatentWindowCache, StepPlan,
+                           layer_cache, new_caches)
 from nsa_lit.data.tokenizer import train_bpe
 from nsa_lit.lit_module import LanguageModel, OptimConfig
 from nsa_lit.model import Transformer
@@ -16,6 +16,7 @@ from test_model import SMALL, VARIANTS, config
 
 T = 64  # SMALL: window 12, compression blocks 8 / stride 4, selection blocks 8, top_n 3, q_share 4
 PROMPTS = torch.tensor([1, 14, 31])  # decode starts at, inside and across q_share groups
+ONE_LENGTH = torch.tensor([14, 14])  # every sequence at one position: steps follow a StepPlan
 
 
 def cache_state(cache):
@@ -48,22 +49,78 @@ def decode_matches_forward(model: Transformer, prompts: torch.Tensor, T: int, na
     return tokens, caches, pos
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, ONE_LENGTH], ids=["lengths_differ", "one_length"])
 @pytest.mark.parametrize("name", VARIANTS)
 @torch.no_grad()
-def test_decode_gives_the_full_forward_logits_at_every_position(name):
-    """Prefill prompts of different lengths, then decode to the end of the longest: every logit
-    equals the training forward's, across compression and selection blocks, query-sharing groups
-    and the window's ring wrap-around; and the decoded caches equal a prefill of the whole text."""
+def test_decode_gives_the_full_forward_logits_at_every_position(name, prompts):
+    """Prefill prompts of different lengths (each step computes the compressor and the block
+    scores for all, keeping each sequence's own) or of one length (each step does what its
+    ``StepPlan`` says), then decode to the end of the longest: every logit equals the training
+    forward's, across compression and selection blocks, query-sharing groups and the window's
+    ring wrap-around; and the decoded caches equal a prefill of the whole text."""
     cfg = config(name)
     model = Transformer(cfg).double()
-    tokens, caches, pos = decode_matches_forward(model, PROMPTS, T, name)
-    reference = new_caches(cfg, 3, T, torch.float64)
+    tokens, caches, pos = decode_matches_forward(model, prompts, T, name)
+    reference = new_caches(cfg, len(prompts), T, torch.float64)
     model(tokens, reference, pos)
     for layer, (got, want) in enumerate(zip(caches, reference)):
         want = cache_state(want)
         for key, value in cache_state(got).items():
             torch.testing.assert_close(value, want[key], rtol=0, atol=1e-12,
                                        msg=lambda m: f"{name} layer {layer} {key}: {m}")
+
+
+def test_step_plan_is_known_when_every_sequence_is_at_one_position():
+    """``cache.plan()``: a compression block ends at the new token ``p`` when ``p - 7`` is a
+    multiple of the stride 4 (blocks of 8); a query-sharing group opens when ``p % 4 == 0``;
+    ``None`` when the sequences are at different positions; ``False`` for what a cache lacks."""
+    cfg = config("asa")
+    model = Transformer(cfg).double()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    uniform, mixed = new_caches(cfg, 2, 40, torch.float64), new_caches(cfg, 2, 40, torch.float64)
+    model(tokens[:, :14], uniform, torch.tensor([14, 14]))
+    model(tokens[:, :14], mixed, torch.tensor([14, 13]))
+    local, glob = uniform  # layer_pattern "LG"
+    for p in range(14, 40):
+        assert local.plan() == StepPlan(compress=False, select=False)
+        assert glob.plan() == StepPlan(compress=p >= 7 and (p - 7) % 4 == 0, select=p % 4 == 0)
+        assert mixed[1].plan() == StepPlan(None, None)
+        model.decode(tokens[:, p], uniform)
+        model.decode(tokens[:, p], mixed)
+    assert layer_cache(config("full"), 0, 2, 40).plan() == StepPlan(False, False)
+    nsa = config("nsa", nsa_kv="per_branch")
+    assert layer_cache(nsa, 0, 1, 40).plan() == StepPlan(False, True)  # p = 0: no block yet
+    assert layer_cache(config("nsa_no_compression"), 0, 1, 40).plan() == StepPlan(False, True)
+
+
+@pytest.mark.parametrize("prompts, calls", [(ONE_LENGTH, 4), (torch.tensor([14, 13]), 16)])
+@torch.no_grad()
+def test_a_known_plan_skips_the_compressor_and_the_block_scoring(monkeypatch, prompts, calls):
+    """16 steps of the ASA global layer: with every sequence at one position the compressor runs
+    only when a block ends (4 times) and blocks are scored only when a query-sharing group opens
+    (4 times); at different positions both run every step, their results masked."""
+    import kernels
+    from nsa_lit.attention import Attention
+
+    counts = {"compress": 0, "score": 0}
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(Attention, "_compress", counted("compress", Attention._compress))
+    monkeypatch.setattr(kernels, "select_blocks_decode",
+                        counted("score", kernels.select_blocks_decode))
+    cfg = config("asa")
+    model = Transformer(cfg).double()
+    caches = new_caches(cfg, 2, 40, torch.float64)
+    model(torch.randint(0, 97, (2, 14)), caches, prompts)
+    counts.update(compress=0, score=0)
+    for _ in range(16):
+        model.decode(torch.randint(0, 97, (2,)), caches)
+    assert counts == {"compress": calls, "score": calls}
 
 
 @pytest.mark.parametrize("name", ["asa", "nsa"])
@@ -102,10 +159,13 @@ def test_decode_updates_the_caches_in_place(name):
 
 
 @torch.no_grad()
-def test_compiled_decode_equals_eager_and_compiles_once():
+@pytest.mark.parametrize("prompts", [torch.tensor([5, 14]), ONE_LENGTH],
+                         ids=["lengths_differ", "one_length"])
+def test_compiled_decode_equals_eager_and_compiles_once(prompts):
     """``compile_decode``: the same logits and caches as the eager step, across compression
     block ends, query-sharing groups and the window's wrap-around, and no recompilation as the
-    positions advance (the host bookkeeping, ``reserve``, stays outside the compiled code)."""
+    positions advance (the host bookkeeping, ``reserve``, stays outside the compiled code): one
+    compilation per step plan, all seen in the first 4 steps (the plans repeat every 4 here)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -113,15 +173,15 @@ def test_compiled_decode_equals_eager_and_compiles_once():
     cfg = config("asa")
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    prompts = torch.tensor([5, 14])
     tokens = torch.randint(0, cfg.vocab_size, (2, 40))
     caches = [new_caches(cfg, 2, 40) for _ in range(2)]
     for c in caches:
         model(tokens[:, :14], c, prompts)
     eager = [model.decode(tokens[:, 14 + i], caches[0]) for i in range(20)]
     model.compile_decode()
-    graphs = []
+    graphs, plans = [], set()
     for i in range(20):
+        plans |= {(c.latent, c.compressed is not None, c.plan()) for c in caches[1]}
         torch.testing.assert_close(model.decode(tokens[:, 14 + i], caches[1]), eager[i],
                                    rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
         graphs.append(counters["stats"]["unique_graphs"])
@@ -129,7 +189,9 @@ def test_compiled_decode_equals_eager_and_compiles_once():
         for name, t in cache_state(a).items():
             torch.testing.assert_close(cache_state(b)[name], t, rtol=1e-5, atol=1e-5)
         assert b.longest == a.longest == 34
-    assert graphs[-1] == graphs[2] > 0, graphs  # compiled in the first steps, then reused
+    assert graphs[-1] == graphs[3] > 0, graphs  # compiled in the first steps, then reused
+    # local: one plan; global: one (masked) plan, or three (a block ends, a group opens, neither)
+    assert len(plans) == (4 if len(set(prompts.tolist())) == 1 else 2), plans
     torch._dynamo.reset()
 
 

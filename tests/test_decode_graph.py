@@ -13,6 +13,7 @@ from test_model import VARIANTS
 pytestmark = pytest.mark.gpu
 T = 256  # window 128, compression blocks 32 / stride 16, selection blocks 64, q_share 4
 PROMPTS = torch.tensor([1, 70, 130])
+ONE_LENGTH = torch.tensor([70, 70, 70])  # one position: a graph per StepPlan
 
 
 def _model(name, backend):
@@ -21,16 +22,19 @@ def _model(name, backend):
     return Transformer(cfg).cuda().float().eval()
 
 
-@pytest.mark.parametrize("backend, compiled", [("triton", False), ("reference", False),
-                                               ("triton", True)])
+@pytest.mark.parametrize("backend, compiled, prompts", [
+    ("triton", False, PROMPTS), ("reference", False, PROMPTS), ("triton", True, PROMPTS),
+    ("triton", False, ONE_LENGTH), ("triton", True, ONE_LENGTH)])
 @pytest.mark.parametrize("name", ["asa", "nsa", "full", "alternating_gqa"])
 @torch.no_grad()
-def test_graph_replays_equal_eager_steps(name, backend, compiled):
-    """Two copies of the same prefilled caches, one decoded eagerly and one through the graph,
+def test_graph_replays_equal_eager_steps(name, backend, compiled, prompts):
+    """Two copies of the same prefilled caches, one decoded eagerly and one through the graphs,
     across compression/selection blocks, query-sharing groups and the window's wrap-around:
-    the logits of every step and the final caches agree. ``compiled``: the graph replays a copy
-    of the model whose steps ``compile_decode`` compiled (``decode.py --modes compiled``); the
-    fused code rounds differently, hence the wider tolerance."""
+    the logits of every step and the final caches agree. Prompts of one length replay one graph
+    per step plan (several where the layers compress), others one masked graph. ``compiled``:
+    the graphs replay a copy of the model whose steps ``compile_decode`` compiled
+    (``decode.py --modes compiled``); the fused code rounds differently, hence the wider
+    tolerance."""
     model = graphed_model = _model(name, backend)
     tol = 1e-5
     if compiled:
@@ -40,16 +44,17 @@ def test_graph_replays_equal_eager_steps(name, backend, compiled):
     tokens = torch.randint(0, 512, (3, T), device="cuda")
     eager, graphed = (new_caches(model.cfg, 3, T, torch.float32, "cuda") for _ in range(2))
     for caches in (eager, graphed):
-        model(tokens[:, : int(PROMPTS.max())], caches, PROMPTS.cuda())
+        model(tokens[:, : int(prompts.max())], caches, prompts.cuda())
     step = GraphedDecode(graphed_model, graphed)
-    rows, pos = torch.arange(3, device="cuda"), PROMPTS.cuda().clone()
-    for i in range(T - int(PROMPTS.max())):
+    rows, pos = torch.arange(3, device="cuda"), prompts.cuda().clone()
+    for i in range(T - int(prompts.max())):
         want = model.decode(tokens[rows, pos], eager)
         got = step(tokens[rows, pos])
         torch.testing.assert_close(got, want, rtol=tol, atol=tol,
                                    msg=lambda m: f"{name} step {i}: {m}")
         pos += 1
-    assert step.graph is not None
+    one_plan = name == "full" or prompts is PROMPTS
+    assert (len(step.graphs) == 1) if one_plan else (len(step.graphs) > 1), list(step.graphs)
     for a, b in zip(eager, graphed):
         assert a.longest == b.longest == T
         assert torch.equal(a.lengths, b.lengths)
@@ -59,10 +64,11 @@ def test_graph_replays_equal_eager_steps(name, backend, compiled):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("prompts", [[[5, 6, 7], list(range(1, 100)), [9] * 17], [[5, 6, 7]]],
+                         ids=["lengths_differ", "one_prompt"])
 @pytest.mark.parametrize("name", ["asa", "nsa"])
-def test_generate_with_and_without_graphs(name):
+def test_generate_with_and_without_graphs(name, prompts):
     model = _model(name, "triton")
-    prompts = [[5, 6, 7], list(range(1, 100)), [9] * 17]
     eager = generate(model, prompts, 80, cuda_graph=False)
     graphed = generate(model, prompts, 80, cuda_graph=True)
     assert graphed == eager

@@ -42,7 +42,7 @@ from kernels.blocks import num_selection_blocks
 from nsa_lit.attention.branches import BranchInputs, run_branches
 from nsa_lit.attention.compressor import BlockCompressor
 from nsa_lit.attention.kv import BranchKV, GroupedKV, LatentKV
-from nsa_lit.cache import BranchKVCache, TokenCache
+from nsa_lit.cache import BranchKVCache, StepPlan, TokenCache
 from nsa_lit.config import Branch, Form, ModelConfig
 from nsa_lit.rope import Rotary
 
@@ -130,10 +130,12 @@ class Attention(nn.Module):
 
     # -- branches ----------------------------------------------------------------------------
     def _decode_branches(self, q: torch.Tensor, cache: TokenCache | BranchKVCache,
-                         positions: torch.Tensor) -> list[torch.Tensor]:
+                         positions: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:
         """The branches for one query per sequence, ``q (B, H, Dq)``, against ``cache``
-        (absorbed form for latent caches); outputs ``(B, H, Dv)`` in ``self.branches`` order."""
+        (absorbed form for latent caches); outputs ``(B, H, Dv)`` in ``self.branches`` order.
+        Blocks are scored only when a query-sharing group may open (``plan.select``)."""
         spec, backend, scale = self.spec, self.cfg.kernel_backend, self.spec.scale
+        score = spec.selects and plan.select is not False
         outputs: dict[Branch, torch.Tensor] = {}
         if Branch.FULL in spec.branches:
             k, v, k_rope = cache.for_branch(Branch.FULL).attention_inputs()
@@ -143,15 +145,17 @@ class Attention(nn.Module):
             k, v, k_rope = cache.for_branch(Branch.WINDOW).attention_inputs()
             outputs[Branch.WINDOW] = kernels.window_decode(q, k, v, positions, spec.window,
                                                            scale, k_rope, backend=backend)
-        if spec.compresses:
+        if Branch.COMPRESSION in spec.branches or score:
             k_cmp, v_cmp, kr_cmp = cache.for_branch(Branch.COMPRESSION).compressed_inputs()
             o_cmp, lse = kernels.compression_decode(
                 q, k_cmp, v_cmp, positions, spec.compress_block, spec.compress_stride, scale,
                 kr_cmp, backend=backend)
             if Branch.COMPRESSION in spec.branches:
                 outputs[Branch.COMPRESSION] = o_cmp
-            if spec.selects:
-                selection = cache.for_branch(Branch.SELECTION)
+        if spec.selects:
+            selection = cache.for_branch(Branch.SELECTION)
+            block_idx = selection.block_idx  # kept: no sequence opens a group
+            if score:
                 fresh = kernels.select_blocks_decode(
                     q, k_cmp, lse, positions, num_groups=spec.kv_heads,
                     block_len=spec.compress_block, stride=spec.compress_stride,
@@ -160,11 +164,11 @@ class Attention(nn.Module):
                     top_n=spec.top_n,
                     num_local=spec.num_local_blocks, scale=scale, k_rope_cmp=kr_cmp,
                     backend=backend)
-                block_idx = selection.share_selection(fresh, positions)
-                k, v, k_rope = selection.attention_inputs()
-                outputs[Branch.SELECTION] = kernels.selected_decode(
-                    q, k, v, block_idx, positions, spec.select_block, scale, k_rope,
-                    backend=backend)
+                block_idx = selection.share_selection(fresh, positions, plan.select)
+            k, v, k_rope = selection.attention_inputs()
+            outputs[Branch.SELECTION] = kernels.selected_decode(
+                q, k, v, block_idx, positions, spec.select_block, scale, k_rope,
+                backend=backend)
         return [outputs[b] for b in spec.branches]
 
     def _output(self, x: torch.Tensor, outs: list[torch.Tensor], latent: bool) -> torch.Tensor:
@@ -214,19 +218,23 @@ class Attention(nn.Module):
                 cache.keep_selection(block_idx)
         return self._output(x, outs, latent=False)
 
-    def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache,
+               plan: StepPlan = StepPlan()) -> torch.Tensor:
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
         -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
-        ``cache``. Latent layers attend in the absorbed form, to the latent cache itself."""
+        ``cache``. Latent layers attend in the absorbed form, to the latent cache itself.
+        ``plan`` (``cache.plan()`` before the step) lets the step skip the compressor and the
+        block scoring where no sequence needs them; the default computes them for every
+        sequence and keeps each sequence's own."""
         positions = cache.lengths.clone()  # append advances cache.lengths in place
         q, kv = self._project(x, positions[:, None])
         if self.spec.latent:
             q = self._absorbed_query(q)
         if self.spec.kv_per_branch:
             cache.append_branches({br: (k[:, 0], v[:, 0]) for br, (k, v) in kv.items()},
-                                  self._compress if self.spec.compresses else None)
+                                  self._compress if self.spec.compresses else None, plan)
         else:
             cache.append(kv[0][:, 0], kv[1][:, 0],
-                         self._compress if cache.compressed is not None else None)
-        outs = self._decode_branches(q[:, 0], cache, positions)
+                         self._compress if cache.compressed is not None else None, plan=plan)
+        outs = self._decode_branches(q[:, 0], cache, positions, plan)
         return self._output(x, [o[:, None] for o in outs], latent=self.spec.latent)
