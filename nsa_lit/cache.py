@@ -260,6 +260,18 @@ class LatentKVCache(TokenCache):
                          compress=compress, select=select, dtype=dtype, device=device)
 
 
+def _shared_by_branches(name: str) -> property:
+    """A host-side attribute of :class:`BranchKVCache` that every branch's cache keeps alike:
+    read from one, written to all."""
+    def get(self) -> int:
+        return getattr(next(iter(self.caches.values())), name)
+
+    def put(self, value: int) -> None:
+        for cache in self.caches.values():
+            setattr(cache, name, value)
+    return property(get, put)
+
+
 class BranchKVCache:
     """NSA layers with per-branch key/values (``nsa_kv: per_branch``): one
     :class:`GroupedKVCache` per branch of ``LayerSpec.kv_branches``, each holding that branch's
@@ -301,23 +313,8 @@ class BranchKVCache:
                            f"{[str(b) for b in self.caches]}")
         return self.caches[branch]
 
-    @property
-    def longest(self) -> int:
-        return next(iter(self.caches.values())).longest
-
-    @longest.setter
-    def longest(self, value: int) -> None:
-        for cache in self.caches.values():
-            cache.longest = value
-
-    @property
-    def shortest(self) -> int:
-        return next(iter(self.caches.values())).shortest
-
-    @shortest.setter
-    def shortest(self, value: int) -> None:
-        for cache in self.caches.values():
-            cache.shortest = value
+    longest = _shared_by_branches("longest")
+    shortest = _shared_by_branches("shortest")
 
     def plan(self) -> StepPlan:
         """The compression branch's ``compress`` and the selection branch's ``select`` (see
