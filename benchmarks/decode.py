@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -84,7 +85,7 @@ def sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
             device: torch.device, dtype: torch.dtype, mode: str = "eager",
-            kernels: bool = False) -> dict:
+            kernels: bool = False, compile_options: dict | None = None) -> dict:
     cfg = load_model_config(config_path)
     select = cfg.select_block
     max_len = -(-(context + warmup + steps + PROFILED_STEPS) // select) * select
@@ -96,7 +97,7 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
     tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device)
     if mode == "compiled":
         torch._dynamo.reset()  # Block.decode's code is shared by every model: fresh limits
-        model.compile_decode()
+        model.compile_decode(compile_options)
     if mode == "graph" or (mode == "compiled" and device.type == "cuda"):
         step = GraphedDecode(model, caches)  # warm-up calls 1 and 2 run eagerly and capture
     else:
@@ -128,6 +129,7 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
         "ms_per_step": 1e3 * seconds / steps, "tokens_per_sec": batch * steps / seconds,
         "cache_bytes": sum(c.bytes_allocated() for c in caches),
         "kernel_backend": cfg.kernel_backend, "warmup_s": warmup_s, **graphed, **profiled,
+        **({"compile_options": compile_options} if mode == "compiled" and compile_options else {}),
     }
 
 
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: bf16 on CUDA, fp32 elsewhere")
     parser.add_argument("--kernels", action="store_true",
                         help="also profile 16 steps' GPU kernels (per step: count, time, top names; CUDA)")
+    parser.add_argument("--compile_options", type=json.loads, default=None,
+                        help='more Inductor options of the compiled mode, as JSON '
+                             '(e.g. \'{"combo_kernels": true}\')')
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -168,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}", args.out)
     runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches
             for m in modes]
+    failed = False  # a run raised something other than running out of memory
     for config, context, batch, mode in runs:
         try:
             row = measure(config, context, batch, args.steps, args.warmup, device, dtype,
-                          mode, args.kernels)
+                          mode, args.kernels, args.compile_options)
             line = (f"{row['config']:24} {context:>8} {batch:>5} {mode:>8} "
                     f"{row['ms_per_step']:>9.2f} {row['tokens_per_sec']:>10.1f} "
                     f"{row['cache_bytes'] / 2**20:>10.1f}")
@@ -182,12 +188,17 @@ def main(argv: list[str] | None = None) -> int:
             row = {"config": config, "context": context, "batch": batch, "mode": mode,
                    "error": f"out of memory: {err}"[:300]}
             line = f"{config:24} {context:>8} {batch:>5} {mode:>8} out of memory"
+        except Exception as err:  # noqa: BLE001 (e.g. a compile option Inductor rejects): next run
+            row = {"config": config, "context": context, "batch": batch, "mode": mode,
+                   "error": f"{type(err).__name__}: {err}"[:300]}
+            line = f"{config:24} {context:>8} {batch:>5} {mode:>8} {row['error'][:60]}"
+            failed = True
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         log.add(row, line)
     log.summary()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -99,16 +99,18 @@ class Transformer(nn.Module):
             if block._compiled_call_impl is None:  # Lightning configures the model per stage
                 block.compile(options=COMPILE_OPTIONS)
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, options: dict | None = None) -> None:
         """``torch.compile`` every block's one-token step (:meth:`Block.decode`) in place: the
         compiler fuses the projections' elementwise tails, RoPE, the latent norm, the cache
         writes, the compressor of the block that ends and the gated output into a few kernels
         per layer, between the opaque attention kernels, so a step launches fewer kernels (what
         a small batch's step under a CUDA graph, :class:`~nsa_lit.decode_graph.GraphedDecode`,
-        is bound by). Compiles on the first step; layers of one kind share the compiled code."""
+        is bound by). Compiles on the first step; layers of one kind share the compiled code.
+        ``options``: more Inductor options (e.g. ``{"combo_kernels": True}``)."""
         for block in self.blocks:
             if "decode" not in vars(block):  # not compiled yet (an instance attribute once it is)
-                block.decode = torch.compile(block.decode, options=COMPILE_OPTIONS)
+                block.decode = torch.compile(block.decode,
+                                             options={**COMPILE_OPTIONS, **(options or {})})
 
     @torch.no_grad()
     def init_weights(self) -> None:

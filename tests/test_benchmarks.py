@@ -40,6 +40,21 @@ def test_decode_benchmark_runs_nsa_with_per_branch_key_values(tmp_path):
     assert row["tokens_per_sec"] > 0 and row["cache_bytes"] > 0
 
 
+def test_decode_benchmark_passes_compile_options_and_reports_failures(tmp_path):
+    """``--compile_options`` reaches Inductor and is recorded; a run that raises (here an option
+    Inductor does not know) is recorded as an error row and the exit status is 1."""
+    out = tmp_path / "decode.json"
+    base = ["--configs", str(ROOT / "configs/tiny.yaml"), "--contexts", "96", "--batches", "1",
+            "--steps", "2", "--warmup", "1", "--device", "cpu", "--modes", "compiled",
+            "--out", str(out)]
+    assert decode.main(base + ["--compile_options", '{"combo_kernels": true}']) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["compile_options"] == {"combo_kernels": True} and row["tokens_per_sec"] > 0
+    assert decode.main(base + ["--compile_options", '{"no_such_option": 1}']) == 1
+    (row,) = json.loads(out.read_text())["results"]
+    assert "no_such_option" in row["error"] and "tokens_per_sec" not in row
+
+
 def test_decode_benchmark_refuses_graphs_without_cuda():
     with pytest.raises(SystemExit, match="graph needs CUDA"):
         decode.main(["--device", "cpu", "--modes", "graph"])
