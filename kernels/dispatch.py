@@ -60,22 +60,34 @@ def triton_kernel(branch: str) -> Callable | None:
     return _loaded[branch]
 
 
-def _pick(branch: str, backend: str, x: torch.Tensor) -> Callable | None:
-    """Return the Triton callable to use, or None for the reference."""
+@torch.compiler.assume_constant_result
+def _kernel_exists(branch: str) -> bool:
+    """Whether ``branch`` has a Triton kernel; a constant to ``torch.compile``, which would
+    otherwise break its graph at the kernel module's first import."""
+    return triton_kernel(branch) is not None
+
+
+def _use_triton(branch: str, backend: str, x: torch.Tensor) -> bool:
+    """Whether ``branch`` runs its Triton kernel on ``x`` under ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
-        return None
-    kernel = triton_kernel(branch)
+        return False
+    exists = _kernel_exists(branch)
     if backend == "auto":
-        return kernel if (kernel is not None and x.is_cuda) else None
-    if kernel is None:
+        return exists and x.is_cuda
+    if not exists:
         raise NotImplementedError(f"no Triton kernel for the {branch} branch yet (backend='triton')")
     if not (x.is_cuda or interpreting()):
         raise RuntimeError(
             f"backend='triton' for the {branch} branch needs CUDA tensors (or TRITON_INTERPRET=1)"
         )
-    return kernel
+    return True
+
+
+def _pick(branch: str, backend: str, x: torch.Tensor) -> Callable | None:
+    """Return the Triton callable to use, or None for the reference."""
+    return triton_kernel(branch) if _use_triton(branch, backend, x) else None
 
 
 def causal_attention(q, k, v, scale: float, backend: Backend = "auto") -> torch.Tensor:
@@ -128,20 +140,71 @@ def selected_attention(q, k, v, block_idx, select_block: int, scale: float, q_sh
 
 
 # -- decoding: one query per sequence, see kernels.decode.reference ---------------------------
+# The Triton decode kernels run as custom operators ``torch.ops.nsa_lit.<name>`` (inference
+# only): a compiled decode step (Transformer.compile_decode) traces through them, knowing their
+# outputs' shapes, instead of breaking its graph around each call, so the compiler sees and
+# fuses a whole block's step. Every decode kernel allocates its outputs and writes no input.
+DECODE_OPS: dict[str, str] = {
+    "causal_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, "
+                     "Tensor? k_rope) -> Tensor",
+    "window_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scale, "
+                     "Tensor? k_rope) -> Tensor",
+    "compression_decode": "(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor positions, "
+                          "int block_len, int stride, float scale, Tensor? k_rope_cmp) "
+                          "-> (Tensor, Tensor)",
+    "select_blocks_decode": "(Tensor q, Tensor k_cmp, Tensor lse, Tensor positions, *, "
+                            "int num_groups, int block_len, int stride, int select_block, "
+                            "int num_blocks, int top_n, int num_local, float scale, "
+                            "Tensor? k_rope_cmp) -> Tensor",
+    "selected_decode": "(Tensor q, Tensor k, Tensor v, Tensor block_idx, Tensor positions, "
+                       "int select_block, float scale, Tensor? k_rope) -> Tensor",
+}
+
+
+def _decode_output(q, v):
+    """The attention output of a decode kernel: ``(B, H, Dv)`` in the query's dtype."""
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+_DECODE_FAKES: dict[str, Callable] = {
+    "causal_decode": lambda q, k, v, *args: _decode_output(q, v),
+    "window_decode": lambda q, k, v, *args: _decode_output(q, v),
+    "compression_decode": lambda q, k_cmp, v_cmp, *args: (
+        _decode_output(q, v_cmp), q.new_empty(q.shape[:2], dtype=torch.float32)),
+    "select_blocks_decode": lambda q, *args, num_groups, top_n, **kwargs: q.new_empty(
+        (q.shape[0], num_groups, top_n), dtype=torch.int64),
+    "selected_decode": lambda q, k, v, *args: _decode_output(q, v),
+}
+_decode_library = torch.library.Library("nsa_lit", "FRAGMENT")
+for _name, _schema in DECODE_OPS.items():
+    if not hasattr(torch.ops.nsa_lit, _name):  # defined once per process
+        _decode_library.define(_name + _schema)
+        _decode_library.impl(_name, lambda *args, _name=_name, **kwargs:
+                             triton_kernel(_name)(*args, **kwargs),
+                             "CompositeExplicitAutograd")
+        torch.library.register_fake(f"nsa_lit::{_name}", _DECODE_FAKES[_name],
+                                    lib=_decode_library)
+
+
+def _decode_kernel(name: str, backend: str, q: torch.Tensor) -> Callable:
+    """``torch.ops.nsa_lit.<name>`` (the Triton kernel) or the reference ``name``."""
+    return getattr(torch.ops.nsa_lit if _use_triton(name, backend, q) else decode_ref, name)
+
+
 def causal_decode(q, k, v, positions, scale: float, k_rope=None, backend: Backend = "auto"):
-    kernel = _pick("causal_decode", backend, q) or decode_ref.causal_decode
+    kernel = _decode_kernel("causal_decode", backend, q)
     return kernel(q, k, v, positions, scale, k_rope=k_rope)
 
 
 def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None,
                   backend: Backend = "auto"):
-    kernel = _pick("window_decode", backend, q) or decode_ref.window_decode
+    kernel = _decode_kernel("window_decode", backend, q)
     return kernel(q, k, v, positions, window, scale, k_rope=k_rope)
 
 
 def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, scale: float,
                        k_rope_cmp=None, backend: Backend = "auto"):
-    kernel = _pick("compression_decode", backend, q) or decode_ref.compression_decode
+    kernel = _decode_kernel("compression_decode", backend, q)
     return kernel(q, k_cmp, v_cmp, positions, block_len, stride, scale, k_rope_cmp=k_rope_cmp)
 
 
@@ -149,7 +212,7 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
                          stride: int, select_block: int, num_blocks: int, top_n: int,
                          num_local: int, scale: float, k_rope_cmp=None,
                          backend: Backend = "auto"):
-    kernel = _pick("select_blocks_decode", backend, q) or decode_ref.select_blocks_decode
+    kernel = _decode_kernel("select_blocks_decode", backend, q)
     return kernel(q, k_cmp, lse, positions, num_groups=num_groups, block_len=block_len,
                   stride=stride, select_block=select_block, num_blocks=num_blocks, top_n=top_n,
                   num_local=num_local, scale=scale, k_rope_cmp=k_rope_cmp)
@@ -157,7 +220,7 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
 
 def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: float, k_rope=None,
                     backend: Backend = "auto"):
-    kernel = _pick("selected_decode", backend, q) or decode_ref.selected_decode
+    kernel = _decode_kernel("selected_decode", backend, q)
     return kernel(q, k, v, block_idx, positions, select_block, scale, k_rope=k_rope)
 
 

@@ -170,8 +170,8 @@ class TokenCache:
         for the sequences whose block has just ended: for all of them when ``plan.compress``
         (the :meth:`plan` of this step), for none (without compressing) when it is ``False``.
         ``lengths`` advances in place, unless ``advance=False`` (a :class:`BranchKVCache`
-        advances its shared ``lengths`` once)."""
-        self.reserve()
+        advances its shared ``lengths`` once). The host side of the step, :meth:`reserve`, is
+        the caller's to run first (``Transformer.decode`` does)."""
         positions = self.lengths  # advanced last, after every use below
         rows = torch.arange(len(positions), device=positions.device)
         for buf, new in zip(self.raw, (a, b)):
@@ -205,13 +205,15 @@ class TokenCache:
         return self.block_idx
 
     @torch.compiler.disable
-    def reserve(self) -> None:
-        """Host side of :meth:`append`: check that one more token fits, advance ``longest`` and
-        ``shortest``. Opaque to ``torch.compile`` (a compiled decode step would otherwise
-        specialise on them and recompile every step)."""
+    def reserve(self) -> StepPlan:
+        """Host side of a decode step, run before it (outside any compiled code, which would
+        specialise on the lengths and recompile every step): check that one more token fits,
+        advance ``longest`` and ``shortest``, and return the step's :meth:`plan`."""
+        plan = self.plan()
         self._check_room(self.longest + 1)
         self.longest += 1
         self.shortest += 1
+        return plan
 
     def _check_room(self, length: int) -> None:
         if length > self.max_len:
@@ -351,10 +353,12 @@ class BranchKVCache:
                          advance=False, plan=plan)
         self.lengths.add_(1)
 
-    def reserve(self) -> None:
+    def reserve(self) -> StepPlan:
         """Host side of :meth:`append_branches` (see :meth:`TokenCache.reserve`)."""
+        plan = self.plan()
         for cache in self.caches.values():
             cache.reserve()
+        return plan
 
 
 def layer_cache(cfg: ModelConfig, which: int | str, batch: int, max_len: int,

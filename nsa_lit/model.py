@@ -103,7 +103,8 @@ class Transformer(nn.Module):
         """``torch.compile`` every block's one-token step (:meth:`Block.decode`) in place: the
         compiler fuses the projections' elementwise tails, RoPE, the latent norm, the cache
         writes, the compressor of the block that ends and the gated output into a few kernels
-        per layer, between the opaque attention kernels, so a step launches fewer kernels (what
+        per layer around the attention kernels (custom operators it traces through, see
+        :mod:`kernels.dispatch`), so a step launches fewer kernels (what
         a small batch's step under a CUDA graph, :class:`~nsa_lit.decode_graph.GraphedDecode`,
         is bound by). Compiles on the first step; layers of one kind share the compiled code.
         ``options``: more Inductor options (e.g. ``{"combo_kernels": True}``)."""
@@ -164,5 +165,5 @@ class Transformer(nn.Module):
         logits ``(B, vocab_size)``; appends the token to every cache."""
         x = self.embed(tokens.long()[:, None])
         for block, cache in zip(self.blocks, caches):
-            x = block.decode(x, cache, cache.plan())
+            x = block.decode(x, cache, cache.reserve())  # the host side first
         return self.lm_head(self.norm(x))[:, 0]

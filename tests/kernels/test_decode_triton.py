@@ -255,12 +255,13 @@ def test_dispatch_picks_the_decode_kernels():
         assert inspect.unwrap(kernels.dispatch.triton_kernel(name)) is getattr(tk, name)
 
 
+@pytest.mark.parametrize("prompts", [[1, 14, 31], [31, 31, 31]], ids=["lengths_differ", "one_length"])
 @pytest.mark.parametrize("variant,n_splits", [("asa", 2), ("nsa", None)])
 @torch.no_grad()
-def test_model_decode_with_triton_kernels(variant, n_splits, monkeypatch):
+def test_model_decode_with_triton_kernels(variant, n_splits, prompts, monkeypatch):
     """A small model decodes the same logits with ``kernel_backend="triton"`` as with the
-    reference (prompts of lengths 1, 14 and 31; window ring wrap-around, compression and
-    selection blocks, query sharing)."""
+    reference (prompts of lengths 1, 14 and 31, or all of 31: masked steps or step plans; window
+    ring wrap-around, compression and selection blocks, query sharing)."""
     from nsa_lit.cache import new_caches
     from nsa_lit.model import Transformer
     from test_model import config
@@ -270,7 +271,7 @@ def test_model_decode_with_triton_kernels(variant, n_splits, monkeypatch):
     torch.manual_seed(0)
     cfg = config(variant)
     model = Transformer(cfg).to(DEV)
-    T, prompts = 48, torch.tensor([1, 14, 31], device=DEV)
+    T, prompts = 48, torch.tensor(prompts, device=DEV)
     tokens = torch.randint(0, cfg.vocab_size, (3, T), device=DEV)
     caches = {b: new_caches(cfg, 3, T, torch.float32, DEV) for b in ("triton", "reference")}
     for c in caches.values():
@@ -284,6 +285,41 @@ def test_model_decode_with_triton_kernels(variant, n_splits, monkeypatch):
         torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)
         pos += 1
     cfg.kernel_backend = "reference"
+
+
+@torch.no_grad()
+def test_compiled_decode_traces_through_the_kernels(monkeypatch):
+    """The Triton decode kernels are custom operators (``torch.ops.nsa_lit.*``): a compiled
+    step (``Transformer.compile_decode``) traces a whole block without a graph break, even
+    where the kernel module is loaded first inside the compiled step, one graph per layer kind
+    and step plan (local: one; global: a block ends, a group opens, neither), and gives the
+    eager step's logits, across a compression block end and a query-sharing group."""
+    from torch._dynamo.utils import counters
+
+    from nsa_lit.cache import new_caches
+    from nsa_lit.model import Transformer
+    from test_model import config
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    cfg = config("asa")  # the prefill runs the references (SMALL's blocks are too small
+    model = Transformer(cfg).to(DEV).eval()  # for the training kernels), decoding the kernels
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), device=DEV)
+    caches = [new_caches(cfg, 2, 24, torch.float32, DEV) for _ in range(2)]
+    for c in caches:
+        model(tokens[:, :14], c, torch.tensor([14, 14], device=DEV))
+    cfg.kernel_backend = "triton"
+    eager = [model.decode(tokens[:, 14 + i], caches[0]) for i in range(6)]
+    monkeypatch.setattr(kernels.dispatch, "_loaded", {})  # the compiled step loads them
+    model.compile_decode()
+    for i in range(6):
+        torch.testing.assert_close(model.decode(tokens[:, 14 + i], caches[1]), eager[i],
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1 + 3
+    cfg.kernel_backend = "reference"
+    torch._dynamo.reset()
 
 
 # -- clear errors ----------------------------------------------------------------------------
