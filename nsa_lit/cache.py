@@ -163,16 +163,16 @@ class TokenCache:
 
     def append(self, a: torch.Tensor, b: torch.Tensor,
                compress: Callable[[torch.Tensor, torch.Tensor], Pair] | None = None,
-               advance: bool = True, plan: StepPlan = StepPlan()) -> None:
+               plan: StepPlan = StepPlan()) -> None:
         """Write one token per sequence (``a``, ``b``: ``(B, *shape)``) at position ``lengths``.
         A compressing cache then calls ``compress`` on the last ``block_len`` raw tokens
         (``(B, block_len, *shape)`` each, returning ``(B, 1, *shape)`` each) and keeps the result
         for the sequences whose block has just ended: for all of them when ``plan.compress``
         (the :meth:`plan` of this step), for none (without compressing) when it is ``False``.
-        ``lengths`` advances in place, unless ``advance=False`` (a :class:`BranchKVCache`
-        advances its shared ``lengths`` once). The host side of the step, :meth:`reserve`, is
-        the caller's to run first (``Transformer.decode`` does)."""
-        positions = self.lengths  # advanced last, after every use below
+        The caller runs the host side of the step, :meth:`reserve`, first and advances
+        ``lengths`` after (``Transformer.decode`` does both, the latter for every layer's cache
+        in one launch: :func:`advance`)."""
+        positions = self.lengths
         rows = torch.arange(len(positions), device=positions.device)
         for buf, new in zip(self.raw, (a, b)):
             buf[rows, positions % self.slots] = new.to(buf.dtype)
@@ -189,8 +189,6 @@ class TokenCache:
                 if done is not None:
                     c = torch.where(done.view(-1, *[1] * (c.dim() - 1)), c, buf[rows, i])
                 buf[rows, i] = c
-        if advance:
-            self.lengths.add_(1)
 
     def share_selection(self, fresh: torch.Tensor, positions: torch.Tensor,
                         opens: bool | None = None) -> torch.Tensor:
@@ -285,7 +283,7 @@ class BranchKVCache:
     * selection: every token, plus the kept selection for query sharing;
     * window: a ring of the last ``window`` tokens.
 
-    All share one ``lengths`` tensor, advanced once per :meth:`append_branches`. The layer reads
+    All share one ``lengths`` tensor (:func:`advance` advances it once). The layer reads
     a branch's cache through :meth:`for_branch`.
     """
 
@@ -346,12 +344,10 @@ class BranchKVCache:
                         plan: StepPlan = StepPlan()) -> None:
         """Write one token per sequence into every branch's cache (``raw[branch] = (k, v)``,
         ``(B, n_kv_heads, head_dim)`` each), compress the compression branch's completed blocks
-        with ``compress`` (as ``plan`` says, see :meth:`TokenCache.append`), then advance
-        ``lengths``."""
+        with ``compress`` (as ``plan`` says, see :meth:`TokenCache.append`)."""
         for branch, cache in self.caches.items():
             cache.append(*raw[branch], compress if branch is Branch.COMPRESSION else None,
-                         advance=False, plan=plan)
-        self.lengths.add_(1)
+                         plan=plan)
 
     def reserve(self) -> StepPlan:
         """Host side of :meth:`append_branches` (see :meth:`TokenCache.reserve`)."""
@@ -359,6 +355,12 @@ class BranchKVCache:
         for cache in self.caches.values():
             cache.reserve()
         return plan
+
+
+def advance(caches: list[TokenCache | BranchKVCache]) -> None:
+    """Advance the ``lengths`` of every cache by one token (the end of a decode step, after
+    every layer has appended), in one launch on CUDA."""
+    torch._foreach_add_([cache.lengths for cache in caches], 1)
 
 
 def layer_cache(cfg: ModelConfig, which: int | str, batch: int, max_len: int,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa_lit.attention import Attention
-from nsa_lit.cache import StepPlan, TokenCache
+from nsa_lit.cache import StepPlan, TokenCache, advance
 from nsa_lit.config import ModelConfig
 
 
@@ -166,4 +166,5 @@ class Transformer(nn.Module):
         x = self.embed(tokens.long()[:, None])
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, cache, cache.reserve())  # the host side first
+        advance(caches)
         return self.lm_head(self.norm(x))[:, 0]

@@ -223,10 +223,11 @@ class Attention(nn.Module):
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
         -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
         ``cache``. Latent layers attend in the absorbed form, to the latent cache itself.
-        ``plan`` (``cache.plan()`` before the step) lets the step skip the compressor and the
-        block scoring where no sequence needs them; the default computes them for every
-        sequence and keeps each sequence's own."""
-        positions = cache.lengths.clone()  # append advances cache.lengths in place
+        ``plan`` (``cache.reserve()``, the host side of the step, which the caller runs first)
+        lets the step skip the compressor and the block scoring where no sequence needs them;
+        the default computes them for every sequence and keeps each sequence's own. The caller
+        advances ``cache.lengths`` after the step (:func:`nsa_lit.cache.advance`)."""
+        positions = cache.lengths
         q, kv = self._project(x, positions[:, None])
         if self.spec.latent:
             q = self._absorbed_query(q)
