@@ -57,7 +57,7 @@ def fill_randomly(caches, context: int) -> None:
         cache.longest = cache.shortest = context
 
 
-def kernel_profile(step, tokens: torch.Tensor, steps: int = 16, top: int = 12) -> dict:
+def kernel_profile(step, tokens: torch.Tensor, steps: int = PROFILED_STEPS, top: int = 12) -> dict:
     """The GPU kernels of ``steps`` calls ``tokens = step(tokens).argmax(-1)``, per step: count,
     summed milliseconds, and the ``top`` names by time as ``[name, count, total_us]``."""
     from torch.profiler import ProfilerActivity, profile
@@ -99,7 +99,7 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
         torch._dynamo.reset()  # Block.decode's code is shared by every model: fresh limits
         model.compile_decode(compile_options)
     if mode == "graph" or (mode == "compiled" and device.type == "cuda"):
-        step = GraphedDecode(model, caches)  # warm-up calls 1 and 2 run eagerly and capture
+        step = GraphedDecode(model, caches)  # per plan: an eager warm-up step, then a capture
     else:
         def step(tokens):
             return model.decode(tokens, caches)
@@ -121,7 +121,7 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
             print(f"warning: {config_path} captured a graph in the timed steps: raise --warmup",
                   file=sys.stderr)
     profiled = {}
-    if kernels and device.type == "cuda":  # one more step, outside the graph
+    if kernels and device.type == "cuda":  # more steps, outside the graph
         profiled = kernel_profile(lambda t: model.decode(t, caches), tokens, PROFILED_STEPS)
     return {
         "config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 elsewhere")
     parser.add_argument("--kernels", action="store_true",
-                        help="also profile 16 steps' GPU kernels (per step: count, time, top names; CUDA)")
+                        help="also profile 16 steps' GPU kernels (per step: count, time, top "
+                             "names; CUDA)")
     parser.add_argument("--compile_options", type=json.loads, default=None,
                         help='more Inductor options of the compiled mode, as JSON '
                              '(e.g. \'{"combo_kernels": true}\')')
