@@ -149,12 +149,17 @@ class TokenCache:
         (B, T, G, top_n)``, which query sharing gave the first query of its group."""
         self.block_idx.copy_(block_idx[torch.arange(len(block_idx)), self.lengths - 1])
 
+    @property
+    def compresses(self) -> bool:
+        """Whether a decode step may append a compressed token (the cache keeps at least one)."""
+        return self.compressed is not None and self.compressed[0].shape[1] > 0
+
     def plan(self) -> StepPlan:
         """The next step's :class:`StepPlan`, from the host-side lengths: known when every
         sequence is at one position, else ``None`` where it depends on the sequence."""
         known = self.shortest == self.longest
         compress: bool | None = False
-        if self.compressed is not None and self.compressed[0].shape[1] > 0:
+        if self.compresses:
             block_len, stride = self.compress
             start = self.longest - block_len + 1  # first token of the block ending here
             compress = (start >= 0 and start % stride == 0) if known else None
@@ -176,8 +181,7 @@ class TokenCache:
         rows = torch.arange(len(positions), device=positions.device)
         for buf, new in zip(self.raw, (a, b)):
             buf[rows, positions % self.slots] = new.to(buf.dtype)
-        if (self.compressed is not None and self.compressed[0].shape[1] > 0
-                and plan.compress is not False):
+        if self.compresses and plan.compress is not False:
             block_len, stride = self.compress
             start = positions - block_len + 1  # first token of the block ending here
             slots = (start[:, None] + torch.arange(block_len, device=start.device)) % self.slots

@@ -192,6 +192,7 @@ def test_compiled_decode_equals_eager_and_compiles_once(prompts):
     assert graphs[-1] == graphs[3] > 0, graphs  # compiled in the first steps, then reused
     # local: one plan; global: one (masked) plan, or three (a block ends, a group opens, neither)
     assert len(plans) == (4 if len(set(prompts.tolist())) == 1 else 2), plans
+    assert graphs[-1] == len(plans), (graphs, plans)  # one graph per (layer kind, plan)
     torch._dynamo.reset()
 
 
