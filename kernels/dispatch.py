@@ -20,6 +20,7 @@ from kernels.selected_attention import reference as selected_ref
 from kernels.selection import reference as selection_ref
 from kernels.sliding_window import reference as window_ref
 from kernels.triton_utils import interpreting
+from kernels import ops  # noqa: F401 (defines torch.ops.nsa_lit.*)
 
 Backend = Literal["auto", "triton", "reference"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "reference")
@@ -40,6 +41,10 @@ TRITON_KERNELS: dict[str, tuple[str, str]] = {
     # the loss: cross-entropy of a chunk of logits and its gradient (nsa_lit.loss)
     "cross_entropy": ("kernels.cross_entropy.triton_kernel", "xent_grad"),
 }
+# Kernels torch.compile must not trace into: it graph-breaks around their calls. The attention
+# kernels' functions call custom operators (kernels.ops) it traces through instead, and the
+# decode functions are the decode operators' implementations.
+OPAQUE = frozenset({"cross_entropy"})
 _loaded: dict[str, Callable | None] = {}
 
 
@@ -54,17 +59,20 @@ def triton_kernel(branch: str) -> Callable | None:
                 raise
             _loaded[branch] = None
         else:
-            # opaque to torch.compile: a compiled model graph-breaks around the kernel call
-            # and fuses the PyTorch code between kernels (see LanguageModel(compile=True))
-            _loaded[branch] = torch.compiler.disable(getattr(module, function))
+            kernel = getattr(module, function)
+            _loaded[branch] = torch.compiler.disable(kernel) if branch in OPAQUE else kernel
     return _loaded[branch]
 
 
 @torch.compiler.assume_constant_result
 def _kernel_exists(branch: str) -> bool:
     """Whether ``branch`` has a Triton kernel; a constant to ``torch.compile``, which would
-    otherwise break its graph at the kernel module's first import."""
-    return triton_kernel(branch) is not None
+    otherwise break its graph at the kernel module's first import. Loads every kernel module:
+    a compiled function reads ``_loaded`` once, and must find the kernels it calls after this
+    one already there."""
+    for name in TRITON_KERNELS:
+        triton_kernel(name)
+    return _loaded[branch] is not None
 
 
 def _use_triton(branch: str, backend: str, x: torch.Tensor) -> bool:
@@ -140,52 +148,8 @@ def selected_attention(q, k, v, block_idx, select_block: int, scale: float, q_sh
 
 
 # -- decoding: one query per sequence, see kernels.decode.reference ---------------------------
-# The Triton decode kernels run as custom operators ``torch.ops.nsa_lit.<name>`` (inference
-# only): a compiled decode step (Transformer.compile_decode) traces through them, knowing their
-# outputs' shapes, instead of breaking its graph around each call, so the compiler sees and
-# fuses a whole block's step. Every decode kernel allocates its outputs and writes no input.
-DECODE_OPS: dict[str, str] = {
-    "causal_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, "
-                     "Tensor? k_rope) -> Tensor",
-    "window_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scale, "
-                     "Tensor? k_rope) -> Tensor",
-    "compression_decode": "(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor positions, "
-                          "int block_len, int stride, float scale, Tensor? k_rope_cmp) "
-                          "-> (Tensor, Tensor)",
-    "select_blocks_decode": "(Tensor q, Tensor k_cmp, Tensor lse, Tensor positions, *, "
-                            "int num_groups, int block_len, int stride, int select_block, "
-                            "int num_blocks, int top_n, int num_local, float scale, "
-                            "Tensor? k_rope_cmp) -> Tensor",
-    "selected_decode": "(Tensor q, Tensor k, Tensor v, Tensor block_idx, Tensor positions, "
-                       "int select_block, float scale, Tensor? k_rope) -> Tensor",
-}
-
-
-def _decode_output(q, v):
-    """The attention output of a decode kernel: ``(B, H, Dv)`` in the query's dtype."""
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-
-
-_DECODE_FAKES: dict[str, Callable] = {
-    "causal_decode": lambda q, k, v, *args: _decode_output(q, v),
-    "window_decode": lambda q, k, v, *args: _decode_output(q, v),
-    "compression_decode": lambda q, k_cmp, v_cmp, *args: (
-        _decode_output(q, v_cmp), q.new_empty(q.shape[:2], dtype=torch.float32)),
-    "select_blocks_decode": lambda q, *args, num_groups, top_n, **kwargs: q.new_empty(
-        (q.shape[0], num_groups, top_n), dtype=torch.int64),
-    "selected_decode": lambda q, k, v, *args: _decode_output(q, v),
-}
-_decode_library = torch.library.Library("nsa_lit", "FRAGMENT")
-for _name, _schema in DECODE_OPS.items():
-    if not hasattr(torch.ops.nsa_lit, _name):  # defined once per process
-        _decode_library.define(_name + _schema)
-        _decode_library.impl(_name, lambda *args, _name=_name, **kwargs:
-                             triton_kernel(_name)(*args, **kwargs),
-                             "CompositeExplicitAutograd")
-        torch.library.register_fake(f"nsa_lit::{_name}", _DECODE_FAKES[_name],
-                                    lib=_decode_library)
-
-
+# The Triton decode kernels run as the custom operators ``torch.ops.nsa_lit.<name>`` (inference
+# only, :mod:`kernels.ops`).
 def _decode_kernel(name: str, backend: str, q: torch.Tensor) -> Callable:
     """``torch.ops.nsa_lit.<name>`` (the Triton kernel) or the reference ``name``."""
     return getattr(torch.ops.nsa_lit if _use_triton(name, backend, q) else decode_ref, name)

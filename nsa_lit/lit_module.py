@@ -128,9 +128,9 @@ class LanguageModel(L.LightningModule):
     """Causal language model over token batches ``(B, seq_len + 1)``.
 
     ``compile``: ``torch.compile`` each transformer block (per block, like torchtitan) when the
-    model is configured. The attention kernels stay opaque to the compiler
-    (:mod:`kernels.dispatch`): it fuses the projections' neighbours, RoPE, concatenations, norms,
-    gates and the MLP between them. Weights and checkpoints are unchanged.
+    model is configured. The attention kernels are custom operators the compiler traces through
+    (:mod:`kernels.ops`), so each block is one graph: it fuses the projections' neighbours, RoPE,
+    concatenations, norms, gates and the MLP around them. Weights and checkpoints are unchanged.
 
     ``loss_chunk``: the loss projects the last hidden states to the vocabulary this many tokens
     at a time and takes the gradients as it goes (:mod:`nsa_lit.loss`), so the (tokens x vocab)

@@ -51,8 +51,8 @@ def test_triton_training_step_matches_the_reference(pattern):
 
 @pytest.mark.parametrize("pattern", ["LG", "N"])
 def test_compiled_blocks_match_eager_blocks(pattern):
-    """``LanguageModel(compile=True)``'s per-block ``torch.compile`` with the Triton kernels
-    opaque inside: float32 loss and gradients agree with the eager model."""
+    """``LanguageModel(compile=True)``'s per-block ``torch.compile`` traced through the Triton
+    kernels' custom operators: float32 loss and gradients agree with the eager model."""
     torch.manual_seed(0)
     models = [Transformer(ModelConfig(**ARCH, layer_pattern=pattern, kernel_backend="triton")).cuda()
               for _ in range(2)]

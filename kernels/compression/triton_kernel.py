@@ -516,9 +516,9 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
     DVP = max(16, triton.next_power_of_2(Dv))
     ieee = q.dtype == torch.float32
     do = row_major(do)
-    if B * T * H == 0 or N == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq = torch.empty_like(q)
+    if B * T * H == 0 or N == 0:  # gradients are contiguous (the operator's contract)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    dq = q.new_empty(q.shape)
     delta = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
     common = dict(BLOCK_LEN=block_len, STRIDE=stride, REP=rep, REP_PAD=rep_pad, D=D, DA=DA,
                   DB=DB, DV=Dv, DVP=DVP, IEEE=ieee)
@@ -542,8 +542,7 @@ def _backward(q, k, v, o, lse, do, block_len, stride, scale):
     n_tiles = triton.cdiv(N, block_n)
     splits, chunk = _dkdv_splits(T, n_tiles * B * Hk, block_t, cfg["SPLITS"], num_sms(q.device))
     if splits == 1:
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
+        dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
         dk_s, dv_s = dk.unsqueeze(0), dv.unsqueeze(0)
     else:
         dk_s = torch.empty(splits, *k.shape, dtype=torch.float32, device=q.device)
@@ -582,24 +581,14 @@ def _dkdv_splits(T: int, programs: int, block_t: int, want: int | None, sms: int
     return triton.cdiv(T, chunk), chunk
 
 
-class _CompressionAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k_cmp, v_cmp, block_len, stride, scale):
-        q, k_cmp, v_cmp = row_major(q), row_major(k_cmp), row_major(v_cmp)
-        o, lse = _forward(q, k_cmp, v_cmp, block_len, stride, scale)
-        ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
-        ctx.args = (block_len, stride, scale)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+def op_forward(q, k_cmp, v_cmp, block_len, stride, scale):
+    """``torch.ops.nsa_lit.compression_attention``: ``(o, lse)``."""
+    return _forward(q, k_cmp, v_cmp, block_len, stride, scale)
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        block_len, stride, scale = ctx.args
-        if do is None:
-            return None, None, None, None, None, None
-        dq, dk, dv = _backward(q, k, v, o, lse, do, block_len, stride, scale)
-        return dq, dk, dv, None, None, None
+
+def op_backward(do, q, k_cmp, v_cmp, o, lse, block_len, stride, scale):
+    """``torch.ops.nsa_lit.compression_attention_backward``: ``(dq, dk_cmp, dv_cmp)``."""
+    return _backward(q, k_cmp, v_cmp, o, lse, do, block_len, stride, scale)
 
 
 def compression_attention(
@@ -608,4 +597,6 @@ def compression_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`kernels.compression.reference.compression_attention`."""
     check_inputs(q, k_cmp, v_cmp, block_len, stride, scale)
-    return _CompressionAttention.apply(q, k_cmp, v_cmp, int(block_len), int(stride), float(scale))
+    q, k_cmp, v_cmp = row_major(q), row_major(k_cmp), row_major(v_cmp)
+    return torch.ops.nsa_lit.compression_attention(q, k_cmp, v_cmp, int(block_len), int(stride),
+                                                   float(scale))

@@ -86,8 +86,9 @@ timed them (smooth and uniform picks, 8k and 64k: 0.04 to 0.13 ms of the forward
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import triton
@@ -1101,29 +1102,45 @@ def _row_major(q, k, v, p: _Plan):
     return q.contiguous(), k, (k if p.VK else v.contiguous())
 
 
-class _SelectedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_idx, select_block, scale, q_share, cfg, value_dim):
-        p = _plan(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
-        p_kv = _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg, p)
-        q, k, v = _row_major(q, k, v, p)
-        bi32, clist = _lists(block_idx, p)
-        o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
-        bi_kv, clist_kv = _dkdv_lists(block_idx, p, p_kv, bi32, clist)
-        ctx.save_for_backward(q, k, v, o, lse, bi32, clist, bi_kv, clist_kv)
-        ctx.plans, ctx.scale, ctx.cfg = (p, p_kv), float(scale), cfg
-        return o
+def encode_config(cfg: Config) -> str:
+    """``cfg`` as the operators' JSON (``""``: the defaults)."""
+    return "" if cfg == DEFAULT_CONFIG else json.dumps(asdict(cfg), sort_keys=True)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, bi32, clist, bi_kv, clist_kv = ctx.saved_tensors
-        p, p_kv = ctx.plans
-        # dO is read through its strides (the layer's comes back from the W_uv up-projection
-        # head-major); only rows that are not unit-stride are copied
-        dq, dk, dv = _backward(q, k, v, o, lse, row_major(do), bi32, clist, p, ctx.scale,
-                               ctx.cfg, (bi_kv, clist_kv, p_kv))
-        # values in the keys (v None): dk already holds dv
-        return dq, dk, dv, None, None, None, None, None, None
+
+def _decode_config(config: str) -> Config:
+    return Config(**json.loads(config)) if config else DEFAULT_CONFIG
+
+
+def chunk_list_shape(q, k, v, block_idx, select_block, q_share, value_dim, config: str):
+    """The shape of the chunk lists ``torch.ops.nsa_lit.selected_attention`` returns."""
+    p = _plan(q, k, v, block_idx, select_block, q_share, _decode_config(config), value_dim)
+    return p.B, p.NC, p.G, p.L
+
+
+def op_forward(q, k, v, block_idx, select_block, scale, q_share, value_dim, config):
+    """``torch.ops.nsa_lit.selected_attention``: ``(o, lse, chunk lists)`` from row-major ``q, k,
+    v`` (``v`` None: the values are ``k[..., :value_dim]``, in the first key tile)."""
+    cfg = _decode_config(config)
+    p = _plan(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
+    bi32, clist = _lists(block_idx, p)
+    o, lse = _forward(q, k, k if p.VK else v, bi32, clist, p, float(scale), cfg)
+    return o, lse, clist
+
+
+def op_backward(do, q, k, v, o, lse, block_idx, clist, select_block, scale, q_share, value_dim,
+                config):
+    """``torch.ops.nsa_lit.selected_attention_backward``: ``[dq, dk, dv]`` (``[dq, dk]`` when
+    ``v`` is None: ``dk`` holds the values' gradient too)."""
+    cfg = _decode_config(config)
+    p = _plan(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
+    p_kv = _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg, p)
+    bi32 = block_idx.to(torch.int32).contiguous() if p.UNION else clist
+    bi_kv, clist_kv = _dkdv_lists(block_idx, p, p_kv, bi32, clist)
+    # dO is read through its strides (the layer's comes back from the W_uv up-projection
+    # head-major); only rows that are not unit-stride are copied
+    dq, dk, dv = _backward(q, k, k if p.VK else v, o, lse, row_major(do), bi32, clist, p,
+                           float(scale), cfg, (bi_kv, clist_kv, p_kv))
+    return [dq, dk] if p.VK else [dq, dk, dv]
 
 
 def _check_device(q: torch.Tensor) -> None:
@@ -1163,8 +1180,10 @@ def selected_attention(
     cfg = config or DEFAULT_CONFIG
     _, v, value_dim = _resolve(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
     _check_device(q)
-    return _SelectedAttention.apply(q, k, v, block_idx, select_block, scale, q_share, cfg,
-                                    value_dim)
+    o, _, _ = torch.ops.nsa_lit.selected_attention(
+        q.contiguous(), k.contiguous(), None if v is None else v.contiguous(), block_idx,
+        select_block, float(scale), q_share, value_dim, encode_config(cfg))
+    return o
 
 
 def selected_attention_with_lse(q, k, v, block_idx, select_block, scale, q_share=1, *,

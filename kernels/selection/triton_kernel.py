@@ -442,6 +442,21 @@ def _topn_torch(imp, T, *, select_block, top_n, num_local, q_share):
     return idx.contiguous()
 
 
+def op_forward(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n, num_local,
+               q_share, scale):
+    """``torch.ops.nsa_lit.select_blocks``: ``block_idx (B, T, num_groups, top_n)`` int64."""
+    T = q.shape[1]
+    if num_selection_blocks(T, select_block) > MAX_NS_IN_REGISTERS:
+        imp = block_importance_first(
+            q, k_cmp, lse, num_groups=num_groups, block_len=block_len, stride=stride,
+            select_block=select_block, q_share=q_share, scale=scale).permute(0, 2, 1, 3)
+        return _topn_torch(imp, T, select_block=select_block, top_n=top_n, num_local=num_local,
+                           q_share=q_share)
+    out, _ = _launch(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n,
+                     num_local, q_share, scale, True)
+    return out
+
+
 def select_blocks(
     q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, *, num_groups: int, block_len: int,
     stride: int, select_block: int, top_n: int, num_local: int, q_share: int, scale: float,
@@ -449,20 +464,7 @@ def select_blocks(
     """See :func:`kernels.selection.reference.select_blocks`."""
     _check(q, k_cmp, lse, num_groups, block_len, stride, select_block, top_n, num_local,
            q_share, scale)
-    args = dict(block_len=int(block_len), stride=int(stride), select_block=int(select_block),
-                top_n=int(top_n), num_local=int(num_local), q_share=int(q_share))
-    with torch.no_grad():
-        q, k_cmp, lse = row_major(q.detach()), row_major(k_cmp.detach()), lse.detach()
-        T = q.shape[1]
-        Ns = num_selection_blocks(T, args["select_block"])
-        if Ns > MAX_NS_IN_REGISTERS:
-            imp = block_importance_first(
-                q, k_cmp, lse, num_groups=num_groups, block_len=args["block_len"],
-                stride=args["stride"], select_block=args["select_block"],
-                q_share=args["q_share"], scale=scale).permute(0, 2, 1, 3)
-            return _topn_torch(imp, T, select_block=args["select_block"], top_n=args["top_n"],
-                               num_local=args["num_local"], q_share=args["q_share"])
-        out, _ = _launch(q, k_cmp, lse, int(num_groups), args["block_len"], args["stride"],
-                         args["select_block"], args["top_n"], args["num_local"], args["q_share"],
-                         scale, True)
-        return out
+    q, k_cmp = row_major(q.detach()), row_major(k_cmp.detach())
+    return torch.ops.nsa_lit.select_blocks(q, k_cmp, lse.detach(), int(num_groups),
+                                           int(block_len), int(stride), int(select_block),
+                                           int(top_n), int(num_local), int(q_share), float(scale))

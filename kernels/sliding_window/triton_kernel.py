@@ -40,6 +40,7 @@ Design
 """
 from __future__ import annotations
 
+import json
 import numbers
 
 import torch
@@ -748,19 +749,24 @@ def _backward(do, q, k, v, o, lse, window, scale, cfg):
     return dq, dk, dv
 
 
-class _SlidingWindowAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, window, scale, cfg):
-        o, lse = _forward(q, k, v, window, scale, cfg)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.window, ctx.scale, ctx.cfg = window, scale, cfg
-        return o
+def encode_config(cfg: dict | None) -> str:
+    """A launch configuration (see :func:`_sliding_window_attention`) as the operators' JSON."""
+    return json.dumps(cfg, sort_keys=True) if cfg else ""
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(row_major(do), q, k, v, o, lse, ctx.window, ctx.scale, ctx.cfg)
-        return dq, dk, dv, None, None, None
+
+def _decode_config(config: str) -> dict | None:
+    return {name: tuple(value) if isinstance(value, list) else value
+            for name, value in json.loads(config).items()} if config else None
+
+
+def op_forward(q, k, v, window, scale, config):
+    """``torch.ops.nsa_lit.sliding_window_attention``: ``(o, lse)``."""
+    return _forward(q, k, v, window, scale, _decode_config(config))
+
+
+def op_backward(do, q, k, v, o, lse, window, scale, config):
+    """``torch.ops.nsa_lit.sliding_window_attention_backward``: ``(dq, dk, dv)``."""
+    return _backward(row_major(do), q, k, v, o, lse, window, scale, _decode_config(config))
 
 
 def _sliding_window_attention(q, k, v, window, scale, cfg=None):
@@ -774,7 +780,9 @@ def _sliding_window_attention(q, k, v, window, scale, cfg=None):
     _check(q, k, v, window, scale)
     q, k, v = row_major(q), row_major(k), row_major(v)
     window = min(int(window), max(q.shape[1], 1))
-    return _SlidingWindowAttention.apply(q, k, v, window, float(scale), cfg)
+    o, _ = torch.ops.nsa_lit.sliding_window_attention(q, k, v, window, float(scale),
+                                                      encode_config(cfg))
+    return o
 
 
 def sliding_window_attention(
