@@ -6,7 +6,8 @@ sizes that fit on one GPU the step is bound by Python and launch overhead, not b
 exact: the graph runs the same kernels on the same tensors. This works because a decode step has
 no host synchronisation and only updates the caches in place (``TokenCache`` keeps the storage of
 ``lengths`` and ``block_idx``); the host-side bookkeeping a replay skips (``TokenCache.reserve``:
-the room check, ``longest`` and ``shortest``) is done here before each replay.
+the room check, ``longest`` and ``shortest``) is done here before each replay, and so is
+``Transformer.refresh_step_weights`` (the merged decode weights follow the parameters in place).
 
 A step's work depends on its :class:`~nsa_lit.cache.StepPlan` (whether a compression block ends,
 whether a query-sharing group opens; known on the host when every sequence is at one position),
@@ -54,6 +55,9 @@ class GraphedDecode:
             self.warm.add(plan)
             return logits
         self.tokens.copy_(tokens)
+        # the merged decode weights, updated in place if a parameter changed (a capture then
+        # finds them current and records no rebuild)
+        self.model.refresh_step_weights()
         if plan not in self.graphs:
             self.graphs[plan] = self._capture()
         for cache in self.caches:

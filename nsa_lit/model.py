@@ -14,6 +14,7 @@ from torch import nn
 from nsa_lit.attention import Attention
 from nsa_lit.cache import StepPlan, TokenCache, advance
 from nsa_lit.config import ModelConfig
+from nsa_lit.step_weights import MergedWeights
 
 
 class RMSNorm(nn.Module):
@@ -38,8 +39,24 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
+        self._step_weights: MergedWeights | None = None  # built by refresh_step_weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+    @property
+    def step_weights(self) -> MergedWeights:
+        """``w_in``: ``w_gate`` and ``w_up`` stacked, one GEMM in a decode step."""
+        if self._step_weights is None:
+            self._step_weights = MergedWeights(
+                lambda: {"w_in": torch.cat([self.w_gate.weight, self.w_up.weight])},
+                lambda: [self.w_gate.weight, self.w_up.weight])
+        return self._step_weights
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` through :attr:`step_weights` (refreshed by the caller)."""
+        gate, up = F.linear(x, self.step_weights.tensors["w_in"]).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -62,7 +79,12 @@ class Block(nn.Module):
                ) -> torch.Tensor:
         """One token per sequence, ``x (B, 1, d_model)``; see :meth:`Attention.decode`."""
         x = x + self.attn.decode(self.attn_norm(x), cache, plan)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp.decode(self.mlp_norm(x))
+
+    def refresh_step_weights(self) -> None:
+        """The merged weights of :meth:`decode` (:mod:`nsa_lit.step_weights`), up to date."""
+        self.attn.refresh_step_weights()
+        self.mlp.step_weights.refresh()
 
 
 # Inductor options for compiled blocks. Its memory-coalescing tiling analysis asserts on the
@@ -93,8 +115,9 @@ class Transformer(nn.Module):
 
     def compile_blocks(self) -> None:
         """``torch.compile`` every block in place (its ``forward``; :meth:`compile_decode`
-        compiles ``decode``). The attention kernels are opaque to the compiler (:mod:`kernels.dispatch`), which fuses
-        the PyTorch code around them."""
+        compiles ``decode``). The attention kernels are custom operators the compiler traces
+        through (:mod:`kernels.ops`): each block is one graph, the PyTorch code around the
+        kernels fused."""
         for block in self.blocks:
             if block._compiled_call_impl is None:  # Lightning configures the model per stage
                 block.compile(options=COMPILE_OPTIONS)
@@ -160,9 +183,19 @@ class Transformer(nn.Module):
             x = block(x) if caches is None else block(x, caches[i], lengths)
         return self.norm(x)
 
+    def refresh_step_weights(self) -> None:
+        """Bring every block's merged decode weights (:mod:`nsa_lit.step_weights`) up to date
+        with the parameters: builds them on the first call, then rebuilds (in place) only what
+        changed. :meth:`decode` calls it first."""
+        for block in self.blocks:
+            block.refresh_step_weights()
+
     def decode(self, tokens: torch.Tensor, caches: list[TokenCache]) -> torch.Tensor:
         """Next token of each sequence, ``tokens (B,)`` at positions ``caches[i].lengths`` ->
-        logits ``(B, vocab_size)``; appends the token to every cache."""
+        logits ``(B, vocab_size)``; appends the token to every cache. Inference only: the step
+        multiplies by weights merged from the parameters (:meth:`refresh_step_weights`), which
+        carry no gradient."""
+        self.refresh_step_weights()
         x = self.embed(tokens.long()[:, None])
         for block, cache in zip(self.blocks, caches):
             x = block.decode(x, cache, cache.reserve())  # the host side first

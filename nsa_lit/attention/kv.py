@@ -23,10 +23,17 @@ class GroupedKV(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, T, d_model)`` -> rotated ``k`` and ``v``, each ``(B, T, n_kv_heads, head_dim)``."""
-        B, T, _ = x.shape
-        k = rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim))
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        return k, v
+        return self.finish(self.wk(x), self.wv(x), rope=rope)
+
+    def projections(self) -> list[nn.Linear]:
+        """The projections of the layer input :meth:`finish` takes, in its order."""
+        return [self.wk, self.wv]
+
+    def finish(self, k: torch.Tensor, v: torch.Tensor, *, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """``wk(x), wv(x)`` ``(B, T, n_kv_heads * head_dim)`` -> what :meth:`forward` returns."""
+        B, T, _ = k.shape
+        k = rope(k.view(B, T, self.n_kv_heads, self.head_dim))
+        return k, v.view(B, T, self.n_kv_heads, self.head_dim)
 
 
 class LatentKV(nn.Module):
@@ -63,12 +70,21 @@ class LatentKV(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, T, d_model)`` -> latent ``c (B, T, groups, group_dim)`` and rotated
         ``k_r (B, T, 1, rope_dim)``."""
-        B, T, _ = x.shape
-        c = self.w_dkv(x).view(B, T, self.groups, self.group_dim)
+        return self.finish(self.w_dkv(x), self.w_kr(x), rope=rope)
+
+    def projections(self) -> list[nn.Linear]:
+        """The projections of the layer input :meth:`finish` takes, in its order."""
+        return [self.w_dkv, self.w_kr]
+
+    def finish(self, c: torch.Tensor, k_r: torch.Tensor, *, rope
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w_dkv(x) (B, T, latent_dim)``, ``w_kr(x) (B, T, rope_dim)`` -> what :meth:`forward`
+        returns."""
+        B, T, _ = c.shape
+        c = c.view(B, T, self.groups, self.group_dim)
         c = c * torch.rsqrt(c.float().pow(2).mean(-1, keepdim=True) + self.norm_eps).to(c.dtype)
         c = c * self.latent_norm.to(c.dtype)
-        k_r = rope(self.w_kr(x).view(B, T, 1, self.rope_dim))
-        return c, k_r
+        return c, rope(k_r.view(B, T, 1, self.rope_dim))
 
     def _up(self, c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``weight[h] c_{g(h)}`` for every head, without copying the latent per head:
@@ -118,3 +134,12 @@ class BranchKV(nn.Module):
         """``x (B, T, d_model)`` -> ``{branch: (k, v)}``, each ``(B, T, n_kv_heads, head_dim)``
         (keys rotated)."""
         return {b: self.heads[str(b)](x, rope) for b in self.branches}
+
+    def projections(self) -> list[nn.Linear]:
+        """The projections of the layer input :meth:`finish` takes, in its order."""
+        return [lin for b in self.branches for lin in self.heads[str(b)].projections()]
+
+    def finish(self, *raw: torch.Tensor, rope) -> dict[Branch, tuple[torch.Tensor, torch.Tensor]]:
+        """The outputs of :meth:`projections` -> what :meth:`forward` returns."""
+        return {b: self.heads[str(b)].finish(raw[2 * i], raw[2 * i + 1], rope=rope)
+                for i, b in enumerate(self.branches)}

@@ -26,7 +26,9 @@ probabilities; a layer without the compression *branch* (NSA ablation) just drop
 so its compressors get no gradient (use ``compress_method="mean"`` there).
 
 Decoding (:meth:`Attention.decode`, one token per sequence against an :mod:`nsa_lit.cache` cache)
-always runs latent layers in the absorbed form, reading the latent cache directly. ``forward``
+always runs latent layers in the absorbed form, reading the latent cache directly, with
+``W_uk`` and ``W_uv`` absorbed into merged query and output projections
+(:mod:`nsa_lit.step_weights`). ``forward``
 with a cache (prefill) also writes the prompt's keys/values, compressed tokens and kept
 selection into it.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -45,6 +48,7 @@ from nsa_lit.attention.kv import BranchKV, GroupedKV, LatentKV
 from nsa_lit.cache import BranchKVCache, StepPlan, TokenCache
 from nsa_lit.config import Branch, Form, ModelConfig
 from nsa_lit.rope import Rotary
+from nsa_lit.step_weights import MergedWeights, stack
 
 
 class Attention(nn.Module):
@@ -78,6 +82,7 @@ class Attention(nn.Module):
                                                 cfg.compress_method))
         self.gate = nn.Linear(cfg.d_model, H * len(self.branches)) if len(self.branches) > 1 else None
         self.wo = nn.Linear(H * dh, cfg.d_model, bias=False)
+        self._step_weights: MergedWeights | None = None  # built by refresh_step_weights
 
     # -- projections -------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, positions: torch.Tensor | None = None):
@@ -85,15 +90,19 @@ class Attention(nn.Module):
         default ``0..T-1``): ``(q, kv)``. Grouped: ``q (B,T,H,dh)``, ``kv = (k, v)`` each
         ``(B,T,Hk,dh)``; per-branch: ``kv = {branch: (k, v)}``; latent: ``q (B,T,H,dh+dR)`` (RoPE
         part rotated), ``kv = (c (B,T,g,dc), k_r (B,T,1,dR))``."""
-        B, T, _ = x.shape
-        H, dh = self.cfg.n_heads, self.cfg.head_dim
         rope = self.rope if positions is None else partial(self.rope, positions=positions)
+        return self._query(self.wq(x), rope), self.kv(x, rope)
+
+    def _query(self, q: torch.Tensor, rope) -> torch.Tensor:
+        """Projected queries ``(B, T, H * width)`` -> ``(B, T, H, width)``, rotated: whole heads
+        in grouped layers, the last ``rope_dim`` columns of each head in latent ones (whatever
+        comes before: ``q_nope``, or its absorbed ``W_uk[h]^T q_nope`` in a decode step)."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.cfg.n_heads, -1)
         if not self.spec.latent:
-            q = rope(self.wq(x).view(B, T, H, dh))
-        else:
-            q = self.wq(x).view(B, T, H, dh + self.cfg.rope_dim)
-            q = torch.cat([q[..., :dh], rope(q[..., dh:])], dim=-1)
-        return q, self.kv(x, rope)
+            return rope(q)
+        split = q.shape[-1] - self.cfg.rope_dim
+        return torch.cat([q[..., :split], rope(q[..., split:])], dim=-1)
 
     def _compress(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress the two cached tensors (``k, v`` or ``c, k_r``) ``(B, T, G, D)`` -> ``(B, N, G, D)``."""
@@ -171,18 +180,19 @@ class Attention(nn.Module):
                 backend=backend)
         return [outputs[b] for b in spec.branches]
 
-    def _output(self, x: torch.Tensor, outs: list[torch.Tensor], latent: bool) -> torch.Tensor:
-        """Gate the branch outputs ``(B, T, H, D)``, up-project them by ``W_uv`` when ``latent``
-        (absorbed form), and project to ``(B, T, d_model)``."""
-        B, T, _ = x.shape
-        if self.gate is None:
+    def _output(self, outs: list[torch.Tensor], gate_logits: torch.Tensor | None,
+                w_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate the branch outputs ``(B, T, H, D)`` by ``sigmoid(gate_logits)`` (``(B, T, H *
+        branches)``; None with one branch) and project them to ``(B, T, d_model)`` by ``wo``, or
+        by ``w_out`` (``wo`` with ``W_uv`` absorbed, for outputs still in latent space)."""
+        B, T = outs[0].shape[:2]
+        if gate_logits is None:
             o = outs[0]
         else:
-            gates = torch.sigmoid(self.gate(x)).view(B, T, self.cfg.n_heads, len(outs), 1)
+            gates = torch.sigmoid(gate_logits).view(B, T, self.cfg.n_heads, len(outs), 1)
             o = sum(gates[:, :, :, i] * out for i, out in enumerate(outs))
-        if latent:
-            o = self.kv.expand_output(o)
-        return self.wo(o.reshape(B, T, -1))
+        o = o.reshape(B, T, -1)
+        return self.wo(o) if w_out is None else F.linear(o, w_out)
 
     # -- entry points ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: TokenCache | BranchKVCache | None = None,
@@ -216,7 +226,7 @@ class Attention(nn.Module):
             cache.write_prompt(kv, cmp, lengths)
             if block_idx is not None:
                 cache.keep_selection(block_idx)
-        return self._output(x, outs, latent=False)
+        return self._output(outs, None if self.gate is None else self.gate(x))
 
     def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache,
                plan: StepPlan = StepPlan()) -> torch.Tensor:
@@ -226,11 +236,19 @@ class Attention(nn.Module):
         ``plan`` (``cache.reserve()``, the host side of the step, which the caller runs first)
         lets the step skip the compressor and the block scoring where no sequence needs them;
         the default computes them for every sequence and keeps each sequence's own. The caller
-        advances ``cache.lengths`` after the step (:func:`nsa_lit.cache.advance`)."""
+        advances ``cache.lengths`` after the step (:func:`nsa_lit.cache.advance`) and refreshes
+        the merged weights it multiplies by (:attr:`step_weights`) before it."""
         positions = cache.lengths
-        q, kv = self._project(x, positions[:, None])
-        if self.spec.latent:
-            q = self._absorbed_query(q)
+        weights = self.step_weights.tensors
+        if weights is None:
+            raise RuntimeError("call refresh_step_weights() before a decode step "
+                               "(Transformer.decode does)")
+        raw = F.linear(x, weights["w_in"], weights["b_in"]).split(self._step_widths(), dim=-1)
+        rope = partial(self.rope, positions=positions[:, None])
+        q = self._query(raw[0], rope)  # latent layers: already absorbed, [W_uk^T q_nope ; q_R]
+        n_kv = len(self.kv.projections())
+        kv = self.kv.finish(*raw[1:1 + n_kv], rope=rope)
+        gate_logits = raw[1 + n_kv] if self.gate is not None else None
         if self.spec.kv_per_branch:
             cache.append_branches({br: (k[:, 0], v[:, 0]) for br, (k, v) in kv.items()},
                                   self._compress if self.spec.compresses else None, plan)
@@ -238,4 +256,50 @@ class Attention(nn.Module):
             cache.append(kv[0][:, 0], kv[1][:, 0],
                          self._compress if cache.compressed is not None else None, plan=plan)
         outs = self._decode_branches(q[:, 0], cache, positions, plan)
-        return self._output(x, [o[:, None] for o in outs], latent=self.spec.latent)
+        return self._output([o[:, None] for o in outs], gate_logits, weights["w_out"])
+
+    # -- merged weights of a decode step (nsa_lit.step_weights) ------------------------------
+    @property
+    def step_weights(self) -> MergedWeights:
+        """The decode step's weights, built on the first :meth:`refresh_step_weights`: ``w_in,
+        b_in`` stack the projections of the layer input (query, :meth:`kv.projections
+        <nsa_lit.attention.kv.LatentKV.projections>`, gate; widths :meth:`_step_widths`), with
+        ``W_uk`` absorbed into the query of latent layers; ``w_out`` is ``wo`` with ``W_uv``
+        absorbed ``(d_model, H * group_dim)`` in latent layers (None: ``wo`` itself)."""
+        if self._step_weights is None:
+            self._step_weights = MergedWeights(self._build_step_weights, self._step_sources)
+        return self._step_weights
+
+    def refresh_step_weights(self) -> None:
+        """Build or update :attr:`step_weights` if a parameter changed (host side, cheap)."""
+        self.step_weights.refresh()
+
+    def _step_sources(self) -> list[torch.Tensor]:
+        modules = [self.wq, self.kv, self.wo] + ([self.gate] if self.gate is not None else [])
+        return [p for m in modules for p in m.parameters()]
+
+    def _step_widths(self) -> list[int]:
+        """Widths of the pieces of ``w_in``: query, keys/values or latent, gate."""
+        cfg, spec = self.cfg, self.spec
+        query = (spec.group_dim + cfg.rope_dim if spec.latent else cfg.head_dim) * cfg.n_heads
+        widths = [query] + [lin.out_features for lin in self.kv.projections()]
+        return widths + ([self.gate.out_features] if self.gate is not None else [])
+
+    def _build_step_weights(self) -> dict[str, torch.Tensor | None]:
+        cfg = self.cfg
+        H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+        wq = self.wq.weight
+        w_out = None
+        if self.spec.latent:  # absorb W_uk into the query and W_uv into wo, in >= float32
+            exact = torch.promote_types(wq.dtype, torch.float32)
+            w = wq.view(H, dh + cfg.rope_dim, d)
+            q_nope = torch.einsum("hdc,hdm->hcm", self.kv.w_uk.to(exact), w[:, :dh].to(exact))
+            wq = torch.cat([q_nope.to(wq.dtype), w[:, dh:]], dim=1).reshape(-1, d)
+            wo = self.wo.weight.view(d, H, dh).to(exact)
+            w_out = torch.einsum("mhd,hdc->mhc", wo, self.kv.w_uv.to(exact)).reshape(d, -1)
+            w_out = w_out.to(self.wo.weight.dtype)
+        pieces = [(wq, None)] + [(lin.weight, None) for lin in self.kv.projections()]
+        if self.gate is not None:
+            pieces.append((self.gate.weight, self.gate.bias))
+        w_in, b_in = stack(pieces)
+        return {"w_in": w_in, "b_in": b_in, "w_out": w_out}

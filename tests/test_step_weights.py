@@ -1,0 +1,90 @@
+"""Merged decode weights (nsa_lit.step_weights): one GEMM per input of a step, the latent
+up-projections absorbed, always current with the parameters."""
+import pytest
+import torch
+from torch import nn
+
+from nsa_lit.cache import new_caches
+from nsa_lit.model import Transformer
+from nsa_lit.step_weights import MergedWeights, stack
+from test_model import VARIANTS, config
+
+T = 32
+
+
+def step_logits(model, tokens, prompt):
+    """Prefill ``prompt`` tokens, then decode the rest one step at a time; the logits of each
+    decoded position ``(B, T - prompt, vocab)``."""
+    caches = new_caches(model.cfg, tokens.shape[0], T, torch.float64)
+    model(tokens[:, :prompt], caches)
+    return torch.stack([model.decode(tokens[:, t], caches) for t in range(prompt, T)], dim=1)
+
+
+@pytest.mark.parametrize("name, extra", [("asa", {}), ("asa_global_mla", {}), ("full", {}),
+                                         ("nsa", {}), ("nsa", {"nsa_kv": "per_branch"})])
+@torch.no_grad()
+def test_decode_follows_parameter_changes(name, extra):
+    """After the weights change in place (an optimiser step), and again after a new set is
+    loaded, the decode steps give the training forward's logits of the changed model: the merged
+    weights are rebuilt, not stale."""
+    torch.manual_seed(0)
+    model = Transformer(config(name, **extra)).double().eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, T))
+    caches = new_caches(model.cfg, 2, T, torch.float64)
+    model(tokens[:, :10], caches)
+    model.decode(tokens[:, 10], caches)  # builds the merged weights
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    torch.testing.assert_close(step_logits(model, tokens, 12), model(tokens)[:, 12:],
+                               rtol=0, atol=1e-10)
+    model.load_state_dict(Transformer(config(name, **extra)).double().state_dict())
+    torch.testing.assert_close(step_logits(model, tokens, 12), model(tokens)[:, 12:],
+                               rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+@torch.no_grad()
+def test_a_step_runs_its_projections_as_merged_gemms(name):
+    """In a decode step no layer calls its query, key/value, latent, RoPE-key, gate or MLP
+    gate/up projections one by one (they run as one GEMM of the merged ``w_in``); latent layers
+    do not call ``wo`` either (``W_uv`` is absorbed into ``w_out``), grouped ones call it once."""
+    torch.manual_seed(0)
+    model = Transformer(config(name)).double().eval()
+    calls: dict[str, int] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_hook(
+                lambda m, i, o, path=path: calls.__setitem__(path, calls.get(path, 0) + 1))
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, T))
+    caches = new_caches(model.cfg, 2, T, torch.float64)
+    model(tokens[:, :10], caches)
+    calls.clear()
+    model.decode(tokens[:, 10], caches)
+    want = {"lm_head": 1}
+    for i, block in enumerate(model.blocks):
+        want[f"blocks.{i}.mlp.w_down"] = 1
+        if not block.attn.spec.latent:
+            want[f"blocks.{i}.attn.wo"] = 1
+    assert calls == want
+
+
+def test_merged_weights_rebuild_in_place_when_a_parameter_changes():
+    lin = nn.Linear(4, 3)
+    merged = MergedWeights(lambda: {"w": lin.weight * 2, "none": None}, lambda: [lin.weight])
+    first = merged.refresh()["w"]
+    torch.testing.assert_close(first, lin.weight.detach() * 2)
+    assert merged.refresh()["w"] is first  # nothing changed: not rebuilt
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # in place: same tensor, new values (a CUDA graph keeps its address)
+    assert merged.refresh()["w"] is first
+    torch.testing.assert_close(first, lin.weight.detach() * 2)
+    lin.double()  # new dtype: a new tensor
+    again = merged.refresh()["w"]
+    assert again is not first and again.dtype == torch.float64
+
+
+def test_stack_pads_missing_biases_with_zeros():
+    w1, w2, b2 = torch.ones(2, 3), torch.full((1, 3), 2.0), torch.tensor([5.0])
+    weight, bias = stack([(w1, None), (w2, b2)])
+    assert weight.shape == (3, 3) and bias.tolist() == [0.0, 0.0, 5.0]
+    assert stack([(w1, None)])[1] is None
