@@ -152,7 +152,8 @@ class LanguageModel(L.LightningModule):
 
     ``nonfinite_loss``: what a non-finite (NaN / inf) training loss, or a non-finite gradient
     norm with a finite loss, does, decided over all processes at once (one process's NaN stops
-    or skips on every process). ``stop`` raises ``FloatingPointError``. ``skip`` drops the whole
+    or skips on every process) at the end of the optimiser step (one wait for the GPU a step,
+    not one a micro-batch). ``stop`` raises ``FloatingPointError`` naming the micro-batch. ``skip`` drops the whole
     optimiser step that micro-batch belongs to (its gradients and those of the other micro-batches
     it is accumulated with are discarded before the update: parameters and optimiser state are
     untouched; the step still counts, so the schedule and the data move on), counts it in
@@ -215,7 +216,8 @@ class LanguageModel(L.LightningModule):
         self.tokens_seen = 0
         self.skipped_steps = 0  # optimiser steps dropped for a non-finite loss (whole run)
         self._consecutive_skips = 0
-        self._step_nonfinite = False  # a micro-batch of the current optimiser step was non-finite
+        # (batch index, loss) of the current optimiser step's micro-batches, checked at its end
+        self._step_losses: list[tuple[int, torch.Tensor]] = []
         self._grad_norm: torch.Tensor | None = None  # this step's total gradient norm, before clipping
         self._skipping = False  # the current optimiser step is dropped (skip mode)
         self._tokens_per_step: int | None = None  # with a token budget: this run's, set in setup
@@ -346,34 +348,43 @@ class LanguageModel(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.tokens_seen += batch[:, 1:].numel() * self.trainer.world_size
-        if self._any_nonfinite(loss):
-            if self.nonfinite_loss == "stop":
-                where = (f"training loss is {loss.item()}" if not torch.isfinite(loss)
-                         else "training loss is non-finite on another process")
-                raise FloatingPointError(
-                    f"{where} at step {self.global_step} (batch {batch_idx}); lower "
-                    "model.optim.lr, check the data, or resume from an earlier checkpoint")
-            # backward runs as usual (every process takes part in the same collectives); the
-            # step's gradients are discarded in on_before_optimizer_step
-            self._step_nonfinite = True
-            return loss
+        # checked once per optimiser step (on_before_optimizer_step), not here: a check here
+        # would wait for the GPU after every forward (and all-reduce, with several processes)
+        self._step_losses.append((batch_idx, loss.detach()))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         self.log("train/tokens_seen", float(self.tokens_seen))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
-    def _any_nonfinite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is non-finite on any process (one all-reduce when there are
-        several, so that every process stops or skips together)."""
-        bad = (~torch.isfinite(loss.detach())).float()
+    def _check_step_losses(self) -> bool:
+        """Whether a training loss of this optimiser step's micro-batches was non-finite on any
+        process (one host synchronisation, and one all-reduce when there are several, so that
+        every process stops or skips together); raises ``FloatingPointError`` under ``stop``.
+        Backward ran as usual for every micro-batch (every process takes part in the same
+        collectives); under ``skip`` the step's gradients are then discarded."""
+        losses, self._step_losses = self._step_losses, []
+        if not losses:
+            return False
+        finite = torch.isfinite(torch.stack([loss for _, loss in losses]))
+        bad = (~finite).any().float()
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return bool(bad > 0)
+        if not bool(bad > 0):
+            return False
+        if self.nonfinite_loss == "stop":
+            first = next((i for i, ok in enumerate(finite.tolist()) if not ok), None)
+            where = ("training loss is non-finite on another process" if first is None else
+                     f"training loss is {losses[first][1].item()}")
+            batch = "" if first is None else f" (batch {losses[first][0]})"
+            raise FloatingPointError(
+                f"{where} at step {self.global_step}{batch}; lower model.optim.lr, check the "
+                "data, or resume from an earlier checkpoint")
+        return True
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self._grad_norm, self._skipping = None, False
-        skip, self._step_nonfinite = self._step_nonfinite, False
+        skip = self._check_step_losses()
         norm = None
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads and not skip:
@@ -446,6 +457,7 @@ class LanguageModel(L.LightningModule):
         self._clock = None
 
     def on_train_start(self) -> None:
+        self._step_losses = []
         if self._resumed_optim is not None:
             self._apply_optim_config(self._resumed_optim)
             self._resumed_optim = None

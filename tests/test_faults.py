@@ -90,6 +90,38 @@ def test_stop_is_the_default_and_keeps_its_message():
         run(model, 3)
 
 
+def test_stop_names_the_micro_batch_of_an_accumulated_step():
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 1 \(batch 3\)"):
+        run(Flaky(bad={3}), 3, accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_training_step_reads_no_tensor_value(monkeypatch, mode):
+    """The non-finite check waits for the device once per optimiser step, in
+    ``on_before_optimizer_step``: ``training_step`` converts no tensor to a Python value, so
+    the host keeps queueing the backward behind the forward."""
+    reads, inside = [], []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, _name=name, _original=original):
+            if inside:
+                reads.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    step = LanguageModel.training_step
+
+    def watched(self, batch, batch_idx):
+        inside.append(True)
+        try:
+            return step(self, batch, batch_idx)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(LanguageModel, "training_step", watched)
+    run(Flaky(nonfinite_loss=mode), 3, accumulate_grad_batches=2)
+    assert reads == []
+
+
 def test_skipped_steps_survive_a_checkpoint(tmp_path):
     t, _ = run(Flaky(bad={1}, nonfinite_loss="skip"), 2)
     t.save_checkpoint(tmp_path / "m.ckpt")
