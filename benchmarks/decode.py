@@ -77,6 +77,15 @@ def kernel_profile(step, tokens: torch.Tensor, steps: int = PROFILED_STEPS, top:
             "top_kernels": [[n, c / steps, round(t / steps, 1)] for n, c, t in rows[:top]]}
 
 
+def step_weight_bytes(model: Transformer) -> int:
+    """Bytes of the merged decode weights (``nsa_lit.step_weights``), copies beside the
+    parameters."""
+    merged = [m for block in model.blocks for m in (block.attn.step_weights,
+                                                    block.mlp.step_weights)]
+    return sum(t.numel() * t.element_size() for m in merged for t in (m.tensors or {}).values()
+               if t is not None)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,6 +137,7 @@ def measure(config_path: str, context: int, batch: int, steps: int, warmup: int,
         "context": context, "batch": batch, "mode": mode, "steps": steps,
         "ms_per_step": 1e3 * seconds / steps, "tokens_per_sec": batch * steps / seconds,
         "cache_bytes": sum(c.bytes_allocated() for c in caches),
+        "step_weight_bytes": step_weight_bytes(model),
         "kernel_backend": cfg.kernel_backend, "warmup_s": warmup_s, **graphed, **profiled,
         **({"compile_options": compile_options} if mode == "compiled" and compile_options else {}),
     }

@@ -24,6 +24,7 @@ def test_decode_benchmark_runs_on_cpu(tmp_path, capsys):
     assert row["context"] == 96 and row["batch"] == 2 and row["mode"] == "eager"
     assert row["tokens_per_sec"] > 0
     assert row["cache_bytes"] > 0 and "tokens/s" in capsys.readouterr().out
+    assert row["step_weight_bytes"] > 0  # built by the first step
 
 
 def test_decode_benchmark_runs_nsa_with_per_branch_key_values(tmp_path):

@@ -68,6 +68,33 @@ def test_a_step_runs_its_projections_as_merged_gemms(name):
     assert calls == want
 
 
+@torch.no_grad()
+def test_merged_weight_shapes():
+    """Latent layers: the query rows are ``H * (group_dim + rope_dim)`` (``W_uk`` absorbed),
+    then the latent, the RoPE key and the gate; ``w_out`` is ``(d_model, H * group_dim)``.
+    Grouped layers: ``wq``, ``wk``, ``wv`` (and the gate) stacked, no ``w_out``. The MLP: its gate
+    and up projections."""
+    for name in ("asa", "nsa"):
+        model = Transformer(config(name))
+        model.refresh_step_weights()
+        cfg = model.cfg
+        for block in model.blocks:
+            attn, spec = block.attn, block.attn.spec
+            w = attn.step_weights.tensors
+            gate = 0 if attn.gate is None else attn.gate.out_features
+            if spec.latent:
+                rows = (cfg.n_heads * (spec.group_dim + cfg.rope_dim) + cfg.latent_dim
+                        + cfg.rope_dim + gate)
+                assert w["w_out"].shape == (cfg.d_model, cfg.n_heads * spec.group_dim)
+            else:
+                rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + gate
+                assert w["w_out"] is None
+            assert w["w_in"].shape == (rows, cfg.d_model)
+            assert (w["b_in"] is None) == (attn.gate is None)
+            assert block.mlp.step_weights.tensors["w_in"].shape == (2 * cfg.mlp_hidden,
+                                                                    cfg.d_model)
+
+
 def test_merged_weights_rebuild_in_place_when_a_parameter_changes():
     lin = nn.Linear(4, 3)
     merged = MergedWeights(lambda: {"w": lin.weight * 2, "none": None}, lambda: [lin.weight])
