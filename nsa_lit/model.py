@@ -42,21 +42,27 @@ class SwiGLU(nn.Module):
         self._step_weights: MergedWeights | None = None  # built by refresh_step_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self._swiglu(x, self._stacked())
+
+    def _stacked(self) -> torch.Tensor:
+        """``w_gate`` and ``w_up`` stacked: both projections of the input in one GEMM."""
+        return torch.cat([self.w_gate.weight, self.w_up.weight])
+
+    def _swiglu(self, x: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w_in).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
     @property
     def step_weights(self) -> MergedWeights:
-        """``w_in``: ``w_gate`` and ``w_up`` stacked, one GEMM in a decode step."""
+        """``w_in``: :meth:`_stacked`, kept between decode steps."""
         if self._step_weights is None:
-            self._step_weights = MergedWeights(
-                lambda: {"w_in": torch.cat([self.w_gate.weight, self.w_up.weight])},
-                lambda: [self.w_gate.weight, self.w_up.weight])
+            self._step_weights = MergedWeights(lambda: {"w_in": self._stacked()},
+                                               lambda: [self.w_gate.weight, self.w_up.weight])
         return self._step_weights
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` through :attr:`step_weights` (refreshed by the caller)."""
-        gate, up = F.linear(x, self.step_weights.tensors["w_in"]).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+        return self._swiglu(x, self.step_weights.tensors["w_in"])
 
 
 class Block(nn.Module):

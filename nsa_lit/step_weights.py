@@ -1,11 +1,12 @@
 """Weights merged for a one-token decode step.
 
-At small batch a decode step is bound by its kernel launches, not by arithmetic, and every
-projection is a GEMM launch of its own. A layer's decode step therefore multiplies by weights
-built from its parameters: the projections of one input stacked into one matrix (one GEMM for
-the query, the keys/values or latent, and the gate), and, in latent layers, the per-head latent
-up-projections absorbed into the query and output projections (``W_uk[h]^T W_q[h]`` and
-``W_o[:, h] W_uv[h]``, MLA's inference form), which removes the step's two per-head matmuls.
+At small batch a decode step is bound by its kernel launches, not by arithmetic. A layer runs
+the projections of one input as one GEMM by their stacked weights (the query, the keys/values or
+latent, and the gate; the MLP's gate and up projections), in training too, where the stack is
+concatenated in every forward. A decode step keeps it between steps instead, and in latent
+layers absorbs the per-head latent up-projections into the query and output projections
+(``W_uk[h]^T W_q[h]`` and ``W_o[:, h] W_uv[h]``, MLA's inference form), which removes the step's
+two per-head matmuls.
 
 :class:`MergedWeights` builds them from the parameters on first use, under ``no_grad`` (decoding
 is inference only), and rebuilds them whenever a parameter changed (its version counter, data

@@ -13,7 +13,8 @@ branch, see ``ModelConfig.branch_form`` and ``LayerSpec.forms``):
     against key ``[c_g ; k_R]`` and value ``c_g``; the output is up-projected by ``W_uv[h]``.
   * ``expanded``: rebuild per-head keys ``[W_uk[h] c_g ; k_R]`` and values ``W_uv[h] c_g``.
 Both use the softmax scale ``1 / sqrt(head_dim + rope_dim)``. Branch outputs are gated in head
-space.
+space. The projections of the layer input (query, keys/values or latent and RoPE key, gate) run
+as one GEMM by their stacked weights (:meth:`Attention._input_pieces`).
 
 NSA layers under ``nsa_kv="per_branch"`` (``LayerSpec.kv_per_branch``) give each branch its own
 grouped key/value projection (:class:`~nsa_lit.attention.kv.BranchKV`): the compressors compress
@@ -85,13 +86,47 @@ class Attention(nn.Module):
         self._step_weights: MergedWeights | None = None  # built by refresh_step_weights
 
     # -- projections -------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, positions: torch.Tensor | None = None):
-        """Per-token projections of ``x (B, T, d_model)``, rotated at ``positions`` (``(B, T)``;
-        default ``0..T-1``): ``(q, kv)``. Grouped: ``q (B,T,H,dh)``, ``kv = (k, v)`` each
-        ``(B,T,Hk,dh)``; per-branch: ``kv = {branch: (k, v)}``; latent: ``q (B,T,H,dh+dR)`` (RoPE
-        part rotated), ``kv = (c (B,T,g,dc), k_r (B,T,1,dR))``."""
+    def _input_pieces(self, absorbed: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(weight (out, d_model), bias)`` of every projection of the layer input, in the
+        order :meth:`_projections` splits them: the query, :meth:`kv.projections
+        <nsa_lit.attention.kv.LatentKV.projections>` (keys and values, or latent and RoPE key),
+        the gate. ``absorbed`` (latent layers): the query's ``q_nope`` part is ``W_uk[h]^T
+        W_q[h]`` per head, computed in at least float32 (a decode step's query)."""
+        cfg = self.cfg
+        wq = self.wq.weight
+        if absorbed and self.spec.latent:
+            H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+            exact = torch.promote_types(wq.dtype, torch.float32)
+            w = wq.view(H, dh + cfg.rope_dim, d)
+            q_nope = torch.einsum("hdc,hdm->hcm", self.kv.w_uk.to(exact), w[:, :dh].to(exact))
+            wq = torch.cat([q_nope.to(wq.dtype), w[:, dh:]], dim=1).reshape(-1, d)
+        pieces = [(wq, None)] + [(lin.weight, lin.bias) for lin in self.kv.projections()]
+        if self.gate is not None:
+            pieces.append((self.gate.weight, self.gate.bias))
+        return pieces
+
+    def _input_widths(self, absorbed: bool) -> list[int]:
+        """Output widths of :meth:`_input_pieces`."""
+        cfg, spec = self.cfg, self.spec
+        head = cfg.head_dim
+        if spec.latent:
+            head = (spec.group_dim if absorbed else cfg.head_dim) + cfg.rope_dim
+        widths = [head * cfg.n_heads] + [lin.out_features for lin in self.kv.projections()]
+        return widths + ([self.gate.out_features] if self.gate is not None else [])
+
+    def _projections(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     absorbed: bool, positions: torch.Tensor | None = None):
+        """Every projection of ``x (B, T, d_model)`` in one GEMM by the stacked
+        :meth:`_input_pieces` ``(weight, bias)``, rotated at ``positions`` (``(B, T)``; default
+        ``0..T-1``): ``(q, kv, gate_logits)``. Grouped: ``q (B,T,H,dh)``, ``kv = (k, v)`` each
+        ``(B,T,Hk,dh)``; per-branch: ``kv = {branch: (k, v)}``; latent: ``q (B,T,H,dh+dR)`` (or
+        ``(B,T,H,dc+dR)`` ``absorbed``; RoPE part rotated), ``kv = (c (B,T,g,dc), k_r
+        (B,T,1,dR))``; ``gate_logits (B,T,H*branches)`` or None."""
         rope = self.rope if positions is None else partial(self.rope, positions=positions)
-        return self._query(self.wq(x), rope), self.kv(x, rope)
+        raw = F.linear(x, weight, bias).split(self._input_widths(absorbed), dim=-1)
+        n_kv = len(self.kv.projections())
+        return (self._query(raw[0], rope), self.kv.finish(*raw[1:1 + n_kv], rope=rope),
+                raw[1 + n_kv] if self.gate is not None else None)
 
     def _query(self, q: torch.Tensor, rope) -> torch.Tensor:
         """Projected queries ``(B, T, H * width)`` -> ``(B, T, H, width)``, rotated: whole heads
@@ -200,7 +235,8 @@ class Attention(nn.Module):
         """``x (B, T, d_model)`` -> ``(B, T, d_model)``. With ``cache`` (prefill), also write
         sequence ``b``'s first ``lengths[b]`` tokens (default ``T``; ``x`` right-padded) to it."""
         spec = self.spec
-        q, kv = self._project(x)
+        q, kv, gate_logits = self._projections(x, *stack(self._input_pieces(absorbed=False)),
+                                               absorbed=False)
         if spec.kv_per_branch:
             cmp = self._compress(*kv[Branch.COMPRESSION]) if spec.compresses else None
             inputs = {br: BranchInputs(q, *pair) for br, pair in kv.items()}
@@ -226,7 +262,7 @@ class Attention(nn.Module):
             cache.write_prompt(kv, cmp, lengths)
             if block_idx is not None:
                 cache.keep_selection(block_idx)
-        return self._output(outs, None if self.gate is None else self.gate(x))
+        return self._output(outs, gate_logits)
 
     def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache,
                plan: StepPlan = StepPlan()) -> torch.Tensor:
@@ -243,12 +279,9 @@ class Attention(nn.Module):
         if weights is None:
             raise RuntimeError("call refresh_step_weights() before a decode step "
                                "(Transformer.decode does)")
-        raw = F.linear(x, weights["w_in"], weights["b_in"]).split(self._step_widths(), dim=-1)
-        rope = partial(self.rope, positions=positions[:, None])
-        q = self._query(raw[0], rope)  # latent layers: already absorbed, [W_uk^T q_nope ; q_R]
-        n_kv = len(self.kv.projections())
-        kv = self.kv.finish(*raw[1:1 + n_kv], rope=rope)
-        gate_logits = raw[1 + n_kv] if self.gate is not None else None
+        # latent layers: the query is already absorbed, [W_uk^T q_nope ; q_R]
+        q, kv, gate_logits = self._projections(x, weights["w_in"], weights["b_in"], absorbed=True,
+                                               positions=positions[:, None])
         if self.spec.kv_per_branch:
             cache.append_branches({br: (k[:, 0], v[:, 0]) for br, (k, v) in kv.items()},
                                   self._compress if self.spec.compresses else None, plan)
@@ -262,9 +295,8 @@ class Attention(nn.Module):
     @property
     def step_weights(self) -> MergedWeights:
         """The decode step's weights, built on the first :meth:`refresh_step_weights`: ``w_in,
-        b_in`` stack the projections of the layer input (query, :meth:`kv.projections
-        <nsa_lit.attention.kv.LatentKV.projections>`, gate; widths :meth:`_step_widths`), with
-        ``W_uk`` absorbed into the query of latent layers; ``w_out`` is ``wo`` with ``W_uv``
+        b_in`` stack the projections of the layer input (:meth:`_input_pieces`), with ``W_uk``
+        absorbed into the query of latent layers; ``w_out`` is ``wo`` with ``W_uv``
         absorbed ``(d_model, H * group_dim)`` in latent layers (None: ``wo`` itself)."""
         if self._step_weights is None:
             self._step_weights = MergedWeights(self._build_step_weights, self._step_sources)
@@ -278,28 +310,13 @@ class Attention(nn.Module):
         modules = [self.wq, self.kv, self.wo] + ([self.gate] if self.gate is not None else [])
         return [p for m in modules for p in m.parameters()]
 
-    def _step_widths(self) -> list[int]:
-        """Widths of the pieces of ``w_in``: query, keys/values or latent, gate."""
-        cfg, spec = self.cfg, self.spec
-        query = (spec.group_dim + cfg.rope_dim if spec.latent else cfg.head_dim) * cfg.n_heads
-        widths = [query] + [lin.out_features for lin in self.kv.projections()]
-        return widths + ([self.gate.out_features] if self.gate is not None else [])
-
     def _build_step_weights(self) -> dict[str, torch.Tensor | None]:
-        cfg = self.cfg
-        H, dh, d = cfg.n_heads, cfg.head_dim, cfg.d_model
-        wq = self.wq.weight
         w_out = None
-        if self.spec.latent:  # absorb W_uk into the query and W_uv into wo, in >= float32
-            exact = torch.promote_types(wq.dtype, torch.float32)
-            w = wq.view(H, dh + cfg.rope_dim, d)
-            q_nope = torch.einsum("hdc,hdm->hcm", self.kv.w_uk.to(exact), w[:, :dh].to(exact))
-            wq = torch.cat([q_nope.to(wq.dtype), w[:, dh:]], dim=1).reshape(-1, d)
-            wo = self.wo.weight.view(d, H, dh).to(exact)
-            w_out = torch.einsum("mhd,hdc->mhc", wo, self.kv.w_uv.to(exact)).reshape(d, -1)
-            w_out = w_out.to(self.wo.weight.dtype)
-        pieces = [(wq, None)] + [(lin.weight, None) for lin in self.kv.projections()]
-        if self.gate is not None:
-            pieces.append((self.gate.weight, self.gate.bias))
-        w_in, b_in = stack(pieces)
+        if self.spec.latent:  # absorb W_uv into wo, in at least float32
+            cfg = self.cfg
+            wo = self.wo.weight.view(cfg.d_model, cfg.n_heads, cfg.head_dim)
+            exact = torch.promote_types(wo.dtype, torch.float32)
+            w_out = torch.einsum("mhd,hdc->mhc", wo.to(exact), self.kv.w_uv.to(exact))
+            w_out = w_out.reshape(cfg.d_model, -1).to(wo.dtype)
+        w_in, b_in = stack(self._input_pieces(absorbed=True))
         return {"w_in": w_in, "b_in": b_in, "w_out": w_out}
