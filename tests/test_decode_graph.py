@@ -85,3 +85,25 @@ def test_graph_replay_refuses_a_full_cache():
         step(torch.zeros(2, dtype=torch.long, device="cuda"))
     with pytest.raises(ValueError, match=r"tokens must be \(2,\)"):
         step(torch.zeros(3, dtype=torch.long, device="cuda"))
+
+
+@pytest.mark.parametrize("name", ["asa", "full"])
+@torch.no_grad()
+def test_graph_replays_follow_parameter_changes(name):
+    """Weights changed in place between replays (an optimiser step): the next replays use the
+    changed model (the merged step weights are refreshed in place, at the addresses the graphs
+    captured), and give its eager steps' logits."""
+    model = _model(name, "triton")
+    tokens = torch.randint(0, 512, (2, T), device="cuda")
+    eager, graphed = (new_caches(model.cfg, 2, T, torch.float32, "cuda") for _ in range(2))
+    for caches in (eager, graphed):
+        model(tokens[:, :70], caches)
+    step = GraphedDecode(model, graphed)
+    for t in range(70, 150):
+        if t == 110:  # every plan's graph captured by now
+            for p in model.parameters():
+                p.mul_(1.05)
+        got = step(tokens[:, t])  # first: the replay itself must refresh the weights
+        want = model.decode(tokens[:, t], eager)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name} step {t}: {m}")
