@@ -17,7 +17,9 @@ graph per plan in the warm-up (a capture in the timed steps is flagged), and the
 steps are two such periods. Reports tokens/s (batch x steps / seconds), ms per step and the cache
 bytes. ``--kernels`` also profiles 16 more steps outside any graph (eager, or the compiled step in
 ``compiled`` mode) and records the GPU kernels they launch per step: their number, their summed
-time and the most expensive names. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+time and the most expensive names. ``--decode_config JSON`` sets launch overrides of the Triton
+decode kernels (split-K sweeps, e.g. ``{"MIN_KEYS_PER_SPLIT": 512}``) for every run. ``--out
+NAME`` writes ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
 
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", action="store_true",
                         help="also profile 16 steps' GPU kernels (per step: count, time, top "
                              "names; CUDA)")
+    parser.add_argument("--decode_config", type=json.loads, default=None,
+                        help='launch overrides of the Triton decode kernels for every run, JSON '
+                             '(kernels.decode.triton_kernel.CONFIG_OVERRIDE), e.g. '
+                             '\'{"MIN_KEYS_PER_SPLIT": 512}\' or \'{"SPLITS": 1}\'')
     parser.add_argument("--compile_options", type=json.loads, default=None,
                         help='more Inductor options of the compiled mode, as JSON '
                              '(e.g. \'{"combo_kernels": true}\')')
@@ -176,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and {"graph", "compiled"} & set(modes) and args.warmup < 2:
         raise SystemExit("--warmup must be >= 2 with graphs (a graph is captured on the second step)")
 
+    if args.decode_config:  # the kernels read it at every launch (eager, compiled or captured)
+        from kernels.decode import triton_kernel as decode_kernels
+        decode_kernels.CONFIG_OVERRIDE.update(args.decode_config)
     record = run_record(
         "decode.py", argv,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        dtype=str(dtype))
+        dtype=str(dtype), decode_config=args.decode_config or {})
     log = ResultsLog(record, f"{'config':24} {'context':>8} {'batch':>5} {'mode':>8} "
                              f"{'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}", args.out)
     runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches

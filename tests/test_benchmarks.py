@@ -249,3 +249,15 @@ def test_speed_check_runs_the_parts_asked_for_and_reports_failures(tmp_path):
                         capture_output=True, text=True)
     assert ok.returncode == 0
     assert programs() == ["benchmarks/fit_throughput.py"]
+
+
+def test_decode_benchmark_sets_and_records_decode_launch_overrides(tmp_path, monkeypatch):
+    from kernels.decode import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {})
+    out = tmp_path / "decode.json"
+    decode.main(["--configs", str(ROOT / "configs/tiny.yaml"), "--contexts", "32",
+                 "--batches", "1", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                 "--decode_config", '{"MIN_KEYS_PER_SPLIT": 512}', "--out", str(out)])
+    assert tk.CONFIG_OVERRIDE == {"MIN_KEYS_PER_SPLIT": 512}
+    assert json.loads(out.read_text())["decode_config"] == {"MIN_KEYS_PER_SPLIT": 512}

@@ -55,8 +55,8 @@ Design
 * Launch shapes (``_launch_cfg``) were chosen from ptxas reports for sm_90a compiled ahead of
   time (no GPU): no spills, 60-166 registers, 37-106 KB shared memory with 3 pipeline stages, for
   the 340M and 1.3B ASA/NSA shapes in bf16 and fp32. Not yet timed on a GPU:
-  ``CONFIG_OVERRIDE`` (``SPLITS``, ``BLOCK_N``, ``num_warps``, ``num_stages``) is there for
-  sweeps.
+  ``CONFIG_OVERRIDE`` (``SPLITS``, ``MIN_KEYS_PER_SPLIT``, ``BLOCK_N``, ``num_warps``,
+  ``num_stages``; ``benchmarks/decode.py --decode_config``) is there for sweeps.
 
 ``select_blocks_decode``: the reference repeats the compressed keys to every head in fp32
 (``B x N x H x (Dk + Dr)``: 1.3 GB at 32k context, batch 64), so a small kernel computes the
@@ -509,10 +509,11 @@ def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[s
     return cfg
 
 
-def _num_splits(programs: int, max_work: int, min_work: int, device: torch.device) -> int:
+def _num_splits(programs: int, max_work: int, device: torch.device) -> int:
     if "SPLITS" in CONFIG_OVERRIDE:
         return max(1, int(CONFIG_OVERRIDE["SPLITS"]))
     want = triton.cdiv(2 * num_sms(device), max(programs, 1))
+    min_work = int(CONFIG_OVERRIDE.get("MIN_KEYS_PER_SPLIT", MIN_KEYS_PER_SPLIT))
     cap = max(1, triton.cdiv(max_work, max(min_work, 1)))
     return max(1, min(want, cap, MAX_SPLITS))
 
@@ -545,11 +546,11 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     programs = B * (H // unit) * nch
     if mode == MODE_SEL:
         max_work = n_sel * sel_block
-        splits = min(n_sel, _num_splits(programs, max_work, MIN_KEYS_PER_SPLIT, q.device))
+        splits = min(n_sel, _num_splits(programs, max_work, q.device))
         splits = max(splits, 1)
     else:
         max_work = min(S, window) if mode == MODE_RANGE else S
-        splits = _num_splits(programs, max_work, MIN_KEYS_PER_SPLIT, q.device)
+        splits = _num_splits(programs, max_work, q.device)
     if splits > 1:
         op = torch.empty((B, H, splits, Dv), device=q.device, dtype=torch.float32)
         lp = torch.empty((B, H, splits), device=q.device, dtype=torch.float32)

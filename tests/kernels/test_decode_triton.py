@@ -586,3 +586,16 @@ def test_gpu_decode_bf16_logits_close(pattern):
     logits = _forced_decode_logits(models, torch.bfloat16)
     assert torch.isfinite(logits["triton"]).all()
     assert rel(logits["triton"], logits["reference"]) < 3e-2
+
+
+def test_split_count_follows_the_minimum_keys_per_split(monkeypatch):
+    """About two programs per SM (4 "SMs" off CUDA), at least ``MIN_KEYS_PER_SPLIT`` keys each
+    (``CONFIG_OVERRIDE`` can raise it), at most ``MAX_SPLITS``; ``SPLITS`` fixes the count."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {})
+    assert tk._num_splits(1, 512, cpu) == 512 // tk.MIN_KEYS_PER_SPLIT  # 4 of 128 keys
+    assert tk._num_splits(1, 10**6, cpu) == 8  # two programs on each of 4 "SMs"
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"MIN_KEYS_PER_SPLIT": 512})
+    assert tk._num_splits(1, 512, cpu) == 1
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"SPLITS": 3})
+    assert tk._num_splits(1, 512, cpu) == 3
