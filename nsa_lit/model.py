@@ -14,7 +14,7 @@ from torch import nn
 from nsa_lit.attention import Attention
 from nsa_lit.cache import StepPlan, TokenCache, advance
 from nsa_lit.config import ModelConfig
-from nsa_lit.step_weights import MergedWeights
+from nsa_lit.step_weights import MergedWeights, ParameterWatch
 
 
 class RMSNorm(nn.Module):
@@ -87,10 +87,10 @@ class Block(nn.Module):
         x = x + self.attn.decode(self.attn_norm(x), cache, plan)
         return x + self.mlp.decode(self.mlp_norm(x))
 
-    def refresh_step_weights(self) -> None:
+    def refresh_step_weights(self, force: bool = False) -> None:
         """The merged weights of :meth:`decode` (:mod:`nsa_lit.step_weights`), up to date."""
-        self.attn.refresh_step_weights()
-        self.mlp.step_weights.refresh()
+        self.attn.refresh_step_weights(force)
+        self.mlp.step_weights.refresh(force)
 
 
 # Inductor options for compiled blocks. Its memory-coalescing tiling analysis asserts on the
@@ -114,6 +114,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._parameter_watch: ParameterWatch | None = None  # for refresh_step_weights
         # The submodules' constructors ran their own ``reset_parameters`` (norms, latent
         # up-projections, compressor positions, RoPE tables); the projections are set here.
         # ``init_weights`` repeats both for a model built on the meta device.
@@ -189,12 +190,16 @@ class Transformer(nn.Module):
             x = block(x) if caches is None else block(x, caches[i], lengths)
         return self.norm(x)
 
-    def refresh_step_weights(self) -> None:
+    def refresh_step_weights(self, force: bool = False) -> None:
         """Bring every block's merged decode weights (:mod:`nsa_lit.step_weights`) up to date
         with the parameters: builds them on the first call, then rebuilds (in place) only what
-        changed. :meth:`decode` calls it first."""
-        for block in self.blocks:
-            block.refresh_step_weights()
+        changed, after one cheap check of the whole model (``force``: check every block, e.g.
+        after writing parameters through ``.data``). :meth:`decode` calls it first."""
+        if self._parameter_watch is None:
+            self._parameter_watch = ParameterWatch(self)
+        if self._parameter_watch.changed() or force:
+            for block in self.blocks:
+                block.refresh_step_weights(force)
 
     def decode(self, tokens: torch.Tensor, caches: list[TokenCache]) -> torch.Tensor:
         """Next token of each sequence, ``tokens (B,)`` at positions ``caches[i].lengths`` ->

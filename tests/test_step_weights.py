@@ -6,7 +6,7 @@ from torch import nn
 
 from nsa_lit.cache import new_caches
 from nsa_lit.model import Transformer
-from nsa_lit.step_weights import MergedWeights, stack
+from nsa_lit.step_weights import MergedWeights, ParameterWatch, stack
 from test_model import VARIANTS, config
 
 T = 32
@@ -115,3 +115,33 @@ def test_stack_pads_missing_biases_with_zeros():
     weight, bias = stack([(w1, None), (w2, b2)])
     assert weight.shape == (3, 3) and bias.tolist() == [0.0, 0.0, 5.0]
     assert stack([(w1, None)])[1] is None
+
+
+def test_parameter_watch_sees_updates_replacements_and_moves():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    watch = ParameterWatch(model)
+    assert watch.changed() and not watch.changed()  # the first call: everything is new
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # in place: the version counter moves
+    assert watch.changed() and not watch.changed()
+    model[1].bias = nn.Parameter(torch.zeros(2))  # a new object in the module
+    assert watch.changed() and not watch.changed()
+    model.double()  # new storage
+    assert watch.changed() and not watch.changed()
+
+
+@torch.no_grad()
+def test_refresh_is_skipped_unless_something_changed_or_forced():
+    """One cheap check of the whole model per step; writes through ``.data`` bypass the version
+    counters, which ``force=True`` covers."""
+    torch.manual_seed(0)
+    model = Transformer(config("asa")).double().eval()
+    model.refresh_step_weights()
+    w_in = model.blocks[0].attn.step_weights.tensors["w_in"]
+    before = w_in.clone()
+    model.blocks[0].attn.wq.weight.data.mul_(2.0)  # invisible to the version counters
+    model.refresh_step_weights()
+    assert torch.equal(w_in, before)
+    model.refresh_step_weights(force=True)
+    assert not torch.equal(w_in, before)  # rebuilt in place
+    assert model.blocks[0].attn.step_weights.tensors["w_in"] is w_in

@@ -302,9 +302,9 @@ class Attention(nn.Module):
             self._step_weights = MergedWeights(self._build_step_weights, self._step_sources)
         return self._step_weights
 
-    def refresh_step_weights(self) -> None:
-        """Build or update :attr:`step_weights` if a parameter changed (host side, cheap)."""
-        self.step_weights.refresh()
+    def refresh_step_weights(self, force: bool = False) -> None:
+        """Build or update :attr:`step_weights` if a parameter changed, or ``force``."""
+        self.step_weights.refresh(force)
 
     def _step_sources(self) -> list[torch.Tensor]:
         modules = [self.wq, self.kv, self.wo] + ([self.gate] if self.gate is not None else [])
