@@ -38,7 +38,6 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
-
         self._step_weights: MergedWeights | None = None  # built by refresh_step_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +87,8 @@ class Block(nn.Module):
         return x + self.mlp.decode(self.mlp_norm(x))
 
     def refresh_step_weights(self, force: bool = False) -> None:
-        """The merged weights of :meth:`decode` (:mod:`nsa_lit.step_weights`), up to date."""
+        """The merged weights of :meth:`decode` (:mod:`nsa_lit.step_weights`), up to date
+        (``force``: rebuilt)."""
         self.attn.refresh_step_weights(force)
         self.mlp.step_weights.refresh(force)
 
@@ -193,13 +193,16 @@ class Transformer(nn.Module):
     def refresh_step_weights(self, force: bool = False) -> None:
         """Bring every block's merged decode weights (:mod:`nsa_lit.step_weights`) up to date
         with the parameters: builds them on the first call, then rebuilds (in place) only what
-        changed, after one cheap check of the whole model (``force``: check every block, e.g.
+        changed, after one cheap check of the whole model (``force``: rebuild them all, e.g.
         after writing parameters through ``.data``). :meth:`decode` calls it first."""
         if self._parameter_watch is None:
             self._parameter_watch = ParameterWatch(self)
-        if self._parameter_watch.changed() or force:
+        watch = self._parameter_watch
+        state = watch.state()
+        if force or state != watch.seen:
             for block in self.blocks:
                 block.refresh_step_weights(force)
+            watch.seen = state
 
     def decode(self, tokens: torch.Tensor, caches: list[TokenCache]) -> torch.Tensor:
         """Next token of each sequence, ``tokens (B,)`` at positions ``caches[i].lengths`` ->

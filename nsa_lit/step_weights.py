@@ -30,21 +30,19 @@ def _fingerprint(params: list[torch.Tensor]) -> tuple:
 
 
 class ParameterWatch:
-    """Whether any parameter of ``module`` changed since the last :meth:`changed` call: a
-    parameter's data pointer (a new dtype, device or storage) or version counter (an in-place
-    update), each read through its module, so that a parameter replaced by a new object counts
-    too. The (module, name) slots are listed once: cheaper than ``module.parameters()``."""
+    """The state of every parameter of ``module``, to compare between calls: each parameter's
+    data pointer (a new dtype, device or storage) and version counter (an in-place update),
+    read through its module, so that a parameter replaced by a new object counts too. The
+    (module, name) slots are listed once: cheaper than ``module.parameters()``."""
 
     def __init__(self, module: nn.Module):
         self.slots = [(m, name) for m in module.modules()
                       for name, p in m._parameters.items() if p is not None]
-        self.last: tuple | None = None
+        self.seen: tuple | None = None  # the state the caller last acted on
 
-    def changed(self) -> bool:
-        now = tuple((p.data_ptr(), p._version)
-                    for p in (m._parameters[name] for m, name in self.slots))
-        changed, self.last = now != self.last, now
-        return changed
+    def state(self) -> tuple:
+        return tuple((p.data_ptr(), p._version)
+                     for p in (m._parameters[name] for m, name in self.slots))
 
 
 class MergedWeights:

@@ -120,14 +120,17 @@ def test_stack_pads_missing_biases_with_zeros():
 def test_parameter_watch_sees_updates_replacements_and_moves():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     watch = ParameterWatch(model)
-    assert watch.changed() and not watch.changed()  # the first call: everything is new
+    state = watch.state()
+    assert watch.state() == state  # nothing changed
     with torch.no_grad():
         model[0].weight.add_(1.0)  # in place: the version counter moves
-    assert watch.changed() and not watch.changed()
+    assert watch.state() != state
+    state = watch.state()
     model[1].bias = nn.Parameter(torch.zeros(2))  # a new object in the module
-    assert watch.changed() and not watch.changed()
+    assert watch.state() != state
+    state = watch.state()
     model.double()  # new storage
-    assert watch.changed() and not watch.changed()
+    assert watch.state() != state
 
 
 @torch.no_grad()
