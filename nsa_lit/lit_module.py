@@ -153,11 +153,11 @@ class LanguageModel(L.LightningModule):
     ``nonfinite_loss``: what a non-finite (NaN / inf) training loss, or a non-finite gradient
     norm with a finite loss, does, decided over all processes at once (one process's NaN stops
     or skips on every process) at the end of the optimiser step (one wait for the GPU a step,
-    not one a micro-batch). ``stop`` raises ``FloatingPointError`` naming the micro-batch. ``skip`` drops the whole
-    optimiser step that micro-batch belongs to (its gradients and those of the other micro-batches
-    it is accumulated with are discarded before the update: parameters and optimiser state are
-    untouched; the step still counts, so the schedule and the data move on), counts it in
-    ``train/skipped_steps`` and stops with ``FloatingPointError`` after ``max_consecutive_skips``
+    not one a micro-batch). ``stop`` raises ``FloatingPointError`` naming the micro-batch.
+    ``skip`` drops the whole optimiser step that micro-batch belongs to (its gradients and those
+    of the other micro-batches it is accumulated with are discarded before the update:
+    parameters and optimiser state are untouched; the step still counts, so the schedule and the
+    data move on), counts it in ``train/skipped_steps`` and stops with ``FloatingPointError`` after ``max_consecutive_skips``
     skipped steps in a row.
 
     Resuming (``fit --ckpt_path``): the checkpoint's ``model.arch`` must equal the config's
@@ -364,10 +364,9 @@ class LanguageModel(L.LightningModule):
         Backward ran as usual for every micro-batch (every process takes part in the same
         collectives); under ``skip`` the step's gradients are then discarded."""
         losses, self._step_losses = self._step_losses, []
-        if not losses:
-            return False
-        finite = torch.isfinite(torch.stack([loss for _, loss in losses]))
-        bad = (~finite).any().float()
+        finite = (torch.isfinite(torch.stack([loss for _, loss in losses])) if losses
+                  else torch.ones(0, dtype=torch.bool, device=self.device))
+        bad = (~finite).any().float()  # every process takes part in the all-reduce
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if not bool(bad > 0):
