@@ -157,8 +157,8 @@ class LanguageModel(L.LightningModule):
     ``skip`` drops the whole optimiser step that micro-batch belongs to (its gradients and those
     of the other micro-batches it is accumulated with are discarded before the update:
     parameters and optimiser state are untouched; the step still counts, so the schedule and the
-    data move on), counts it in ``train/skipped_steps`` and stops with ``FloatingPointError`` after ``max_consecutive_skips``
-    skipped steps in a row.
+    data move on), counts it in ``train/skipped_steps`` and stops with ``FloatingPointError``
+    after ``max_consecutive_skips`` skipped steps in a row.
 
     Resuming (``fit --ckpt_path``): the checkpoint's ``model.arch`` must equal the config's
     (``kernel_backend`` and ``latent_form`` aside), else a ``ValueError`` names the fields that
