@@ -35,6 +35,17 @@ def _empty(x: Tensor, *shape, dtype: torch.dtype | None = None) -> Tensor:
     return x.new_empty(shape, dtype=dtype or x.dtype)
 
 
+def _attention_outputs(q: Tensor, value_dim: int) -> tuple[Tensor, Tensor]:
+    """Fake ``(o (B, T, H, value_dim) in q's dtype, lse (B, T, H) float32)``."""
+    B, T, H, _ = q.shape
+    return _empty(q, B, T, H, value_dim), _empty(q, B, T, H, dtype=torch.float32)
+
+
+def _gradients(*inputs: Tensor) -> list[Tensor]:
+    """Fake gradients: one contiguous tensor like each input."""
+    return [_empty(x, *x.shape) for x in inputs]
+
+
 # -- sliding window ---------------------------------------------------------------------------
 @torch.library.custom_op(f"{LIB}::sliding_window_attention", mutates_args=())
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float,
@@ -45,8 +56,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale
 
 @sliding_window_attention.register_fake
 def _(q, k, v, window, scale, config):
-    B, T, H, _ = q.shape
-    return _empty(q, B, T, H, v.shape[3]), _empty(q, B, T, H, dtype=torch.float32)
+    return _attention_outputs(q, v.shape[3])
 
 
 @torch.library.custom_op(f"{LIB}::sliding_window_attention_backward", mutates_args=())
@@ -59,7 +69,7 @@ def sliding_window_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tenso
 
 @sliding_window_attention_backward.register_fake
 def _(do, q, k, v, o, lse, window, scale, config):
-    return _empty(q, *q.shape), _empty(k, *k.shape), _empty(v, *v.shape)
+    return tuple(_gradients(q, k, v))
 
 
 # -- compression ------------------------------------------------------------------------------
@@ -72,8 +82,7 @@ def compression_attention(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, block_len: in
 
 @compression_attention.register_fake
 def _(q, k_cmp, v_cmp, block_len, stride, scale):
-    B, T, H, _ = q.shape
-    return _empty(q, B, T, H, v_cmp.shape[3]), _empty(q, B, T, H, dtype=torch.float32)
+    return _attention_outputs(q, v_cmp.shape[3])
 
 
 @torch.library.custom_op(f"{LIB}::compression_attention_backward", mutates_args=())
@@ -87,7 +96,7 @@ def compression_attention_backward(do: Tensor, q: Tensor, k_cmp: Tensor, v_cmp: 
 
 @compression_attention_backward.register_fake
 def _(do, q, k_cmp, v_cmp, o, lse, block_len, stride, scale):
-    return _empty(q, *q.shape), _empty(k_cmp, *k_cmp.shape), _empty(v_cmp, *v_cmp.shape)
+    return tuple(_gradients(q, k_cmp, v_cmp))
 
 
 # -- block selection (no gradient) ------------------------------------------------------------
@@ -119,12 +128,10 @@ def selected_attention(q: Tensor, k: Tensor, v: Tensor | None, block_idx: Tensor
 
 @selected_attention.register_fake
 def _(q, k, v, block_idx, select_block, scale, q_share, value_dim, config):
-    B, T, H, _ = q.shape
     lists = _module("selected_attention").chunk_list_shape(q, k, v, block_idx, select_block,
                                                            q_share, value_dim, config)
-    dv = value_dim if v is None else v.shape[3]
-    return (_empty(q, B, T, H, dv), _empty(q, B, T, H, dtype=torch.float32),
-            _empty(q, *lists, dtype=torch.int32))
+    o, lse = _attention_outputs(q, value_dim if v is None else v.shape[3])
+    return o, lse, _empty(q, *lists, dtype=torch.int32)
 
 
 @torch.library.custom_op(f"{LIB}::selected_attention_backward", mutates_args=())
@@ -140,8 +147,7 @@ def selected_attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor | No
 
 @selected_attention_backward.register_fake
 def _(do, q, k, v, o, lse, block_idx, lists, select_block, scale, q_share, value_dim, config):
-    grads = [_empty(q, *q.shape), _empty(k, *k.shape)]
-    return grads if v is None else grads + [_empty(v, *v.shape)]
+    return _gradients(q, k) if v is None else _gradients(q, k, v)
 
 
 # -- backward formulas ------------------------------------------------------------------------

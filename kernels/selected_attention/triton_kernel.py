@@ -1122,8 +1122,9 @@ def op_forward(q, k, v, block_idx, select_block, scale, q_share, value_dim, conf
     v`` (``v`` None: the values are ``k[..., :value_dim]``, in the first key tile)."""
     cfg = _decode_config(config)
     p = _plan(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
+    q, k, v = _row_major(q, k, v, p)
     bi32, clist = _lists(block_idx, p)
-    o, lse = _forward(q, k, k if p.VK else v, bi32, clist, p, float(scale), cfg)
+    o, lse = _forward(q, k, v, bi32, clist, p, float(scale), cfg)
     return o, lse, clist
 
 
@@ -1136,10 +1137,11 @@ def op_backward(do, q, k, v, o, lse, block_idx, clist, select_block, scale, q_sh
     p_kv = _dkdv_plan(q, k, v, block_idx, select_block, q_share, cfg, p)
     bi32 = block_idx.to(torch.int32).contiguous() if p.UNION else clist
     bi_kv, clist_kv = _dkdv_lists(block_idx, p, p_kv, bi32, clist)
+    q, k, v = _row_major(q, k, v, p)
     # dO is read through its strides (the layer's comes back from the W_uv up-projection
     # head-major); only rows that are not unit-stride are copied
-    dq, dk, dv = _backward(q, k, k if p.VK else v, o, lse, row_major(do), bi32, clist, p,
-                           float(scale), cfg, (bi_kv, clist_kv, p_kv))
+    dq, dk, dv = _backward(q, k, v, o, lse, row_major(do), bi32, clist, p, float(scale), cfg,
+                           (bi_kv, clist_kv, p_kv))
     return [dq, dk] if p.VK else [dq, dk, dv]
 
 
@@ -1177,12 +1179,7 @@ def selected_attention(
     dividing ``select_block``; head counts that do not divide; dims above 256; dtypes other than
     bf16 / fp16 / fp32) and for a ``v``/``value_dim`` pair that is not exactly one of them.
     """
-    cfg = config or DEFAULT_CONFIG
-    _, v, value_dim = _resolve(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
-    _check_device(q)
-    o, _, _ = torch.ops.nsa_lit.selected_attention(
-        q.contiguous(), k.contiguous(), None if v is None else v.contiguous(), block_idx,
-        select_block, float(scale), q_share, value_dim, encode_config(cfg))
+    o, _, _ = _call(q, k, v, block_idx, select_block, scale, q_share, value_dim, config)
     return o
 
 
@@ -1190,12 +1187,20 @@ def selected_attention_with_lse(q, k, v, block_idx, select_block, scale, q_share
                                 value_dim: int | None = None, config: Config | None = None):
     """Forward only (no autograd): ``(o, lse)`` with ``lse (B, T, H)`` float32, natural log.
     ``v``/``value_dim`` as in :func:`selected_attention`."""
+    with torch.no_grad():
+        o, lse, _ = _call(q, k, v, block_idx, select_block, scale, q_share, value_dim, config)
+    return o, lse
+
+
+def _call(q, k, v, block_idx, select_block, scale, q_share, value_dim, config: Config | None):
+    """Validate, then ``torch.ops.nsa_lit.selected_attention`` on contiguous inputs:
+    ``(o, lse, chunk lists)``."""
     cfg = config or DEFAULT_CONFIG
-    p, v, _ = _resolve(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
+    _, v, value_dim = _resolve(q, k, v, block_idx, select_block, q_share, cfg, value_dim)
     _check_device(q)
-    q, k, v = _row_major(q, k, v, p)
-    bi32, clist = _lists(block_idx, p)
-    return _forward(q, k, v, bi32, clist, p, float(scale), cfg)
+    return torch.ops.nsa_lit.selected_attention(
+        q.contiguous(), k.contiguous(), None if v is None else v.contiguous(), block_idx,
+        select_block, float(scale), q_share, value_dim, encode_config(cfg))
 
 
 __all__ = ["selected_attention", "selected_attention_with_lse", "Config", "DEFAULT_CONFIG"]
