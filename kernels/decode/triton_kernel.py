@@ -40,8 +40,9 @@ Design
 * **Split-K** (flash-decoding): program ``s`` of ``SPLITS`` takes an even, ``BLOCK_N``-aligned
   share of its sequence's own key range (``SEL``: a share of the ``top_n`` block entries), keeps
   an online softmax in base 2 (fp32), and writes its normalised partial output and lse to an fp32
-  scratch ``(B, H, SPLITS, Dv)``; ``_combine_kernel`` (one program per (sequence, head)) merges
-  them. With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse`` directly. ``SPLITS`` is
+  scratch ``(B, H, SPLITS, Dv)``; the last of a row block's ``SPLITS`` programs to finish (an
+  arrival count per program, :func:`_arrivals`) merges them and resets its count: no second
+  launch. With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse`` directly. ``SPLITS`` is
   picked on the host from the grid size and the largest possible key range (the cache shape, no
   device sync): about two programs per SM, at least ``MIN_KEYS_PER_SPLIT`` keys each.
 * Empty key sets (a window/compression/selection that sees nothing yet) give ``o = 0`` and
@@ -157,11 +158,11 @@ def _ring(n0, offs, S):
 
 @triton.jit
 def _decode_kernel(
-    Q, K, KR, V, POS, BIDX, O, LSE, OP, LP,
+    Q, K, KR, V, POS, BIDX, O, LSE, OP, LP, DONE,
     sqb, sqh, skb, sks, skh, srb, srs, svb, svs, svh, sob, soh, sib, sig,
     H, S, REP, QG, U, NCH, window, block_len, stride, sel_block, n_sel, qk_scale,
     MODE: tl.constexpr, HAS_ROPE: tl.constexpr, SHARED_V: tl.constexpr, SPLITS: tl.constexpr,
-    M: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+    SP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
     DR: tl.constexpr, DRP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     NSEL_P: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -255,42 +256,41 @@ def _decode_kernel(
     out = acc / l_safe[:, None]
     lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
     dv = tl.arange(0, DVP)
+    o_rows = O + b64 * sob + h.to(tl.int64) * soh
+    o_mask = row_ok[:, None] & (dv[None, :] < DV)
     if SPLITS == 1:
-        o_rows = O + b64 * sob + h.to(tl.int64) * soh
-        tl.store(o_rows[:, None] + dv[None, :], out.to(O.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
+        tl.store(o_rows[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=o_mask)
         tl.store(LSE + b64 * H + h, lse2 * 0.6931471805599453, mask=row_ok)
     else:
-        row = (b64 * H + h) * SPLITS + pid_s
-        tl.store(OP + row[:, None] * DV + dv[None, :], out,
-                 mask=row_ok[:, None] & (dv[None, :] < DV))
-        tl.store(LP + row, lse2, mask=row_ok)
-
-
-@triton.jit
-def _combine_kernel(OP, LP, O, LSE, sob, soh, H,
-                    SPLITS: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr,
-                    DVP: tl.constexpr):
-    """Merge the ``SPLITS`` partial outputs (normalised, with their base-2 lse) of one
-    (sequence, head): ``o = sum_s 2^(lse_s - lse) o_s``."""
-    bh = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, SP)
-    dv = tl.arange(0, DVP)
-    lp = tl.load(LP + bh * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
-    mx = tl.max(lp, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    tot = tl.sum(tl.exp2(lp - mx), 0)
-    acc = tl.zeros([DVP], tl.float32)
-    for i in range(SPLITS):
-        w = tl.exp2(tl.load(LP + bh * SPLITS + i) - mx)
-        acc += w * tl.load(OP + (bh * SPLITS + i) * DV + dv, mask=dv < DV, other=0.0)
-    out = acc / tl.where(tot > 0, tot, 1.0)
-    b = bh // H
-    h = bh % H
-    tl.store(O + b * sob + h * soh + dv, out.to(O.dtype.element_ty), mask=dv < DV)
-    lse = tl.where(tot > 0, (mx + tl.log2(tl.where(tot > 0, tot, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
-    tl.store(LSE + bh, lse)
+        row0 = (b64 * H + h) * SPLITS  # this program's rows of the partials
+        tl.store(OP + (row0 + pid_s)[:, None] * DV + dv[None, :], out, mask=o_mask)
+        tl.store(LP + row0 + pid_s, lse2, mask=row_ok)
+        # the last of the SPLITS programs of these rows to get here merges them: every thread's
+        # stores are ordered before the (release) count, the count before the (acquire) reads
+        tl.debug_barrier()
+        arrived = tl.atomic_add(DONE + pid, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:
+            sp = tl.arange(0, SP)
+            lp = tl.load(LP + row0[:, None] + sp[None, :],
+                         mask=row_ok[:, None] & (sp[None, :] < SPLITS), other=float("-inf"),
+                         cache_modifier=".cg")
+            mx = tl.max(lp, 1)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            tot = tl.sum(tl.exp2(lp - mx[:, None]), 1)
+            merged = tl.zeros([M, DVP], tl.float32)
+            for i in range(SPLITS):
+                w = tl.exp2(tl.load(LP + row0 + i, mask=row_ok, other=float("-inf"),
+                                    cache_modifier=".cg") - mx)
+                merged += w[:, None] * tl.load(OP + (row0 + i)[:, None] * DV + dv[None, :],
+                                               mask=o_mask, other=0.0, cache_modifier=".cg")
+            some = tot > 0
+            tot = tl.where(some, tot, 1.0)
+            tl.store(o_rows[:, None] + dv[None, :],
+                     (merged / tot[:, None]).to(O.dtype.element_ty), mask=o_mask)
+            tl.store(LSE + b64 * H + h,
+                     tl.where(some, (mx + tl.log2(tot)) * 0.6931471805599453, float("-inf")),
+                     mask=row_ok)
+            tl.atomic_xchg(DONE + pid, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -509,6 +509,23 @@ def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[s
     return cfg
 
 
+_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, programs: int) -> torch.Tensor:
+    """Zeroed int32 arrival counts, at least ``programs`` of them, one buffer per (device,
+    stream): a launch leaves them at zero again, so launches in stream order (CUDA graph replays
+    included) share one buffer; another stream gets its own. Allocated once per size class (a
+    CUDA graph capture that allocates one keeps it in its private pool)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _ARRIVALS.get(key)
+    if buf is None or buf.numel() < programs:
+        buf = _ARRIVALS[key] = torch.zeros(max(1024, _pow2(programs)), device=device,
+                                           dtype=torch.int32)
+    return buf
+
+
 def _num_splits(programs: int, max_work: int, device: torch.device) -> int:
     if "SPLITS" in CONFIG_OVERRIDE:
         return max(1, int(CONFIG_OVERRIDE["SPLITS"]))
@@ -559,22 +576,20 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     kr = k_rope if k_rope is not None else k
     bidx = block_idx if block_idx is not None else positions
     sib, sig = (block_idx.stride(0), block_idx.stride(1)) if block_idx is not None else (0, 0)
+    done = _arrivals(q.device, programs) if splits > 1 else lse  # unused with one split
     _decode_kernel[(programs, splits)](
-        q, k, kr, v, positions, bidx, o, lse, op, lp,
+        q, k, kr, v, positions, bidx, o, lse, op, lp, done,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         kr.stride(0), kr.stride(1), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), sib, sig,
         H, S, rep, qg, unit, nch, int(window), int(block_len), int(stride), int(sel_block),
         n_sel, float(scale) * LOG2E,
-        MODE=mode, HAS_ROPE=k_rope is not None, SHARED_V=shared, SPLITS=splits, M=rows,
+        MODE=mode, HAS_ROPE=k_rope is not None, SHARED_V=shared, SPLITS=splits,
+        SP=_pow2(splits, 2), M=rows,
         BLOCK_N=cfg["BLOCK_N"], DK=Dk, DKP=DKP, DR=Dr, DRP=DRP, DV=Dv, DVP=DVP,
         NSEL_P=_pow2(n_sel, 2), IEEE=fp32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if splits > 1:
-        _combine_kernel[(B * H,)](
-            op, lp, o, lse, o.stride(0), o.stride(1), H,
-            SPLITS=splits, SP=_pow2(splits, 2), DV=Dv, DVP=_pow2(Dv), num_warps=4)
     return o, lse
 
 

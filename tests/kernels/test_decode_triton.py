@@ -599,3 +599,20 @@ def test_split_count_follows_the_minimum_keys_per_split(monkeypatch):
     assert tk._num_splits(1, 512, cpu) == 1
     monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"SPLITS": 3})
     assert tk._num_splits(1, 512, cpu) == 3
+
+
+def test_split_merge_leaves_the_arrival_counts_at_zero(monkeypatch):
+    """With several splits the last program of each row block merges the partials in the same
+    launch and resets its arrival count: the counts are zero after every launch, and a second
+    launch on the same buffer gives the same output (a count left behind would skip or repeat
+    the merge)."""
+    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"SPLITS": 3})
+    gen = torch.Generator(device=DEV).manual_seed(7)
+    q, k, v, kr = make("gla", 3, 40, gen=gen)
+    pos = torch.tensor([39, 5, 21], device=DEV)
+    first = tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr)
+    counts = tk._arrivals(q.device, 1)
+    assert counts.dtype == torch.int32 and (counts == 0).all()
+    check(first, ref.causal_decode(q, k, v, pos, 0.3, k_rope=kr))
+    assert torch.equal(tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr), first)
+    assert (counts == 0).all()
