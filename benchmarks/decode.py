@@ -59,7 +59,7 @@ def fill_randomly(caches, context: int) -> None:
         cache.longest = cache.shortest = context
 
 
-def kernel_profile(step, tokens: torch.Tensor, steps: int = PROFILED_STEPS, top: int = 12) -> dict:
+def kernel_profile(step, tokens: torch.Tensor, steps: int = PROFILED_STEPS, top: int = 40) -> dict:
     """The GPU kernels of ``steps`` calls ``tokens = step(tokens).argmax(-1)``, per step: count,
     summed milliseconds, and the ``top`` names by time as ``[name, count, total_us]``."""
     from torch.profiler import ProfilerActivity, profile
