@@ -49,7 +49,7 @@ from nsa_lit.attention.kv import BranchKV, GroupedKV, LatentKV
 from nsa_lit.cache import BranchKVCache, StepPlan, TokenCache
 from nsa_lit.config import Branch, Form, ModelConfig
 from nsa_lit.rope import Rotary
-from nsa_lit.step_weights import MergedWeights, stack
+from nsa_lit.step_weights import MergedWeights, add_linear, stack
 
 
 class Attention(nn.Module):
@@ -216,10 +216,12 @@ class Attention(nn.Module):
         return [outputs[b] for b in spec.branches]
 
     def _output(self, outs: list[torch.Tensor], gate_logits: torch.Tensor | None,
-                w_out: torch.Tensor | None = None) -> torch.Tensor:
+                w_out: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Gate the branch outputs ``(B, T, H, D)`` by ``sigmoid(gate_logits)`` (``(B, T, H *
         branches)``; None with one branch) and project them to ``(B, T, d_model)`` by ``wo``, or
-        by ``w_out`` (``wo`` with ``W_uv`` absorbed, for outputs still in latent space)."""
+        by ``w_out`` (``wo`` with ``W_uv`` absorbed, for outputs still in latent space); plus
+        ``residual`` in the same GEMM when given."""
         B, T = outs[0].shape[:2]
         if gate_logits is None:
             o = outs[0]
@@ -227,7 +229,8 @@ class Attention(nn.Module):
             gates = torch.sigmoid(gate_logits).view(B, T, self.cfg.n_heads, len(outs), 1)
             o = sum(gates[:, :, :, i] * out for i, out in enumerate(outs))
         o = o.reshape(B, T, -1)
-        return self.wo(o) if w_out is None else F.linear(o, w_out)
+        w = self.wo.weight if w_out is None else w_out
+        return F.linear(o, w) if residual is None else add_linear(residual, o, w)
 
     # -- entry points ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: TokenCache | BranchKVCache | None = None,
@@ -265,9 +268,10 @@ class Attention(nn.Module):
         return self._output(outs, gate_logits)
 
     def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache,
-               plan: StepPlan = StepPlan()) -> torch.Tensor:
+               plan: StepPlan = StepPlan(), residual: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
-        -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
+        -> ``(B, 1, d_model)``, plus ``residual`` (same shape) if given; appends the token (and any completed compression block) to
         ``cache``. Latent layers attend in the absorbed form, to the latent cache itself.
         ``plan`` (``cache.reserve()``, the host side of the step, which the caller runs first)
         lets the step skip the compressor and the block scoring where no sequence needs them;
@@ -289,7 +293,7 @@ class Attention(nn.Module):
             cache.append(kv[0][:, 0], kv[1][:, 0],
                          self._compress if cache.compressed is not None else None, plan=plan)
         outs = self._decode_branches(q[:, 0], cache, positions, plan)
-        return self._output([o[:, None] for o in outs], gate_logits, weights["w_out"])
+        return self._output([o[:, None] for o in outs], gate_logits, weights["w_out"], residual)
 
     # -- merged weights of a decode step (nsa_lit.step_weights) ------------------------------
     @property
