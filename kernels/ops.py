@@ -200,20 +200,21 @@ selected_attention.register_autograd(_selected_backward, setup_context=_selected
 # -- decoding (inference only) ----------------------------------------------------------------
 # A compiled decode step (Transformer.compile_decode) traces through these, so the compiler sees
 # and fuses a whole block's step.
+_GATED = "*, Tensor? gate=None, Tensor? add_to=None"  # the gated branch sum, see decode.reference
 DECODE_OPS: dict[str, str] = {
     "causal_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, "
-                     "Tensor? k_rope) -> Tensor",
+                     f"Tensor? k_rope, {_GATED}) -> Tensor",
     "window_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scale, "
-                     "Tensor? k_rope) -> Tensor",
+                     f"Tensor? k_rope, {_GATED}) -> Tensor",
     "compression_decode": "(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor positions, "
-                          "int block_len, int stride, float scale, Tensor? k_rope_cmp) "
-                          "-> (Tensor, Tensor)",
+                          f"int block_len, int stride, float scale, Tensor? k_rope_cmp, "
+                          f"{_GATED}) -> (Tensor, Tensor)",
     "select_blocks_decode": "(Tensor q, Tensor k_cmp, Tensor lse, Tensor positions, *, "
                             "int num_groups, int block_len, int stride, int select_block, "
                             "int num_blocks, int top_n, int num_local, float scale, "
                             "Tensor? k_rope_cmp) -> Tensor",
     "selected_decode": "(Tensor q, Tensor k, Tensor v, Tensor block_idx, Tensor positions, "
-                       "int select_block, float scale, Tensor? k_rope) -> Tensor",
+                       f"int select_block, float scale, Tensor? k_rope, {_GATED}) -> Tensor",
 }
 
 
@@ -223,13 +224,13 @@ def _decode_output(q, v):
 
 
 _DECODE_FAKES: dict[str, Callable] = {
-    "causal_decode": lambda q, k, v, *args: _decode_output(q, v),
-    "window_decode": lambda q, k, v, *args: _decode_output(q, v),
-    "compression_decode": lambda q, k_cmp, v_cmp, *args: (
+    "causal_decode": lambda q, k, v, *args, **kwargs: _decode_output(q, v),
+    "window_decode": lambda q, k, v, *args, **kwargs: _decode_output(q, v),
+    "compression_decode": lambda q, k_cmp, v_cmp, *args, **kwargs: (
         _decode_output(q, v_cmp), q.new_empty(q.shape[:2], dtype=torch.float32)),
     "select_blocks_decode": lambda q, *args, num_groups, top_n, **kwargs: q.new_empty(
         (q.shape[0], num_groups, top_n), dtype=torch.int64),
-    "selected_decode": lambda q, k, v, *args: _decode_output(q, v),
+    "selected_decode": lambda q, k, v, *args, **kwargs: _decode_output(q, v),
 }
 _decode_library = torch.library.Library(LIB, "FRAGMENT")
 for _name, _schema in DECODE_OPS.items():

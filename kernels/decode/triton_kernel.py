@@ -45,6 +45,9 @@ Design
   launch. With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse`` directly. ``SPLITS`` is
   picked on the host from the grid size and the largest possible key range (the cache shape, no
   device sync): about two programs per SM, at least ``MIN_KEYS_PER_SPLIT`` keys each.
+* **Gated branch sum** in the epilogue: with ``gate`` / ``add_to`` (see
+  :mod:`kernels.decode.reference`) the row written is ``add_to + gate * o``, so a layer's
+  branches accumulate their gated sum one launch after another, without a gating kernel.
 * Empty key sets (a window/compression/selection that sees nothing yet) give ``o = 0`` and
   ``lse = -inf``, as the reference.
 * Mixed dtypes (a cache in another dtype than the query, e.g. ``generate(cache_dtype=...)``)
@@ -78,6 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode import reference as ref
 from kernels.triton_utils import interpreting, num_sms
 
 LOG2E = 1.4426950408889634
@@ -157,14 +161,30 @@ def _ring(n0, offs, S):
 
 
 @triton.jit
+def _store_output(out, O, GATE, ADD, b64, h, row_ok, dv, o_mask, sob, soh, sgb, sgh, sab, sah,
+                  GATED: tl.constexpr, ADDS: tl.constexpr):
+    """Write the rows ``h`` of ``o``: ``out`` (fp32, normalised), times the gate and plus the
+    running branch sum when the launch has them, rounded once."""
+    h64 = h.to(tl.int64)
+    if GATED:
+        out = out * tl.load(GATE + b64 * sgb + h64 * sgh, mask=row_ok, other=0.0
+                            ).to(tl.float32)[:, None]
+    if ADDS:
+        out += tl.load(ADD + b64 * sab + h64[:, None] * sah + dv[None, :], mask=o_mask,
+                       other=0.0).to(tl.float32)
+    tl.store(O + b64 * sob + h64[:, None] * soh + dv[None, :], out.to(O.dtype.element_ty),
+             mask=o_mask)
+
+
+@triton.jit
 def _decode_kernel(
-    Q, K, KR, V, POS, BIDX, O, LSE, OP, LP, DONE,
-    sqb, sqh, skb, sks, skh, srb, srs, svb, svs, svh, sob, soh, sib, sig,
+    Q, K, KR, V, POS, BIDX, O, LSE, OP, LP, DONE, GATE, ADD,
+    sqb, sqh, skb, sks, skh, srb, srs, svb, svs, svh, sob, soh, sib, sig, sgb, sgh, sab, sah,
     H, S, REP, QG, U, NCH, window, block_len, stride, sel_block, n_sel, qk_scale,
     MODE: tl.constexpr, HAS_ROPE: tl.constexpr, SHARED_V: tl.constexpr, SPLITS: tl.constexpr,
     SP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
     DR: tl.constexpr, DRP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
-    NSEL_P: tl.constexpr, IEEE: tl.constexpr,
+    NSEL_P: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr, ADDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -256,10 +276,10 @@ def _decode_kernel(
     out = acc / l_safe[:, None]
     lse2 = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
     dv = tl.arange(0, DVP)
-    o_rows = O + b64 * sob + h.to(tl.int64) * soh
     o_mask = row_ok[:, None] & (dv[None, :] < DV)
     if SPLITS == 1:
-        tl.store(o_rows[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=o_mask)
+        _store_output(out, O, GATE, ADD, b64, h, row_ok, dv, o_mask, sob, soh, sgb, sgh, sab,
+                      sah, GATED, ADDS)
         tl.store(LSE + b64 * H + h, lse2 * 0.6931471805599453, mask=row_ok)
     else:
         row0 = (b64 * H + h) * SPLITS  # this program's rows of the partials
@@ -285,8 +305,8 @@ def _decode_kernel(
                                                mask=o_mask, other=0.0, cache_modifier=".cg")
             some = tot > 0
             tot = tl.where(some, tot, 1.0)
-            tl.store(o_rows[:, None] + dv[None, :],
-                     (merged / tot[:, None]).to(O.dtype.element_ty), mask=o_mask)
+            _store_output(merged / tot[:, None], O, GATE, ADD, b64, h, row_ok, dv, o_mask, sob,
+                          soh, sgb, sgh, sab, sah, GATED, ADDS)
             tl.store(LSE + b64 * H + h,
                      tl.where(some, (mx + tl.log2(tot)) * 0.6931471805599453, float("-inf")),
                      mask=row_ok)
@@ -535,13 +555,32 @@ def _num_splits(programs: int, max_work: int, device: torch.device) -> int:
     return max(1, min(want, cap, MAX_SPLITS))
 
 
+def _check_gated(gate, add_to, q: torch.Tensor, Dv: int):
+    """``gate (B, H)`` and ``add_to (B, H, Dv)`` (see :mod:`kernels.decode.reference`), each
+    None or a floating tensor on ``q``'s device; ``add_to`` made unit-stride in its last dim."""
+    B, H = q.shape[:2]
+    for name, x, shape in (("gate", gate, (B, H)), ("add_to", add_to, (B, H, Dv))):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be {shape}, got {tuple(getattr(x, 'shape', ()))}")
+        if x.dtype not in _DTYPES or x.device != q.device:
+            raise ValueError(f"{name} must be a float tensor on {q.device}, got {x.dtype} on "
+                             f"{x.device}")
+    if add_to is not None and add_to.stride(-1) != 1:
+        add_to = add_to.contiguous()
+    return gate, add_to
+
+
 def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_len=1, stride=1,
-            block_idx=None, sel_block=1):
+            block_idx=None, sel_block=1, gate=None, add_to=None):
     B, H, S, Hk, Dk, Dr, Dv, shared = dims
+    gate, add_to = _check_gated(gate, add_to, q, Dv)
     if B == 0 or H == 0 or S == 0:
-        return (torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype),
+        return (ref.gated_sum(torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype), gate,
+                              add_to),
                 torch.full((B, H), float("-inf"), device=q.device, dtype=torch.float32))
-    # every (sequence, head) row is written by exactly one program (or by the combine)
+    # every (sequence, head) row is written by exactly one program (or by the merging one)
     o = torch.empty((B, H, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H), device=q.device, dtype=torch.float32)
     rep = H // Hk
@@ -579,15 +618,18 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     done = _arrivals(q.device, programs) if splits > 1 else lse  # unused with one split
     _decode_kernel[(programs, splits)](
         q, k, kr, v, positions, bidx, o, lse, op, lp, done,
+        gate if gate is not None else lse, add_to if add_to is not None else o,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         kr.stride(0), kr.stride(1), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), sib, sig,
+        *(gate.stride() if gate is not None else (0, 0)),
+        *(add_to.stride()[:2] if add_to is not None else (0, 0)),
         H, S, rep, qg, unit, nch, int(window), int(block_len), int(stride), int(sel_block),
         n_sel, float(scale) * LOG2E,
         MODE=mode, HAS_ROPE=k_rope is not None, SHARED_V=shared, SPLITS=splits,
         SP=_pow2(splits, 2), M=rows,
         BLOCK_N=cfg["BLOCK_N"], DK=Dk, DKP=DKP, DR=Dr, DRP=DRP, DV=Dv, DVP=DVP,
-        NSEL_P=_pow2(n_sel, 2), IEEE=fp32,
+        NSEL_P=_pow2(n_sel, 2), IEEE=fp32, GATED=gate is not None, ADDS=add_to is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return o, lse
@@ -602,36 +644,39 @@ def _index_positions(positions: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def causal_decode(q, k, v, positions, scale: float, k_rope=None) -> torch.Tensor:
+def causal_decode(q, k, v, positions, scale: float, k_rope=None, *, gate=None,
+                  add_to=None) -> torch.Tensor:
     """See :func:`kernels.decode.reference.causal_decode`."""
     dims = _check(q, k, v, k_rope, positions, scale=scale)
     S = dims[2]
     return _attend(MODE_RANGE, q, k, v, k_rope, _index_positions(positions), scale, dims,
-                   window=max(S, 1))[0]
+                   window=max(S, 1), gate=gate, add_to=add_to)[0]
 
 
-def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None) -> torch.Tensor:
+def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None, *, gate=None,
+                  add_to=None) -> torch.Tensor:
     """See :func:`kernels.decode.reference.window_decode`."""
     dims = _check(q, k, v, k_rope, positions, scale=scale)
     window = _need_int("window", window)
     window = min(window, max(dims[2], 1))  # a cache of S slots never holds more than S tokens
     return _attend(MODE_RANGE, q, k, v, k_rope, _index_positions(positions), scale, dims,
-                   window=window)[0]
+                   window=window, gate=gate, add_to=add_to)[0]
 
 
 def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, scale: float,
-                       k_rope_cmp=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       k_rope_cmp=None, *, gate=None, add_to=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`kernels.decode.reference.compression_decode`; returns ``(o, lse)``."""
     dims = _check(q, k_cmp, v_cmp, k_rope_cmp, positions, kname="k_cmp", vname="v_cmp",
                   rname="k_rope_cmp", scale=scale)
     block_len = _need_int("block_len", block_len)
     stride = _need_int("stride", stride)
     return _attend(MODE_CMP, q, k_cmp, v_cmp, k_rope_cmp, _index_positions(positions), scale,
-                   dims, block_len=block_len, stride=stride)
+                   dims, block_len=block_len, stride=stride, gate=gate, add_to=add_to)
 
 
 def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: float,
-                    k_rope=None) -> torch.Tensor:
+                    k_rope=None, *, gate=None, add_to=None) -> torch.Tensor:
     """See :func:`kernels.decode.reference.selected_decode`."""
     dims = _check(q, k, v, k_rope, positions, scale=scale)
     B, H = dims[0], dims[1]
@@ -644,9 +689,12 @@ def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: flo
     if G < 1 or H % G:
         raise ValueError(f"query heads ({H}) must be a multiple of selection groups ({G})")
     if block_idx.shape[2] == 0:
-        return torch.zeros((B, H, dims[6]), device=q.device, dtype=q.dtype)
+        gate, add_to = _check_gated(gate, add_to, q, dims[6])
+        return ref.gated_sum(torch.zeros((B, H, dims[6]), device=q.device, dtype=q.dtype), gate,
+                             add_to)
     return _attend(MODE_SEL, q, k, v, k_rope, _index_positions(positions), scale, dims,
-                   block_idx=block_idx.to(torch.int64).contiguous(), sel_block=select_block)[0]
+                   block_idx=block_idx.to(torch.int64).contiguous(), sel_block=select_block,
+                   gate=gate, add_to=add_to)[0]
 
 
 def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len: int,

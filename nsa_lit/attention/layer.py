@@ -174,28 +174,38 @@ class Attention(nn.Module):
 
     # -- branches ----------------------------------------------------------------------------
     def _decode_branches(self, q: torch.Tensor, cache: TokenCache | BranchKVCache,
-                         positions: torch.Tensor, plan: StepPlan) -> list[torch.Tensor]:
+                         positions: torch.Tensor, plan: StepPlan,
+                         gates: torch.Tensor | None) -> torch.Tensor:
         """The branches for one query per sequence, ``q (B, H, Dq)``, against ``cache``
-        (absorbed form for latent caches); outputs ``(B, H, Dv)`` in ``self.branches`` order.
-        Blocks are scored only when a query-sharing group may open (``plan.select``)."""
+        (absorbed form for latent caches), summed with their ``gates (B, H, branches)`` (in
+        ``spec.branches`` order; None with one branch) -> ``(B, H, Dv)``. Each kernel adds its
+        gated output to the sum so far in its epilogue (``gate``, ``add_to``): no separate
+        gating kernel. Blocks are scored only when a query-sharing group may open
+        (``plan.select``)."""
         spec, backend, scale = self.spec, self.cfg.kernel_backend, self.spec.scale
         score = spec.selects and plan.select is not False
-        outputs: dict[Branch, torch.Tensor] = {}
+        total: torch.Tensor | None = None
+
+        def gated(branch: Branch) -> dict:
+            gate = None if gates is None else gates[:, :, spec.branches.index(branch)]
+            return {"backend": backend, "gate": gate, "add_to": total}
+
         if Branch.FULL in spec.branches:
             k, v, k_rope = cache.for_branch(Branch.FULL).attention_inputs()
-            outputs[Branch.FULL] = kernels.causal_decode(q, k, v, positions, scale, k_rope,
-                                                         backend=backend)
+            total = kernels.causal_decode(q, k, v, positions, scale, k_rope,
+                                          **gated(Branch.FULL))
         if Branch.WINDOW in spec.branches:
             k, v, k_rope = cache.for_branch(Branch.WINDOW).attention_inputs()
-            outputs[Branch.WINDOW] = kernels.window_decode(q, k, v, positions, spec.window,
-                                                           scale, k_rope, backend=backend)
+            total = kernels.window_decode(q, k, v, positions, spec.window, scale, k_rope,
+                                          **gated(Branch.WINDOW))
         if Branch.COMPRESSION in spec.branches or score:
             k_cmp, v_cmp, kr_cmp = cache.for_branch(Branch.COMPRESSION).compressed_inputs()
+            summed = Branch.COMPRESSION in spec.branches
             o_cmp, lse = kernels.compression_decode(
                 q, k_cmp, v_cmp, positions, spec.compress_block, spec.compress_stride, scale,
-                kr_cmp, backend=backend)
-            if Branch.COMPRESSION in spec.branches:
-                outputs[Branch.COMPRESSION] = o_cmp
+                kr_cmp, **(gated(Branch.COMPRESSION) if summed else {"backend": backend}))
+            if summed:
+                total = o_cmp
         if spec.selects:
             selection = cache.for_branch(Branch.SELECTION)
             block_idx = selection.block_idx  # kept: no sequence opens a group
@@ -210,10 +220,9 @@ class Attention(nn.Module):
                     backend=backend)
                 block_idx = selection.share_selection(fresh, positions, plan.select)
             k, v, k_rope = selection.attention_inputs()
-            outputs[Branch.SELECTION] = kernels.selected_decode(
-                q, k, v, block_idx, positions, spec.select_block, scale, k_rope,
-                backend=backend)
-        return [outputs[b] for b in spec.branches]
+            total = kernels.selected_decode(q, k, v, block_idx, positions, spec.select_block,
+                                            scale, k_rope, **gated(Branch.SELECTION))
+        return total
 
     def _output(self, outs: list[torch.Tensor], gate_logits: torch.Tensor | None,
                 w_out: torch.Tensor | None = None, residual: torch.Tensor | None = None
@@ -292,8 +301,12 @@ class Attention(nn.Module):
         else:
             cache.append(kv[0][:, 0], kv[1][:, 0],
                          self._compress if cache.compressed is not None else None, plan=plan)
-        outs = self._decode_branches(q[:, 0], cache, positions, plan)
-        return self._output([o[:, None] for o in outs], gate_logits, weights["w_out"], residual)
+        gates = (None if gate_logits is None else  # (B, H, branches), in at least float32
+                 torch.sigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype,
+                                                                  torch.float32)))
+                 .view(x.shape[0], self.cfg.n_heads, -1))
+        o = self._decode_branches(q[:, 0], cache, positions, plan, gates)
+        return self._output([o[:, None]], None, weights["w_out"], residual)
 
     # -- merged weights of a decode step (nsa_lit.step_weights) ------------------------------
     @property

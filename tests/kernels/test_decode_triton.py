@@ -164,6 +164,53 @@ def test_selected_decode_ring_and_partial_blocks(splits):
           ref.selected_decode(q, k, v, bidx, pos, sb, 0.4, k_rope=kr))
 
 
+@pytest.mark.parametrize("terms", ["gate_and_sum", "gate", "sum"])
+def test_gated_branch_sum(terms, splits):
+    """``gate`` and ``add_to``: every attention function returns ``add_to + gate * o`` (the
+    reference's), in each of the kernel's epilogues (one split, merged splits), the gate a
+    strided view like the layer's ``gates[:, :, i]``; the compression lse is not gated; the
+    empty selection and the empty cache too."""
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    pos = torch.tensor([3, 17, 40], device=DEV)
+    q, k, v, kr = make("gla", len(pos), 48, gen=gen)
+    B, H, Dv = q.shape[0], q.shape[1], k.shape[-1]
+    gates = torch.rand(B, H, 3, device=DEV, generator=gen)
+    extra = {"gate": gates[:, :, 1] if "gate" in terms else None,
+             "add_to": (torch.randn(B, H, Dv, device=DEV, generator=gen) if "sum" in terms
+                        else None)}
+    bidx = random_blocks(B, 2, 48, 8, 3, pos)
+    cases = {
+        "causal": lambda m: m.causal_decode(q, k, v, pos, 0.3, k_rope=kr, **extra),
+        "window": lambda m: m.window_decode(q, k, v, pos, 9, 0.3, k_rope=kr, **extra),
+        "selected": lambda m: m.selected_decode(q, k, v, bidx, pos, 8, 0.3, k_rope=kr, **extra),
+        "no_blocks": lambda m: m.selected_decode(q, k, v, bidx[:, :, :0], pos, 8, 0.3,
+                                                 k_rope=kr, **extra),
+    }
+    for name, run in cases.items():
+        check(run(tk), run(ref))
+    o, lse = tk.compression_decode(q, k, v, pos, 8, 4, 0.3, k_rope_cmp=kr, **extra)
+    o_ref, lse_ref = ref.compression_decode(q, k, v, pos, 8, 4, 0.3, k_rope_cmp=kr, **extra)
+    check(o, o_ref)  # (position 3 sees no compressed token: o is add_to there, lse -inf)
+    torch.testing.assert_close(lse, lse_ref, rtol=0, atol=1e-5)
+    plain = ref.compression_decode(q, k, v, pos, 8, 4, 0.3, k_rope_cmp=kr)
+    assert torch.equal(lse_ref, plain[1])
+    q0, k0, v0, kr0 = make("gla", B, 0, gen=gen)  # no slot: o = 0, then gated and summed
+    check(tk.causal_decode(q0, k0, v0, pos, 0.3, k_rope=kr0, **extra),
+          ref.gated_sum(torch.zeros(B, H, Dv, device=DEV), **extra))
+
+
+def test_gated_branch_sum_errors():
+    q, k, v, kr = make("gla", 2, 8)
+    pos = torch.tensor([3, 5], device=DEV)
+    with pytest.raises(ValueError, match="gate must be"):
+        tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr, gate=torch.ones(2, 3, device=DEV))
+    with pytest.raises(ValueError, match="add_to must be"):
+        tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr, add_to=torch.ones(2, 4, 5, device=DEV))
+    with pytest.raises(ValueError, match="add_to must be a float"):
+        tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr,
+                         add_to=torch.ones(2, 4, 12, device=DEV, dtype=torch.int64))
+
+
 def test_more_heads_than_one_program(splits):
     """80 heads on one latent: the heads are cut into row chunks of 64."""
     pos = torch.tensor([9, 30], device=DEV)
