@@ -280,7 +280,8 @@ class Attention(nn.Module):
                plan: StepPlan = StepPlan(), residual: torch.Tensor | None = None
                ) -> torch.Tensor:
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
-        -> ``(B, 1, d_model)``, plus ``residual`` (same shape) if given; appends the token (and any completed compression block) to
+        -> ``(B, 1, d_model)``, plus ``residual`` (same shape) if given, added in the output
+        projection's GEMM; appends the token (and any completed compression block) to
         ``cache``. Latent layers attend in the absorbed form, to the latent cache itself.
         ``plan`` (``cache.reserve()``, the host side of the step, which the caller runs first)
         lets the step skip the compressor and the block scoring where no sequence needs them;
