@@ -60,7 +60,7 @@ Design
   time (no GPU): no spills, 60-166 registers, 37-106 KB shared memory with 3 pipeline stages, for
   the 340M and 1.3B ASA/NSA shapes in bf16 and fp32. Not yet timed on a GPU:
   ``CONFIG_OVERRIDE`` (``SPLITS``, ``MIN_KEYS_PER_SPLIT``, ``BLOCK_N``, ``num_warps``,
-  ``num_stages``; ``benchmarks/decode.py --decode_config``) is there for sweeps.
+  ``num_stages``, ``PICK_WARPS``; ``benchmarks/decode.py --decode_config``) is there for sweeps.
 
 ``select_blocks_decode``: the reference repeats the compressed keys to every head in fp32
 (``B x N x H x (Dk + Dr)``: 1.3 GB at 32k context, batch 64), so a small kernel computes the
@@ -68,7 +68,8 @@ group probabilities ``p_g[b, g, i] = sum_{h in g} exp(q_h . k_i * scale - lse_h)
 compressed cache (``_group_probs_kernel``, one program per (sequence, group, key tile), heads of
 the group as MMA rows); a second (``_pick_kernel``, one program per (sequence, group)) re-bins
 them to selection blocks from the few compressed tokens that overlap each block (no dense
-overlap matrix) and picks the top-n as ``kernels.blocks.pick_blocks`` does: two launches per
+overlap matrix) and picks the top-n as ``kernels.blocks.pick_blocks`` does (one max a pick,
+over int64 keys that order blocks by importance, then lower index): two launches per
 step instead of a matrix product and some 25 small PyTorch operations (a decode step at batch 1
 is bound by its launches).
 """
@@ -93,8 +94,11 @@ MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
 
 MODE_RANGE, MODE_CMP, MODE_SEL = 0, 1, 2
+# float -inf's bits (0xFF800000) as the order-preserving int32 key of _pick_kernel
+NEG_INF_KEY = tl.constexpr(-2139095041)
 
-# Launch overrides for tests and benchmark sweeps: SPLITS, BLOCK_N, num_warps, num_stages.
+# Launch overrides for tests and benchmark sweeps: SPLITS, MIN_KEYS_PER_SPLIT, BLOCK_N,
+# num_warps, num_stages (attention), PICK_WARPS (the block pick).
 CONFIG_OVERRIDE: dict[str, int] = {}
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -413,14 +417,20 @@ def _pick_kernel(PG, POS, OUT, N, NS, G, block_len, stride, select_block, num_lo
     forced = visible & ((j == 0) | (j64 > cur - num_local))
     score = tl.where(forced, float("inf"), score)
     score = tl.where(visible, score, float("-inf"))
+    # one int64 key per block, (score, -j) in lexicographic order: the float's bits made
+    # order-preserving as an int32 above the complemented index, so one max is the best block
+    # and, among equal scores, the lowest index (one reduction a pick, not a max and an argmax)
+    bits = score.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (NSP - 1 - j).to(tl.int64)
+    neg_inf = tl.full([NSP], NEG_INF_KEY, tl.int64) << 32  # -inf's key, index bits 0
     t = tl.arange(0, TOP_P)
     picks = tl.full([TOP_P], NS + 1, tl.int32)  # past TOP_N: sorted last, never stored
     for k in tl.static_range(TOP_N):
-        best = tl.max(score, 0)
-        at = tl.argmax(score, 0, tie_break_left=True)
-        pick = tl.where(best == float("-inf"), NS, at)  # none left: padding (-1 below)
-        picks = tl.where(t == k, pick, picks)
-        score = tl.where(j == at, float("-inf"), score)
+        best = tl.max(key, 0)
+        at = (NSP - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+        none = best < (NEG_INF_KEY << 32) + NSP  # only invisible (or taken) blocks are left
+        picks = tl.where(t == k, tl.where(none, NS, at), picks)  # none: padding (-1 below)
+        key = tl.where(j == at, neg_inf, key)
     picks = tl.sort(picks, 0)
     picks = tl.where(picks >= NS, -1, picks)
     tl.store(OUT + pid.to(tl.int64) * TOP_N + t, picks.to(tl.int64), mask=t < TOP_N)
@@ -748,5 +758,5 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
             pg, positions.contiguous(), out, N, int(num_blocks), G, int(block_len), int(stride),
             int(select_block), int(num_local), TOP_N=int(top_n), TOP_P=_pow2(top_n, 2),
             NSP=_pow2(num_blocks), R=-(-(int(select_block) + int(block_len)) // int(stride)) + 1,
-            num_warps=4)
+            num_warps=CONFIG_OVERRIDE.get("PICK_WARPS", 4))
     return out

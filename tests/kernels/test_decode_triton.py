@@ -270,6 +270,24 @@ def test_select_blocks_decode(name):
     assert got.dtype == torch.int64 and torch.equal(got, want)
 
 
+def test_select_blocks_decode_ties_pick_the_lower_block():
+    """Equal importance (a zero query: every visible compressed token equally likely) and
+    negative scores: the pick takes the highest importance, the lower block among equals, as
+    ``pick_blocks`` does; with fewer visible blocks than ``top_n`` the rest is ``-1``."""
+    max_len, l, d, sb = 64, 8, 4, 8
+    pos = torch.tensor([63, 40, 9, 30], device=DEV)
+    q, k, _, kr = make("gla", len(pos), num_compressed(max_len, l, d))
+    q[0] = 0
+    q[2:] = -q[2:].abs()  # with keys of one sign below: some importance from negative scores
+    k[3] = k[3].abs()
+    _, lse = ref.compression_decode(q, k, k, pos, l, d, 1.0, k_rope_cmp=kr)
+    kw = dict(num_groups=2, block_len=l, stride=d, select_block=sb, num_blocks=max_len // sb,
+              top_n=5, num_local=1, scale=1.0, k_rope_cmp=kr)
+    got = tk.select_blocks_decode(q, k, lse, pos, **kw)
+    assert torch.equal(got, ref.select_blocks_decode(q, k, lse, pos, **kw))
+    assert (got[2] == -1).any()  # position 9: blocks 0 and 1 only
+
+
 @pytest.mark.parametrize("geometry", [(32, 16, 64, 16, 2), (16, 16, 16, 4, 1), (48, 16, 32, 5, 3)])
 def test_select_blocks_decode_at_the_nsa_geometry(geometry):
     """The pick kernel's in-kernel re-binning and top-n equal the reference's overlap matrix and
