@@ -156,22 +156,25 @@ def _decode_kernel(name: str, backend: str, q: torch.Tensor) -> Callable:
 
 
 def causal_decode(q, k, v, positions, scale: float, k_rope=None, backend: Backend = "auto", *,
-                  gate=None, add_to=None):
+                  gate_logit=None, add_to=None):
     kernel = _decode_kernel("causal_decode", backend, q)
-    return kernel(q, k, v, positions, scale, k_rope=k_rope, gate=gate, add_to=add_to)
+    return kernel(q, k, v, positions, scale, k_rope=k_rope, gate_logit=gate_logit,
+                  add_to=add_to)
 
 
 def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None,
-                  backend: Backend = "auto", *, gate=None, add_to=None):
+                  backend: Backend = "auto", *, gate_logit=None, add_to=None):
     kernel = _decode_kernel("window_decode", backend, q)
-    return kernel(q, k, v, positions, window, scale, k_rope=k_rope, gate=gate, add_to=add_to)
+    return kernel(q, k, v, positions, window, scale, k_rope=k_rope, gate_logit=gate_logit,
+                  add_to=add_to)
 
 
 def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, scale: float,
-                       k_rope_cmp=None, backend: Backend = "auto", *, gate=None, add_to=None):
+                       k_rope_cmp=None, backend: Backend = "auto", *, gate_logit=None,
+                       add_to=None):
     kernel = _decode_kernel("compression_decode", backend, q)
     return kernel(q, k_cmp, v_cmp, positions, block_len, stride, scale, k_rope_cmp=k_rope_cmp,
-                  gate=gate, add_to=add_to)
+                  gate_logit=gate_logit, add_to=add_to)
 
 
 def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len: int,
@@ -185,10 +188,10 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
 
 
 def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: float, k_rope=None,
-                    backend: Backend = "auto", *, gate=None, add_to=None):
+                    backend: Backend = "auto", *, gate_logit=None, add_to=None):
     kernel = _decode_kernel("selected_decode", backend, q)
-    return kernel(q, k, v, block_idx, positions, select_block, scale, k_rope=k_rope, gate=gate,
-                  add_to=add_to)
+    return kernel(q, k, v, block_idx, positions, select_block, scale, k_rope=k_rope,
+                  gate_logit=gate_logit, add_to=add_to)
 
 
 # -- the loss ---------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ selected_attention.register_autograd(_selected_backward, setup_context=_selected
 # -- decoding (inference only) ----------------------------------------------------------------
 # A compiled decode step (Transformer.compile_decode) traces through these, so the compiler sees
 # and fuses a whole block's step.
-_GATED = "*, Tensor? gate=None, Tensor? add_to=None"  # the gated branch sum, see decode.reference
+_GATED = "*, Tensor? gate_logit=None, Tensor? add_to=None"  # gated branch sum: decode.reference
 DECODE_OPS: dict[str, str] = {
     "causal_decode": "(Tensor q, Tensor k, Tensor v, Tensor positions, float scale, "
                      f"Tensor? k_rope, {_GATED}) -> Tensor",

@@ -14,7 +14,7 @@ from torch import nn
 from nsa_lit.attention import Attention
 from nsa_lit.cache import StepPlan, TokenCache, advance
 from nsa_lit.config import ModelConfig
-from nsa_lit.step_weights import MergedWeights, ParameterWatch, add_linear
+from nsa_lit.step_weights import MergedWeights, ParameterWatch
 
 
 class RMSNorm(nn.Module):
@@ -47,11 +47,9 @@ class SwiGLU(nn.Module):
         """``w_gate`` and ``w_up`` stacked: both projections of the input in one GEMM."""
         return torch.cat([self.w_gate.weight, self.w_up.weight])
 
-    def _swiglu(self, x: torch.Tensor, w_in: torch.Tensor,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _swiglu(self, x: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, w_in).chunk(2, dim=-1)
-        h = F.silu(gate) * up
-        return self.w_down(h) if residual is None else add_linear(residual, h, self.w_down.weight)
+        return self.w_down(F.silu(gate) * up)
 
     @property
     def step_weights(self) -> MergedWeights:
@@ -61,10 +59,9 @@ class SwiGLU(nn.Module):
                                                lambda: [self.w_gate.weight, self.w_up.weight])
         return self._step_weights
 
-    def decode(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual +`` :meth:`forward` through :attr:`step_weights` (refreshed by the caller),
-        the addition in the down projection's GEMM."""
-        return self._swiglu(x, self.step_weights.tensors["w_in"], residual)
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` through :attr:`step_weights` (refreshed by the caller)."""
+        return self._swiglu(x, self.step_weights.tensors["w_in"])
 
 
 class Block(nn.Module):
@@ -86,8 +83,8 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, cache: TokenCache, plan: StepPlan = StepPlan()
                ) -> torch.Tensor:
         """One token per sequence, ``x (B, 1, d_model)``; see :meth:`Attention.decode`."""
-        x = self.attn.decode(self.attn_norm(x), cache, plan, residual=x)
-        return self.mlp.decode(self.mlp_norm(x), residual=x)
+        x = x + self.attn.decode(self.attn_norm(x), cache, plan)
+        return x + self.mlp.decode(self.mlp_norm(x))
 
     def refresh_step_weights(self, force: bool = False) -> None:
         """The merged weights of :meth:`decode` (:mod:`nsa_lit.step_weights`), up to date

@@ -6,8 +6,7 @@ latent, and the gate; the MLP's gate and up projections), in training too, where
 concatenated in every forward. A decode step keeps it between steps instead, and in latent
 layers absorbs the per-head latent up-projections into the query and output projections
 (``W_uk[h]^T W_q[h]`` and ``W_o[:, h] W_uv[h]``, MLA's inference form), which removes the step's
-two per-head matmuls. The residual additions after the output and down projections run in
-those GEMMs' epilogues (:func:`add_linear`).
+two per-head matmuls.
 
 :class:`MergedWeights` builds them from the parameters on first use, under ``no_grad`` (decoding
 is inference only), and rebuilds them whenever a parameter changed (its version counter, data
@@ -24,15 +23,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-
-
-def add_linear(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``residual + x @ weight.T`` as one GEMM (``addmm``: the addition in its epilogue, one
-    rounding), ``residual (..., out)``, ``x (..., in)``, ``weight (out, in)`` -> ``(..., out)``:
-    a decode step's residual branch without a separate elementwise kernel."""
-    out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]),
-                      weight.t())
-    return out.view(residual.shape)
 
 
 def _fingerprint(params: list[torch.Tensor]) -> tuple:

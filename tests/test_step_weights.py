@@ -6,7 +6,7 @@ from torch import nn
 
 from nsa_lit.cache import new_caches
 from nsa_lit.model import Transformer
-from nsa_lit.step_weights import MergedWeights, ParameterWatch, add_linear, stack
+from nsa_lit.step_weights import MergedWeights, ParameterWatch, stack
 from test_model import VARIANTS, config
 
 T = 32
@@ -45,10 +45,9 @@ def test_decode_follows_parameter_changes(name, extra):
 @pytest.mark.parametrize("name", VARIANTS)
 @torch.no_grad()
 def test_a_step_runs_its_projections_as_merged_gemms(name):
-    """In a decode step no layer calls a projection module: the query, key/value, latent,
-    RoPE-key, gate and MLP gate/up projections run as one GEMM of the merged ``w_in``, and the
-    output and down projections as GEMMs that also add the residual (:func:`add_linear`, latent
-    layers by ``w_out``, ``W_uv`` absorbed). Only the LM head is called as a module."""
+    """In a decode step no layer calls its query, key/value, latent, RoPE-key, gate or MLP
+    gate/up projections one by one (they run as one GEMM of the merged ``w_in``); latent layers
+    do not call ``wo`` either (``W_uv`` is absorbed into ``w_out``), grouped ones call it once."""
     torch.manual_seed(0)
     model = Transformer(config(name)).double().eval()
     calls: dict[str, int] = {}
@@ -61,16 +60,12 @@ def test_a_step_runs_its_projections_as_merged_gemms(name):
     model(tokens[:, :10], caches)
     calls.clear()
     model.decode(tokens[:, 10], caches)
-    assert calls == {"lm_head": 1}
-
-
-def test_add_linear_is_the_residual_plus_the_projection():
-    gen = torch.Generator().manual_seed(3)
-    residual, x = torch.randn(2, 1, 6, generator=gen), torch.randn(2, 1, 5, generator=gen)
-    weight = torch.randn(6, 5, generator=gen)
-    out = add_linear(residual, x, weight)
-    assert out.shape == residual.shape
-    torch.testing.assert_close(out, residual + x @ weight.T)
+    want = {"lm_head": 1}
+    for i, block in enumerate(model.blocks):
+        want[f"blocks.{i}.mlp.w_down"] = 1
+        if not block.attn.spec.latent:
+            want[f"blocks.{i}.attn.wo"] = 1
+    assert calls == want
 
 
 @torch.no_grad()

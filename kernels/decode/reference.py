@@ -11,9 +11,10 @@ Latent (MLA/GLA, absorbed form) caches pass their shared RoPE key ``k_rope (B, S
 the latent ``k``: group ``g``'s key is ``[k[:, :, g] ; k_rope]`` (so ``Dq = Dk + Dr``) and the value
 is the latent itself (``v is k``). Grouped (GQA) caches pass ``k_rope=None``.
 
-The attention functions also take ``gate (B, H)`` and ``add_to (B, H, Dv)`` (keyword, both
-optional) and then return ``add_to + gate * o`` (computed in float32, rounded once to ``q``'s
-dtype): a layer's gated sum of its branches, accumulated one branch call after another.
+The attention functions also take ``gate_logit (B, H)`` and ``add_to (B, H, Dv)`` (keyword,
+both optional) and then return ``add_to + sigmoid(gate_logit) * o`` (computed in float32,
+rounded once to ``q``'s dtype): a layer's gated sum of its branches, accumulated one branch call
+after another, the logits taken as they come out of the layer's input projection.
 """
 from __future__ import annotations
 
@@ -44,44 +45,45 @@ def _attend(q, k, v, mask, scale, k_rope):
     return o[:, 0], lse[:, 0]
 
 
-def gated_sum(o: torch.Tensor, gate: torch.Tensor | None = None,
+def gated_sum(o: torch.Tensor, gate_logit: torch.Tensor | None = None,
               add_to: torch.Tensor | None = None) -> torch.Tensor:
-    """``add_to + gate[..., None] * o`` (either term optional) in at least float32, in ``o``'s
-    dtype: what the attention functions return when given ``gate`` or ``add_to``."""
-    if gate is None and add_to is None:
+    """``add_to + sigmoid(gate_logit)[..., None] * o`` (either term optional) in at least
+    float32, in ``o``'s dtype: what the attention functions return when given ``gate_logit`` or
+    ``add_to``."""
+    if gate_logit is None and add_to is None:
         return o
     out = o.to(torch.promote_types(o.dtype, torch.float32))
-    if gate is not None:
-        out = out * gate[..., None]
+    if gate_logit is not None:
+        out = out * torch.sigmoid(gate_logit.to(out.dtype))[..., None]
     if add_to is not None:
         out = out + add_to
     return out.to(o.dtype)
 
 
-def causal_decode(q, k, v, positions, scale: float, k_rope=None, *, gate=None,
+def causal_decode(q, k, v, positions, scale: float, k_rope=None, *, gate_logit=None,
                   add_to=None) -> torch.Tensor:
     """Full causal attention: every token ``<= positions`` (``k`` must hold all of them)."""
     mask = slot_positions(positions, k.shape[1]) >= 0
-    return gated_sum(_attend(q, k, v, mask[:, None], scale, k_rope)[0], gate, add_to)
+    return gated_sum(_attend(q, k, v, mask[:, None], scale, k_rope)[0], gate_logit, add_to)
 
 
-def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None, *, gate=None,
+def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None, *, gate_logit=None,
                   add_to=None) -> torch.Tensor:
     """Sliding window: tokens ``s`` with ``positions - window < s <= positions`` (``k`` holds at
     least the last ``window`` tokens)."""
     held = slot_positions(positions, k.shape[1])
     mask = (held >= 0) & (held > positions[:, None] - window)
-    return gated_sum(_attend(q, k, v, mask[:, None], scale, k_rope)[0], gate, add_to)
+    return gated_sum(_attend(q, k, v, mask[:, None], scale, k_rope)[0], gate_logit, add_to)
 
 
 def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, scale: float,
-                       k_rope_cmp=None, *, gate=None, add_to=None
+                       k_rope_cmp=None, *, gate_logit=None, add_to=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention to the compressed tokens whose block has ended. Returns ``o (B, H, Dv)`` and
     ``lse (B, H)`` (float32; ``-inf`` while no block has ended; of the attention, not gated)."""
     mask = compressed_visible(positions, k_cmp.shape[1], block_len, stride)
     o, lse = _attend(q, k_cmp, v_cmp, mask[:, None], scale, k_rope_cmp)
-    return gated_sum(o, gate, add_to), lse
+    return gated_sum(o, gate_logit, add_to), lse
 
 
 def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len: int,
@@ -104,11 +106,11 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
 
 
 def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: float,
-                    k_rope=None, *, gate=None, add_to=None) -> torch.Tensor:
+                    k_rope=None, *, gate_logit=None, add_to=None) -> torch.Tensor:
     """Attention to the tokens ``<= positions`` of the selected blocks; ``block_idx (B, G, n)``
     (``-1`` padding), query head ``h`` in group ``h // (H // G)``."""
     held = slot_positions(positions, k.shape[1])  # (B, S)
     in_block = (held[:, None, :, None] // select_block == block_idx[:, :, None, :]).any(-1)
     mask = in_block & (held >= 0)[:, None, :]  # (B, G, S)
     mask = mask.repeat_interleave(q.shape[1] // block_idx.shape[1], dim=1)
-    return gated_sum(_attend(q, k, v, mask, scale, k_rope)[0], gate, add_to)
+    return gated_sum(_attend(q, k, v, mask, scale, k_rope)[0], gate_logit, add_to)

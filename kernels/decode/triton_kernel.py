@@ -40,14 +40,17 @@ Design
 * **Split-K** (flash-decoding): program ``s`` of ``SPLITS`` takes an even, ``BLOCK_N``-aligned
   share of its sequence's own key range (``SEL``: a share of the ``top_n`` block entries), keeps
   an online softmax in base 2 (fp32), and writes its normalised partial output and lse to an fp32
-  scratch ``(B, H, SPLITS, Dv)``; the last of a row block's ``SPLITS`` programs to finish (an
-  arrival count per program, :func:`_arrivals`) merges them and resets its count: no second
-  launch. With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse`` directly. ``SPLITS`` is
+  scratch ``(B, H, SPLITS, Dv)``; ``_combine_kernel`` (one program per (sequence, head)) merges
+  them. (Merging them in the main kernel's last program to finish, without the second launch,
+  profiled slower: its serial loop over the splits seems to cost more than the launch saves;
+  see ``docs/decoding.md``.) With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse`` directly.
+  ``SPLITS`` is
   picked on the host from the grid size and the largest possible key range (the cache shape, no
   device sync): about two programs per SM, at least ``MIN_KEYS_PER_SPLIT`` keys each.
-* **Gated branch sum** in the epilogue: with ``gate`` / ``add_to`` (see
-  :mod:`kernels.decode.reference`) the row written is ``add_to + gate * o``, so a layer's
-  branches accumulate their gated sum one launch after another, without a gating kernel.
+* **Gated branch sum** in the epilogue (the main kernel's, or the combine's with several
+  splits): with ``gate_logit`` / ``add_to`` (see :mod:`kernels.decode.reference`) the row
+  written is ``add_to + sigmoid(gate_logit) * o``, so a layer's branches accumulate their gated
+  sum one launch after another, without a gating kernel.
 * Empty key sets (a window/compression/selection that sees nothing yet) give ``o = 0`` and
   ``lse = -inf``, as the reference.
 * Mixed dtypes (a cache in another dtype than the query, e.g. ``generate(cache_dtype=...)``)
@@ -167,12 +170,12 @@ def _ring(n0, offs, S):
 @triton.jit
 def _store_output(out, O, GATE, ADD, b64, h, row_ok, dv, o_mask, sob, soh, sgb, sgh, sab, sah,
                   GATED: tl.constexpr, ADDS: tl.constexpr):
-    """Write the rows ``h`` of ``o``: ``out`` (fp32, normalised), times the gate and plus the
-    running branch sum when the launch has them, rounded once."""
+    """Write the rows ``h`` of ``o``: ``out`` (fp32, normalised), times the gate (the sigmoid
+    of its logit) and plus the running branch sum when the launch has them, rounded once."""
     h64 = h.to(tl.int64)
-    if GATED:
-        out = out * tl.load(GATE + b64 * sgb + h64 * sgh, mask=row_ok, other=0.0
-                            ).to(tl.float32)[:, None]
+    if GATED:  # GATE holds logits
+        g = tl.load(GATE + b64 * sgb + h64 * sgh, mask=row_ok, other=0.0).to(tl.float32)
+        out = out * tl.sigmoid(g)[:, None]
     if ADDS:
         out += tl.load(ADD + b64 * sab + h64[:, None] * sah + dv[None, :], mask=o_mask,
                        other=0.0).to(tl.float32)
@@ -182,11 +185,11 @@ def _store_output(out, O, GATE, ADD, b64, h, row_ok, dv, o_mask, sob, soh, sgb, 
 
 @triton.jit
 def _decode_kernel(
-    Q, K, KR, V, POS, BIDX, O, LSE, OP, LP, DONE, GATE, ADD,
+    Q, K, KR, V, POS, BIDX, O, LSE, OP, LP, GATE, ADD,
     sqb, sqh, skb, sks, skh, srb, srs, svb, svs, svh, sob, soh, sib, sig, sgb, sgh, sab, sah,
     H, S, REP, QG, U, NCH, window, block_len, stride, sel_block, n_sel, qk_scale,
     MODE: tl.constexpr, HAS_ROPE: tl.constexpr, SHARED_V: tl.constexpr, SPLITS: tl.constexpr,
-    SP: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, DK: tl.constexpr, DKP: tl.constexpr,
     DR: tl.constexpr, DRP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
     NSEL_P: tl.constexpr, IEEE: tl.constexpr, GATED: tl.constexpr, ADDS: tl.constexpr,
 ):
@@ -286,35 +289,36 @@ def _decode_kernel(
                       sah, GATED, ADDS)
         tl.store(LSE + b64 * H + h, lse2 * 0.6931471805599453, mask=row_ok)
     else:
-        row0 = (b64 * H + h) * SPLITS  # this program's rows of the partials
-        tl.store(OP + (row0 + pid_s)[:, None] * DV + dv[None, :], out, mask=o_mask)
-        tl.store(LP + row0 + pid_s, lse2, mask=row_ok)
-        # the last of the SPLITS programs of these rows to get here merges them: every thread's
-        # stores are ordered before the (release) count, the count before the (acquire) reads
-        tl.debug_barrier()
-        arrived = tl.atomic_add(DONE + pid, 1, sem="acq_rel")
-        if arrived == SPLITS - 1:
-            sp = tl.arange(0, SP)
-            lp = tl.load(LP + row0[:, None] + sp[None, :],
-                         mask=row_ok[:, None] & (sp[None, :] < SPLITS), other=float("-inf"),
-                         cache_modifier=".cg")
-            mx = tl.max(lp, 1)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)
-            tot = tl.sum(tl.exp2(lp - mx[:, None]), 1)
-            merged = tl.zeros([M, DVP], tl.float32)
-            for i in range(SPLITS):
-                w = tl.exp2(tl.load(LP + row0 + i, mask=row_ok, other=float("-inf"),
-                                    cache_modifier=".cg") - mx)
-                merged += w[:, None] * tl.load(OP + (row0 + i)[:, None] * DV + dv[None, :],
-                                               mask=o_mask, other=0.0, cache_modifier=".cg")
-            some = tot > 0
-            tot = tl.where(some, tot, 1.0)
-            _store_output(merged / tot[:, None], O, GATE, ADD, b64, h, row_ok, dv, o_mask, sob,
-                          soh, sgb, sgh, sab, sah, GATED, ADDS)
-            tl.store(LSE + b64 * H + h,
-                     tl.where(some, (mx + tl.log2(tot)) * 0.6931471805599453, float("-inf")),
-                     mask=row_ok)
-            tl.atomic_xchg(DONE + pid, 0)  # ready for the next launch
+        row = (b64 * H + h) * SPLITS + pid_s
+        tl.store(OP + row[:, None] * DV + dv[None, :], out, mask=o_mask)
+        tl.store(LP + row, lse2, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(OP, LP, O, LSE, GATE, ADD, sob, soh, sgb, sgh, sab, sah, H,
+                    SPLITS: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr,
+                    DVP: tl.constexpr, GATED: tl.constexpr, ADDS: tl.constexpr):
+    """Merge the ``SPLITS`` partial outputs (normalised, with their base-2 lse) of one
+    (sequence, head): ``o = sum_s 2^(lse_s - lse) o_s``, then the gated epilogue."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SP)
+    dv = tl.arange(0, DVP)
+    lp = tl.load(LP + bh * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    mx = tl.max(lp, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    tot = tl.sum(tl.exp2(lp - mx), 0)
+    acc = tl.zeros([DVP], tl.float32)
+    for i in range(SPLITS):
+        w = tl.exp2(tl.load(LP + bh * SPLITS + i) - mx)
+        acc += w * tl.load(OP + (bh * SPLITS + i) * DV + dv, mask=dv < DV, other=0.0)
+    out = acc / tl.where(tot > 0, tot, 1.0)
+    b = bh // H
+    h = (bh % H) + tl.zeros([1], tl.int64)  # one row of _store_output's (rows, DVP) layout
+    _store_output(out[None, :], O, GATE, ADD, b, h, h >= 0, dv, (dv < DV)[None, :], sob, soh,
+                  sgb, sgh, sab, sah, GATED, ADDS)
+    lse = tl.where(tot > 0, (mx + tl.log2(tl.where(tot > 0, tot, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + bh, lse)
 
 
 @triton.jit
@@ -539,23 +543,6 @@ def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[s
     return cfg
 
 
-_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, programs: int) -> torch.Tensor:
-    """Zeroed int32 arrival counts, at least ``programs`` of them, one buffer per (device,
-    stream): a launch leaves them at zero again, so launches in stream order (CUDA graph replays
-    included) share one buffer; another stream gets its own. Allocated once per size class (a
-    CUDA graph capture that allocates one keeps it in its private pool)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _ARRIVALS.get(key)
-    if buf is None or buf.numel() < programs:
-        buf = _ARRIVALS[key] = torch.zeros(max(1024, _pow2(programs)), device=device,
-                                           dtype=torch.int32)
-    return buf
-
-
 def _num_splits(programs: int, max_work: int, device: torch.device) -> int:
     if "SPLITS" in CONFIG_OVERRIDE:
         return max(1, int(CONFIG_OVERRIDE["SPLITS"]))
@@ -565,11 +552,11 @@ def _num_splits(programs: int, max_work: int, device: torch.device) -> int:
     return max(1, min(want, cap, MAX_SPLITS))
 
 
-def _check_gated(gate, add_to, q: torch.Tensor, Dv: int):
-    """``gate (B, H)`` and ``add_to (B, H, Dv)`` (see :mod:`kernels.decode.reference`), each
+def _check_gated(gate_logit, add_to, q: torch.Tensor, Dv: int):
+    """``gate_logit (B, H)`` and ``add_to (B, H, Dv)`` (see :mod:`kernels.decode.reference`), each
     None or a floating tensor on ``q``'s device; ``add_to`` made unit-stride in its last dim."""
     B, H = q.shape[:2]
-    for name, x, shape in (("gate", gate, (B, H)), ("add_to", add_to, (B, H, Dv))):
+    for name, x, shape in (("gate_logit", gate_logit, (B, H)), ("add_to", add_to, (B, H, Dv))):
         if x is None:
             continue
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
@@ -579,18 +566,18 @@ def _check_gated(gate, add_to, q: torch.Tensor, Dv: int):
                              f"{x.device}")
     if add_to is not None and add_to.stride(-1) != 1:
         add_to = add_to.contiguous()
-    return gate, add_to
+    return gate_logit, add_to
 
 
 def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_len=1, stride=1,
-            block_idx=None, sel_block=1, gate=None, add_to=None):
+            block_idx=None, sel_block=1, gate_logit=None, add_to=None):
     B, H, S, Hk, Dk, Dr, Dv, shared = dims
-    gate, add_to = _check_gated(gate, add_to, q, Dv)
+    gate_logit, add_to = _check_gated(gate_logit, add_to, q, Dv)
     if B == 0 or H == 0 or S == 0:
-        return (ref.gated_sum(torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype), gate,
+        return (ref.gated_sum(torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype), gate_logit,
                               add_to),
                 torch.full((B, H), float("-inf"), device=q.device, dtype=torch.float32))
-    # every (sequence, head) row is written by exactly one program (or by the merging one)
+    # every (sequence, head) row is written by exactly one program (or by the combine)
     o = torch.empty((B, H, Dv), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H), device=q.device, dtype=torch.float32)
     rep = H // Hk
@@ -625,23 +612,26 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     kr = k_rope if k_rope is not None else k
     bidx = block_idx if block_idx is not None else positions
     sib, sig = (block_idx.stride(0), block_idx.stride(1)) if block_idx is not None else (0, 0)
-    done = _arrivals(q.device, programs) if splits > 1 else lse  # unused with one split
+    gated = (gate_logit if gate_logit is not None else lse, add_to if add_to is not None else o)
+    strides = (*(gate_logit.stride() if gate_logit is not None else (0, 0)),
+               *(add_to.stride()[:2] if add_to is not None else (0, 0)))
+    flags = {"GATED": gate_logit is not None, "ADDS": add_to is not None}
     _decode_kernel[(programs, splits)](
-        q, k, kr, v, positions, bidx, o, lse, op, lp, done,
-        gate if gate is not None else lse, add_to if add_to is not None else o,
+        q, k, kr, v, positions, bidx, o, lse, op, lp, *gated,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
         kr.stride(0), kr.stride(1), v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), sib, sig,
-        *(gate.stride() if gate is not None else (0, 0)),
-        *(add_to.stride()[:2] if add_to is not None else (0, 0)),
+        o.stride(0), o.stride(1), sib, sig, *strides,
         H, S, rep, qg, unit, nch, int(window), int(block_len), int(stride), int(sel_block),
         n_sel, float(scale) * LOG2E,
-        MODE=mode, HAS_ROPE=k_rope is not None, SHARED_V=shared, SPLITS=splits,
-        SP=_pow2(splits, 2), M=rows,
+        MODE=mode, HAS_ROPE=k_rope is not None, SHARED_V=shared, SPLITS=splits, M=rows,
         BLOCK_N=cfg["BLOCK_N"], DK=Dk, DKP=DKP, DR=Dr, DRP=DRP, DV=Dv, DVP=DVP,
-        NSEL_P=_pow2(n_sel, 2), IEEE=fp32, GATED=gate is not None, ADDS=add_to is not None,
+        NSEL_P=_pow2(n_sel, 2), IEEE=fp32, **flags,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if splits > 1:
+        _combine_kernel[(B * H,)](
+            op, lp, o, lse, *gated, o.stride(0), o.stride(1), *strides, H,
+            SPLITS=splits, SP=_pow2(splits, 2), DV=Dv, DVP=_pow2(Dv), **flags, num_warps=4)
     return o, lse
 
 
@@ -654,27 +644,27 @@ def _index_positions(positions: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def causal_decode(q, k, v, positions, scale: float, k_rope=None, *, gate=None,
+def causal_decode(q, k, v, positions, scale: float, k_rope=None, *, gate_logit=None,
                   add_to=None) -> torch.Tensor:
     """See :func:`kernels.decode.reference.causal_decode`."""
     dims = _check(q, k, v, k_rope, positions, scale=scale)
     S = dims[2]
     return _attend(MODE_RANGE, q, k, v, k_rope, _index_positions(positions), scale, dims,
-                   window=max(S, 1), gate=gate, add_to=add_to)[0]
+                   window=max(S, 1), gate_logit=gate_logit, add_to=add_to)[0]
 
 
-def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None, *, gate=None,
+def window_decode(q, k, v, positions, window: int, scale: float, k_rope=None, *, gate_logit=None,
                   add_to=None) -> torch.Tensor:
     """See :func:`kernels.decode.reference.window_decode`."""
     dims = _check(q, k, v, k_rope, positions, scale=scale)
     window = _need_int("window", window)
     window = min(window, max(dims[2], 1))  # a cache of S slots never holds more than S tokens
     return _attend(MODE_RANGE, q, k, v, k_rope, _index_positions(positions), scale, dims,
-                   window=window, gate=gate, add_to=add_to)[0]
+                   window=window, gate_logit=gate_logit, add_to=add_to)[0]
 
 
 def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, scale: float,
-                       k_rope_cmp=None, *, gate=None, add_to=None
+                       k_rope_cmp=None, *, gate_logit=None, add_to=None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`kernels.decode.reference.compression_decode`; returns ``(o, lse)``."""
     dims = _check(q, k_cmp, v_cmp, k_rope_cmp, positions, kname="k_cmp", vname="v_cmp",
@@ -682,11 +672,11 @@ def compression_decode(q, k_cmp, v_cmp, positions, block_len: int, stride: int, 
     block_len = _need_int("block_len", block_len)
     stride = _need_int("stride", stride)
     return _attend(MODE_CMP, q, k_cmp, v_cmp, k_rope_cmp, _index_positions(positions), scale,
-                   dims, block_len=block_len, stride=stride, gate=gate, add_to=add_to)
+                   dims, block_len=block_len, stride=stride, gate_logit=gate_logit, add_to=add_to)
 
 
 def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: float,
-                    k_rope=None, *, gate=None, add_to=None) -> torch.Tensor:
+                    k_rope=None, *, gate_logit=None, add_to=None) -> torch.Tensor:
     """See :func:`kernels.decode.reference.selected_decode`."""
     dims = _check(q, k, v, k_rope, positions, scale=scale)
     B, H = dims[0], dims[1]
@@ -699,12 +689,12 @@ def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: flo
     if G < 1 or H % G:
         raise ValueError(f"query heads ({H}) must be a multiple of selection groups ({G})")
     if block_idx.shape[2] == 0:
-        gate, add_to = _check_gated(gate, add_to, q, dims[6])
-        return ref.gated_sum(torch.zeros((B, H, dims[6]), device=q.device, dtype=q.dtype), gate,
-                             add_to)
+        gate_logit, add_to = _check_gated(gate_logit, add_to, q, dims[6])
+        return ref.gated_sum(torch.zeros((B, H, dims[6]), device=q.device, dtype=q.dtype),
+                             gate_logit, add_to)
     return _attend(MODE_SEL, q, k, v, k_rope, _index_positions(positions), scale, dims,
                    block_idx=block_idx.to(torch.int64).contiguous(), sel_block=select_block,
-                   gate=gate, add_to=add_to)[0]
+                   gate_logit=gate_logit, add_to=add_to)[0]
 
 
 def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len: int,

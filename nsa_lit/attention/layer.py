@@ -49,7 +49,7 @@ from nsa_lit.attention.kv import BranchKV, GroupedKV, LatentKV
 from nsa_lit.cache import BranchKVCache, StepPlan, TokenCache
 from nsa_lit.config import Branch, Form, ModelConfig
 from nsa_lit.rope import Rotary
-from nsa_lit.step_weights import MergedWeights, add_linear, stack
+from nsa_lit.step_weights import MergedWeights, stack
 
 
 class Attention(nn.Module):
@@ -175,20 +175,21 @@ class Attention(nn.Module):
     # -- branches ----------------------------------------------------------------------------
     def _decode_branches(self, q: torch.Tensor, cache: TokenCache | BranchKVCache,
                          positions: torch.Tensor, plan: StepPlan,
-                         gates: torch.Tensor | None) -> torch.Tensor:
+                         gate_logits: torch.Tensor | None) -> torch.Tensor:
         """The branches for one query per sequence, ``q (B, H, Dq)``, against ``cache``
-        (absorbed form for latent caches), summed with their ``gates (B, H, branches)`` (in
-        ``spec.branches`` order; None with one branch) -> ``(B, H, Dv)``. Each kernel adds its
-        gated output to the sum so far in its epilogue (``gate``, ``add_to``): no separate
-        gating kernel. Blocks are scored only when a query-sharing group may open
-        (``plan.select``)."""
+        (absorbed form for latent caches), summed with their gates, ``sigmoid(gate_logits)``
+        (``(B, H, branches)`` in ``spec.branches`` order; None with one branch) -> ``(B, H, Dv)``.
+        Each kernel adds its gated output to the sum so far in its epilogue (``gate_logit``,
+        ``add_to``), from a view of the projection's output: no gating kernel. Blocks are
+        scored only when a query-sharing group may open (``plan.select``)."""
         spec, backend, scale = self.spec, self.cfg.kernel_backend, self.spec.scale
         score = spec.selects and plan.select is not False
         total: torch.Tensor | None = None
 
         def gated(branch: Branch) -> dict:
-            gate = None if gates is None else gates[:, :, spec.branches.index(branch)]
-            return {"backend": backend, "gate": gate, "add_to": total}
+            logit = (None if gate_logits is None else
+                     gate_logits[:, :, spec.branches.index(branch)])
+            return {"backend": backend, "gate_logit": logit, "add_to": total}
 
         if Branch.FULL in spec.branches:
             k, v, k_rope = cache.for_branch(Branch.FULL).attention_inputs()
@@ -225,12 +226,10 @@ class Attention(nn.Module):
         return total
 
     def _output(self, outs: list[torch.Tensor], gate_logits: torch.Tensor | None,
-                w_out: torch.Tensor | None = None, residual: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                w_out: torch.Tensor | None = None) -> torch.Tensor:
         """Gate the branch outputs ``(B, T, H, D)`` by ``sigmoid(gate_logits)`` (``(B, T, H *
         branches)``; None with one branch) and project them to ``(B, T, d_model)`` by ``wo``, or
-        by ``w_out`` (``wo`` with ``W_uv`` absorbed, for outputs still in latent space); plus
-        ``residual`` in the same GEMM when given."""
+        by ``w_out`` (``wo`` with ``W_uv`` absorbed, for outputs still in latent space)."""
         B, T = outs[0].shape[:2]
         if gate_logits is None:
             o = outs[0]
@@ -238,8 +237,7 @@ class Attention(nn.Module):
             gates = torch.sigmoid(gate_logits).view(B, T, self.cfg.n_heads, len(outs), 1)
             o = sum(gates[:, :, :, i] * out for i, out in enumerate(outs))
         o = o.reshape(B, T, -1)
-        w = self.wo.weight if w_out is None else w_out
-        return F.linear(o, w) if residual is None else add_linear(residual, o, w)
+        return self.wo(o) if w_out is None else F.linear(o, w_out)
 
     # -- entry points ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cache: TokenCache | BranchKVCache | None = None,
@@ -277,11 +275,9 @@ class Attention(nn.Module):
         return self._output(outs, gate_logits)
 
     def decode(self, x: torch.Tensor, cache: TokenCache | BranchKVCache,
-               plan: StepPlan = StepPlan(), residual: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               plan: StepPlan = StepPlan()) -> torch.Tensor:
         """One new token per sequence: ``x (B, 1, d_model)`` at position ``cache.lengths (B,)``
-        -> ``(B, 1, d_model)``, plus ``residual`` (same shape) if given, added in the output
-        projection's GEMM; appends the token (and any completed compression block) to
+        -> ``(B, 1, d_model)``; appends the token (and any completed compression block) to
         ``cache``. Latent layers attend in the absorbed form, to the latent cache itself.
         ``plan`` (``cache.reserve()``, the host side of the step, which the caller runs first)
         lets the step skip the compressor and the block scoring where no sequence needs them;
@@ -302,12 +298,10 @@ class Attention(nn.Module):
         else:
             cache.append(kv[0][:, 0], kv[1][:, 0],
                          self._compress if cache.compressed is not None else None, plan=plan)
-        gates = (None if gate_logits is None else  # (B, H, branches), in at least float32
-                 torch.sigmoid(gate_logits.to(torch.promote_types(gate_logits.dtype,
-                                                                  torch.float32)))
-                 .view(x.shape[0], self.cfg.n_heads, -1))
-        o = self._decode_branches(q[:, 0], cache, positions, plan, gates)
-        return self._output([o[:, None]], None, weights["w_out"], residual)
+        if gate_logits is not None:
+            gate_logits = gate_logits.view(x.shape[0], self.cfg.n_heads, -1)
+        o = self._decode_branches(q[:, 0], cache, positions, plan, gate_logits)
+        return self._output([o[:, None]], None, weights["w_out"])
 
     # -- merged weights of a decode step (nsa_lit.step_weights) ------------------------------
     @property

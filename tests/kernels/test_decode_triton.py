@@ -166,16 +166,17 @@ def test_selected_decode_ring_and_partial_blocks(splits):
 
 @pytest.mark.parametrize("terms", ["gate_and_sum", "gate", "sum"])
 def test_gated_branch_sum(terms, splits):
-    """``gate`` and ``add_to``: every attention function returns ``add_to + gate * o`` (the
-    reference's), in each of the kernel's epilogues (one split, merged splits), the gate a
-    strided view like the layer's ``gates[:, :, i]``; the compression lse is not gated; the
-    empty selection and the empty cache too."""
+    """``gate_logit`` and ``add_to``: every attention function returns ``add_to +
+    sigmoid(gate_logit) * o`` (the reference's), in each epilogue (the main kernel's with one
+    split, the combine's with three), the logits a strided view like the layer's
+    ``gate_logits[:, :, i]``; the compression lse is not gated; the empty selection and the empty
+    cache too."""
     gen = torch.Generator(device=DEV).manual_seed(11)
     pos = torch.tensor([3, 17, 40], device=DEV)
     q, k, v, kr = make("gla", len(pos), 48, gen=gen)
     B, H, Dv = q.shape[0], q.shape[1], k.shape[-1]
-    gates = torch.rand(B, H, 3, device=DEV, generator=gen)
-    extra = {"gate": gates[:, :, 1] if "gate" in terms else None,
+    logits = 3 * torch.randn(B, H, 3, device=DEV, generator=gen)
+    extra = {"gate_logit": logits[:, :, 1] if "gate" in terms else None,
              "add_to": (torch.randn(B, H, Dv, device=DEV, generator=gen) if "sum" in terms
                         else None)}
     bidx = random_blocks(B, 2, 48, 8, 3, pos)
@@ -202,8 +203,8 @@ def test_gated_branch_sum(terms, splits):
 def test_gated_branch_sum_errors():
     q, k, v, kr = make("gla", 2, 8)
     pos = torch.tensor([3, 5], device=DEV)
-    with pytest.raises(ValueError, match="gate must be"):
-        tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr, gate=torch.ones(2, 3, device=DEV))
+    with pytest.raises(ValueError, match="gate_logit must be"):
+        tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr, gate_logit=torch.ones(2, 3, device=DEV))
     with pytest.raises(ValueError, match="add_to must be"):
         tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr, add_to=torch.ones(2, 4, 5, device=DEV))
     with pytest.raises(ValueError, match="add_to must be a float"):
@@ -665,19 +666,3 @@ def test_split_count_follows_the_minimum_keys_per_split(monkeypatch):
     monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"SPLITS": 3})
     assert tk._num_splits(1, 512, cpu) == 3
 
-
-def test_split_merge_leaves_the_arrival_counts_at_zero(monkeypatch):
-    """With several splits the last program of each row block merges the partials in the same
-    launch and resets its arrival count: the counts are zero after every launch, and a second
-    launch on the same buffer gives the same output (a count left behind would skip or repeat
-    the merge)."""
-    monkeypatch.setattr(tk, "CONFIG_OVERRIDE", {"SPLITS": 3})
-    gen = torch.Generator(device=DEV).manual_seed(7)
-    q, k, v, kr = make("gla", 3, 40, gen=gen)
-    pos = torch.tensor([39, 5, 21], device=DEV)
-    first = tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr)
-    counts = tk._arrivals(q.device, 1)
-    assert counts.dtype == torch.int32 and (counts == 0).all()
-    check(first, ref.causal_decode(q, k, v, pos, 0.3, k_rope=kr))
-    assert torch.equal(tk.causal_decode(q, k, v, pos, 0.3, k_rope=kr), first)
-    assert (counts == 0).all()
