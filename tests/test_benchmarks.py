@@ -241,11 +241,11 @@ def test_speed_check_runs_the_parts_asked_for_and_reports_failures(tmp_path):
         return [w[1] if w[0] == "-m" else w[0] for w in words]
 
     calls = log.read_text().splitlines()
-    assert programs() == ["pytest", "benchmarks/decode.py", "benchmarks/decode.py",
+    assert programs() == ["benchmarks/decode.py", "benchmarks/decode.py", "pytest",
                           "benchmarks/loss_check.py"], calls
-    assert "--modes graph,compiled" in calls[1] and "--repeat 2" in calls[3]
-    assert "--batches 1 " in calls[1] and "full.yaml" in calls[1]  # the batch-1 goal's pair
-    assert "--batches 64 " in calls[2] and "nsa.yaml" in calls[2]  # the batch-64 goal's pair
+    assert "--modes compiled --kernels" in calls[0] and "--repeat 2" in calls[3]
+    assert "--batches 1 " in calls[0] and "full.yaml" in calls[0]  # the batch-1 goal's pair
+    assert "--batches 64 " in calls[1] and "nsa.yaml" in calls[1]  # the batch-64 goal's pair
     assert done.returncode == 1  # decode.py failed; the loss check still ran
     log.unlink()
     ok = subprocess.run(["bash", str(script), str(tmp_path / "out"), "fit"], env=env,
