@@ -43,10 +43,10 @@ Design
   scratch ``(B, H, SPLITS, Dv)``; ``_combine_kernel`` (one program per (sequence, head)) merges
   them. (Merging them in the main kernel's last program to finish, without the second launch,
   profiled slower: its serial loop over the splits seems to cost more than the launch saves;
-  see ``docs/decoding.md``.) With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse`` directly.
-  ``SPLITS`` is
-  picked on the host from the grid size and the largest possible key range (the cache shape, no
-  device sync): about two programs per SM, at least ``MIN_KEYS_PER_SPLIT`` keys each.
+  see ``docs/decoding.md``.) With ``SPLITS = 1`` the main kernel writes ``o`` and ``lse``
+  directly. ``SPLITS`` is picked on the host from the grid size and the largest possible key
+  range (the cache shape, no device sync): about two programs per SM, at least
+  ``MIN_KEYS_PER_SPLIT`` keys each.
 * **Gated branch sum** in the epilogue (the main kernel's, or the combine's with several
   splits): with ``gate_logit`` / ``add_to`` (see :mod:`kernels.decode.reference`) the row
   written is ``add_to + sigmoid(gate_logit) * o``, so a layer's branches accumulate their gated
@@ -569,13 +569,19 @@ def _check_gated(gate_logit, add_to, q: torch.Tensor, Dv: int):
     return gate_logit, add_to
 
 
+def _no_keys(q: torch.Tensor, Dv: int, gate_logit, add_to) -> torch.Tensor:
+    """The output where no key is seen: ``o = 0``, through the gated epilogue."""
+    B, H = q.shape[:2]
+    return ref.gated_sum(torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype), gate_logit,
+                         add_to)
+
+
 def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_len=1, stride=1,
             block_idx=None, sel_block=1, gate_logit=None, add_to=None):
     B, H, S, Hk, Dk, Dr, Dv, shared = dims
     gate_logit, add_to = _check_gated(gate_logit, add_to, q, Dv)
     if B == 0 or H == 0 or S == 0:
-        return (ref.gated_sum(torch.zeros((B, H, Dv), device=q.device, dtype=q.dtype), gate_logit,
-                              add_to),
+        return (_no_keys(q, Dv, gate_logit, add_to),
                 torch.full((B, H), float("-inf"), device=q.device, dtype=torch.float32))
     # every (sequence, head) row is written by exactly one program (or by the combine)
     o = torch.empty((B, H, Dv), device=q.device, dtype=q.dtype)
@@ -689,9 +695,7 @@ def selected_decode(q, k, v, block_idx, positions, select_block: int, scale: flo
     if G < 1 or H % G:
         raise ValueError(f"query heads ({H}) must be a multiple of selection groups ({G})")
     if block_idx.shape[2] == 0:
-        gate_logit, add_to = _check_gated(gate_logit, add_to, q, dims[6])
-        return ref.gated_sum(torch.zeros((B, H, dims[6]), device=q.device, dtype=q.dtype),
-                             gate_logit, add_to)
+        return _no_keys(q, dims[6], *_check_gated(gate_logit, add_to, q, dims[6]))
     return _attend(MODE_SEL, q, k, v, k_rope, _index_positions(positions), scale, dims,
                    block_idx=block_idx.to(torch.int64).contiguous(), sel_block=select_block,
                    gate_logit=gate_logit, add_to=add_to)[0]

@@ -187,6 +187,9 @@ class Attention(nn.Module):
         total: torch.Tensor | None = None
 
         def gated(branch: Branch) -> dict:
+            """The call's gate and running sum; none for a branch run only to score blocks."""
+            if branch not in spec.branches:
+                return {"backend": backend}
             logit = (None if gate_logits is None else
                      gate_logits[:, :, spec.branches.index(branch)])
             return {"backend": backend, "gate_logit": logit, "add_to": total}
@@ -201,11 +204,10 @@ class Attention(nn.Module):
                                           **gated(Branch.WINDOW))
         if Branch.COMPRESSION in spec.branches or score:
             k_cmp, v_cmp, kr_cmp = cache.for_branch(Branch.COMPRESSION).compressed_inputs()
-            summed = Branch.COMPRESSION in spec.branches
             o_cmp, lse = kernels.compression_decode(
                 q, k_cmp, v_cmp, positions, spec.compress_block, spec.compress_stride, scale,
-                kr_cmp, **(gated(Branch.COMPRESSION) if summed else {"backend": backend}))
-            if summed:
+                kr_cmp, **gated(Branch.COMPRESSION))
+            if Branch.COMPRESSION in spec.branches:
                 total = o_cmp
         if spec.selects:
             selection = cache.for_branch(Branch.SELECTION)
