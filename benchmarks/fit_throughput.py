@@ -5,7 +5,8 @@
 
 Each config runs ``main.py fit`` in this process (``nsa_lit.cli.cli_main``: the config's
 precision, compile, batch size and gradient accumulation, its datamodule and Lightning loop) for
-``--warmup + --steps`` optimiser steps, with validation, checkpoints and loggers off. A callback
+``--warmup + --steps`` optimiser steps, with validation, checkpoints and loggers off and the
+progress bar on, as ``main.py`` shows it (``--no_progress_bar``: off). A callback
 times the last ``--steps`` optimiser steps (wall clock between two CUDA synchronisations) and
 counts the tokens ``LanguageModel`` saw in them; MFU is those tokens/s x
 ``training_flops_per_token`` / ``--peak_tflops``. The model's own logged ``train/tokens_per_sec``
@@ -81,11 +82,12 @@ class StepTimer(Callback):
 
 
 def fit_args(config: str, steps: int, data_dir: str, extra: list[str],
-             source: str | None = None) -> list[str]:
+             source: str | None = None, progress_bar: bool = False) -> list[str]:
     """``main.py fit`` options (without the subcommand: the CLI only builds, the caller fits) of
     a timed run of ``config``: ``steps`` optimiser steps on the prepared dataset ``data_dir``
     (``source``: the corpus prepared there on first use, e.g. ``python-docs``), no validation,
-    checkpoints or loggers (``extra`` is appended last). The run's directory, where
+    checkpoints or loggers (``extra`` is appended last); the progress bar ``main.py`` shows
+    (``nsa_lit.progress.StepProgressBar``) with ``progress_bar``. The run's directory, where
     LightningCLI saves its ``config.yaml``, is a fixed one under the system's temporary directory,
     not the working directory."""
     return ["--config", config, "--model.optim.token_budget", "null",
@@ -93,7 +95,7 @@ def fit_args(config: str, steps: int, data_dir: str, extra: list[str],
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
             "--trainer.callbacks", "[]", "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.devices", "1",
+            "--trainer.enable_progress_bar", str(progress_bar).lower(), "--trainer.devices", "1",
             "--data.source", source or "null", "--data.data_dir", data_dir, *extra]
 
 
@@ -116,14 +118,16 @@ def synthetic_data(root: str, sequences: int, seq_len: int, tokenizer: str) -> t
 
 
 def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list[str],
-                peak_tflops: float, prepared: bool = False, raw: bool = False) -> list[dict]:
+                peak_tflops: float, prepared: bool = False, raw: bool = False,
+                progress_bar: bool = True) -> list[dict]:
     """One timed ``main.py fit`` of ``config``: on synthetic data made to hold every step in one
     epoch under ``data_dir``, or (``prepared``) on the dataset ``data_dir`` is. With ``raw``,
     first the raw loop (``train_throughput.measure``) on the fit run's model config, micro-batch
     and accumulation, while the fit run's model is still on the CPU. Returns the rows, raw
     first."""
     timer = StepTimer(warmup)
-    cli = cli_main(fit_args(config, warmup + steps, data_dir, extra), run=False)
+    cli = cli_main(fit_args(config, warmup + steps, data_dir, extra, progress_bar=progress_bar),
+                   run=False)
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     rows = []
     if raw:
@@ -153,6 +157,7 @@ def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list
             "T": model.arch.seq_len, "batch": dm.batch_size, "world_size": trainer.world_size,
             "accumulate": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
             "compile": model.compile_blocks, "loss_chunk": model.loss_chunk,
+            "progress_bar": trainer.progress_bar_callback is not None,
             "timed_steps": timer.steps, "epochs_crossed": timer.epochs, **data,
             "seconds": timer.seconds, "tokens_per_sec": rate,
             "ms_per_step": 1e3 * timer.seconds / timer.steps, "flops_per_token": flops,
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help="more main.py fit options, one string")
     parser.add_argument("--raw", action="store_true",
                         help="also time train_throughput.py's raw loop on the same shapes (CUDA)")
+    parser.add_argument("--no_progress_bar", action="store_true",
+                        help="run without the progress bar (main.py shows one by default)")
     parser.add_argument("--peak_tflops", type=float, default=989.5,
                         help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = measure_fit(config, args.steps, args.warmup, args.data_dir or args.synthetic_dir,
                                extra, args.peak_tflops, prepared=args.data_dir is not None,
-                               raw=args.raw)
+                               raw=args.raw, progress_bar=not args.no_progress_bar)
         except Exception as err:  # one failing run must not lose the others
             log.add({"config": config, "error": f"{type(err).__name__}: {err}"[:300]},
                     f"{config:24} error: {type(err).__name__}: {str(err)[:60]}")

@@ -6,7 +6,9 @@ text): ``main.py predict`` is refused with a message naming ``python -m nsa_lit.
 
 Checkpoint files are saved atomically (:class:`nsa_lit.checkpoint.AtomicCheckpointIO`, installed
 unless ``trainer.plugins`` gives a checkpoint IO); the configs' ``RunCheckpoint`` keeps each run's
-checkpoints in ``checkpoints/<logger name>/<logger version>``.
+checkpoints in ``checkpoints/<logger name>/<logger version>``. The progress bar is
+:class:`nsa_lit.progress.StepProgressBar` (refreshed once per optimiser step) unless
+``trainer.callbacks`` names one.
 
 Run identity: the configs name their logger ``<size>/<variant>`` (``340m/asa``) and leave its
 ``version`` unset; a logger without a version gets ``seed<k>`` from ``seed_everything``
@@ -27,6 +29,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from nsa_lit.checkpoint import use_atomic_checkpoint_io  # noqa: E402
 from nsa_lit.data import TokenDataModule  # noqa: E402
 from nsa_lit.lit_module import LanguageModel, build_on_meta  # noqa: E402
+from nsa_lit.progress import use_step_progress_bar  # noqa: E402
 
 
 class NSALightningCLI(LightningCLI):
@@ -78,8 +81,15 @@ class NSALightningCLI(LightningCLI):
             super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
+        """Lightning's trainer, with atomic checkpoint files and, unless the config names a
+        progress bar, :class:`nsa_lit.progress.StepProgressBar` (one device read per optimiser
+        step, not per micro-batch)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configured = config.get("trainer", {}).get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer.strategy)
+        use_step_progress_bar(trainer, configured)
         return trainer
 
 

@@ -1,7 +1,8 @@
 """LightningModule: next-token loss, AdamW, warm-up + cosine schedule, token budget, metrics.
 
 Logged to every logger: ``train/loss``, ``train/ppl``, ``train/lr``, ``train/grad_norm`` (before
-clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock, all processes),
+clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock over each optimiser step,
+all processes),
 ``train/mfu`` (when the accelerator's peak is known), ``train/skipped_steps`` (with
 ``nonfinite_loss: skip``), and ``val/loss``, ``val/ppl`` (token-weighted over the whole validation
 set, through torchmetrics); ``main.py test`` logs ``test/loss``, ``test/ppl`` over the test split the
@@ -351,10 +352,11 @@ class LanguageModel(L.LightningModule):
         # checked once per optimiser step (on_before_optimizer_step), not here: a check here
         # would wait for the GPU after every forward (and all-reduce, with several processes)
         self._step_losses.append((batch_idx, loss.detach()))
-        self.log("train/loss", loss, prog_bar=True)
+        # Tensors only, and no prog_bar, between two optimiser steps: Lightning reads prog_bar
+        # metrics back after every micro-batch, and copies a logged Python number to the device
+        # with a blocking copy: either would wait for the GPU (nsa_lit.progress shows the loss)
+        self.log("train/loss", loss)
         self.log("train/ppl", torch.exp(loss.detach()))
-        self.log("train/tokens_seen", float(self.tokens_seen))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def _check_step_losses(self) -> bool:
@@ -383,7 +385,11 @@ class LanguageModel(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self._grad_norm, self._skipping = None, False
-        skip = self._check_step_losses()
+        skip = self._check_step_losses()  # (waits for the backward pass: the step's clock)
+        # the step's host numbers, logged while the device is idle anyway
+        self.log("train/tokens_seen", float(self.tokens_seen))
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        self._log_throughput()
         norm = None
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if grads and not skip:
@@ -437,13 +443,18 @@ class LanguageModel(L.LightningModule):
         elif self._grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, self._grad_norm, foreach=True)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def _log_throughput(self) -> None:
+        """``train/tokens_per_sec`` (all processes) and ``train/mfu`` over the last optimiser
+        step: the wall clock between the ends of two steps' backward passes, each of which the
+        step's loss check (:meth:`_check_step_losses`) has waited for, so the interval is the
+        device's whole step (update, data and launches included) and adds no wait of its own.
+        Not measured across an epoch start or a validation run."""
         now = time.perf_counter()
         if self._clock is not None:
             then, tokens_then = self._clock
             if now > then:
                 rate = (self.tokens_seen - tokens_then) / (now - then)
-                self.log("train/tokens_per_sec", rate, prog_bar=True)
+                self.log("train/tokens_per_sec", rate)
                 peak = self.peak_tflops or _device_peak_tflops(self.device)
                 if peak:
                     if self._flops_per_token is None:
@@ -454,6 +465,9 @@ class LanguageModel(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._clock = None
+
+    def on_validation_end(self) -> None:
+        self._clock = None  # the next step's interval would hold the validation run
 
     def on_train_start(self) -> None:
         self._step_losses = []

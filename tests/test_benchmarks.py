@@ -147,16 +147,17 @@ def test_fit_throughput_runs_the_real_cli_and_reads_the_figures_back(tmp_path, m
     assert row["config"] == "configs/tiny.yaml" and row["T"] == 256 and row["timed_steps"] == 2
     assert row["tokens_per_sec"] == pytest.approx(2 * 8 * 256 / row["seconds"])
     assert row["logged"]["train/tokens_per_sec"] > 0 and "train/loss" in row["logged"]
+    assert row["progress_bar"]  # as main.py fit shows it
     # synthetic data holding (1 + 2 + 1) steps of 8 sequences: no epoch boundary in the timing
     assert row["epochs_crossed"] == 0 and row["data"] == f"synthetic, {4 * 8 * 256 + 1:,} tokens"
     # a prepared dataset whose epoch is shorter than the run: the crossing is flagged
     small = fit_throughput.synthetic_data(str(tmp_path / "small"), 10, 256, "bpe:4096")[0]
     fit_throughput.main(["--configs", str(ROOT / "configs/tiny.yaml"), "--steps", "2",
-                         "--warmup", "1", "--data_dir", small,
+                         "--warmup", "1", "--data_dir", small, "--no_progress_bar",
                          "--extra", "--trainer.accelerator cpu --data.num_workers 0",
                          "--out", str(out)])
     (row,) = json.loads(out.read_text())["results"]
-    assert row["epochs_crossed"] >= 1 and row["data"] == small
+    assert row["epochs_crossed"] >= 1 and row["data"] == small and not row["progress_bar"]
 
 
 def test_fit_throughput_refuses_a_run_shorter_than_its_warmup():
