@@ -169,14 +169,19 @@ def test_fit_throughput_refuses_a_run_shorter_than_its_warmup():
 
 @pytest.mark.slow
 def test_loss_check_repeats_exactly_on_cpu_and_catches_a_changed_run(tmp_path, monkeypatch, capsys):
-    """``loss_check.py``: 3 steps of the tiny config (2 micro-batches each) twice in fp32 on CPU
-    repeat exactly (noise 0); the same run passes against that record; a run with another
-    learning rate is reported as changed (exit 1) from its second step on."""
+    """``loss_check.py``: 3 steps of the tiny config (2 micro-batches of 2 sequences each) twice
+    in fp32 on CPU repeat exactly (noise 0); the same run passes against that record; a run with
+    another learning rate is reported as changed (exit 1) from its second step on. The runs read
+    random tokens of the config's vocabulary, made here: the check does not depend on what the
+    tokens say, and the embedded corpus is not tokenized for it."""
+    import fit_throughput
     import loss_check
 
     monkeypatch.chdir(tmp_path)
-    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--steps", "3", "--data_dir", str(tmp_path / "data")]
-    cpu = "--trainer.accelerator cpu --data.num_workers 0 --trainer.accumulate_grad_batches 2"
+    data, _ = fit_throughput.synthetic_data(str(tmp_path / "data"), 3 * 2 * 2, 256, "bpe:4096")
+    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--steps", "3", "--data_dir", data]
+    cpu = ("--trainer.accelerator cpu --data.num_workers 0 --trainer.accumulate_grad_batches 2 "
+           "--data.batch_size 2")
     ref = tmp_path / "ref.json"
     assert loss_check.main([*common, "--repeat", "2", "--extra", cpu, "--out", str(ref)]) == 0
     record = json.loads(ref.read_text())

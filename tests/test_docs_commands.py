@@ -11,8 +11,11 @@ Commands are grouped by entry point: the module of ``python -m M``, the script o
 plus the subcommand for ``main.py`` (``fit``, ``validate``), the script of ``bash S.sh``. Each
 Python entry point runs once with ``--help`` (on the CPU: the GPU benchmarks parse their
 arguments before they look for CUDA) and must exit 0, print a usage line and list every
-``--option`` the docs pass it (optional ones written ``[--name VALUE]`` included); the runs go in
-parallel, about 10-30 s in all.
+``--option`` the docs pass it (optional ones written ``[--name VALUE]`` included). The runs share
+one interpreter, which imports torch and Lightning once (``tests/help_runner.py``: ``sys.argv``,
+``sys.path`` and the environment restored and the repository's modules imported afresh for each);
+an entry point it gives no result for (it took the interpreter down) runs again as its own
+``python ... --help``.
 
 Shell scripts have no ``--help`` (their first argument is an output directory, and they start GPU
 work at once), so they are not run: the test checks that the script exists, that ``bash -n``
@@ -24,12 +27,12 @@ and rewrites the config files when run (``tests/test_configs.py`` checks them).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +94,12 @@ class Entry:
         if self.kind == "module":
             return [sys.executable, "-m", self.target, "--help"]
         return [sys.executable, self.target, *([self.sub] if self.sub else []), "--help"]
+
+    def help_job(self) -> dict:
+        """The same run, for ``tests/help_runner.py``."""
+        args = [*([self.sub] if self.sub else []), "--help"]
+        return {"key": self.key, "module" if self.kind == "module" else "script": self.target,
+                "args": args}
 
 
 def doc_sources() -> dict[str, str]:
@@ -161,17 +170,27 @@ SHELL = [e for e in ENTRIES.values() if e.kind == "shell"]
 
 
 @pytest.fixture(scope="module")
-def help_runs() -> dict[str, subprocess.CompletedProcess]:
-    """``--help`` of every Python entry point that is not skipped, run in parallel."""
+def help_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """``--help`` of every Python entry point that is not skipped, in one interpreter
+    (``tests/help_runner.py``); one it leaves without a result runs on its own."""
     todo = [e for e in PYTHON if e.skip_reason is None]
     env = {**os.environ, "LITDATA_DISABLE_VERSION_CHECK": "1"}
-
-    def run(entry: Entry) -> subprocess.CompletedProcess:
-        return subprocess.run(entry.help_command(), cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300)
-
-    with ThreadPoolExecutor(max_workers=max(2, min(len(todo), os.cpu_count() or 2))) as pool:
-        return dict(zip((e.key for e in todo), pool.map(run, todo)))
+    out = tmp_path_factory.mktemp("help") / "help.json"
+    try:
+        subprocess.run([sys.executable, str(REPO / "tests/help_runner.py"), str(out)], cwd=REPO,
+                       env=env, input=json.dumps([e.help_job() for e in todo]),
+                       capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pass  # the entry points done so far are in out
+    done = json.loads(out.read_text()) if out.exists() else {}
+    runs = {}
+    for entry in todo:
+        if entry.key in done:
+            runs[entry.key] = subprocess.CompletedProcess(entry.help_command(), **done[entry.key])
+        else:
+            runs[entry.key] = subprocess.run(entry.help_command(), cwd=REPO, env=env,
+                                             capture_output=True, text=True, timeout=300)
+    return runs
 
 
 @pytest.mark.parametrize("source", sorted(doc_sources()))
