@@ -2,7 +2,8 @@
 # The real paths' speed on a GPU, in parts that each fit one 10-minute call: decoding (tokens/s
 # of compiled steps in CUDA graphs at 32k: ASA and full attention at batch 1 with each step's
 # kernels, ASA and NSA at batch 64; then the decode GPU tests), training through
-# `main.py fit` against the raw loop (340M ASA / full / NSA at 8k), and the fixed 20-step loss
+# `main.py fit` against the raw loop (340M ASA / full / NSA at 8k; then the test that counts the
+# GPU waits of a training step), and the fixed 20-step loss
 # check (two repeats, each in its own process: the run-to-run noise a speed change must stay
 # within). Every step runs even if one fails; the exit status is non-zero when any did.
 #   bash benchmarks/speed_check.sh OUTDIR [decode,fit,loss]
@@ -32,7 +33,10 @@ fi
 if [[ ",$parts," == *",fit,"* ]]; then
   python3 benchmarks/fit_throughput.py --configs configs/340m/asa.yaml configs/340m/full.yaml \
     configs/340m/nsa.yaml --steps 6 --warmup 2 --raw --out "$out/fit-8k.json" 2>&1 \
-    | tee "$out/fit.log" | tail -10
+    | tee "$out/fit.log" | tr '\r' '\n' | grep -v 'it/s\]' | tail -10
+  check "${PIPESTATUS[0]}"
+  # no wait for the GPU between micro-batches (CUDA's synchronisation warnings counted)
+  python3 -m pytest -q -m gpu tests/test_progress.py 2>&1 | tee "$out/fit_tests.log" | tail -3
   check "${PIPESTATUS[0]}"
 fi
 if [[ ",$parts," == *",loss,"* ]]; then

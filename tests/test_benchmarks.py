@@ -257,7 +257,7 @@ def test_speed_check_runs_the_parts_asked_for_and_reports_failures(tmp_path):
     ok = subprocess.run(["bash", str(script), str(tmp_path / "out"), "fit"], env=env,
                         capture_output=True, text=True)
     assert ok.returncode == 0
-    assert programs() == ["benchmarks/fit_throughput.py"]
+    assert programs() == ["benchmarks/fit_throughput.py", "pytest"]
 
 
 def test_decode_benchmark_sets_and_records_decode_launch_overrides(tmp_path, monkeypatch):
