@@ -5,7 +5,7 @@ clipping), ``train/tokens_seen``, ``train/tokens_per_sec`` (wall clock over each
 all processes),
 ``train/mfu`` (when the accelerator's peak is known), ``train/skipped_steps`` (with
 ``nonfinite_loss: skip``), and ``val/loss``, ``val/ppl`` (token-weighted over the whole validation
-set, through torchmetrics); ``main.py test`` logs ``test/loss``, ``test/ppl`` over the test split the
+set, through a torchmetrics metric, :class:`TokenMean`); ``main.py test`` logs ``test/loss``, ``test/ppl`` over the test split the
 same way (one code path: :meth:`LanguageModel._eval_step`, :meth:`LanguageModel._log_eval`).
 
 Once per ``fit``, the run's static facts (:func:`run_facts`) go to every logger as hyperparameters
@@ -27,7 +27,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from nsa_lit.checkpoint import arch_differences
 from nsa_lit.config import ModelConfig
@@ -102,6 +102,27 @@ def run_facts(arch: ModelConfig, seed: int | None) -> dict[str, int | float | st
             "kv_bytes_per_token": kv_elements_per_token(arch, arch.seq_len) * KV_CACHE_BYTES,
             "train_flops_per_token": training_flops_per_token(arch),
             "layer_pattern": arch.layer_pattern, "seed": seed}
+
+
+class TokenMean(Metric):
+    """Mean of per-batch values weighted by their counts (``update(value, weight)``), summed over
+    all processes. A NaN value shows in the result: there is no NaN check, which would wait for
+    the device after each batch. (torchmetrics' ``MeanMetric`` waits for its NaN check, or,
+    with ``nan_strategy="disable"``, drops the weights: Lightning-AI/torchmetrics#3434.)"""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int | float) -> None:
+        self.total += value.detach().float() * weight
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 def _has_loss_scaler(precision_plugin) -> bool:
@@ -212,8 +233,8 @@ class LanguageModel(L.LightningModule):
         with torch.device("meta") if _BUILD_ON_META.get() else nullcontext():
             self.model = Transformer(arch)
         with torch.device("cpu"):  # never on meta: Lightning moves it to the device
-            self.val_loss = MeanMetric(nan_strategy="disable")  # a NaN shows in val/loss
-            self.test_loss = MeanMetric(nan_strategy="disable")
+            self.val_loss = TokenMean()  # a NaN shows in val/loss
+            self.test_loss = TokenMean()
         self.tokens_seen = 0
         self.skipped_steps = 0  # optimiser steps dropped for a non-finite loss (whole run)
         self._consecutive_skips = 0
@@ -476,13 +497,13 @@ class LanguageModel(L.LightningModule):
             self._resumed_optim = None
 
     # -- validation and test -----------------------------------------------------------------
-    def _eval_step(self, metric: MeanMetric, batch: torch.Tensor) -> None:
+    def _eval_step(self, metric: TokenMean, batch: torch.Tensor) -> None:
         """Add a ``(B, T + 1)`` batch's mean next-token loss to ``metric``, weighted by its ``B * T``
         targets: the epoch's value is the mean over every target token of the split."""
         loss = self._loss(batch)
         metric.update(loss, weight=batch[:, 1:].numel())
 
-    def _log_eval(self, split: str, metric: MeanMetric) -> None:
+    def _log_eval(self, split: str, metric: TokenMean) -> None:
         """``<split>/loss`` (token-weighted over all processes, by the metric's own sync) and ``<split>/ppl``."""
         loss = metric.compute()
         metric.reset()

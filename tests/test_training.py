@@ -62,13 +62,23 @@ def test_token_budget_conflicting_with_max_steps_is_refused(tmp_path):
         trainer(tmp_path, max_steps=5).fit(model, datamodule=RandomTokens())
 
 
+class UnevenValidation(RandomTokens):
+    """Validation batches of 4 and 2 sequences."""
+
+    def val_dataloader(self):
+        return DataLoader(self.data[:6], batch_size=self.batch_size)
+
+
 def test_validation_perplexity_is_token_weighted(tmp_path):
+    """``val/loss`` is the mean over target tokens: a batch of 4 sequences weighs twice a batch
+    of 2 (a mean over batches would not)."""
     model = LanguageModel(ModelConfig(**ARCH))
-    dm = RandomTokens()
+    dm = UnevenValidation()
     out = trainer(tmp_path).validate(model, datamodule=dm, verbose=False)[0]
     with torch.no_grad():
-        losses = [model._loss(dm.data[i:i + 4]) for i in (0, 4)]
-    expect = torch.stack(losses).mean()
+        first, last = model._loss(dm.data[:4]), model._loss(dm.data[4:6])
+    expect = (4 * first + 2 * last) / 6
+    assert abs(first - last) > 1e-3  # a mean over batches differs
     assert out["val/loss"] == pytest.approx(expect.item(), rel=1e-5)
     assert out["val/ppl"] == pytest.approx(math.exp(expect.item()), rel=1e-5)
 
