@@ -9,8 +9,8 @@ so a job that takes the interpreter down leaves the others' results (the test ru
 ones as subprocesses).
 
 Between jobs, ``sys.argv``, ``sys.path``, ``os.environ`` and the working directory are restored,
-and the repository's own modules (``nsa_lit``, the benchmark scripts' helpers, ``main``) are
-dropped from ``sys.modules``, so each entry point imports them afresh through its own
+and the repository's own modules (``nsa_lit``, the benchmark scripts and their helpers,
+``main``) are dropped from ``sys.modules``, so each entry point imports them afresh through its own
 ``sys.path``, as in a new interpreter. ``kernels`` stays: it registers torch custom ops, which can
 be registered only once per process.
 """
@@ -26,7 +26,9 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-KEEP = ("kernels", "tests")  # top-level folders whose modules stay imported
+# the repository's code imported afresh for each entry point (``kernels`` and ``tests`` stay; a
+# virtual environment inside the repository, as CI's ``.venv-ci``, is not the repository's code)
+FRESH = ("nsa_lit", "benchmarks", "scripts", "main.py")
 
 
 def _repo_module(module) -> bool:
@@ -37,7 +39,7 @@ def _repo_module(module) -> bool:
         rel = Path(file).resolve().relative_to(REPO)
     except ValueError:
         return False
-    return rel.parts[0] not in KEEP
+    return rel.parts[0] in FRESH
 
 
 def _exit_code(exc: SystemExit) -> int:
