@@ -110,6 +110,7 @@ def test_training_synchronises_the_gpu_once_per_optimizer_step(tmp_path):
             fit(tmp_path, accumulate, StepProgressBar(), [Count()], accelerator="gpu")
         return sum("synchroniz" in str(w.message) for w in caught)
 
+    syncs(1)  # a process's first run adds one-off synchronisations (CUDA's own set-up)
     assert syncs(4) == syncs(1) > 0
 
 
