@@ -26,10 +26,13 @@ def _option(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-@pytest.mark.parametrize("nodes, gpus, micro, accum", [(1, 8, 8, 1), (2, 8, 4, 1), (8, 8, 1, 1), (1, 2, 8, 4),
-                                                       (3, 1, None, None)])
-def test_micro_batch_times_accumulation_times_gpus_is_the_global_batch(tmp_path, nodes, gpus, micro, accum):
-    done = _submit(tmp_path, nodes, "--trainer.max_steps", "5", GPUS_PER_NODE=str(gpus))
+# configs/1.3b/asa.yaml's micro-batch is 2 sequences: the default cap
+@pytest.mark.parametrize("nodes, gpus, micro, accum, cap", [
+    (1, 8, 2, 4, None), (2, 8, 2, 2, None), (8, 8, 1, 1, None), (1, 2, 2, 16, None), (1, 8, 8, 1, "8"),
+    (2, 8, 4, 1, "8"), (1, 2, 8, 4, "8"), (3, 1, None, None, None)])
+def test_micro_batch_times_accumulation_times_gpus_is_the_global_batch(tmp_path, nodes, gpus, micro, accum, cap):
+    env = {"GPUS_PER_NODE": str(gpus), **({"MAX_MICRO_BATCH": cap} if cap else {})}
+    done = _submit(tmp_path, nodes, "--trainer.max_steps", "5", **env)
     if micro is None:  # 64 sequences cannot be split evenly over 3 GPUs
         assert done.returncode != 0 and "not a multiple of 3 GPUs" in done.stderr
         return
