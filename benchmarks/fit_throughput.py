@@ -14,15 +14,15 @@ and ``train/mfu`` of the last step are read back beside it.
 
 The data: a synthetic prepared dataset of random token ids (``data_throughput.synthetic_dataset``,
 under ``--synthetic_dir``), sized so that every timed step lies in the first epoch. (The embedded
-corpus holds about 60 sequences of 8k: one epoch of a 340M config is less than one optimiser
-step of 8 x 8 sequences, so Lightning would step on each epoch's partial accumulation and
+corpus holds about 70 sequences of 8k: one epoch of a 340M config is about one optimiser
+step of 64 sequences, so Lightning would step on each epoch's partial accumulation and
 restart the loader's workers every step.) ``--data_dir`` naming a prepared dataset trains on it;
 a run whose timed steps cross an epoch boundary is flagged (``epochs_crossed``) either way.
 
 ``--raw`` also times ``benchmarks/train_throughput.py``'s raw loop first (the fit run's model
 config with its overrides, T, micro-batch, accumulation and loss, compiled as the config says,
 fused AdamW, random tokens) in the same process, and reports ``fit / raw``. ``--extra`` passes more ``main.py fit`` options to every run (e.g.
-``--extra="--data.batch_size 8 --trainer.accumulate_grad_batches 1"``). ``--out NAME`` writes
+``--extra="--data.batch_size 2 --trainer.accumulate_grad_batches 1"``). ``--out NAME`` writes
 ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
