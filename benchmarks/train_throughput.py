@@ -12,7 +12,11 @@ logits), backward, gradient clipping at 1.0, fused AdamW. ``--tokens`` tokens pe
 untimed steps (compilation, autotuning), ``--steps`` steps are timed; reports tokens/s, ms per step,
 peak memory and MFU: tokens/s x ``nsa_lit.model_stats.training_flops_per_token`` (attention FLOPs
 of what each variant computes) / ``--peak_tflops`` (default 989.5, the dense bf16 peak of an
-H100/H200 SXM). ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+H100/H200 SXM). ``--profile N`` then profiles one more optimiser step (``torch.profiler``) and
+records its GPU time per kernel group (``benchmarks/kernel_time.py``: each attention branch's
+kernels, SDPA, matrix products, loss, optimizer, Inductor's fused elementwise kernels, ...) and its
+N most expensive kernels, so that where one model's step spends its time more than another's
+reads line by line. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from nsa_lit.config import ModelConfig  # noqa: E402
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
+from kernel_time import by_group, kernel_times, top_kernels  # noqa: E402
 from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,11 +43,12 @@ DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("as
 
 def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int,
             peak_tflops: float, loss_chunk: int, accumulate: int = 1,
-            arch: ModelConfig | None = None) -> dict:
+            arch: ModelConfig | None = None, profile_top: int = 0) -> dict:
     """Time ``steps`` optimiser steps, each of ``accumulate`` micro-batches of ``tokens`` tokens
     (different random tokens each), of ``config_path``'s model (or ``arch``, e.g. a fit run's
     with its overrides) at ``T``. Dynamo starts afresh: an earlier T would make it compile this
-    one with dynamic shapes."""
+    one with dynamic shapes. ``profile_top``: also profile one more step (``"profile"``: GPU ms
+    per kernel group and the ``profile_top`` most expensive kernels)."""
     cfg = dataclasses.replace(arch or load_model_config(config_path), seq_len=T)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -70,14 +76,39 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30
     flops = training_flops_per_token(cfg, T)
     rate = tokens * accumulate / seconds
+    extra = {}
+    if profile_top:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        times = kernel_times(prof)
+        extra["profile"] = {"gpu_ms": sum(us for us, _ in times.values()) / 1e3,
+                            "launches": sum(n for _, n in times.values()),
+                            "groups": by_group(times), "top": top_kernels(times, profile_top)}
     return {"config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
             "T": T, "batch": tokens // T, "accumulate": accumulate, "mode": mode, "steps": steps,
             "loss_chunk": loss_chunk, "ms_per_step": 1e3 * seconds, "tokens_per_sec": rate,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_mem_gib": peak_mem,
             "flops_per_token": flops, "mfu": rate * flops / (peak_tflops * 1e12),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), **extra}
+
+
+def profile_table(row: dict) -> str:
+    """The profiled step of ``row`` as text: GPU ms and launches per kernel group, then the
+    most expensive kernels."""
+    prof = row["profile"]
+    lines = [f"## {row['config']} T={row['T']} {row['mode']}: one step, {prof['gpu_ms']:.1f} GPU ms "
+             f"in {prof['launches']} kernels ({row['ms_per_step']:.1f} ms timed)"]
+    lines += [f"  {g:30} {v['ms']:>9.2f} ms {int(v['launches']):>7} launches"
+              for g, v in prof["groups"].items()]
+    lines += [f"  {ms:>9.2f} ms {int(n):>6}x  [{group}] {name}"
+              for name, group, ms, n in prof["top"]]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per chunk of the loss (model.loss_chunk; 0: whole logits)")
     parser.add_argument("--peak_tflops", type=float, default=989.5,
                         help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile one step: GPU ms per kernel group and the N "
+                             "most expensive kernels")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
@@ -109,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     for config, T, mode in [(c, T, m) for c in args.configs for T in args.T for m in modes]:
         try:
             row = measure(config, T, args.tokens, mode, args.steps, args.warmup, args.peak_tflops,
-                          args.loss_chunk)
+                          args.loss_chunk, profile_top=args.profile)
             line = (f"{row['config']:24} {T:>6} {mode:>8} {row['ms_per_step']:>9.1f} "
                     f"{row['tokens_per_sec']:>10.0f} {row['mfu']:>6.1%} {row['peak_mem_gib']:>9.1f}")
         except Exception as err:  # one failing run must not lose the others
@@ -119,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             torch.cuda.empty_cache()
         log.add(row, line)
+        if "profile" in row:
+            print(profile_table(row), flush=True)
     log.summary()
     return 0
 

@@ -270,3 +270,57 @@ def test_decode_benchmark_sets_and_records_decode_launch_overrides(tmp_path, mon
                  "--decode_config", '{"MIN_KEYS_PER_SPLIT": 512}', "--out", str(out)])
     assert tk.CONFIG_OVERRIDE == {"MIN_KEYS_PER_SPLIT": 512}
     assert json.loads(out.read_text())["decode_config"] == {"MIN_KEYS_PER_SPLIT": 512}
+
+
+# every Triton kernel under kernels/, by module: the group its GPU time is reported under
+_KERNEL_MODULE_GROUPS = {"compression": "compression attention",
+                         "selected_attention": "selected attention",
+                         "selection": "block selection", "sliding_window": "window attention",
+                         "cross_entropy": "loss", "decode": "decode attention"}
+
+
+@pytest.mark.parametrize("module, group", sorted(_KERNEL_MODULE_GROUPS.items()))
+def test_profiled_kernels_are_grouped_by_the_branch_that_launches_them(module, group):
+    import re
+
+    import kernel_time
+
+    source = (ROOT / "kernels" / module / "triton_kernel.py").read_text()
+    names = re.findall(r"@triton\.jit\s*\ndef (\w+kernel)\(", source)
+    assert names, f"no Triton kernel found in kernels/{module}"
+    for name in names:
+        assert kernel_time.group_of(name) == group, name
+    assert kernel_time.group_of("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_TNT") == "matmul"
+    assert kernel_time.group_of("triton_per_fused__fused_rms_norm_0") == "fused elementwise (Inductor)"
+    assert kernel_time.group_of("pytorch_flash::flash_fwd_kernel<...>") == "SDPA / flash"
+    assert kernel_time.group_of("something else") == "other"
+
+
+def test_kernel_time_sums_gpu_events_per_kernel_and_group():
+    from types import SimpleNamespace
+
+    import kernel_time
+    import train_throughput
+    from torch.autograd import DeviceType
+
+    def event(name, us, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(elapsed_us=lambda: us),
+                               device_type=device)
+
+    prof = SimpleNamespace(events=lambda: [
+        event("_sel_fwd_kernel", 300.0), event("_sel_bwd_dq_kernel", 500.0),
+        event("_sel_fwd_kernel", 100.0), event("aten::mm", 9e9, DeviceType.CPU),
+        event("nvjet_sm90_tst_x", 1000.0), event("Memcpy DtoD (Device -> Device)", 5.0)])
+    times = kernel_time.kernel_times(prof)
+    assert times == {"_sel_fwd_kernel": (400.0, 2), "_sel_bwd_dq_kernel": (500.0, 1),
+                     "nvjet_sm90_tst_x": (1000.0, 1), "Memcpy DtoD (Device -> Device)": (5.0, 1)}
+    groups = kernel_time.by_group(times, per=2)
+    assert list(groups) == ["matmul", "selected attention", "copies"]  # largest first
+    assert groups["selected attention"] == {"ms": 0.45, "launches": 1.5}
+    top = kernel_time.top_kernels(times, 2)
+    assert top == [("nvjet_sm90_tst_x", "matmul", 1.0, 1), ("_sel_bwd_dq_kernel", "selected attention", 0.5, 1)]
+    row = {"config": "configs/340m/asa.yaml", "T": 8192, "mode": "compiled", "ms_per_step": 2.5,
+           "profile": {"gpu_ms": 1.905, "launches": 5, "groups": groups, "top": top}}
+    table = train_throughput.profile_table(row)
+    assert "1.9 GPU ms in 5 kernels" in table and "selected attention" in table
+    assert "[matmul] nvjet_sm90_tst_x" in table
