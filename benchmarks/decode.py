@@ -18,8 +18,10 @@ steps are two such periods. Reports tokens/s (batch x steps / seconds), ms per s
 bytes. ``--kernels`` also profiles 16 more steps outside any graph (eager, or the compiled step in
 ``compiled`` mode) and records the GPU kernels they launch per step: their number, their summed
 time and the most expensive names. ``--decode_config JSON`` sets launch overrides of the Triton
-decode kernels (split-K sweeps, e.g. ``{"MIN_KEYS_PER_SPLIT": 512}``) for every run. ``--out
-NAME`` writes ``benchmarks/results/NAME.json``.
+decode kernels (split-K sweeps, e.g. ``{"MIN_KEYS_PER_SPLIT": 512}``) for every run.
+``--merged_min_batch N``: latent layers multiply by the merged ``W_uk`` / ``W_uv`` weights from
+batch N on, by ``wq``, ``wo`` and the per-head up-projections below it. ``--out NAME`` writes
+``benchmarks/results/NAME.json``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from nsa_lit.attention import layer as layer_module  # noqa: E402
 from nsa_lit.cache import new_caches  # noqa: E402
 from nsa_lit.decode_graph import GraphedDecode  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
@@ -169,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile_options", type=json.loads, default=None,
                         help='more Inductor options of the compiled mode, as JSON '
                              '(e.g. \'{"combo_kernels": true}\')')
+    parser.add_argument("--merged_min_batch", type=int, default=None,
+                        help="latent layers multiply by merged W_uk / W_uv weights from this "
+                             "batch size on, per head below it (default: "
+                             "nsa_lit.attention.layer.MERGED_UP_PROJECTIONS_MIN_BATCH)")
     parser.add_argument("--out", help="results name (benchmarks/results/NAME.json) or path")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -184,10 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_config:  # the kernels read it at every launch (eager, compiled or captured)
         from kernels.decode import triton_kernel as decode_kernels
         decode_kernels.CONFIG_OVERRIDE.update(args.decode_config)
+    if args.merged_min_batch is not None:
+        if args.merged_min_batch < 1:
+            raise SystemExit(f"--merged_min_batch must be >= 1, got {args.merged_min_batch}")
+        layer_module.MERGED_UP_PROJECTIONS_MIN_BATCH = args.merged_min_batch
     record = run_record(
         "decode.py", argv,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        dtype=str(dtype), decode_config=args.decode_config or {})
+        dtype=str(dtype), decode_config=args.decode_config or {},
+        merged_min_batch=layer_module.MERGED_UP_PROJECTIONS_MIN_BATCH)
     log = ResultsLog(record, f"{'config':24} {'context':>8} {'batch':>5} {'mode':>8} "
                              f"{'ms/step':>9} {'tokens/s':>10} {'cache MiB':>10}", args.out)
     runs = [(c, n, b, m) for c in args.configs for n in args.contexts for b in args.batches

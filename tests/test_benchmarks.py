@@ -272,6 +272,20 @@ def test_decode_benchmark_sets_and_records_decode_launch_overrides(tmp_path, mon
     assert json.loads(out.read_text())["decode_config"] == {"MIN_KEYS_PER_SPLIT": 512}
 
 
+def test_decode_benchmark_sets_and_records_the_merged_weights_batch(tmp_path, monkeypatch):
+    from nsa_lit.attention import layer
+
+    monkeypatch.setattr(layer, "MERGED_UP_PROJECTIONS_MIN_BATCH", 1)
+    out = tmp_path / "decode.json"
+    argv = ["--configs", str(ROOT / "configs/tiny.yaml"), "--contexts", "32", "--batches", "1",
+            "--steps", "1", "--warmup", "1", "--device", "cpu", "--out", str(out)]
+    decode.main(argv + ["--merged_min_batch", "4"])
+    assert layer.MERGED_UP_PROJECTIONS_MIN_BATCH == 4
+    assert json.loads(out.read_text())["merged_min_batch"] == 4
+    with pytest.raises(SystemExit, match="merged_min_batch must be >= 1"):
+        decode.main(argv + ["--merged_min_batch", "0"])
+
+
 # every Triton kernel under kernels/, by module: the group its GPU time is reported under
 _KERNEL_MODULE_GROUPS = {"compression": "compression attention",
                          "selected_attention": "selected attention",

@@ -12,6 +12,7 @@ from nsa_lit.cache import (GroupedKVCache, LatentKVCache, LatentWindowCache, Ste
 from nsa_lit.data.tokenizer import train_bpe
 from nsa_lit.lit_module import LanguageModel, OptimConfig
 from nsa_lit.model import Transformer
+from nsa_lit.attention import layer as layer_module
 from test_model import SMALL, VARIANTS, config
 
 T = 64  # SMALL: window 12, compression blocks 8 / stride 4, selection blocks 8, top_n 3, q_share 4
@@ -68,6 +69,28 @@ def test_decode_gives_the_full_forward_logits_at_every_position(name, prompts):
         for key, value in cache_state(got).items():
             torch.testing.assert_close(value, want[key], rtol=0, atol=1e-12,
                                        msg=lambda m: f"{name} layer {layer} {key}: {m}")
+
+
+LATENT_VARIANTS = [n for n in VARIANTS
+                   if any(config(n).layer(kind).latent for kind in config(n).layer_pattern)]
+
+
+@pytest.mark.parametrize("name", LATENT_VARIANTS)
+@torch.no_grad()
+def test_small_batches_decode_through_per_head_up_projections(name, monkeypatch):
+    """Below ``MERGED_UP_PROJECTIONS_MIN_BATCH`` a latent layer's step multiplies by ``wq`` and
+    ``wo`` and applies ``W_uk`` / ``W_uv`` per head instead of the merged weights: the same
+    logits as the training forward at every position, and ``wo`` runs once a latent layer."""
+    monkeypatch.setattr(layer_module, "MERGED_UP_PROJECTIONS_MIN_BATCH", len(PROMPTS) + 1)
+    model = Transformer(config(name)).double()
+    calls = []
+    for block in model.blocks:
+        if block.attn.spec.latent:
+            block.attn.wo.register_forward_hook(lambda *_: calls.append(1))
+    decode_matches_forward(model, PROMPTS, T, name)
+    steps = T - int(PROMPTS.max())  # decode_matches_forward steps every sequence together
+    latent_layers = sum(block.attn.spec.latent for block in model.blocks)
+    assert len(calls) == 2 * latent_layers + steps * latent_layers  # 2 forwards, then the steps
 
 
 def test_step_plan_is_known_when_every_sequence_is_at_one_position():

@@ -64,6 +64,17 @@ def test_graph_replays_equal_eager_steps(name, backend, compiled, prompts):
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graph_replays_per_head_up_projections(compiled, monkeypatch):
+    """Steps of latent layers through ``wq``, ``wo`` and the per-head ``W_uk`` / ``W_uv``
+    (batches under ``MERGED_UP_PROJECTIONS_MIN_BATCH``) replay in graphs as they run eagerly
+    (the CPU tests check them against the training forward)."""
+    from nsa_lit.attention import layer
+
+    monkeypatch.setattr(layer, "MERGED_UP_PROJECTIONS_MIN_BATCH", 4)
+    test_graph_replays_equal_eager_steps("asa", "triton", compiled, PROMPTS)
+
+
 @pytest.mark.parametrize("prompts", [[[5, 6, 7], list(range(1, 100)), [9] * 17], [[5, 6, 7]]],
                          ids=["lengths_differ", "one_prompt"])
 @pytest.mark.parametrize("name", ["asa", "nsa"])

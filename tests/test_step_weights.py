@@ -86,9 +86,12 @@ def test_merged_weight_shapes():
                 rows = (cfg.n_heads * (spec.group_dim + cfg.rope_dim) + cfg.latent_dim
                         + cfg.rope_dim + gate)
                 assert w["w_out"].shape == (cfg.d_model, cfg.n_heads * spec.group_dim)
+                # small batches' stack: the query without W_uk (head_dim + rope_dim a head)
+                assert w["w_in_heads"].shape == (
+                    rows - cfg.n_heads * (spec.group_dim - cfg.head_dim), cfg.d_model)
             else:
                 rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + gate
-                assert w["w_out"] is None
+                assert w["w_out"] is None and "w_in_heads" not in w
             assert w["w_in"].shape == (rows, cfg.d_model)
             assert (w["b_in"] is None) == (attn.gate is None)
             assert block.mlp.step_weights.tensors["w_in"].shape == (2 * cfg.mlp_hidden,

@@ -27,9 +27,11 @@ probabilities; a layer without the compression *branch* (NSA ablation) just drop
 so its compressors get no gradient (use ``compress_method="mean"`` there).
 
 Decoding (:meth:`Attention.decode`, one token per sequence against an :mod:`nsa_lit.cache` cache)
-always runs latent layers in the absorbed form, reading the latent cache directly, with
-``W_uk`` and ``W_uv`` absorbed into merged query and output projections
-(:mod:`nsa_lit.step_weights`). ``forward``
+always runs latent layers in the absorbed form, reading the latent cache directly. At a batch of
+at least :data:`MERGED_UP_PROJECTIONS_MIN_BATCH` sequences ``W_uk`` and ``W_uv`` are absorbed
+into merged query and output projections (:mod:`nsa_lit.step_weights`); below it the step
+multiplies by the smaller per-head ``wq`` and ``wo`` and applies ``W_uk`` / ``W_uv`` per head
+(two small products more, fewer weight bytes read: what a batch-1 step is bound by). ``forward``
 with a cache (prefill) also writes the prompt's keys/values, compressed tokens and kept
 selection into it.
 """
@@ -50,6 +52,12 @@ from nsa_lit.cache import BranchKVCache, StepPlan, TokenCache
 from nsa_lit.config import Branch, Form, ModelConfig
 from nsa_lit.rope import Rotary
 from nsa_lit.step_weights import MergedWeights, stack
+
+# Latent layers' decode steps multiply by W_uk / W_uv merged into the query and output
+# projections (the "merged" weights: 2.5-4x the bytes of wq and wo at the 340M shapes) from this
+# batch size on, and by the per-head up-projections below it (benchmarks/decode.py
+# --merged_min_batch measures both).
+MERGED_UP_PROJECTIONS_MIN_BATCH = 1
 
 
 class Attention(nn.Module):
@@ -291,9 +299,15 @@ class Attention(nn.Module):
         if weights is None:
             raise RuntimeError("call refresh_step_weights() before a decode step "
                                "(Transformer.decode does)")
-        # latent layers: the query is already absorbed, [W_uk^T q_nope ; q_R]
-        q, kv, gate_logits = self._projections(x, weights["w_in"], weights["b_in"], absorbed=True,
+        # latent layers attend in the absorbed form, [W_uk^T q_nope ; q_R]: merged into the
+        # projection, or applied per head after it (small batches, see the module docstring)
+        per_head = self.spec.latent and x.shape[0] < MERGED_UP_PROJECTIONS_MIN_BATCH
+        w_in, b_in = ((weights["w_in_heads"], weights["b_in_heads"]) if per_head else
+                      (weights["w_in"], weights["b_in"]))
+        q, kv, gate_logits = self._projections(x, w_in, b_in, absorbed=not per_head,
                                                positions=positions[:, None])
+        if per_head:
+            q = self._absorbed_query(q)
         if self.spec.kv_per_branch:
             cache.append_branches({br: (k[:, 0], v[:, 0]) for br, (k, v) in kv.items()},
                                   self._compress if self.spec.compresses else None, plan)
@@ -302,8 +316,10 @@ class Attention(nn.Module):
                          self._compress if cache.compressed is not None else None, plan=plan)
         if gate_logits is not None:
             gate_logits = gate_logits.view(x.shape[0], self.cfg.n_heads, -1)
-        o = self._decode_branches(q[:, 0], cache, positions, plan, gate_logits)
-        return self._output([o[:, None]], None, weights["w_out"])
+        o = self._decode_branches(q[:, 0], cache, positions, plan, gate_logits)[:, None]
+        if per_head:
+            return self._output([self.kv.expand_output(o)], None)
+        return self._output([o], None, weights["w_out"])
 
     # -- merged weights of a decode step (nsa_lit.step_weights) ------------------------------
     @property
@@ -311,7 +327,9 @@ class Attention(nn.Module):
         """The decode step's weights, built on the first :meth:`refresh_step_weights`: ``w_in,
         b_in`` stack the projections of the layer input (:meth:`_input_pieces`), with ``W_uk``
         absorbed into the query of latent layers; ``w_out`` is ``wo`` with ``W_uv``
-        absorbed ``(d_model, H * group_dim)`` in latent layers (None: ``wo`` itself)."""
+        absorbed ``(d_model, H * group_dim)`` in latent layers (None: ``wo`` itself). Latent
+        layers also keep ``w_in_heads, b_in_heads``, the stack without ``W_uk`` (steps of fewer
+        than :data:`MERGED_UP_PROJECTIONS_MIN_BATCH` sequences)."""
         if self._step_weights is None:
             self._step_weights = MergedWeights(self._build_step_weights, self._step_sources)
         return self._step_weights
@@ -333,4 +351,7 @@ class Attention(nn.Module):
             w_out = torch.einsum("mhd,hdc->mhc", wo.to(exact), self.kv.w_uv.to(exact))
             w_out = w_out.reshape(cfg.d_model, -1).to(wo.dtype)
         w_in, b_in = stack(self._input_pieces(absorbed=True))
-        return {"w_in": w_in, "b_in": b_in, "w_out": w_out}
+        weights = {"w_in": w_in, "b_in": b_in, "w_out": w_out}
+        if self.spec.latent:
+            weights["w_in_heads"], weights["b_in_heads"] = stack(self._input_pieces(absorbed=False))
+        return weights
