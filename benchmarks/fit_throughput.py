@@ -28,6 +28,7 @@ fused AdamW, random tokens) in the same process, and reports ``fit / raw``. ``--
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shlex
 import shutil
@@ -138,9 +139,12 @@ def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list
                                peak_tflops, model.loss_chunk, trainer.accumulate_grad_batches,
                                model.arch), "path": "raw"})
         torch._dynamo.reset()  # the fit run compiles its own blocks from scratch
+        gc.collect()  # the raw loop's model and optimizer states, kept in reference cycles
         torch.cuda.empty_cache()
+    held = None  # GiB still allocated when the fit starts (what the raw loop left behind)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated() / 2**30
     data = {"data": data_dir}
     if not prepared:  # sized to this run's sequences per step (batch, accumulation, world)
         per_step = dm.batch_size * trainer.accumulate_grad_batches * trainer.world_size
@@ -164,6 +168,7 @@ def measure_fit(config: str, steps: int, warmup: int, data_dir: str, extra: list
             "mfu": rate * flops / (peak_tflops * 1e12),
             "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
                              if torch.cuda.is_available() else None),
+            "held_before_fit_gib": held,
             "logged": logged, "extra": extra, "path": "fit"}
     if rows:
         rows[0]["fit_over_raw"] = rate / rows[0]["tokens_per_sec"]
