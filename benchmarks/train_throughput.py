@@ -17,6 +17,12 @@ records its GPU time per kernel group (``benchmarks/kernel_time.py``: each atten
 kernels, SDPA, matrix products, loss, optimizer, Inductor's fused elementwise kernels, ...) and its
 N most expensive kernels, so that where one model's step spends its time more than another's
 reads line by line. ``--out NAME`` writes ``benchmarks/results/NAME.json``.
+
+A config named ``hf-llama`` (or ``hf-llama:CONFIG``) is the outside baseline: transformers'
+``LlamaForCausalLM`` (SDPA attention) at the shape of CONFIG's model (default
+``configs/340m/full.yaml``: the width, depth, heads, key/value heads, MLP, vocabulary and RoPE
+of our full-attention 340M), trained by the same step, loss and optimizer; ``compiled`` compiles
+each of its decoder layers as ours compiles each block. Needs the ``transformers`` package.
 """
 from __future__ import annotations
 
@@ -39,6 +45,47 @@ from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [os.path.join(ROOT, "configs/340m", f"{v}.yaml") for v in ("asa", "nsa", "full")]
+LLAMA = "hf-llama"
+LLAMA_SHAPE = os.path.join(ROOT, "configs/340m/full.yaml")
+
+
+class LlamaBaseline(torch.nn.Module):
+    """transformers' ``LlamaForCausalLM`` at the shape of ``cfg`` (a full-attention
+    :class:`ModelConfig`: width, depth, heads, key/value heads, head and MLP width, vocabulary,
+    RoPE base, norm epsilon; untied embeddings, SDPA attention), with the two members
+    ``next_token_loss`` reads, ``hidden`` and ``lm_head``, and ``compile_blocks``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+                         intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layers,
+                         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                         head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_len,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+        self.llama = LlamaForCausalLM(hf)
+        self.lm_head = self.llama.lm_head
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.llama.model(input_ids=tokens, use_cache=False).last_hidden_state
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.llama(input_ids=tokens, use_cache=False).logits
+
+    def compile_blocks(self) -> None:
+        for layer in self.llama.model.layers:
+            layer.compile()
+
+
+def resolve(config: str) -> tuple[str, str, bool]:
+    """``(name, config path, llama)`` of a ``--configs`` entry: a config path, or ``hf-llama``
+    / ``hf-llama:PATH`` (transformers' Llama at PATH's shape)."""
+    if config == LLAMA or config.startswith(LLAMA + ":"):
+        path = config.partition(":")[2] or LLAMA_SHAPE
+        return f"{LLAMA}:{os.path.relpath(path, ROOT)}", path, True
+    return os.path.relpath(config, ROOT), config, False
 
 
 def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup: int,
@@ -49,10 +96,14 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
     with its overrides) at ``T``. Dynamo starts afresh: an earlier T would make it compile this
     one with dynamic shapes. ``profile_top``: also profile one more step (``"profile"``: GPU ms
     per kernel group and the ``profile_top`` most expensive kernels)."""
+    name, config_path, llama = resolve(config_path)
     cfg = dataclasses.replace(arch or load_model_config(config_path), seq_len=T)
+    if llama and cfg.layer_pattern.strip("F"):
+        raise ValueError(f"{LLAMA} takes the shape of a full-attention config (layer_pattern F), "
+                         f"got layer_pattern {cfg.layer_pattern!r} from {config_path}")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = Transformer(cfg).cuda()
+    model = (LlamaBaseline(cfg) if llama else Transformer(cfg)).cuda()
     if mode == "compiled":
         model.compile_blocks()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -90,7 +141,7 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
         extra["profile"] = {"gpu_ms": sum(us for us, _ in times.values()) / 1e3,
                             "launches": sum(n for _, n in times.values()),
                             "groups": by_group(times), "top": top_kernels(times, profile_top)}
-    return {"config": os.path.relpath(config_path, ROOT), "layer_pattern": cfg.layer_pattern,
+    return {"config": name, "layer_pattern": cfg.layer_pattern,
             "T": T, "batch": tokens // T, "accumulate": accumulate, "mode": mode, "steps": steps,
             "loss_chunk": loss_chunk, "ms_per_step": 1e3 * seconds, "tokens_per_sec": rate,
             "peak_mem_gib": peak_mem,

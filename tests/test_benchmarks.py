@@ -338,3 +338,30 @@ def test_kernel_time_sums_gpu_events_per_kernel_and_group():
     table = train_throughput.profile_table(row)
     assert "1.9 GPU ms in 5 kernels" in table and "selected attention" in table
     assert "[matmul] nvjet_sm90_tst_x" in table
+
+
+def test_llama_baseline_has_our_full_models_shape_and_trains_through_the_same_loss():
+    """``train_throughput.py``'s ``hf-llama``: transformers' Llama at the shape of a
+    full-attention config has exactly our full model's parameter count, and the chunked loss the
+    benchmark trains with equals cross-entropy of its logits."""
+    pytest.importorskip("transformers")
+    import torch
+
+    import train_throughput
+    from nsa_lit.loss import next_token_loss
+    from nsa_lit.model import Transformer
+    from test_model import config
+
+    cfg = config("full")
+    torch.manual_seed(0)
+    llama = train_throughput.LlamaBaseline(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(llama) == count(Transformer(cfg))
+    batch = torch.randint(0, cfg.vocab_size, (2, 17))
+    logits = llama(batch[:, :-1])
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    torch.testing.assert_close(next_token_loss(llama, batch, 5), want)
+    assert train_throughput.resolve("hf-llama") == (
+        "hf-llama:configs/340m/full.yaml", train_throughput.LLAMA_SHAPE, True)
+    assert train_throughput.resolve(str(ROOT / "configs/340m/asa.yaml"))[::2] == (
+        "configs/340m/asa.yaml", False)
