@@ -17,7 +17,9 @@ HERE = Path(__file__).resolve().parent
 # micro_batch: sequences of 8,192 tokens per micro-batch on one 80 GB GPU (bf16-mixed, no
 # activation checkpointing), the rest of the paper's global batch accumulated. Measured peaks on an
 # H100 (benchmarks/README.md): ASA-340M 42 GiB at 4 sequences, 73.5 GiB at 8 (out of memory on
-# another H100 of 79 GiB usable).
+# another H100 of 79 GiB usable). 1.3B: 2 is an estimate from those (about twice the activations
+# a sequence, 21 GB of weights and Adam states), to be confirmed by
+# tests/test_configs_run.py::test_paper_config_fits_on_one_gpu.
 GLOBAL_BATCH = 64  # sequences of 8,192 tokens per optimiser step: 0.5M tokens
 SIZES = {
     "340m": dict(arch=dict(n_layers=24, d_model=1024, n_heads=16, head_dim=64, mlp_hidden=2816,
