@@ -15,8 +15,8 @@ and ``train/mfu`` of the last step are read back beside it.
 The data: a synthetic prepared dataset of random token ids (``data_throughput.synthetic_dataset``,
 under ``--synthetic_dir``), sized so that every timed step lies in the first epoch. (The embedded
 corpus holds about 70 sequences of 8k: one epoch of a 340M config is about one optimiser
-step of 64 sequences, so Lightning would step on each epoch's partial accumulation and
-restart the loader's workers every step.) ``--data_dir`` naming a prepared dataset trains on it;
+step of 64 sequences, so Lightning would step on an epoch's partial accumulation and restart
+the loader's workers every step or two.) ``--data_dir`` naming a prepared dataset trains on it;
 a run whose timed steps cross an epoch boundary is flagged (``epochs_crossed``) either way.
 
 ``--raw`` also times ``benchmarks/train_throughput.py``'s raw loop first (the fit run's model

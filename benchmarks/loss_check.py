@@ -19,7 +19,9 @@ when a step differs by more than ``--rtol`` relative. The tolerance is written d
 way: by default 5 x the noise recorded in the reference (its ``--repeat`` runs), and at least
 ``--min_rtol`` (1e-6 by default, for runs that repeat exactly), so a change passes if its losses
 stay within a few times what rerunning the unchanged code gives. A change of the model's math, the
-data order or the optimiser shows up as a larger difference within a few steps.
+data order or the optimiser shows up as a larger difference within a few steps. A reference
+compares only with a run of the same settings: pin the batch and accumulation in ``--extra``
+(the config's defaults may have changed since the reference was recorded).
 """
 from __future__ import annotations
 

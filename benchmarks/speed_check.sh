@@ -5,7 +5,8 @@
 # `main.py fit` against the raw loop (340M ASA / full / NSA at 8k; then the test that counts the
 # GPU waits of a training step), and the fixed 20-step loss
 # check (two repeats, each in its own process: the run-to-run noise a speed change must stay
-# within). Every step runs even if one fails; the exit status is non-zero when any did.
+# within; batches of 8 without accumulation, the settings of the recorded references
+# results/h100-loss-check-asa-2026-12-07*.json, pinned since the config's batch is now 4). Every step runs even if one fails; the exit status is non-zero when any did.
 #   bash benchmarks/speed_check.sh OUTDIR [decode,fit,loss]
 set -u
 status=0
@@ -41,7 +42,8 @@ if [[ ",$parts," == *",fit,"* ]]; then
 fi
 if [[ ",$parts," == *",loss,"* ]]; then
   python3 benchmarks/loss_check.py --config configs/340m/asa.yaml --steps 20 --repeat 2 \
-    --extra "--trainer.accumulate_grad_batches 1" --out "$out/loss-check-asa.json" 2>&1 \
+    --extra "--data.batch_size 8 --trainer.accumulate_grad_batches 1" \
+    --out "$out/loss-check-asa.json" 2>&1 \
     | tee "$out/loss.log" | tail -8
   check "${PIPESTATUS[0]}"
 fi

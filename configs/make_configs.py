@@ -109,6 +109,7 @@ def make_config(size: str, variant: str) -> dict:
     if size == "study":
         return make_study_config(variant)
     spec = SIZES[size]
+    assert GLOBAL_BATCH % spec["micro_batch"] == 0, f"{size}: micro_batch must divide {GLOBAL_BATCH}"
     accumulate = GLOBAL_BATCH // spec["micro_batch"]
     arch_overrides, _, _ = VARIANTS[variant]
     if callable(arch_overrides):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from nsa_lit.attention import layer
 from nsa_lit.cache import StepPlan, TokenCache
 from nsa_lit.model import Transformer
 
@@ -29,8 +30,9 @@ class GraphedDecode:
     The first step of each plan (``tuple(cache.plan() for cache in caches)``) runs eagerly (it
     compiles the kernels); the second captures it into a CUDA graph, and every later step of
     that plan replays it. The returned logits are a tensor a later call overwrites: use (or
-    copy) them before stepping again. The graphs are bound to ``caches`` and the batch size;
-    make a new ``GraphedDecode`` for new caches.
+    copy) them before stepping again. The graphs are bound to ``caches``, the batch size and
+    the latent layers' decode form (``layer.MERGED_UP_PROJECTIONS_MIN_BATCH``, refused if it
+    changes); make a new ``GraphedDecode`` for new caches.
     """
 
     def __init__(self, model: Transformer, caches: list[TokenCache]):
@@ -43,12 +45,18 @@ class GraphedDecode:
         # per plan: the captured graph and the logits tensor it writes
         self.graphs: dict[tuple[StepPlan, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.warm: set[tuple[StepPlan, ...]] = set()  # plans whose eager first step has run
+        self.merged_min_batch = layer.MERGED_UP_PROJECTIONS_MIN_BATCH
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.shape != (self.batch,):
             raise ValueError(f"tokens must be ({self.batch},) (the captured batch), got "
                              f"{tuple(tokens.shape)}")
+        if layer.MERGED_UP_PROJECTIONS_MIN_BATCH != self.merged_min_batch:
+            raise RuntimeError(
+                "MERGED_UP_PROJECTIONS_MIN_BATCH changed from "
+                f"{self.merged_min_batch} to {layer.MERGED_UP_PROJECTIONS_MIN_BATCH} after this "
+                "GraphedDecode was made: its graphs keep the old decode form; make a new one")
         plan = tuple(cache.plan() for cache in self.caches)
         if plan not in self.warm:  # eager: compiles every kernel this plan's step launches
             logits = self.model.decode(tokens, self.caches)

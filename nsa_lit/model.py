@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsa_lit.attention import Attention
+from nsa_lit.attention import layer as attention_layer
 from nsa_lit.cache import StepPlan, TokenCache, advance
 from nsa_lit.config import ModelConfig
 from nsa_lit.step_weights import MergedWeights, ParameterWatch
@@ -194,11 +195,14 @@ class Transformer(nn.Module):
         """Bring every block's merged decode weights (:mod:`nsa_lit.step_weights`) up to date
         with the parameters: builds them on the first call, then rebuilds (in place) only what
         changed, after one cheap check of the whole model (``force``: rebuild them all, e.g.
-        after writing parameters through ``.data``). :meth:`decode` calls it first."""
+        after writing parameters through ``.data``), and when latent layers need the per-head
+        stack or no longer do (``MERGED_UP_PROJECTIONS_MIN_BATCH``, :mod:`nsa_lit.attention.layer`).
+        :meth:`decode` calls it first."""
         if self._parameter_watch is None:
             self._parameter_watch = ParameterWatch(self)
         watch = self._parameter_watch
-        state = watch.state()
+        # the parameters, and which decode form the latent layers' weights serve
+        state = (watch.state(), attention_layer.MERGED_UP_PROJECTIONS_MIN_BATCH > 1)
         if force or state != watch.seen:
             for block in self.blocks:
                 block.refresh_step_weights(force)

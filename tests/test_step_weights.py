@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from nsa_lit.attention import layer
 from nsa_lit.cache import new_caches
 from nsa_lit.model import Transformer
 from nsa_lit.step_weights import MergedWeights, ParameterWatch, stack
@@ -69,11 +70,12 @@ def test_a_step_runs_its_projections_as_merged_gemms(name):
 
 
 @torch.no_grad()
-def test_merged_weight_shapes():
+def test_merged_weight_shapes(monkeypatch):
     """Latent layers: the query rows are ``H * (group_dim + rope_dim)`` (``W_uk`` absorbed),
     then the latent, the RoPE key and the gate; ``w_out`` is ``(d_model, H * group_dim)``.
     Grouped layers: ``wq``, ``wk``, ``wv`` (and the gate) stacked, no ``w_out``. The MLP: its gate
     and up projections."""
+    monkeypatch.setattr(layer, "MERGED_UP_PROJECTIONS_MIN_BATCH", 2)  # keeps w_in_heads too
     for name in ("asa", "nsa"):
         model = Transformer(config(name))
         model.refresh_step_weights()
@@ -96,6 +98,18 @@ def test_merged_weight_shapes():
             assert (w["b_in"] is None) == (attn.gate is None)
             assert block.mlp.step_weights.tensors["w_in"].shape == (2 * cfg.mlp_hidden,
                                                                     cfg.d_model)
+
+
+@torch.no_grad()
+def test_per_head_stack_is_kept_only_while_small_batches_use_it(monkeypatch):
+    """``w_in_heads`` costs memory: built when ``MERGED_UP_PROJECTIONS_MIN_BATCH`` > 1, dropped
+    when it is back at 1, each on the next refresh."""
+    model = Transformer(config("asa"))
+    attn = next(b.attn for b in model.blocks if b.attn.spec.latent)
+    for threshold, kept in ((1, False), (3, True), (1, False)):
+        monkeypatch.setattr(layer, "MERGED_UP_PROJECTIONS_MIN_BATCH", threshold)
+        model.refresh_step_weights()
+        assert ("w_in_heads" in attn.step_weights.tensors) is kept
 
 
 def test_merged_weights_rebuild_in_place_when_a_parameter_changes():

@@ -54,9 +54,10 @@ from nsa_lit.rope import Rotary
 from nsa_lit.step_weights import MergedWeights, stack
 
 # Latent layers' decode steps multiply by W_uk / W_uv merged into the query and output
-# projections (the "merged" weights: 2.5-4x the bytes of wq and wo at the 340M shapes) from this
-# batch size on, and by the per-head up-projections below it (benchmarks/decode.py
-# --merged_min_batch measures both).
+# projections (the "merged" weights; at the 340M shapes 2.7x / 4x the bytes of wq / wo in the
+# MLA local layers, 1.7x / 2x in the GLA global ones) from this batch size on, and by the
+# per-head up-projections below it (benchmarks/decode.py --merged_min_batch measures both). Set
+# it before decoding: CUDA graphs (nsa_lit.decode_graph) keep the form they captured.
 MERGED_UP_PROJECTIONS_MIN_BATCH = 1
 
 
@@ -328,15 +329,23 @@ class Attention(nn.Module):
         b_in`` stack the projections of the layer input (:meth:`_input_pieces`), with ``W_uk``
         absorbed into the query of latent layers; ``w_out`` is ``wo`` with ``W_uv``
         absorbed ``(d_model, H * group_dim)`` in latent layers (None: ``wo`` itself). Latent
-        layers also keep ``w_in_heads, b_in_heads``, the stack without ``W_uk`` (steps of fewer
-        than :data:`MERGED_UP_PROJECTIONS_MIN_BATCH` sequences)."""
+        layers also keep ``w_in_heads, b_in_heads``, the stack without ``W_uk``, while
+        :data:`MERGED_UP_PROJECTIONS_MIN_BATCH` > 1 (steps of fewer sequences use it)."""
         if self._step_weights is None:
             self._step_weights = MergedWeights(self._build_step_weights, self._step_sources)
         return self._step_weights
 
     def refresh_step_weights(self, force: bool = False) -> None:
-        """Build or update :attr:`step_weights` if a parameter changed, or ``force``."""
+        """Build or update :attr:`step_weights` if a parameter changed, or ``force`` (or if
+        :data:`MERGED_UP_PROJECTIONS_MIN_BATCH` now asks for the per-head stack they lack)."""
+        built = self.step_weights.tensors
+        force = force or (built is not None and self._per_head_weights() != ("w_in_heads" in built))
         self.step_weights.refresh(force)
+
+    def _per_head_weights(self) -> bool:
+        """Whether the step weights keep the stack without ``W_uk`` (latent layers, when some
+        batch sizes step through the per-head up-projections)."""
+        return self.spec.latent and MERGED_UP_PROJECTIONS_MIN_BATCH > 1
 
     def _step_sources(self) -> list[torch.Tensor]:
         modules = [self.wq, self.kv, self.wo] + ([self.gate] if self.gate is not None else [])
@@ -352,6 +361,6 @@ class Attention(nn.Module):
             w_out = w_out.reshape(cfg.d_model, -1).to(wo.dtype)
         w_in, b_in = stack(self._input_pieces(absorbed=True))
         weights = {"w_in": w_in, "b_in": b_in, "w_out": w_out}
-        if self.spec.latent:
+        if self._per_head_weights():
             weights["w_in_heads"], weights["b_in_heads"] = stack(self._input_pieces(absorbed=False))
         return weights
