@@ -49,6 +49,29 @@ LLAMA = "hf-llama"
 LLAMA_SHAPE = os.path.join(ROOT, "configs/340m/full.yaml")
 
 
+def import_llama():
+    """transformers' ``(LlamaConfig, LlamaForCausalLM)``, imported beside the Hugging Face
+    ``kernels`` package that transformers >= 5 depends on, whose name our ``kernels/`` shadows
+    from this repository: ours leaves ``sys.modules`` (and the repository ``sys.path``) while
+    transformers imports its modeling code, then comes back; transformers keeps what it
+    imported."""
+    ours = {name: mod for name, mod in sys.modules.items()
+            if name == "kernels" or name.startswith("kernels.")}
+    path = sys.path[:]
+    for name in ours:
+        del sys.modules[name]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.models.llama import modeling_llama  # noqa: F401  (its integrations)
+    finally:
+        sys.path[:] = path
+        for name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+    return LlamaConfig, LlamaForCausalLM
+
+
 class LlamaBaseline(torch.nn.Module):
     """transformers' ``LlamaForCausalLM`` at the shape of ``cfg`` (a full-attention
     :class:`ModelConfig`: width, depth, heads, key/value heads, head and MLP width, vocabulary,
@@ -57,8 +80,7 @@ class LlamaBaseline(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
+        LlamaConfig, LlamaForCausalLM = import_llama()
         hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
                          intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layers,
                          num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
