@@ -56,8 +56,10 @@ from nsa_lit.step_weights import MergedWeights, stack
 # Latent layers' decode steps multiply by W_uk / W_uv merged into the query and output
 # projections (the "merged" weights; at the 340M shapes 2.7x / 4x the bytes of wq / wo in the
 # MLA local layers, 1.7x / 2x in the GLA global ones) from this batch size on, and by the
-# per-head up-projections below it (benchmarks/decode.py --merged_min_batch measures both). Set
-# it before decoding: CUDA graphs (nsa_lit.decode_graph) keep the form they captured.
+# per-head up-projections below it (benchmarks/decode.py --merged_min_batch measures both: on an
+# H100 at batch 1 the per-head form was 5% slower, its extra launches costing more than the
+# bytes it saves, hence 1). Set it before decoding: CUDA graphs (nsa_lit.decode_graph) keep the
+# form they captured.
 MERGED_UP_PROJECTIONS_MIN_BATCH = 1
 
 
