@@ -6,7 +6,8 @@
 # GPU waits of a training step), and the fixed 20-step loss
 # check (two repeats, each in its own process: the run-to-run noise a speed change must stay
 # within; batches of 8 without accumulation, the settings of the recorded references
-# results/h100-loss-check-asa-2026-12-07*.json, pinned since the config's batch is now 4). Every step runs even if one fails; the exit status is non-zero when any did.
+# results/h100-loss-check-asa-2026-12-07*.json, pinned since the config's batch is now 4).
+# Every step runs even if one fails; the exit status is non-zero when any did.
 #   bash benchmarks/speed_check.sh OUTDIR [decode,fit,loss]
 set -u
 status=0
