@@ -31,7 +31,7 @@ always runs latent layers in the absorbed form, reading the latent cache directl
 at least :data:`MERGED_UP_PROJECTIONS_MIN_BATCH` sequences ``W_uk`` and ``W_uv`` are absorbed
 into merged query and output projections (:mod:`nsa_lit.step_weights`); below it the step
 multiplies by the smaller per-head ``wq`` and ``wo`` and applies ``W_uk`` / ``W_uv`` per head
-(two small products more, fewer weight bytes read: what a batch-1 step is bound by). ``forward``
+(fewer weight bytes, two more products; off by default: slower at 340M). ``forward``
 with a cache (prefill) also writes the prompt's keys/values, compressed tokens and kept
 selection into it.
 """
