@@ -230,34 +230,61 @@ def test_forward_backward_flops_count_each_kind_of_work_once(monkeypatch):
 def test_speed_check_runs_the_parts_asked_for_and_reports_failures(tmp_path):
     """``speed_check.sh OUT PARTS`` runs only PARTS' commands, every one even after a failure,
     and exits non-zero when any failed (a stand-in ``python3`` records the commands)."""
+    import shlex
     import subprocess
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.txt"
     fake = bin_dir / "python3"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *decode.py*) exit 1;; esac\n')
+    # one line per call, its arguments quoted as the shell would need them
+    fake.write_text(f'#!/bin/bash\nprintf "%q " "$@" >> {log}; echo >> {log}\n'
+                    'case "$*" in *decode.py*) exit 1;; esac\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     script = ROOT / "benchmarks" / "speed_check.sh"
-    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "decode,loss"], env=env,
-                          capture_output=True, text=True)
-    def programs():  # what each recorded python3 call ran: a script, or -m's module
-        words = [call.split() for call in log.read_text().splitlines()]
-        return [w[1] if w[0] == "-m" else w[0] for w in words]
 
-    calls = log.read_text().splitlines()
-    assert programs() == ["benchmarks/decode.py", "benchmarks/decode.py", "pytest",
-                          "benchmarks/loss_check.py"], calls
-    assert "--modes compiled --kernels" in calls[0] and "--repeat 2" in calls[3]
-    assert "--batches 1 " in calls[0] and "full.yaml" in calls[0]  # the batch-1 goal's pair
-    assert "--batches 64 " in calls[1] and "nsa.yaml" in calls[1]  # the batch-64 goal's pair
-    assert done.returncode == 1  # decode.py failed; the loss check still ran
-    log.unlink()
-    ok = subprocess.run(["bash", str(script), str(tmp_path / "out"), "fit"], env=env,
-                        capture_output=True, text=True)
-    assert ok.returncode == 0
-    assert programs() == ["benchmarks/fit_throughput.py", "pytest"]
+    def speed_check(parts: str) -> tuple[int, list[list[str]]]:
+        if log.exists():
+            log.unlink()
+        done = subprocess.run(["bash", str(script), str(tmp_path / "out"), parts], env=env,
+                              capture_output=True, text=True)
+        return done.returncode, [shlex.split(call) for call in log.read_text().splitlines()]
+
+    def program(words: list[str]) -> str:  # what a python3 call ran: a script, or -m's module
+        return words[1] if words[0] == "-m" else words[0]
+
+    def option(words: list[str], name: str) -> list[str]:  # an option's values
+        i = words.index(name) + 1
+        end = next((j for j in range(i, len(words)) if words[j].startswith("--")), len(words))
+        return words[i:end]
+
+    rc, calls = speed_check("decode,loss")
+    assert [program(c) for c in calls] == ["benchmarks/decode.py", "benchmarks/decode.py",
+                                           "pytest", "benchmarks/loss_check.py"], calls
+    assert "--kernels" in calls[0] and option(calls[0], "--modes") == ["compiled"]
+    assert option(calls[0], "--batches") == ["1"] and "configs/340m/full.yaml" in calls[0]
+    assert option(calls[1], "--batches") == ["64"] and "configs/340m/nsa.yaml" in calls[1]
+    assert option(calls[3], "--repeat") == ["2"]
+    assert rc == 1  # decode.py failed; the loss check still ran
+
+    rc, calls = speed_check("fit,fit_more,fit_32k,profile")
+    assert rc == 0
+    assert [program(c) for c in calls] == ["benchmarks/fit_throughput.py", "pytest"] + [
+        "benchmarks/fit_throughput.py"] * 2 + ["benchmarks/train_throughput.py"], calls
+    fits = [c for c in calls if program(c) == "benchmarks/fit_throughput.py"]
+    assert [option(c, "--configs") for c in fits] == [
+        ["configs/340m/asa.yaml", "configs/340m/full.yaml"],
+        ["configs/340m/nsa.yaml", "configs/1.3b/asa.yaml"],
+        ["configs/340m/asa.yaml", "configs/340m/full.yaml", "configs/340m/nsa.yaml"]]
+    assert all("--raw" in c for c in fits)
+    # the 32k runs' overrides reach fit_throughput as one --extra value argparse accepts
+    extras = [next(w for w in c if w.startswith("--extra=")) for c in fits]
+    assert extras[:2] == ["--extra=", "--extra="]
+    assert extras[2] == "--extra=--model.arch.seq_len 32768 --data.batch_size 1"
+    assert "hf-llama" in option(calls[-1], "--configs") and "--profile" in calls[-1]
+    for part in ("fit-8k", "fit-8k-more", "fit-32k"):
+        assert any(option(c, "--out") == [str(tmp_path / "out" / f"{part}.json")] for c in fits)
 
 
 def test_decode_benchmark_sets_and_records_decode_launch_overrides(tmp_path, monkeypatch):
