@@ -42,7 +42,7 @@ from nsa_lit.cache import new_caches  # noqa: E402
 from nsa_lit.decode_graph import GraphedDecode  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config  # noqa: E402
-from kernel_time import by_group, kernel_times  # noqa: E402
+from kernel_time import by_group, kernel_times, top_kernels  # noqa: E402
 from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,19 +66,18 @@ def fill_randomly(caches, context: int) -> None:
 def kernel_profile(step, tokens: torch.Tensor, steps: int = PROFILED_STEPS, top: int = 40) -> dict:
     """The GPU kernels of ``steps`` calls ``tokens = step(tokens).argmax(-1)``, per step: count,
     summed milliseconds, the time per kernel group (``kernel_time.by_group``) and the ``top``
-    names by time as ``[name, count, total_us]``."""
+    kernels by time (``kernel_time.top_kernels``: ``(name, group, ms, launches)``; results before
+    2026-12-08 hold ``[name, launches, us]``)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             tokens = step(tokens).argmax(-1)
         torch.cuda.synchronize()
     times = kernel_times(prof)
-    ranked = sorted(times.items(), key=lambda kv: -kv[1][0])
     return {"kernels_per_step": sum(n for _, n in times.values()) / steps,
             "kernel_ms_per_step": sum(us for us, _ in times.values()) / 1e3 / steps,
             "kernel_groups": by_group(times, per=steps),
-            "top_kernels": [[name[:90], n / steps, round(us / steps, 1)]
-                            for name, (us, n) in ranked[:top]]}
+            "top_kernels": top_kernels(times, top, per=steps)}
 
 
 def step_weight_bytes(model: Transformer) -> int:

@@ -367,6 +367,28 @@ def test_kernel_time_sums_gpu_events_per_kernel_and_group():
     assert "[matmul] nvjet_sm90_tst_x" in table
 
 
+def test_decode_kernel_profile_reports_per_step_figures_in_kernel_times_format(monkeypatch):
+    """``decode.py --kernels``: counts, milliseconds, groups and the costliest kernels per
+    profiled step, the top list in ``kernel_time.top_kernels``' form (as train_throughput's)."""
+    import torch
+
+    times = {"_decode_kernel": (600.0, 6), "nvjet_sm90_tst_x": (300.0, 3), "triton_poi_x": (30.0, 9)}
+    monkeypatch.setattr(decode, "kernel_times", lambda prof: times)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+
+    def step(tokens):
+        calls.append(tokens)
+        return torch.zeros(2, 5)
+
+    out = decode.kernel_profile(step, torch.zeros(2, dtype=torch.long), steps=3, top=2)
+    assert len(calls) == 3
+    assert out["kernels_per_step"] == 6 and out["kernel_ms_per_step"] == pytest.approx(0.31)
+    assert out["kernel_groups"]["decode attention"] == {"ms": pytest.approx(0.2), "launches": 2}
+    assert out["top_kernels"] == [("_decode_kernel", "decode attention", pytest.approx(0.2), 2),
+                                  ("nvjet_sm90_tst_x", "matmul", pytest.approx(0.1), 1)]
+
+
 def test_llama_baseline_has_our_full_models_shape_and_trains_through_the_same_loss():
     """``train_throughput.py``'s ``hf-llama``: transformers' Llama at the shape of a
     full-attention config has exactly our full model's parameter count, and the chunked loss the
