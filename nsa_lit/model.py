@@ -202,7 +202,7 @@ class Transformer(nn.Module):
             self._parameter_watch = ParameterWatch(self)
         watch = self._parameter_watch
         # the parameters, and which decode form the latent layers' weights serve
-        state = (watch.state(), attention_layer.MERGED_UP_PROJECTIONS_MIN_BATCH > 1)
+        state = (watch.state(), attention_layer.per_head_steps_possible())
         if force or state != watch.seen:
             for block in self.blocks:
                 block.refresh_step_weights(force)

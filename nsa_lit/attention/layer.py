@@ -63,6 +63,12 @@ from nsa_lit.step_weights import MergedWeights, stack
 MERGED_UP_PROJECTIONS_MIN_BATCH = 1
 
 
+def per_head_steps_possible() -> bool:
+    """Whether some batch size decodes latent layers through the per-head up-projections (their
+    step weights then keep the stack without ``W_uk`` too)."""
+    return MERGED_UP_PROJECTIONS_MIN_BATCH > 1
+
+
 class Attention(nn.Module):
     """Attention layer of ``kind`` (a letter of ``ModelConfig.layer_pattern``), built from its
     :class:`~nsa_lit.config.LayerSpec` ``cfg.layer(kind)``.
@@ -347,7 +353,7 @@ class Attention(nn.Module):
     def _per_head_weights(self) -> bool:
         """Whether the step weights keep the stack without ``W_uk`` (latent layers, when some
         batch sizes step through the per-head up-projections)."""
-        return self.spec.latent and MERGED_UP_PROJECTIONS_MIN_BATCH > 1
+        return self.spec.latent and per_head_steps_possible()
 
     def _step_sources(self) -> list[torch.Tensor]:
         modules = [self.wq, self.kv, self.wo] + ([self.gate] if self.gate is not None else [])
