@@ -42,7 +42,7 @@ from nsa_lit.cache import new_caches  # noqa: E402
 from nsa_lit.decode_graph import GraphedDecode  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config  # noqa: E402
-from kernel_time import by_group, kernel_times, top_kernels  # noqa: E402
+from kernel_time import by_group, kernel_times, top_kernels, totals  # noqa: E402
 from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,8 +74,8 @@ def kernel_profile(step, tokens: torch.Tensor, steps: int = PROFILED_STEPS, top:
             tokens = step(tokens).argmax(-1)
         torch.cuda.synchronize()
     times = kernel_times(prof)
-    return {"kernels_per_step": sum(n for _, n in times.values()) / steps,
-            "kernel_ms_per_step": sum(us for us, _ in times.values()) / 1e3 / steps,
+    ms, launches = totals(times, per=steps)
+    return {"kernels_per_step": launches, "kernel_ms_per_step": ms,
             "kernel_groups": by_group(times, per=steps),
             "top_kernels": top_kernels(times, top, per=steps)}
 

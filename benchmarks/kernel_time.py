@@ -51,6 +51,12 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:
     return out
 
 
+def totals(times: dict[str, tuple[float, int]], per: int = 1) -> tuple[float, float]:
+    """``(GPU ms, launches)`` of all of ``times`` (see :func:`kernel_times`), divided by ``per``."""
+    return (sum(us for us, _ in times.values()) / 1e3 / per,
+            sum(n for _, n in times.values()) / per)
+
+
 def by_group(times: dict[str, tuple[float, int]], per: int = 1) -> dict[str, dict[str, float]]:
     """``times`` (see :func:`kernel_times`) summed per group, divided by ``per`` (e.g. the
     profiled steps): ``{group: {"ms": ..., "launches": ...}}``, largest first."""

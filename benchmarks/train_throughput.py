@@ -40,7 +40,7 @@ from nsa_lit.config import ModelConfig  # noqa: E402
 from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss  # noqa: E402
 from nsa_lit.model import Transformer  # noqa: E402
 from nsa_lit.model_stats import load_model_config, training_flops_per_token  # noqa: E402
-from kernel_time import by_group, kernel_times, top_kernels  # noqa: E402
+from kernel_time import by_group, kernel_times, top_kernels, totals  # noqa: E402
 from results_log import ResultsLog, run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,8 +160,8 @@ def measure(config_path: str, T: int, tokens: int, mode: str, steps: int, warmup
             step()
             torch.cuda.synchronize()
         times = kernel_times(prof)
-        extra["profile"] = {"gpu_ms": sum(us for us, _ in times.values()) / 1e3,
-                            "launches": sum(n for _, n in times.values()),
+        gpu_ms, launches = totals(times)
+        extra["profile"] = {"gpu_ms": gpu_ms, "launches": int(launches),  # one step
                             "groups": by_group(times), "top": top_kernels(times, profile_top)}
     return {"config": name, "layer_pattern": cfg.layer_pattern,
             "T": T, "batch": tokens // T, "accumulate": accumulate, "mode": mode, "steps": steps,

@@ -355,6 +355,7 @@ def test_kernel_time_sums_gpu_events_per_kernel_and_group():
     times = kernel_time.kernel_times(prof)
     assert times == {"_sel_fwd_kernel": (400.0, 2), "_sel_bwd_dq_kernel": (500.0, 1),
                      "nvjet_sm90_tst_x": (1000.0, 1), "Memcpy DtoD (Device -> Device)": (5.0, 1)}
+    assert kernel_time.totals(times, per=2) == (pytest.approx(0.9525), 2.5)
     groups = kernel_time.by_group(times, per=2)
     assert list(groups) == ["matmul", "selected attention", "copies"]  # largest first
     assert groups["selected attention"] == {"ms": 0.45, "launches": 1.5}
