@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from nsa_lit.data import corpus as corpus_mod
 from nsa_lit.data.corpus import python_docs_documents
 from nsa_lit.data.prepare import main as prepare_main
 from nsa_lit.data.prepare import doc_hash, prepare, read_meta, read_split_tokens, split_of, token_dtype
+from nsa_lit.data import tokenizer as tokenizer_mod
 from nsa_lit.data.tokenizer import train_bpe
 from nsa_lit.data.windows import NUMPY_DTYPE_CODES, TokenWindows, WindowSampler, index_dtype
 
@@ -121,6 +124,84 @@ def test_tokenizer_errors_name_the_spec(spec, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError, ImportError)) as err:
         load_tokenizer(spec, data_dir=tmp_path)
     assert spec in str(err.value)
+
+
+class _FakeAutoTokenizer:
+    """Stands in for ``transformers.AutoTokenizer``: records each call, loads nothing."""
+
+    calls: list[dict] = []
+    local_result = None
+
+    @classmethod
+    def from_pretrained(cls, spec, **kwargs):
+        cls.calls.append(kwargs)
+        if kwargs.get("local_files_only") and cls.local_result is not None:
+            return cls.local_result
+        raise OSError(f"no files for {spec} (local_files_only={kwargs.get('local_files_only', False)})")
+
+
+@pytest.fixture
+def fake_transformers(monkeypatch):
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("transformers")
+    module.__spec__ = importlib.machinery.ModuleSpec("transformers", None)
+    module.AutoTokenizer = _FakeAutoTokenizer
+    monkeypatch.setitem(sys.modules, "transformers", module)
+    _FakeAutoTokenizer.calls, _FakeAutoTokenizer.local_result = [], None
+    return _FakeAutoTokenizer
+
+
+def test_hub_name_offline_fails_at_once_without_a_download_attempt(fake_transformers, monkeypatch):
+    monkeypatch.setattr(tokenizer_mod, "_hub_reachable", lambda: False)
+    with pytest.raises(ValueError, match="'org/some-tokenizer'.*cannot be reached"):
+        load_tokenizer("org/some-tokenizer")
+    assert fake_transformers.calls == [{"local_files_only": True}]  # never the retrying download
+
+
+def test_hub_name_online_downloads_after_the_local_miss(fake_transformers, monkeypatch):
+    monkeypatch.setattr(tokenizer_mod, "_hub_reachable", lambda: True)
+    with pytest.raises(ValueError, match="'org/some-tokenizer'.*could not load it"):
+        load_tokenizer("org/some-tokenizer")
+    assert fake_transformers.calls == [{"local_files_only": True}, {}]
+
+
+def test_hub_name_in_the_local_cache_needs_no_network(fake_transformers, monkeypatch):
+    class Cached:
+        eos_token_id, bos_token_id = 2, 1
+
+        def __len__(self):
+            return 100
+
+        def encode(self, text, add_special_tokens):
+            return [3, 4]
+
+        def get_vocab(self):
+            return {}
+
+    def no_network():
+        raise AssertionError("the hub was probed although the tokenizer is cached")
+
+    fake_transformers.local_result = Cached()
+    monkeypatch.setattr(tokenizer_mod, "_hub_reachable", no_network)
+    tok = load_tokenizer("org/cached")
+    assert (tok.vocab_size, tok.eos_id, tok.encode("x")) == (100, 2, [3, 4])
+    assert fake_transformers.calls == [{"local_files_only": True}]
+
+
+def test_hub_reachable_honours_offline_and_tries_a_connection(monkeypatch):
+    with socket.create_server(("127.0.0.1", 0)) as server:  # listening: reachable
+        port = server.getsockname()[1]
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert tokenizer_mod._hub_reachable(timeout_s=1.0)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert not tokenizer_mod._hub_reachable(timeout_s=1.0)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not tokenizer_mod._hub_reachable(timeout_s=1.0)  # the server is closed: connection refused
+    monkeypatch.setenv("HF_ENDPOINT", "not a url")
+    assert not tokenizer_mod._hub_reachable(timeout_s=1.0)
 
 
 # ------------------------------------------------------------------------------------------ prepare

@@ -10,7 +10,8 @@ Specs (``load_tokenizer(spec, data_dir)``):
 - ``"bpe:<vocab_size>"``: a byte-level BPE trained with ``tokenizers`` on the corpus during
   preparation (:func:`train_bpe`) and stored as ``<data_dir>/tokenizer.json``; later loads read that file.
 - anything else: a Hugging Face name or path through ``transformers.AutoTokenizer`` (only if
-  ``transformers`` is installed; offline, it must already be in the local cache).
+  ``transformers`` is installed). A local directory or the Hugging Face cache is tried first; a download
+  is attempted only if the hub answers, so offline an uncached name fails at once.
 
 Every error names the spec.
 """
@@ -20,6 +21,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -173,12 +176,20 @@ def _load_transformers(spec: str) -> Tokenizer:
             "*.model / tokenizer.json file, and the package 'transformers' (needed for Hugging Face names) "
             "is not installed"
         )
-    try:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(spec)
-    except Exception as e:
-        raise ValueError(f"tokenizer {spec!r}: transformers.AutoTokenizer could not load it: {e}") from e
+    try:  # a local directory or the Hugging Face cache first: no network round trip
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except Exception as local_error:
+        if not _hub_reachable():  # offline, the hub client would retry for about a minute
+            raise ValueError(
+                f"tokenizer {spec!r}: not a local directory, not in the Hugging Face cache, and "
+                f"{_hub_endpoint()} cannot be reached (offline?) to download it: {local_error}"
+            ) from local_error
+        try:
+            tok = AutoTokenizer.from_pretrained(spec)
+        except Exception as e:
+            raise ValueError(f"tokenizer {spec!r}: transformers.AutoTokenizer could not load it: {e}") from e
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer {spec!r}: the Hugging Face tokenizer has no eos token")
     return Tokenizer(
@@ -190,6 +201,24 @@ def _load_transformers(spec: str) -> Tokenizer:
         eos_id=tok.eos_token_id,
         vocab=tok.get_vocab,
     )
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be contacted: not ``HF_HUB_OFFLINE`` and a TCP connection opens."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlsplit(_hub_endpoint())
+    if not url.hostname:
+        return False
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def parse_bpe_spec(spec: str) -> int | None:
