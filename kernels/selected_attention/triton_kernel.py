@@ -96,6 +96,7 @@ import triton.language as tl
 
 from kernels.blocks import num_selection_blocks
 from kernels.selected_attention.reference import key_values
+from kernels.triton_device import load_rows
 from kernels.triton_utils import (interpreting, next_pow2, row_major, split_descriptors, split_dim,
                                   tma_descriptor)
 
@@ -147,6 +148,69 @@ def _value_tile(V, k1, krow, kvalid, dv, DV: tl.constexpr, VK: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(NC, NHS, REP_K, REP_G, T, H, HP: tl.constexpr, TOK: tl.constexpr,
+                ROWS: tl.constexpr):
+    """The query rows of a query-major program: chunk ``c`` (late, long chunks first; grid dim 0)
+    of sequence ``b`` (int64), heads ``h0 .. h0 + HP`` (grid dim 1) with their key head ``hk``
+    and selection group ``g``; row ``r`` is token ``r // HP`` of the chunk, head ``h0 + r % HP``:
+    its position ``t``, whether it exists (``rvalid``) and its flat row ``(b*T + t)*H + head``
+    (int64)."""
+    c = NC - 1 - tl.program_id(0)
+    pid1 = tl.program_id(1)
+    b = (pid1 // NHS).to(tl.int64)
+    h0 = (pid1 % NHS) * HP
+    r = tl.arange(0, ROWS)
+    tok = r // HP
+    t = c * TOK + tok
+    rvalid = (tok < TOK) & (t < T)
+    qrow = (b * T + t) * H + h0 + r % HP
+    return c, b, h0, h0 // REP_K, h0 // REP_G, t, rvalid, qrow
+
+
+@triton.jit
+def _chunk_blocks(CL, BI, b, c, g, t, rvalid, T, G, NSEL, NC, L, LPAD: tl.constexpr,
+                  NPAD: tl.constexpr, UNION: tl.constexpr):
+    """Chunk ``c``'s key blocks: the offset ``lbase`` of its list in ``CL`` (``(B, NC, G, L)``,
+    ascending, -1 padded), the list's length ``nv`` and, for union chunks, each row's own
+    ``(ROWS, NPAD)`` block list ``bl`` (-1 padded; the chunk list again otherwise, unused)."""
+    lbase = ((b * NC + c) * G + g) * L
+    lcol = tl.arange(0, LPAD)
+    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
+    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
+    bl = lrow
+    if UNION:
+        bcol = tl.arange(0, NPAD)
+        brow = ((b * T + t) * G + g) * NSEL
+        bl = tl.load(BI + brow[:, None] + bcol[None, :],
+                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+    return lbase, nv, bl
+
+
+@triton.jit
+def _rows_listing(bl, j):
+    """Which rows of a union chunk listed key block ``j`` themselves (``bl``: their lists)."""
+    return tl.max((bl == j).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _dq_row_terms(DO, O, LSE, DELTA, b, t, h0, qrow, rvalid, dv, sdob, sdot, sdoh,
+                  DV: tl.constexpr, HP: tl.constexpr, ROWS: tl.constexpr):
+    """What the dq kernels need of each query row besides q: its output gradient ``do``
+    (``(ROWS, DVP)``, zero past ``DV``), ``delta = rowsum(do * o)`` (also stored to ``DELTA``)
+    and its log-sum-exp in base 2 (``+inf`` where the row saw no key, so its ``p`` is 0)."""
+    omask = rvalid[:, None] & (dv[None, :] < DV)
+    r = tl.arange(0, ROWS)
+    dorow = b * sdob + t.to(tl.int64) * sdot + (h0 + r % HP).to(tl.int64) * sdoh
+    do = tl.load(DO + dorow[:, None] + dv[None, :], mask=omask, other=0.0)
+    o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + qrow, delta, mask=rvalid)
+    lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return do, delta, lse2
+
+
+@triton.jit
 def _sel_fwd_kernel(
     Q, K, V, CL, BI, O, LSE, KD1, KD2,
     T, H, HK, G, NSEL, NC, L, REP_K, REP_G, NHS, qk_scale,
@@ -157,36 +221,11 @@ def _sel_fwd_kernel(
 ):
     """Forward, rows-major: S = Q K^T over the chunk's key blocks. ``TMA``: the key tiles come
     through the tensor descriptors ``KD1, KD2`` (see ``_key_descriptors``)."""
-    c = NC - 1 - tl.program_id(0)  # late (long) chunks first
-    pid1 = tl.program_id(1)
-    b = (pid1 // NHS).to(tl.int64)
-    h0 = (pid1 % NHS) * HP
-    hk = h0 // REP_K
-    g = h0 // REP_G
-
-    r = tl.arange(0, ROWS)
-    tok = r // HP
-    t = c * TOK + tok
-    rvalid = (tok < TOK) & (t < T)
-    qrow = (b * T + t) * H + h0 + r % HP  # int64
-    d1 = tl.arange(0, D1)
-    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
-                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
-    if D2 > 0:
-        d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
-                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+    c, b, h0, hk, g, t, rvalid, qrow = _chunk_rows(NC, NHS, REP_K, REP_G, T, H, HP, TOK, ROWS)
+    q1, q2 = load_rows(Q, qrow * D, rvalid, D, D1, D2)
     dv = tl.arange(0, DVP)
 
-    lbase = ((b * NC + c) * G + g) * L
-    lcol = tl.arange(0, LPAD)
-    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
-    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
-    if UNION:
-        bcol = tl.arange(0, NPAD)
-        brow = ((b * T + t) * G + g) * NSEL
-        bl = tl.load(BI + brow[:, None] + bcol[None, :],
-                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+    lbase, nv, bl = _chunk_blocks(CL, BI, b, c, g, t, rvalid, T, G, NSEL, NC, L, LPAD, NPAD, UNION)
 
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -204,8 +243,7 @@ def _sel_fwd_kernel(
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         vis = kpos[None, :] <= t[:, None]
         if UNION:
-            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
-            vis = vis & sel[:, None]
+            vis = vis & _rows_listing(bl, j)[:, None]
         s = tl.where(vis, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -235,36 +273,11 @@ def _sel_fwd_t_kernel(
 ):
     """Forward, keys-major orientation: S^T = K Q^T (BK x ROWS) and O^T += V^T P^T, so both
     products have M >= 64 (wgmma on Hopper) even when a program has only 16 or 32 query rows."""
-    c = NC - 1 - tl.program_id(0)
-    pid1 = tl.program_id(1)
-    b = (pid1 // NHS).to(tl.int64)
-    h0 = (pid1 % NHS) * HP
-    hk = h0 // REP_K
-    g = h0 // REP_G
-
-    r = tl.arange(0, ROWS)
-    tok = r // HP
-    t = c * TOK + tok
-    rvalid = (tok < TOK) & (t < T)
-    qrow = (b * T + t) * H + h0 + r % HP
-    d1 = tl.arange(0, D1)
-    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
-                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
-    if D2 > 0:
-        d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
-                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
+    c, b, h0, hk, g, t, rvalid, qrow = _chunk_rows(NC, NHS, REP_K, REP_G, T, H, HP, TOK, ROWS)
+    q1, q2 = load_rows(Q, qrow * D, rvalid, D, D1, D2)
     dv = tl.arange(0, DVP)
 
-    lbase = ((b * NC + c) * G + g) * L
-    lcol = tl.arange(0, LPAD)
-    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
-    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
-    if UNION:
-        bcol = tl.arange(0, NPAD)
-        brow = ((b * T + t) * G + g) * NSEL
-        bl = tl.load(BI + brow[:, None] + bcol[None, :],
-                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+    lbase, nv, bl = _chunk_blocks(CL, BI, b, c, g, t, rvalid, T, G, NSEL, NC, L, LPAD, NPAD, UNION)
 
     m_i = tl.full([ROWS], -1.0e30, tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -281,8 +294,7 @@ def _sel_fwd_t_kernel(
             s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
         vis = kpos[:, None] <= t[None, :]
         if UNION:
-            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
-            vis = vis & sel[None, :]
+            vis = vis & _rows_listing(bl, j)[None, :]
         s = tl.where(vis, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         alpha = tl.exp2(m_i - m_new)
@@ -313,44 +325,16 @@ def _sel_bwd_dq_kernel(
     TMA: tl.constexpr,
 ):
     """dq (and delta; dk, dv too when ``ATOMIC_KV``), rows-major; ``TMA`` as in the forward."""
-    c = NC - 1 - tl.program_id(0)
-    pid1 = tl.program_id(1)
-    b = (pid1 // NHS).to(tl.int64)
-    h0 = (pid1 % NHS) * HP
-    hk = h0 // REP_K
-    g = h0 // REP_G
-
-    r = tl.arange(0, ROWS)
-    tok = r // HP
-    t = c * TOK + tok
-    rvalid = (tok < TOK) & (t < T)
-    qrow = (b * T + t) * H + h0 + r % HP
+    c, b, h0, hk, g, t, rvalid, qrow = _chunk_rows(NC, NHS, REP_K, REP_G, T, H, HP, TOK, ROWS)
+    q1, q2 = load_rows(Q, qrow * D, rvalid, D, D1, D2)
     d1 = tl.arange(0, D1)
-    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
-                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
-                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
     dv = tl.arange(0, DVP)
-    omask = rvalid[:, None] & (dv[None, :] < DV)
-    dorow = b * sdob + t.to(tl.int64) * sdot + (h0 + r % HP).to(tl.int64) * sdoh
-    do = tl.load(DO + dorow[:, None] + dv[None, :], mask=omask, other=0.0)
-    o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(DELTA + qrow, delta, mask=rvalid)
-    lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    do, delta, lse2 = _dq_row_terms(DO, O, LSE, DELTA, b, t, h0, qrow, rvalid, dv, sdob, sdot, sdoh,
+                                    DV, HP, ROWS)
 
-    lbase = ((b * NC + c) * G + g) * L
-    lcol = tl.arange(0, LPAD)
-    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
-    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
-    if UNION:
-        bcol = tl.arange(0, NPAD)
-        brow = ((b * T + t) * G + g) * NSEL
-        bl = tl.load(BI + brow[:, None] + bcol[None, :],
-                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+    lbase, nv, bl = _chunk_blocks(CL, BI, b, c, g, t, rvalid, T, G, NSEL, NC, L, LPAD, NPAD, UNION)
 
     dq1 = tl.zeros([ROWS, D1], tl.float32)
     if D2 > 0:
@@ -368,8 +352,7 @@ def _sel_bwd_dq_kernel(
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC)
         vis = kpos[None, :] <= t[:, None]
         if UNION:
-            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
-            vis = vis & sel[:, None]
+            vis = vis & _rows_listing(bl, j)[:, None]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -413,44 +396,16 @@ def _sel_bwd_dq_t_kernel(
     NSUB: tl.constexpr, PREC: tl.constexpr, VK: tl.constexpr,
 ):
     """dq, keys-major orientation: S^T = K Q^T, dP^T = V dO^T, dQ^T += K^T dS^T."""
-    c = NC - 1 - tl.program_id(0)
-    pid1 = tl.program_id(1)
-    b = (pid1 // NHS).to(tl.int64)
-    h0 = (pid1 % NHS) * HP
-    hk = h0 // REP_K
-    g = h0 // REP_G
-
-    r = tl.arange(0, ROWS)
-    tok = r // HP
-    t = c * TOK + tok
-    rvalid = (tok < TOK) & (t < T)
-    qrow = (b * T + t) * H + h0 + r % HP
+    c, b, h0, hk, g, t, rvalid, qrow = _chunk_rows(NC, NHS, REP_K, REP_G, T, H, HP, TOK, ROWS)
+    q1, q2 = load_rows(Q, qrow * D, rvalid, D, D1, D2)
     d1 = tl.arange(0, D1)
-    q1 = tl.load(Q + qrow[:, None] * D + d1[None, :],
-                 mask=rvalid[:, None] & (d1[None, :] < D), other=0.0)
     if D2 > 0:
         d2 = D1 + tl.arange(0, D2)
-        q2 = tl.load(Q + qrow[:, None] * D + d2[None, :],
-                     mask=rvalid[:, None] & (d2[None, :] < D), other=0.0)
     dv = tl.arange(0, DVP)
-    omask = rvalid[:, None] & (dv[None, :] < DV)
-    dorow = b * sdob + t.to(tl.int64) * sdot + (h0 + r % HP).to(tl.int64) * sdoh
-    do = tl.load(DO + dorow[:, None] + dv[None, :], mask=omask, other=0.0)
-    o = tl.load(O + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(DELTA + qrow, delta, mask=rvalid)
-    lse = tl.load(LSE + qrow, mask=rvalid, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    do, delta, lse2 = _dq_row_terms(DO, O, LSE, DELTA, b, t, h0, qrow, rvalid, dv, sdob, sdot, sdoh,
+                                    DV, HP, ROWS)
 
-    lbase = ((b * NC + c) * G + g) * L
-    lcol = tl.arange(0, LPAD)
-    lrow = tl.load(CL + lbase + lcol, mask=lcol < L, other=-1)
-    nv = tl.sum((lrow >= 0).to(tl.int32), axis=0)
-    if UNION:
-        bcol = tl.arange(0, NPAD)
-        brow = ((b * T + t) * G + g) * NSEL
-        bl = tl.load(BI + brow[:, None] + bcol[None, :],
-                     mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
+    lbase, nv, bl = _chunk_blocks(CL, BI, b, c, g, t, rvalid, T, G, NSEL, NC, L, LPAD, NPAD, UNION)
 
     dq1 = tl.zeros([D1, ROWS], tl.float32)
     if D2 > 0:
@@ -467,8 +422,7 @@ def _sel_bwd_dq_t_kernel(
             s += tl.dot(k2, tl.trans(q2), input_precision=PREC)
         vis = kpos[:, None] <= t[None, :]
         if UNION:
-            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
-            vis = vis & sel[None, :]
+            vis = vis & _rows_listing(bl, j)[None, :]
         p = tl.where(vis, tl.exp2(s * qk_scale - lse2[None, :]), 0.0)
         v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
         dp = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -563,8 +517,7 @@ def _sel_bwd_dkdv_kernel(
             brow = ((b * T + t) * G + g) * NSEL
             bl = tl.load(BI + brow[:, None] + bcol[None, :],
                          mask=rvalid[:, None] & (bcol[None, :] < NSEL), other=-1)
-            sel = tl.max((bl == j).to(tl.int32), axis=1) > 0
-            vis = vis & sel[None, :]
+            vis = vis & _rows_listing(bl, j)[None, :]
         pT = tl.where(vis, tl.exp2(sT * qk_scale - lse2[None, :]), 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
