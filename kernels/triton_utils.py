@@ -19,6 +19,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+GPU_TILES_ENV = "NSA_LIT_GPU_TILES"
+
+
+def gpu_tiles_requested() -> bool:
+    """True under ``NSA_LIT_GPU_TILES=1``: launchers choose tiles, stages and SM counts as for an
+    H100 even for CPU tensors. ``benchmarks/kernel_resources.py`` sets it to compile a GPU's
+    launches on CPU without running them."""
+    return os.environ.get(GPU_TILES_ENV, "0") == "1"
+
+
+def interpreter_tiles(device: torch.device) -> bool:
+    """Whether launchers take their small interpreter tiles (one pipeline stage, no autotuning)
+    for tensors on ``device``: under ``TRITON_INTERPRET=1`` or off CUDA, unless
+    :func:`gpu_tiles_requested`."""
+    return (interpreting() or device.type != "cuda") and not gpu_tiles_requested()
+
+
 def next_pow2(x: int) -> int:
     """Smallest power of two >= ``x`` (1 for ``x <= 1``)."""
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -45,9 +62,10 @@ _SM_COUNT: dict[int, int] = {}
 
 
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); 4 elsewhere (interpreter runs)."""
+    """Streaming multiprocessors of a CUDA device (cached); 4 elsewhere (interpreter runs), an
+    H100's 132 when :func:`gpu_tiles_requested`."""
     if device.type != "cuda":
-        return 4
+        return 132 if gpu_tiles_requested() else 4
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton_device import load_rows, mm, qk
-from kernels.triton_utils import (interpreting, num_sms, row_major, split_descriptors, split_dim,
-                                  tma_descriptor)
+from kernels.triton_utils import (interpreter_tiles, interpreting, num_sms, row_major,
+                                  split_descriptors, split_dim, tma_descriptor)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -427,7 +427,7 @@ def _config(kind: str, rep_pad: int, width: int, fp32: bool, device: torch.devic
     (no or few spills at the 340M shapes; shared memory under the 227 KB per-block limit) and
     sweeps on an H200 (benchmarks/results/compression_selection_*.json; for narrow heads
     h200-compression-sweep{,2}-upprojected.json: 9.72 -> 8.30 ms fwd+bwd at 64k)."""
-    if interpreting() or device.type != "cuda":
+    if interpreter_tiles(device):
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif fp32:  # exact fp32 dots run on FMA units: small tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting
+from kernels.triton_utils import interpreter_tiles
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a jit function reads must be constexpr
 
@@ -59,8 +59,9 @@ def xent_grad(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor,
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        block = 64 if interpreting() else min(4096, triton.next_power_of_2(V))
+        small = interpreter_tiles(logits.device)
+        block = 64 if small else min(4096, triton.next_power_of_2(V))
         _xent_grad_kernel[(N,)](logits, targets.contiguous(), loss, count, V, logits.stride(0),
                                 ignore_index, BLOCK=block, NEED_GRAD=need_grad,
-                                num_warps=4 if interpreting() else 8)
+                                num_warps=4 if small else 8)
     return loss, (logits if need_grad else None)

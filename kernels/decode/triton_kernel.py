@@ -86,7 +86,7 @@ import triton
 import triton.language as tl
 
 from kernels.decode import reference as ref
-from kernels.triton_utils import interpreting, num_sms
+from kernels.triton_utils import interpreter_tiles, interpreting, num_sms
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -519,14 +519,14 @@ def _fp32_compute(*tensors) -> bool:
     return dtypes == {torch.float32} or len(dtypes) > 1
 
 
-def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool = False) -> dict[str, int]:
+def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool, device: torch.device) -> dict[str, int]:
     """Tile and launch shape. ``width``: padded elements loaded per key (latent/key + RoPE +
     separate value); ``acc``: accumulator elements per program (rows x padded value width).
     Chosen from ptxas reports for sm_90a (no spills, <= ~160 registers, <= 110 KB shared):
     340M ASA local (16 x 256+32): 64 keys, 8 warps, 3 stages (101 regs, 85 KB); GLA global
     (8 heads x 128+32) and GQA (4 x 64/64): 64 keys, 4 warps, 3 stages (96 / 60 regs);
     1.3B ASA local (32 x 512+32): 32 keys, 8 warps (154 regs, 106 KB)."""
-    if interpreting():
+    if interpreter_tiles(device):
         cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif mixed:  # in-register upcasts: the smallest tiles, no pipelining (no spills at 340M)
         cfg = {"BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
@@ -601,7 +601,7 @@ def _attend(mode, q, k, v, k_rope, positions, scale, dims, *, window=1, block_le
     fp32 = _fp32_compute(q, k, v, k_rope)
     mixed = len({t.dtype for t in (q, k, v, k_rope) if t is not None}) > 1
     cfg = _launch_cfg(DKP + (DRP if Dr else 0) + (0 if shared else DVP), rows * DVP, fp32,
-                      mixed)
+                      mixed, q.device)
     programs = B * (H // unit) * nch
     if mode == MODE_SEL:
         max_work = n_sel * sel_block
@@ -727,7 +727,8 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
         rows = min(_pow2(unit), MAX_ROWS)
         fp32 = _fp32_compute(q, k_cmp, k_rope_cmp)
         big = rows * _pow2(Dk) > 16 * 256
-        if interpreting():
+        small = interpreter_tiles(q.device)
+        if small:
             block_n, warps = 16, 4
         elif fp32:
             mixed = len({t.dtype for t in (q, k_cmp, k_rope_cmp) if t is not None}) > 1
@@ -744,7 +745,7 @@ def select_blocks_decode(q, k_cmp, lse, positions, *, num_groups: int, block_len
             float(scale) * LOG2E,
             HAS_ROPE=k_rope_cmp is not None, M=rows, BLOCK_N=block_n, DK=Dk, DKP=_pow2(Dk),
             DR=Dr, DRP=_pow2(Dr) if Dr else 16, IEEE=fp32, num_warps=warps,
-            num_stages=1 if interpreting() else 2,
+            num_stages=1 if small else 2,
         )
     out = torch.empty((B, G, int(top_n)), device=q.device, dtype=torch.int64)
     if B:

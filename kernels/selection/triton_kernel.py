@@ -50,7 +50,7 @@ import triton.language as tl
 
 from kernels.blocks import num_selection_blocks, pick_blocks
 from kernels.triton_device import load_rows, qk
-from kernels.triton_utils import interpreting, row_major, split_dim
+from kernels.triton_utils import interpreter_tiles, interpreting, row_major, split_dim
 
 LOG2E = 1.4426950408889634
 MAX_NS_IN_REGISTERS = 16384
@@ -331,7 +331,7 @@ def _tile_plan(block_len: int, stride: int, select_block: int, min_block_n: int)
 
 
 def _config(q: torch.Tensor, units: int) -> dict:
-    if interpreting() or q.device.type != "cuda":
+    if interpreter_tiles(q.device):
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small key tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}

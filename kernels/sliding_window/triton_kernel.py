@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import interpreting, row_major, split_descriptors, tma_descriptor
+from kernels.triton_utils import interpreter_tiles, row_major, split_descriptors, tma_descriptor
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -608,7 +608,7 @@ _dkdv_tuned = triton.autotune(_triton_configs(_DKDV_CONFIGS, _qdo_block_hook),
 def _launch(kernel, tuned, grid_fn, cfg, G, args, consts, hook=None):
     """Run ``kernel`` with ``cfg`` (a 6-tuple), a fixed config, or autotuned; ``hook`` (the
     configurations' pre-hook) also runs before a fixed-config launch."""
-    if cfg is None and interpreting():
+    if cfg is None and interpreter_tiles(args[0].device):
         cfg = _INTERPRETER_CONFIG
     elif cfg is None and consts["PREC"] == "ieee":
         cfg = _FP32_CONFIG

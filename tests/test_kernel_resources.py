@@ -1,0 +1,89 @@
+"""benchmarks/kernel_resources.py: the training step's Triton kernels compiled for sm_90a on CPU,
+with the tiles a GPU launch would take; and the switch that makes launchers choose those tiles."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.triton_utils import GPU_TILES_ENV, interpreter_tiles, num_sms
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_tiles_switch_gives_cpu_tensors_an_h100s_launch_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(GPU_TILES_ENV, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreter_tiles(cpu) and num_sms(cpu) == 4
+    monkeypatch.setenv(GPU_TILES_ENV, "1")
+    assert not interpreter_tiles(cpu) and num_sms(cpu) == 132
+
+
+def _ptxas_available() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").is_file()
+
+
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it: a process whose Triton was imported for a GPU (the tests'
+    own process runs under the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_resources.py"),
+                           "--config", str(ROOT / "configs/340m/asa.yaml"), "--seq_len", "2048",
+                           *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+needs_ptxas = pytest.mark.skipif(not _ptxas_available(),
+                                 reason="Triton's NVIDIA backend (ptxas) is not installed")
+
+
+@needs_ptxas
+def test_asa_step_kernels_compile_for_sm90_with_the_gpu_tiles(tmp_path):
+    out, sass = tmp_path / "resources.json", tmp_path / "sass"
+    done = _run_tool("--kernels", "_sel_|_xent|_sw_fwd", "--sass", str(sass), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "_sel_bwd_dkdv_kernel" in done.stdout and "spill st/ld" in done.stdout  # the table
+    record = json.loads(out.read_text())
+    assert record["arch"] == "sm_90a" and record["kernels_filter"] == "_sel_|_xent|_sw_fwd"
+    rows = record["kernels"]
+    names = {r["kernel"] for r in rows}
+    assert {"_sel_fwd_kernel", "_sel_bwd_dq_kernel", "_sel_bwd_dkdv_kernel", "_xent_grad_kernel",
+            "_sw_fwd_kernel"} == names
+    for r in rows:
+        assert 0 < r["regs"] <= 255 and 0 <= r["shared_kb"] <= 227, r
+        assert r["spill_stores"] >= 0 and r["stack"] >= 0
+        assert (sass / r["sass"]).read_text().count("HMMA") + (sass / r["sass"]).read_text().count(
+            "HGMMA") > 0 or r["kernel"] == "_xent_grad_kernel"  # tensor-core code for sm_90
+    by_name = {r["kernel"]: r for r in rows if not r["autotune_candidate"]}
+    # the GPU's tiles, not the interpreter's: ASA's global layer (8 heads per latent group,
+    # q_share 4) reads 64-row union chunks of 8 tokens; the loss kernel sweeps 4096 columns
+    assert by_name["_sel_fwd_kernel"]["tiles"] == {"ROWS": 64, "TOK": 8, "BK": 64, "LPAD": 32}
+    assert by_name["_sel_fwd_kernel"]["stages"] == 3 and by_name["_xent_grad_kernel"]["warps"] == 8
+    assert by_name["_xent_grad_kernel"]["tiles"] == {"BLOCK": 4096}
+    # the sliding window is autotuned on a GPU: each configuration its pruning keeps compiles
+    window = [r for r in rows if r["kernel"] == "_sw_fwd_kernel"]
+    assert len(window) > 1 and all(r["autotune_candidate"] for r in window)
+    assert all(r["tiles"]["BLOCK_M"] >= 64 for r in window)  # the interpreter's are 16 x 16
+
+
+@needs_ptxas
+def test_a_filter_matching_no_kernel_names_the_kernels():
+    done = _run_tool("--kernels", "no_such_kernel")
+    assert done.returncode != 0 and "[1/" not in done.stderr  # nothing compiled
+    assert "'no_such_kernel' matches none of the step's kernels" in done.stderr
+    assert "_sel_fwd_kernel" in done.stderr
+
+
+def test_compiling_in_an_interpreting_process_is_refused():
+    """This test process imported Triton under TRITON_INTERPRET=1 (tests/conftest.py)."""
+    from benchmarks.kernel_resources import measure
+
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
+        measure(str(ROOT / "configs/340m/asa.yaml"))
