@@ -106,6 +106,28 @@ def test_absorbed_selection_reads_values_through_the_keys(monkeypatch):
     assert calls == [cfg.latent_dim // 2]
 
 
+def test_wide_latent_global_layer_runs_the_triton_kernels():
+    """A global latent wider than 256 columns with its RoPE part (256 + 4 here; 256 + 32 in
+    configs/1.3b/asa.yaml and configs/340m/asa_global_mla.yaml): the Triton kernels (in the
+    interpreter) give the reference's logits and gradients. The selected-attention kernel used to
+    reject keys over 256 columns, so those configs could not train on a GPU."""
+    cfg = {b: config("asa", d_model=256, latent_dim=256, global_latent_groups=1, select_block=16,
+                     kernel_backend=b)
+           for b in ("triton", "reference")}
+    torch.manual_seed(0)
+    models = {b: Transformer(c) for b, c in cfg.items()}
+    models["triton"].load_state_dict(models["reference"].state_dict())
+    tokens = torch.randint(0, 97, (1, 64))
+    grads = {}
+    for b, model in models.items():
+        logits = model(tokens)
+        logits.square().mean().backward()
+        grads[b] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], rtol=1e-4, atol=1e-5)
+    for n, g in grads["triton"][1].items():
+        torch.testing.assert_close(g, grads["reference"][1][n], rtol=1e-3, atol=1e-5, msg=n)
+
+
 def test_query_sharing_reuses_the_first_querys_blocks():
     # LG: the only selection is in layer 2. With shared weights, the first query of every group
     # of 4 sees the same blocks with and without sharing, so its logits agree exactly; the

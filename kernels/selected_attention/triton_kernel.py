@@ -21,7 +21,11 @@ one key/value head and one selection group (``HP`` divides ``gcd(H // Hk, H // G
 Default tiling (``Config``): where one ``q_share`` group fills a 16-row tile (GLA absorbed form:
 4 queries x 8 heads = 32 rows) forward and dq take union chunks of ``union_groups = 2`` groups
 (64 rows, rows-major products) and dk/dv the 32-row shared chunks; where it does not (GQA with
-4 heads per KV head, per-head K/V) union chunks of 16 rows throughout.
+4 heads per KV head, per-head K/V) union chunks of 16 rows throughout. Keys wider than 256
+columns (``WIDE``: the 256 + 32 latent of the 1.3B ASA and 340M global-MLA configs) take 16-key
+tiles, 16-row chunks, 2-token dk/dv chunks and one dk/dv accumulator for dk and dv
+(``Config.one_acc``): the tiling that holds 256-wide fp32 accumulators without spilling
+registers on sm_90a (``benchmarks/kernel_resources.py``), not yet timed on a GPU.
 
 *Values inside the keys.* The absorbed latent form attends keys ``[c ; k_R]`` with values ``c``;
 the caller says so with ``v=None, value_dim=Dv`` (values ``k[..., :Dv]``). When the values lie in
@@ -104,7 +108,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_MAX_DIM = 256
+_MAX_DIM = 512
 _BWD_MODES = ("csr", "atomic_kv", "atomic_q")
 
 
@@ -446,11 +450,13 @@ def _sel_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
     HP: tl.constexpr, TOK: tl.constexpr, ROWS: tl.constexpr, NPAD: tl.constexpr,
     UNION: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    ATOMIC_Q: tl.constexpr, VK: tl.constexpr, TMA: tl.constexpr,
+    ATOMIC_Q: tl.constexpr, VK: tl.constexpr, TMA: tl.constexpr, ONE_ACC: tl.constexpr,
 ):
     """dk, dv of one CSR segment (a key tile and up to ``seg`` query chunks), keys-major.
     ``TMA``: each chunk's q and dO tiles come through the descriptors ``QD1, QD2, DOD`` (see
-    ``_chunk_descriptors``) instead of gathered rows."""
+    ``_chunk_descriptors``) instead of gathered rows. ``ONE_ACC`` (with ``VK``): the value
+    gradient adds into the first key tile's accumulator as it goes (``dS`` is scaled before its
+    cast to the input dtype), so the program holds one ``BK x D1`` fp32 accumulator, not two."""
     sid = tl.program_id(0)
     pid1 = tl.program_id(1)
     lo = tl.load(SEG_LO + sid)
@@ -477,7 +483,9 @@ def _sel_bwd_dkdv_kernel(
         dk2 = tl.zeros([BK, D2], tl.float32)
     v = _value_tile(V, k1, krow, kvalid, dv, DV, VK)
     dk1 = tl.zeros([BK, D1], tl.float32)
-    dvacc = tl.zeros([BK, DVP], tl.float32)
+    if not ONE_ACC:
+        dvacc = tl.zeros([BK, DVP], tl.float32)
+    ds_scale = sm_scale if ONE_ACC else 1.0  # the scale applied to dS before its cast
 
     r = tl.arange(0, ROWS)
     tok = r // HP
@@ -521,21 +529,28 @@ def _sel_bwd_dkdv_kernel(
         pT = tl.where(vis, tl.exp2(sT * qk_scale - lse2[None, :]), 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
-        dvacc += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-        dsc = dsT.to(q1.dtype)
+        if ONE_ACC:
+            dk1 += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        else:
+            dvacc += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dsc = (dsT * ds_scale).to(q1.dtype)
         dk1 += tl.dot(dsc, q1, input_precision=PREC)
         if D2 > 0:
             dk2 += tl.dot(dsc, q2, input_precision=PREC)
         if ATOMIC_Q:
-            dq1 = tl.dot(tl.trans(dsc), k1, input_precision=PREC) * sm_scale
+            dq1 = tl.dot(tl.trans(dsc), k1, input_precision=PREC) * (sm_scale / ds_scale)
             tl.atomic_add(DQ32 + qrow[:, None] * D + d1[None, :], dq1,
                           mask=rvalid[:, None] & (d1[None, :] < D), sem="relaxed")
             if D2 > 0:
-                dq2 = tl.dot(tl.trans(dsc), k2, input_precision=PREC) * sm_scale
+                dq2 = tl.dot(tl.trans(dsc), k2, input_precision=PREC) * (sm_scale / ds_scale)
                 tl.atomic_add(DQ32 + qrow[:, None] * D + d2[None, :], dq2,
                               mask=rvalid[:, None] & (d2[None, :] < D), sem="relaxed")
 
-    if VK:  # v is k's first D1 columns: one gradient for both
+    dk_scale = sm_scale / ds_scale
+    if ONE_ACC:  # dv is already in dk1
+        tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1,
+                      mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
+    elif VK:  # v is k's first D1 columns: one gradient for both
         tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1 * sm_scale + dvacc,
                       mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
     else:
@@ -544,7 +559,7 @@ def _sel_bwd_dkdv_kernel(
         tl.atomic_add(DK32 + krow[:, None] * D + d1[None, :], dk1 * sm_scale,
                       mask=kvalid[:, None] & (d1[None, :] < D), sem="relaxed")
     if D2 > 0:
-        tl.atomic_add(DK32 + krow[:, None] * D + d2[None, :], dk2 * sm_scale,
+        tl.atomic_add(DK32 + krow[:, None] * D + d2[None, :], dk2 * dk_scale,
                       mask=kvalid[:, None] & (d2[None, :] < D), sem="relaxed")
 
 
@@ -665,21 +680,23 @@ class Config:
     union_groups: int = 2           # shared layouts (one q_share group fills >= 16 rows): forward
     #                                 and dq chunks span this many q_share groups (union chunks of
     #                                 <= max_rows rows); 1: one group per chunk
-    max_rows: int = 64              # cap on TOK * HP when tok is None
-    bk: int | None = None           # key tile (divides select_block)
+    max_rows: int | None = None     # cap on TOK * HP when tok is None; None: 64 (16 for WIDE)
+    bk: int | None = None           # key tile (divides select_block); None: 64 (16 for WIDE)
     fwd_order: str | None = None    # "rows": S = Q K^T; "keys": S^T = K Q^T; None: by chunk shape
     dq_order: str | None = None     # same choice for the dq kernel (csr mode)
     bwd: str = "csr"                # "csr" | "atomic_kv" | "atomic_q"
     seg: int = 64                   # chunks per key-block segment in the dk/dv kernel
     dkdv_tok: int | None = None     # queries per chunk of the dk/dv pass; None: q_share (shared
     #                                 chunks) when the forward's are unions of q_share groups of a
-    #                                 shared layout, else tok
+    #                                 shared layout, gcd(2, q_share) for WIDE, else tok
     fwd_warps: int = 4
     fwd_stages: int = 3
     dq_warps: int = 4
     dq_stages: int = 2
     dkdv_warps: int = 4
     dkdv_stages: int = 3
+    one_acc: bool | None = None     # dk/dv kernel, values in the keys: dv adds into dk's
+    #                                 accumulator (dS scaled before its cast); None: for WIDE
     tma: bool = True                # tiles through TMA tensor descriptors where they can serve
     #                                 (Hopper+ or the interpreter; head dims that are whole tiles;
     #                                 row-major tensors): keys of the rows-major forward and dq
@@ -720,6 +737,7 @@ class _Plan:
     REP_K: int
     REP_G: int
     VK: bool     # values are k[..., :DV] (v=None, value_dim=DV), read through the first key tile
+    ONE_ACC: bool  # with VK: one accumulator for dk's first tile and dv in the dk/dv kernel
     KV_TOK: int  # queries per chunk of the dk/dv pass
     FWD_ORDER: str
     DQ_ORDER: str
@@ -803,7 +821,13 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config, value_dim=None
     if cfg.fwd_order not in (None, "rows", "keys") or cfg.dq_order not in (None, "rows", "keys"):
         raise ValueError(f"fwd_order / dq_order must be 'rows' or 'keys', got {cfg.fwd_order!r}, "
                          f"{cfg.dq_order!r}")
-    BK = _key_tile(select_block, cfg.bk)
+    # WIDE: keys over 256 columns (a latent of 256 + RoPE 32 in the 1.3B ASA and the 340M
+    # global-MLA configs). The tiles that fit 256-wide fp32 accumulators without spilling, from
+    # ptxas on sm_90a (benchmarks/kernel_resources.py; not yet timed on a GPU): 16-key tiles,
+    # 16-row chunks, 2-token dk/dv chunks and one dk/dv accumulator
+    wide = D > 256
+    BK = _key_tile(select_block, cfg.bk if cfg.bk is not None else (16 if wide else None))
+    max_rows = cfg.max_rows if cfg.max_rows is not None else (16 if wide else 64)
 
     REP_K, REP_G = H // HK, H // G
     hp = math.gcd(REP_K, REP_G)
@@ -817,9 +841,9 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config, value_dim=None
         union = q_share % TOK != 0
     elif shared:
         TOK = max(d for d in range(1, q_share + 1)
-                  if q_share % d == 0 and (HP * d <= cfg.max_rows or d == 1))
+                  if q_share % d == 0 and (HP * d <= max_rows or d == 1))
         union = False
-        if TOK == q_share and HP * q_share * cfg.union_groups <= cfg.max_rows:
+        if TOK == q_share and HP * q_share * cfg.union_groups <= max_rows:
             TOK, union = q_share * cfg.union_groups, cfg.union_groups > 1
     else:
         TOK = q_share * -(-16 // (HP * q_share))
@@ -830,7 +854,8 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config, value_dim=None
     L = (TOK // QS) * NSEL if union else NSEL
     D1, D2 = split_dim(D)
     NB = num_selection_blocks(T, select_block)
-    KV_TOK = cfg.dkdv_tok or (q_share if shared and union and TOK % q_share == 0 else TOK)
+    KV_TOK = cfg.dkdv_tok or (q_share if shared and union and TOK % q_share == 0
+                              else math.gcd(2, q_share) if wide else TOK)
     # measured (module docstring): wide union chunks multiply rows by keys; others keys by rows
     wide_union = union and ROWS >= 64
     FWD_ORDER = cfg.fwd_order or ("rows" if wide_union or ROWS < 32 else "keys")
@@ -846,6 +871,7 @@ def _plan(q, k, v, block_idx, select_block, q_share, cfg: Config, value_dim=None
                  LPAD=next_pow2(L), NPAD=next_pow2(NSEL), BS=select_block, BK=BK,
                  NSUB=select_block // BK, NB=NB, NHS=H // HP, HSG=REP_G // HP,
                  REP_K=REP_K, REP_G=REP_G, VK=VK, KV_TOK=KV_TOK, FWD_ORDER=FWD_ORDER,
+                 ONE_ACC=VK and (cfg.one_acc if cfg.one_acc is not None else wide),
                  DQ_ORDER=DQ_ORDER)
 
 
@@ -1017,7 +1043,7 @@ def _bwd_dkdv(q, k, v, do, lse, delta, bi32, segs, p: _Plan, scale: float, cfg: 
         q, k, v, do, lse, delta, bi32, seg_key, seg_lo, seg_hi, ent_chunk, dk32, dv32, dq32,
         qd1, qd2, dod, *do.stride()[:3],
         p.T, p.H, p.HK, p.G, p.NSEL, p.NB, p.REP_K, p.REP_G, p.HSG, scale * LOG2E, scale,
-        ATOMIC_Q=cfg.bwd == "atomic_q", TMA=tma, **_common(p, q.dtype),
+        ATOMIC_Q=cfg.bwd == "atomic_q", TMA=tma, ONE_ACC=p.ONE_ACC, **_common(p, q.dtype),
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
 

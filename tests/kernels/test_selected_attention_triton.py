@@ -323,7 +323,9 @@ def compare_values_in_keys(q, k, DV, block_idx, select_block, q_share, *, config
 @pytest.mark.parametrize("config", [
     None, tk.Config(bwd="atomic_kv"), tk.Config(bwd="atomic_q", seg=2),
     tk.Config(fwd_order="rows", dq_order="keys"), tk.Config(union_groups=1),
-], ids=["default", "atomic_kv", "atomic_q", "rows_keys_order", "one_group"])
+    tk.Config(one_acc=True), tk.Config(bwd="atomic_q", seg=2, one_acc=True),
+], ids=["default", "atomic_kv", "atomic_q", "rows_keys_order", "one_group", "one_acc",
+        "one_acc_atomic_q"])
 def test_values_in_keys(config):
     """Latent layout with Dqk 24 = 16 + 8 (tiles 16 + 16) and the values the first 16 key
     columns: every backward strategy, both product orders, union and shared chunks; two
@@ -414,6 +416,21 @@ def test_values_in_keys_widths(D, DV):
     q, k, _ = make_qkv(1, 40, 4, 2, D, DV, gen=gen)
     block_idx = random_block_idx(1, 40, 2, 3, 16, 2, gen=gen)
     compare_values_in_keys(q, k, DV, block_idx, 16, 2)
+
+
+@pytest.mark.parametrize("config", [None, tk.Config(one_acc=False)], ids=["default", "two_accs"])
+def test_wide_latent_keys(config):
+    """Keys over 256 columns (288 = 256 + 32, values the first 256: the 1.3B ASA global layer's
+    absorbed latent): accepted, planned with the WIDE tiles (16-key tiles, 16-row chunks,
+    2-token dk/dv chunks, one dk/dv accumulator by default) and correct."""
+    gen = torch.Generator().manual_seed(19)
+    H, HK, G, D, DV, qs = 4, 1, 1, 288, 256, 2
+    q, k, _ = make_qkv(1, 40, H, HK, D, DV, gen=gen)
+    block_idx = random_block_idx(1, 40, G, 2, 16, qs, gen=gen)
+    cfg = config or tk.DEFAULT_CONFIG
+    p = tk._plan(q, k, None, block_idx, 16, qs, cfg, value_dim=DV)
+    assert (p.D1, p.D2, p.BK, p.ROWS, p.KV_TOK, p.ONE_ACC) == (256, 32, 16, 16, 2, config is None)
+    compare_values_in_keys(q, k, DV, block_idx, 16, qs, config=config)
 
 
 def test_values_in_keys_wider_than_the_first_key_tile():
@@ -575,7 +592,7 @@ def test_dispatch_finds_kernel():
     (dict(G=3), r"selection groups G \(3\)"),
     (dict(HK=3), r"key/value heads \(3\)"),
     (dict(dtype=torch.float64), r"dtype"),
-    (dict(D=320), r"Dqk \(320\)"),
+    (dict(D=520), r"Dqk \(520\)"),
     (dict(bi_shape=(1, 8, 2)), r"block_idx must have shape"),
     (dict(bi_dtype=torch.float32), r"block_idx must be int64 or int32"),
     (dict(kv_T=16), r"sequence length"),
@@ -663,6 +680,23 @@ def test_gpu_values_in_keys(config, head_major_do):
     block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
     compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config, ref_dtype=torch.float32,
                            tol=1e-2, head_major_do=head_major_do)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, tk.Config(one_acc=False)], ids=["default", "two_accs"])
+@pytest.mark.parametrize("layout", [(32, 2, 2), (16, 1, 1)], ids=["1.3b_asa", "340m_global_mla"])
+def test_gpu_wide_latent_values_in_keys(layout, config):
+    """The absorbed latent of 256 + RoPE 32 (configs/1.3b/asa.yaml, configs/340m/asa_global_mla.yaml),
+    values its first 256 columns, as the layer passes them."""
+    H, HK, G = layout
+    T, sb, D, DV, qs = 2048, 64, 288, 256, 4
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    q = torch.randn(1, T, H, D, device="cuda", generator=gen).bfloat16()
+    k = torch.randn(1, T, HK, D, device="cuda", generator=gen).bfloat16()
+    imp = torch.rand(1, T, G, T // sb, device="cuda", generator=gen)
+    block_idx = top_n_blocks(imp, select_block=sb, top_n=16, num_local=2, q_share=qs)
+    compare_values_in_keys(q, k, DV, block_idx, sb, qs, config=config, ref_dtype=torch.float32,
+                           tol=1e-2)
 
 
 @pytest.mark.gpu
