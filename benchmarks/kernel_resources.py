@@ -66,10 +66,11 @@ def _spec(x):
     return ("value", x)
 
 
-def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
-    """Run the step under the interpreter with launches recorded, not run; pickle them to ``out``."""
-    import torch
-    import yaml
+@contextlib.contextmanager
+def recording_launches():
+    """Within: every Triton launch (under ``TRITON_INTERPRET=1``) is appended to the yielded list
+    as ``(module, kernel name, argument specs, keyword specs, autotune candidate)`` instead of
+    run; an autotuned kernel once per configuration its pruning keeps."""
     from triton.runtime import autotuner
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -90,8 +91,18 @@ def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
             record(self.base_fn, args, {**kwargs, **cfg.all_kwargs()}, tuned=True)
         self.nargs = None
 
-    InterpretedFunction.run = run
-    autotuner.Autotuner.run = tuned_run
+    saved = InterpretedFunction.run, autotuner.Autotuner.run
+    InterpretedFunction.run, autotuner.Autotuner.run = run, tuned_run
+    try:
+        yield launches
+    finally:
+        InterpretedFunction.run, autotuner.Autotuner.run = saved
+
+
+def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
+    """Run the step under the interpreter with launches recorded, not run; pickle them to ``out``."""
+    import torch
+    import yaml
 
     import kernels
     from kernels import dispatch
@@ -113,7 +124,8 @@ def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
     kernels.xent_grad = functools.partial(dispatch.xent_grad, backend="triton")
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1))
     try:
-        next_token_loss(model, tokens, DEFAULT_CHUNK).backward()
+        with recording_launches() as launches:
+            next_token_loss(model, tokens, DEFAULT_CHUNK).backward()
     finally:
         kernels.xent_grad = loss_kernel
     with open(out, "wb") as f:

@@ -87,3 +87,46 @@ def test_compiling_in_an_interpreting_process_is_refused():
 
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"):
         measure(str(ROOT / "configs/340m/asa.yaml"))
+
+
+def _paper_attention_layers() -> list[tuple[str, str]]:
+    """(config, layer kind) of each distinct attention layer (``LayerSpec``) of the 340M and 1.3B
+    configs."""
+    import yaml
+
+    from nsa_lit.config import ModelConfig
+
+    layers = {}
+    for path in sorted((ROOT / "configs").glob("[0-9]*/*.yaml")):
+        cfg = ModelConfig(**yaml.safe_load(path.read_text())["model"]["arch"])
+        for kind in sorted(set(cfg.layer_pattern)):
+            key = (repr(cfg.layer(kind)), cfg.compress_method)
+            layers.setdefault(key, (str(path.relative_to(ROOT / "configs")), kind))
+    return list(layers.values())
+
+
+@pytest.mark.parametrize("config,kind", _paper_attention_layers(),
+                         ids=lambda x: x.removesuffix(".yaml"))
+def test_paper_attention_layers_launch_with_the_gpu_tiles(config, kind, monkeypatch):
+    """Each distinct attention layer of the paper configs, at its real widths and 2,048 tokens,
+    forward and backward in bf16 with the Triton kernels and the tiles a GPU would take: every
+    launcher accepts the shapes (launches are recorded, not run). The 1.3B ASA global layer's
+    selected attention used to refuse its 288-column keys."""
+    import yaml
+
+    from benchmarks.kernel_resources import recording_launches
+    from nsa_lit.attention.layer import Attention
+    from nsa_lit.config import ModelConfig
+
+    monkeypatch.setenv(GPU_TILES_ENV, "1")
+    arch = yaml.safe_load((ROOT / "configs" / config).read_text())["model"]["arch"]
+    cfg = ModelConfig(**{**arch, "seq_len": 2048, "kernel_backend": "triton"})
+    torch.manual_seed(0)
+    layer = Attention(cfg, kind).to(torch.bfloat16)
+    x = torch.randn(1, 2048, cfg.d_model, dtype=torch.bfloat16, requires_grad=True)
+    with recording_launches() as launches:
+        layer(x).float().square().mean().backward()
+    names = {launch[1] for launch in launches}
+    spec = cfg.layer(kind)
+    assert ("_sel_fwd_kernel" in names or "_sel_fwd_t_kernel" in names) == spec.selects, names
+    assert bool(names) == (kind != "F"), names  # full attention runs SDPA

@@ -335,8 +335,10 @@ def _config(q: torch.Tensor, units: int) -> dict:
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     elif q.dtype == torch.float32:  # exact fp32 dots run on FMA units: small key tiles
         cfg = {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
-    else:  # from ptxas reports for sm_90 (no spills at the 340M shapes) and H200 timings;
-        # several head units per group (per-head keys, e.g. expanded MLA): longer key tiles
+    else:  # from ptxas reports for sm_90 and H200 timings; several head units per group
+        # (per-head keys, e.g. expanded MLA): longer key tiles. Those 128-key tiles spill about
+        # 190 bytes a thread at 255 registers in the 340M ASA global layer (Triton 3.6 and 3.8,
+        # benchmarks/kernel_resources.py; not yet compared with 64-key tiles on a GPU)
         cfg = {"BLOCK_M": 128 if units == 1 else 64,
                "BLOCK_N": 64 if units == 1 or q.shape[-1] > 128 else 128, "num_warps": 4,
                "num_stages": 2}
