@@ -24,6 +24,19 @@ FLA_NSA_NO_WINDOW = dataclasses.replace(FLA_NSA_340M,
                                         nsa_branches=[Branch.COMPRESSION, Branch.SELECTION])
 
 
+def paper_config(path: str) -> ModelConfig:
+    """The model of a config file (its ``model.arch``, relative to the repository root)."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, path)) as f:
+        return ModelConfig(**yaml.safe_load(f)["model"]["arch"])
+
+
+# the 1.3B ASA: its GLA global layer's absorbed latent is 256 + RoPE 32 = 288 columns wide
+ASA_1_3B = paper_config("configs/1.3b/asa.yaml")
+
+
 def layer_spec(cfg: ModelConfig, kind: str, T: int | None = None) -> LayerSpec:
     """``cfg``'s layer of ``kind``, at sequence length ``T`` (default ``cfg.seq_len``)."""
     return (cfg if T is None else dataclasses.replace(cfg, seq_len=T)).layer(kind)

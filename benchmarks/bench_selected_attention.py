@@ -18,7 +18,8 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_configs import ASA_340M, ASA_340M_EXPANDED, NSA_340M, branch_shape  # noqa: E402
+from bench_configs import (ASA_1_3B, ASA_340M, ASA_340M_EXPANDED, NSA_340M,  # noqa: E402
+                           branch_shape)
 from kernels.blocks import num_selection_blocks  # noqa: E402
 from nsa_lit.config import Branch  # noqa: E402
 from kernels.selected_attention.triton_kernel import (  # noqa: E402
@@ -52,7 +53,11 @@ BENCH_LAYOUTS = {
     "gla_absorbed_vk": _selection_layout(ASA_340M, "G"),
     "gla_upprojected": _selection_layout(ASA_340M_EXPANDED, "G"),   # (16, 16, 2, 96, 64, 4)
     "nsa_gqa": _selection_layout(NSA_340M, "N"),                    # (16, 4, 4, 64, 64, 1)
+    # the 1.3B ASA global layer as it passes its values (keys over 256 columns: WIDE tiling)
+    "gla_1.3b_absorbed_vk": _selection_layout(ASA_1_3B, "G"),       # (32, 2, 2, 288, 256, 4)
 }
+# the default run's layouts (--layouts); the 1.3B one on request
+DEFAULT_LAYOUTS = ("gla_absorbed", "gla_absorbed_vk", "gla_upprojected", "nsa_gqa")
 _GLOBAL = ASA_340M.layer("G")
 
 
@@ -129,6 +134,12 @@ def _bench_variants(layout: str):
         v.append(("union_dkdv", replace(d, dkdv_tok=8), "fwdbwd"))
         v.append(("no_tma", replace(d, tma=False), "fwd"))  # gathered key tiles
         v.append(("no_tma", replace(d, tma=False), "fwdbwd"))
+    if D > 256:  # WIDE defaults (no spills on sm_90a) against tilings that spill
+        v.append(("two_accs", replace(d, one_acc=False), "fwdbwd"))
+        v.append(("rows32", replace(d, max_rows=32), "fwdbwd"))
+        v.append(("bk64", replace(d, bk=64), "fwdbwd"))
+        v.append(("narrow_tiles", replace(d, bk=64, max_rows=64, one_acc=False), "fwdbwd"))
+        v.append(("warps8", replace(d, fwd_warps=8, dq_warps=8, dkdv_warps=8), "fwdbwd"))
     return v
 
 
@@ -227,7 +238,7 @@ def _bench_main(argv=None):
     ap.add_argument("--variants", default=None,
                     help="with --sweep: comma-separated variant names to time (besides default)")
     ap.add_argument("--seqlens", default="8192,65536")
-    ap.add_argument("--layouts", default=",".join(BENCH_LAYOUTS),
+    ap.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS),
                     help=f"comma-separated subset of {', '.join(BENCH_LAYOUTS)}")
     ap.add_argument("--importance", choices=["uniform", "smooth"], default="uniform",
                     help="how the benchmark's block selections correlate across queries")

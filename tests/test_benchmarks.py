@@ -82,6 +82,20 @@ def test_selected_attention_benchmark_names_a_bad_variant(argv, message, capsys)
     assert message in capsys.readouterr().err
 
 
+def test_selected_attention_benchmark_has_the_wide_1_3b_layout():
+    """The 1.3B ASA global layer's selected attention (keys over 256 columns) is a layout of its
+    own, outside the default run, with variants that time the WIDE tiling against the ones
+    that spill."""
+    import bench_selected_attention as bench
+
+    assert bench.BENCH_LAYOUTS["gla_1.3b_absorbed_vk"] == (32, 2, 2, 288, 256, 4)
+    assert "gla_1.3b_absorbed_vk" not in bench.DEFAULT_LAYOUTS
+    assert set(bench.DEFAULT_LAYOUTS) < set(bench.BENCH_LAYOUTS)
+    names = {name for name, _, _ in bench._bench_variants("gla_1.3b_absorbed_vk")}
+    assert {"two_accs", "rows32", "bk64", "narrow_tiles", "warps8"} < names
+    assert "two_accs" not in {name for name, _, _ in bench._bench_variants("gla_absorbed_vk")}
+
+
 def test_attention_cases_are_valid_configs_at_every_default_length():
     """Every case is built from a config (no restated shapes); each is valid at every T."""
     for case in attention.CASES:
