@@ -1,9 +1,10 @@
-"""Registers, spills and shared memory of every Triton kernel a training step launches, compiled
-for a GPU on this machine: no GPU needed (Triton compiles to a cubin on CPU; ``ptxas -v``
-reports).
+"""Registers, spills and shared memory of every Triton kernel a training step (or a few decode
+steps) launches, compiled for a GPU on this machine: no GPU needed (Triton compiles to a cubin
+on CPU; ``ptxas -v`` reports).
 
     python benchmarks/kernel_resources.py --config configs/340m/asa.yaml --seq_len 8192
     python benchmarks/kernel_resources.py --config configs/340m/nsa.yaml --out cpu-sm90-nsa
+    python benchmarks/kernel_resources.py --config configs/1.3b/asa.yaml --decode 32768
 
 Two steps. **Capture** (a subprocess under ``TRITON_INTERPRET=1`` and ``NSA_LIT_GPU_TILES=1``):
 the config's model, cut to one layer of each kind of its ``layer_pattern``, runs one forward and
@@ -99,8 +100,12 @@ def recording_launches():
         InterpretedFunction.run, autotuner.Autotuner.run = saved
 
 
-def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
-    """Run the step under the interpreter with launches recorded, not run; pickle them to ``out``."""
+def _capture(config: str, seq_len: int | None, batch: int, out: str,
+             decode_context: int | None = None) -> None:
+    """Run the step (``decode_context``: ``DECODE_STEPS`` decode steps at that context instead)
+    under the interpreter with launches recorded, not run; pickle them to ``out``."""
+    import dataclasses
+
     import torch
     import yaml
 
@@ -118,6 +123,8 @@ def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
     if seq_len:
         arch["seq_len"] = seq_len
     cfg = ModelConfig(**arch)
+    if decode_context is not None:  # positions up to the cache's end
+        cfg = dataclasses.replace(cfg, seq_len=max(cfg.seq_len, _decode_len(cfg, decode_context)))
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.bfloat16)
     loss_kernel = kernels.xent_grad  # the loss asks for "auto", which is the reference on CPU
@@ -125,14 +132,44 @@ def _capture(config: str, seq_len: int | None, batch: int, out: str) -> None:
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1))
     try:
         with recording_launches() as launches:
-            next_token_loss(model, tokens, DEFAULT_CHUNK).backward()
+            if decode_context is None:
+                next_token_loss(model, tokens, DEFAULT_CHUNK).backward()
+            else:
+                _decode_steps(model, cfg, batch, decode_context)
     finally:
         kernels.xent_grad = loss_kernel
     with open(out, "wb") as f:
         pickle.dump(launches, f)
 
 
+DECODE_STEPS = 16  # a compression stride and more: every step plan of the configs comes up
+
+
+def _decode_len(cfg, context: int) -> int:
+    """Cache length for ``DECODE_STEPS`` steps after ``context`` tokens (whole selection blocks)."""
+    return -(-(context + DECODE_STEPS) // cfg.select_block) * cfg.select_block
+
+
+def _decode_steps(model, cfg, batch: int, context: int) -> None:
+    """``DECODE_STEPS`` one-token steps of ``batch`` sequences against caches filled to
+    ``context`` tokens, as ``benchmarks/decode.py`` times them (eager steps)."""
+    import torch
+    from decode import fill_randomly
+
+    from nsa_lit.cache import new_caches
+
+    caches = new_caches(cfg, batch, _decode_len(cfg, context), dtype=torch.bfloat16,
+                        device=torch.device("cpu"))
+    fill_randomly(caches, context)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,))
+    with torch.no_grad():
+        model.eval()
+        for _ in range(DECODE_STEPS):
+            model.decode(tokens, caches)
+
+
 # ------------------------------------------------------------------------------------ compile
+
 class _Target:
     """A stand-in for Triton's CUDA driver: the target to compile for, and nothing to run on."""
 
@@ -246,7 +283,7 @@ def table(rows: list[dict]) -> str:
 
 def measure(config: str, seq_len: int | None = None, batch: int = 1, arch: str = "sm_90a",
             sass_dir: Path | None = None, progress: bool = True,
-            kernels: str | None = None) -> list[dict]:
+            kernels: str | None = None, decode: int | None = None) -> list[dict]:
     """Capture the step's launches in a subprocess (the interpreter must not touch this process's
     Triton), then compile them here."""
     import triton.language.standard
@@ -259,7 +296,8 @@ def measure(config: str, seq_len: int | None = None, batch: int = 1, arch: str =
         out = Path(tmp) / "launches.pkl"
         env = {**os.environ, "TRITON_INTERPRET": "1", "NSA_LIT_GPU_TILES": "1"}
         cmd = [sys.executable, __file__, "--config", config, "--batch", str(batch),
-               "--capture_to", str(out)] + (["--seq_len", str(seq_len)] if seq_len else [])
+               "--capture_to", str(out)] + (["--seq_len", str(seq_len)] if seq_len else []) + (
+                   ["--decode", str(decode)] if decode is not None else [])
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"capturing the launches of {config} failed:\n{done.stderr[-4000:]}")
@@ -277,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="a LightningCLI config; its model.arch is used")
     ap.add_argument("--seq_len", type=int, default=None, help="default: the config's seq_len")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--decode", type=int, default=None, metavar="CONTEXT",
+                    help=f"the kernels of {DECODE_STEPS} decode steps at this context (eager, "
+                         "--batch sequences) instead of a training step")
     ap.add_argument("--arch", default="sm_90a", help="GPU architecture to compile for (sm_90a: H100/H200)")
     ap.add_argument("--kernels", default=None,
                     help="only the kernels whose name this regular expression matches (e.g. _sel_)")
@@ -286,11 +327,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--capture_to", default=None, help=argparse.SUPPRESS)  # the capture subprocess
     args = ap.parse_args(argv)
     if args.capture_to:
-        _capture(args.config, args.seq_len, args.batch, args.capture_to)
+        _capture(args.config, args.seq_len, args.batch, args.capture_to, args.decode)
         return
     try:
         rows = measure(args.config, args.seq_len, args.batch, args.arch, args.sass,
-                       kernels=args.kernels)
+                       kernels=args.kernels, decode=args.decode)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"kernel_resources: {e}")
     print(table(rows))
@@ -299,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
 
         record = run_record("kernel_resources.py", argv, device=f"none: compiled for {args.arch} on CPU",
                             config=args.config, seq_len=args.seq_len, batch=args.batch,
+                            decode_context=args.decode,
                             arch=args.arch, kernels_filter=args.kernels, kernels=rows)
         path = results_path(args.out)
         Path(path).write_text(json.dumps(record, indent=1) + "\n")

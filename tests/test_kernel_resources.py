@@ -74,6 +74,23 @@ def test_asa_step_kernels_compile_for_sm90_with_the_gpu_tiles(tmp_path):
 
 
 @needs_ptxas
+def test_decode_steps_kernels_compile_for_sm90(tmp_path):
+    """``--decode CONTEXT``: the kernels of 16 eager decode steps against caches filled to the
+    context: the window, compressed and selected decode kernels with their split-K combine, and
+    the block pick, each launched once a step or once a selection."""
+    out = tmp_path / "decode.json"
+    done = _run_tool("--decode", "4096", "--kernels", "_decode|_combine|_pick", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["decode_context"] == 4096
+    rows = record["kernels"]
+    assert {r["kernel"] for r in rows} == {"_decode_kernel", "_combine_kernel", "_pick_kernel"}
+    assert all(0 < r["regs"] <= 255 for r in rows)
+    assert {r["launches"] for r in rows if r["kernel"] == "_decode_kernel"} == {16}  # one a step
+    assert [r["launches"] for r in rows if r["kernel"] == "_pick_kernel"] == [16 // 4]  # q_share 4
+
+
+@needs_ptxas
 def test_a_filter_matching_no_kernel_names_the_kernels():
     done = _run_tool("--kernels", "no_such_kernel")
     assert done.returncode != 0 and "[1/" not in done.stderr  # nothing compiled
