@@ -338,7 +338,8 @@ def _config(q: torch.Tensor, units: int) -> dict:
     else:  # from ptxas reports for sm_90 and H200 timings; several head units per group
         # (per-head keys, e.g. expanded MLA): longer key tiles. Those 128-key tiles spill about
         # 190 bytes a thread at 255 registers in the 340M ASA global layer (Triton 3.6 and 3.8,
-        # benchmarks/kernel_resources.py; not yet compared with 64-key tiles on a GPU)
+        # benchmarks/kernel_resources.py) and still beat the spill-free 64-key tiles on an H200
+        # (h200-compression-sweep{,2}-upprojected.json: 1.04-1.06 vs 1.20 ms at 64k)
         cfg = {"BLOCK_M": 128 if units == 1 else 64,
                "BLOCK_N": 64 if units == 1 or q.shape[-1] > 128 else 128, "num_warps": 4,
                "num_stages": 2}
