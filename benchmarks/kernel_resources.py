@@ -46,7 +46,8 @@ for _path in (str(ROOT), str(ROOT / "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
 SUMMARY_KEYS = ("BLOCK_M", "BLOCK_N", "GP", "SPLIT", "ROWS", "TOK", "BK", "M", "BLOCK", "LPAD")
 
@@ -252,7 +253,8 @@ def _compile(launches: list[tuple], arch: str, sass_dir: Path | None, progress: 
                        warps=compiled.metadata.num_warps, stages=compiled.metadata.num_stages,
                        launches=len(same), autotune_candidate=tuned,
                        tiles={k: consts[k] for k in SUMMARY_KEYS if k in consts},
-                       constexprs={k: v for k, v in consts.items() if isinstance(v, (int, str, bool))},
+                       constexprs={k: v for k, v in consts.items()
+                                   if isinstance(v, (int, str, bool))},
                        compile_s=round(time.perf_counter() - start, 2))
             if sass_dir is not None:
                 sass_dir.mkdir(parents=True, exist_ok=True)
@@ -274,10 +276,12 @@ def table(rows: list[dict]) -> str:
             f"{'smem KB':>7s} {'warps':>5s} {'stages':>6s} {'launches':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items()) + (" (tune)" if r["autotune_candidate"] else "")
+        tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+        tiles += " (tune)" if r["autotune_candidate"] else ""
         lines.append(f"{r['kernel']:28s} {tiles:44s} {r['regs']:>4d} "
                      f"{r['spill_stores']:>5d}/{r['spill_loads']:<5d} {r['stack']:>5d} "
-                     f"{r['shared_kb']:>7.1f} {r['warps']:>5d} {r['stages']:>6d} {r['launches']:>8d}")
+                     f"{r['shared_kb']:>7.1f} {r['warps']:>5d} {r['stages']:>6d} "
+                     f"{r['launches']:>8d}")
     return "\n".join(lines)
 
 
@@ -318,10 +322,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode", type=int, default=None, metavar="CONTEXT",
                     help=f"the kernels of {DECODE_STEPS} decode steps at this context (eager, "
                          "--batch sequences) instead of a training step")
-    ap.add_argument("--arch", default="sm_90a", help="GPU architecture to compile for (sm_90a: H100/H200)")
+    ap.add_argument("--arch", default="sm_90a",
+                    help="GPU architecture to compile for (sm_90a: H100/H200)")
     ap.add_argument("--kernels", default=None,
                     help="only the kernels whose name this regular expression matches (e.g. _sel_)")
-    ap.add_argument("--sass", type=Path, default=None, help="write each kernel's SASS to this folder")
+    ap.add_argument("--sass", type=Path, default=None,
+                    help="write each kernel's SASS to this folder")
     ap.add_argument("--out", default=None,
                     help="results name: benchmarks/results/NAME.json (or a path ending in .json)")
     ap.add_argument("--capture_to", default=None, help=argparse.SUPPRESS)  # the capture subprocess
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         from results_log import results_path, run_record
 
-        record = run_record("kernel_resources.py", argv, device=f"none: compiled for {args.arch} on CPU",
+        record = run_record("kernel_resources.py", argv,
+                            device=f"none: compiled for {args.arch} on CPU",
                             config=args.config, seq_len=args.seq_len, batch=args.batch,
                             decode_context=args.decode,
                             arch=args.arch, kernels_filter=args.kernels, kernels=rows)

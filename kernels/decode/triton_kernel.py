@@ -519,7 +519,8 @@ def _fp32_compute(*tensors) -> bool:
     return dtypes == {torch.float32} or len(dtypes) > 1
 
 
-def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool, device: torch.device) -> dict[str, int]:
+def _launch_cfg(width: int, acc: int, fp32: bool, mixed: bool,
+                device: torch.device) -> dict[str, int]:
     """Tile and launch shape. ``width``: padded elements loaded per key (latent/key + RoPE +
     separate value); ``acc``: accumulator elements per program (rows x padded value width).
     Chosen from ptxas reports for sm_90a (no spills, <= ~160 registers, <= 110 KB shared):
