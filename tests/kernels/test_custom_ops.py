@@ -44,9 +44,9 @@ def _selection_args():
     return (q.detach(), k_cmp.detach(), lse, HK, BLOCK_LEN, STRIDE, SELECT, 2, 1, Q_SHARE, 0.25)
 
 
-def _selected_args(values_in_keys: bool, config: str = ""):
-    q, k = _randn(B, T, H, D), _randn(B, T, HK, D)
-    v, value_dim = (None, 8) if values_in_keys else (_randn(B, T, HK, 8), None)
+def _selected_args(values_in_keys: bool, config: str = "", d: int = D, value_dim: int = 8):
+    q, k = _randn(B, T, H, d), _randn(B, T, HK, d)
+    v, value_dim = (None, value_dim) if values_in_keys else (_randn(B, T, HK, 8), None)
     block_idx = random_block_idx(B, T, HK, 2, SELECT, Q_SHARE).to(DEV)
     return (q, k, v, block_idx, SELECT, 0.25, Q_SHARE, value_dim, config)
 
@@ -59,6 +59,10 @@ CASES = {
     "selected_values_in_keys": ("selected_attention", lambda: _selected_args(True)),
     "selected_shared_chunks": ("selected_attention", lambda: _selected_args(
         False, selected_tk.encode_config(selected_tk.Config(union_groups=1)))),
+    # keys over 256 columns, values the first 256 (the 1.3B ASA global layer's latent): the
+    # WIDE plan, whose dk/dv pass chunks the queries differently from the forward
+    "selected_wide_latent": ("selected_attention", lambda: _selected_args(
+        True, d=288, value_dim=256)),
 }
 
 
