@@ -215,10 +215,20 @@ def _build(spec):
     return spec[1]
 
 
-def _compile(launches: list[tuple], arch: str, sass_dir: Path | None, progress: bool,
-             kernels: str | None = None) -> list[dict]:
-    """Compile each distinct launch (of the kernels whose name ``kernels``, a regular
-    expression, matches) for ``arch``; one row per kernel variant."""
+def selected(launches: list[tuple], kernels: str | None) -> list[tuple]:
+    """The launches of the kernels whose name the regular expression ``kernels`` matches (all
+    for None); a ``ValueError`` naming the step's kernels when it matches none."""
+    if not kernels:
+        return launches
+    kept = [launch for launch in launches if re.search(kernels, launch[1])]
+    if not kept:
+        names = sorted({launch[1] for launch in launches})
+        raise ValueError(f"--kernels {kernels!r} matches none of the step's kernels: {names}")
+    return kept
+
+
+def _compile(launches: list[tuple], arch: str, sass_dir: Path | None, progress: bool) -> list[dict]:
+    """Compile each distinct launch for ``arch``; one row per kernel variant."""
     import triton
     from triton import knobs
     from triton.runtime.driver import driver
@@ -228,8 +238,6 @@ def _compile(launches: list[tuple], arch: str, sass_dir: Path | None, progress: 
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     groups: dict[str, list] = collections.OrderedDict()
     for launch in launches:
-        if kernels and not re.search(kernels, launch[1]):
-            continue
         groups.setdefault(repr(launch), []).append(launch)
     rows = []
     with tempfile.TemporaryDirectory() as cache:
@@ -306,10 +314,7 @@ def measure(config: str, seq_len: int | None = None, batch: int = 1, arch: str =
         if done.returncode:
             raise RuntimeError(f"capturing the launches of {config} failed:\n{done.stderr[-4000:]}")
         launches = pickle.loads(out.read_bytes())
-    if kernels and not any(re.search(kernels, launch[1]) for launch in launches):
-        names = sorted({launch[1] for launch in launches})
-        raise ValueError(f"--kernels {kernels!r} matches none of the step's kernels: {names}")
-    return _compile(launches, arch, sass_dir, progress, kernels)
+    return _compile(selected(launches, kernels), arch, sass_dir, progress)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,12 +90,16 @@ def test_decode_steps_kernels_compile_for_sm90(tmp_path):
     assert [r["launches"] for r in rows if r["kernel"] == "_pick_kernel"] == [16 // 4]  # q_share 4
 
 
-@needs_ptxas
-def test_a_filter_matching_no_kernel_names_the_kernels():
-    done = _run_tool("--kernels", "no_such_kernel")
-    assert done.returncode != 0 and "[1/" not in done.stderr  # nothing compiled
-    assert "'no_such_kernel' matches none of the step's kernels" in done.stderr
-    assert "_sel_fwd_kernel" in done.stderr
+def test_the_kernel_filter_keeps_matching_launches_and_names_the_kernels_when_none_match():
+    from benchmarks.kernel_resources import selected
+
+    launches = [("m", "_sel_fwd_kernel", [], {}, False), ("m", "_xent_grad_kernel", [], {}, False)]
+    assert selected(launches, None) == launches
+    assert selected(launches, "_sel_|_xent") == launches
+    assert selected(launches, "^_xent") == launches[1:]
+    with pytest.raises(ValueError, match=r"'no_such' matches none of the step's kernels: "
+                                         r"\['_sel_fwd_kernel', '_xent_grad_kernel'\]"):
+        selected(launches, "no_such")
 
 
 def test_compiling_in_an_interpreting_process_is_refused():
