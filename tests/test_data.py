@@ -190,7 +190,12 @@ def test_hub_name_in_the_local_cache_needs_no_network(fake_transformers, monkeyp
     assert fake_transformers.calls == [{"local_files_only": True}]
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
 def test_hub_reachable_honours_offline_and_tries_a_connection(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     with socket.create_server(("127.0.0.1", 0)) as server:  # listening: reachable
         port = server.getsockname()[1]
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -202,6 +207,17 @@ def test_hub_reachable_honours_offline_and_tries_a_connection(monkeypatch):
     assert not tokenizer_mod._hub_reachable(timeout_s=1.0)  # the server is closed: connection refused
     monkeypatch.setenv("HF_ENDPOINT", "not a url")
     assert not tokenizer_mod._hub_reachable(timeout_s=1.0)
+
+
+def test_hub_reachable_through_the_proxy_the_environment_names(monkeypatch):
+    """Behind a proxy the hub's own host may not answer a direct connection: the proxy is probed."""
+    for name in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy") + PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # never resolves
+    with socket.create_server(("127.0.0.1", 0)) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert tokenizer_mod._hub_reachable(timeout_s=1.0)
+    assert not tokenizer_mod._hub_reachable(timeout_s=1.0)  # the proxy is gone
 
 
 # ------------------------------------------------------------------------------------------ prepare

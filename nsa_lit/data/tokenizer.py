@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -208,15 +209,20 @@ def _hub_endpoint() -> str:
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether the Hugging Face hub can be contacted: not ``HF_HUB_OFFLINE`` and a TCP connection opens."""
+    """Whether the Hugging Face hub can be contacted: not ``HF_HUB_OFFLINE`` and a TCP connection
+    opens to the hub, or to the proxy the environment names for its scheme (``HTTPS_PROXY``...)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     url = urllib.parse.urlsplit(_hub_endpoint())
     if not url.hostname:
         return False
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
-    except (OSError, ValueError):
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout_s).close()
+    except (OSError, ValueError, TypeError):
         return False
     return True
 
