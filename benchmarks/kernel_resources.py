@@ -17,11 +17,12 @@ argument types, alignment and constexprs) is compiled with Triton's own JIT for 
 (default sm_90a: H100 / H200), with the same argument specialisation a GPU launch would get.
 
 Columns: registers per thread, spill stores / loads (bytes per thread), stack frame, shared
-memory (KB per program), warps, pipeline stages, and the launches it stands for. A kernel at
-255 registers with spills is register-bound; ``--sass DIR`` writes each kernel's SASS there
-(``nvdisasm``), e.g. to check that a refactor leaves the machine code as it was.
-The numbers belong to the Triton this machine has (``triton.__version__`` is recorded); the GPU
-image may run another.
+memory (KB per program), warps, pipeline stages, the programs one SM holds at once (by
+registers, shared memory, warps and blocks: :func:`programs_per_sm`), and the launches it
+stands for. A kernel at 255 registers with spills is register-bound; ``--sass DIR`` writes each
+kernel's SASS there (``nvdisasm``), e.g. to check that a refactor leaves the machine code as it
+was. The numbers belong to the Triton this machine has (``triton.__version__`` is recorded); the
+GPU image may run another.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ for _path in (str(ROOT), str(ROOT / "benchmarks")):
 PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads")
 PTXAS_REGS = re.compile(r"Used (\d+) registers")
+# one Hopper SM (sm_90): register file, shared memory for blocks (1 KB of it reserved per block),
+# resident blocks and warps
+SM_REGISTERS, SM_SHARED, SM_BLOCKS, SM_WARPS = 65536, 233472, 32, 64
 SUMMARY_KEYS = ("BLOCK_M", "BLOCK_N", "GP", "SPLIT", "ROWS", "TOK", "BK", "M", "BLOCK", "LPAD")
 
 
@@ -259,6 +263,8 @@ def _compile(launches: list[tuple], arch: str, sass_dir: Path | None, progress: 
                        spill_stores=int(frame[2]), spill_loads=int(frame[3]),
                        shared_kb=round(compiled.metadata.shared / 1024, 1),
                        warps=compiled.metadata.num_warps, stages=compiled.metadata.num_stages,
+                       programs_per_sm=programs_per_sm(int(regs[1]), compiled.metadata.num_warps,
+                                                       compiled.metadata.shared),
                        launches=len(same), autotune_candidate=tuned,
                        tiles={k: consts[k] for k in SUMMARY_KEYS if k in consts},
                        constexprs={k: v for k, v in consts.items()
@@ -279,9 +285,19 @@ def _compile(launches: list[tuple], arch: str, sass_dir: Path | None, progress: 
     return rows
 
 
+def programs_per_sm(regs: int, warps: int, shared_bytes: int) -> int:
+    """Programs (thread blocks) of a kernel one Hopper SM holds at once: registers are allocated
+    per warp in units of 256 (8 a thread), shared memory per block plus 1 KB the runtime
+    reserves; the least of those, the warp and the block limits."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM_REGISTERS // (per_warp * warps)
+    by_shared = SM_SHARED // (shared_bytes + 1024)
+    return min(by_regs, by_shared, SM_WARPS // warps, SM_BLOCKS)
+
+
 def table(rows: list[dict]) -> str:
     head = (f"{'kernel':28s} {'tiles':44s} {'regs':>4s} {'spill st/ld':>11s} {'stack':>5s} "
-            f"{'smem KB':>7s} {'warps':>5s} {'stages':>6s} {'launches':>8s}")
+            f"{'smem KB':>7s} {'warps':>5s} {'stages':>6s} {'per SM':>6s} {'launches':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
@@ -289,7 +305,7 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['kernel']:28s} {tiles:44s} {r['regs']:>4d} "
                      f"{r['spill_stores']:>5d}/{r['spill_loads']:<5d} {r['stack']:>5d} "
                      f"{r['shared_kb']:>7.1f} {r['warps']:>5d} {r['stages']:>6d} "
-                     f"{r['launches']:>8d}")
+                     f"{r['programs_per_sm']:>6d} {r['launches']:>8d}")
     return "\n".join(lines)
 
 

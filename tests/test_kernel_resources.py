@@ -23,6 +23,16 @@ def test_gpu_tiles_switch_gives_cpu_tensors_an_h100s_launch_choices(monkeypatch)
     assert not interpreter_tiles(cpu) and num_sms(cpu) == 132
 
 
+def test_programs_per_sm_takes_the_tightest_hopper_limit():
+    from benchmarks.kernel_resources import programs_per_sm
+
+    assert programs_per_sm(255, 4, 80 * 1024) == 2   # registers (8,192 a warp) and shared memory
+    assert programs_per_sm(128, 4, 0) == 4            # registers: 65,536 / (4,096 x 4)
+    assert programs_per_sm(64, 4, 100 * 1024) == 2    # shared memory: 228 KB / 101 KB
+    assert programs_per_sm(32, 8, 0) == 8             # warps: 64 / 8
+    assert programs_per_sm(16, 1, 0) == 32            # blocks
+
+
 def _ptxas_available() -> bool:
     try:
         import triton
@@ -58,6 +68,7 @@ def test_asa_step_kernels_compile_for_sm90_with_the_gpu_tiles(tmp_path):
             "_sw_fwd_kernel"} == names
     for r in rows:
         assert 0 < r["regs"] <= 255 and 0 <= r["shared_kb"] <= 227, r
+        assert 1 <= r["programs_per_sm"] <= 32, r
         assert r["spill_stores"] >= 0 and r["stack"] >= 0
         assert (sass / r["sass"]).read_text().count("HMMA") + (sass / r["sass"]).read_text().count(
             "HGMMA") > 0 or r["kernel"] == "_xent_grad_kernel"  # tensor-core code for sm_90
