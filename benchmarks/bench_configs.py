@@ -9,6 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nsa_lit.config import Branch, LayerSpec, ModelConfig  # noqa: E402
+from nsa_lit.model_stats import load_model_config  # noqa: E402
 
 ASA_340M = ModelConfig()  # the 340M ASA defaults: MLA local, GLA global (2 groups), q_share 4
 ASA_340M_ABSORBED = dataclasses.replace(ASA_340M, latent_form="absorbed")
@@ -24,17 +25,9 @@ FLA_NSA_NO_WINDOW = dataclasses.replace(FLA_NSA_340M,
                                         nsa_branches=[Branch.COMPRESSION, Branch.SELECTION])
 
 
-def paper_config(path: str) -> ModelConfig:
-    """The model of a config file (its ``model.arch``, relative to the repository root)."""
-    import yaml
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, path)) as f:
-        return ModelConfig(**yaml.safe_load(f)["model"]["arch"])
-
-
 # the 1.3B ASA: its GLA global layer's absorbed latent is 256 + RoPE 32 = 288 columns wide
-ASA_1_3B = paper_config("configs/1.3b/asa.yaml")
+ASA_1_3B = load_model_config(os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs", "1.3b", "asa.yaml"))
 
 
 def layer_spec(cfg: ModelConfig, kind: str, T: int | None = None) -> LayerSpec:

@@ -112,32 +112,27 @@ def _capture(config: str, seq_len: int | None, batch: int, out: str,
     import dataclasses
 
     import torch
-    import yaml
 
     import kernels
     from kernels import dispatch
-    from nsa_lit.config import ModelConfig
     from nsa_lit.loss import DEFAULT_CHUNK, next_token_loss
     from nsa_lit.model import Transformer
+    from nsa_lit.model_stats import load_model_config
 
-    arch = dict(yaml.safe_load(Path(config).read_text())["model"]["arch"])
+    cfg = load_model_config(config)
     # one layer of each kind; the loss kernel's tiles are the same for every vocabulary >= 4096
-    arch.update(n_layers=len(arch.get("layer_pattern", ModelConfig.layer_pattern)),
-                vocab_size=min(arch.get("vocab_size", ModelConfig.vocab_size), 4096),
-                kernel_backend="triton")
-    if seq_len:
-        arch["seq_len"] = seq_len
-    cfg = ModelConfig(**arch)
+    cfg = dataclasses.replace(cfg, n_layers=len(cfg.layer_pattern), kernel_backend="triton",
+                              vocab_size=min(cfg.vocab_size, 4096), seq_len=seq_len or cfg.seq_len)
     if decode_context is not None:  # positions up to the cache's end
         cfg = dataclasses.replace(cfg, seq_len=max(cfg.seq_len, _decode_len(cfg, decode_context)))
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.bfloat16)
     loss_kernel = kernels.xent_grad  # the loss asks for "auto", which is the reference on CPU
     kernels.xent_grad = functools.partial(dispatch.xent_grad, backend="triton")
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1))
     try:
         with recording_launches() as launches:
             if decode_context is None:
+                tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1))
                 next_token_loss(model, tokens, DEFAULT_CHUNK).backward()
             else:
                 _decode_steps(model, cfg, batch, decode_context)

@@ -124,13 +124,11 @@ def test_compiling_in_an_interpreting_process_is_refused():
 def _paper_attention_layers() -> list[tuple[str, str]]:
     """(config, layer kind) of each distinct attention layer (``LayerSpec``) of the 340M and 1.3B
     configs."""
-    import yaml
-
-    from nsa_lit.config import ModelConfig
+    from nsa_lit.model_stats import load_model_config
 
     layers = {}
     for path in sorted((ROOT / "configs").glob("[0-9]*/*.yaml")):
-        cfg = ModelConfig(**yaml.safe_load(path.read_text())["model"]["arch"])
+        cfg = load_model_config(path)
         for kind in sorted(set(cfg.layer_pattern)):
             key = (repr(cfg.layer(kind)), cfg.compress_method)
             layers.setdefault(key, (str(path.relative_to(ROOT / "configs")), kind))
@@ -144,15 +142,15 @@ def test_paper_attention_layers_launch_with_the_gpu_tiles(config, kind, monkeypa
     forward and backward in bf16 with the Triton kernels and the tiles a GPU would take: every
     launcher accepts the shapes (launches are recorded, not run). The 1.3B ASA global layer's
     selected attention used to refuse its 288-column keys."""
-    import yaml
+    import dataclasses
 
     from benchmarks.kernel_resources import recording_launches
     from nsa_lit.attention.layer import Attention
-    from nsa_lit.config import ModelConfig
+    from nsa_lit.model_stats import load_model_config
 
     monkeypatch.setenv(GPU_TILES_ENV, "1")
-    arch = yaml.safe_load((ROOT / "configs" / config).read_text())["model"]["arch"]
-    cfg = ModelConfig(**{**arch, "seq_len": 2048, "kernel_backend": "triton"})
+    cfg = dataclasses.replace(load_model_config(ROOT / "configs" / config), seq_len=2048,
+                              kernel_backend="triton")
     torch.manual_seed(0)
     layer = Attention(cfg, kind).to(torch.bfloat16)
     x = torch.randn(1, 2048, cfg.d_model, dtype=torch.bfloat16, requires_grad=True)
